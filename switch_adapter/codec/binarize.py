@@ -1,0 +1,124 @@
+"""T-Switch binarization: one task-vector tensor -> activation mask, polarity and scale.
+
+The rules follow the reference implementation of "Less is More: Efficient Model Merging with Binary Task
+Switch" (CVPR 2025):
+
+* positive and negative entries are ranked separately; with keep ratio ``density`` the top
+  ``floor(n_pos * density)`` positive entries by value and the top ``floor(n_neg * density)`` negative entries
+  by magnitude are kept;
+* ties at the cut are kept (``>= threshold``), so slightly more than the quota can survive;
+* a sign partition whose quota rounds to zero is kept whole;
+* zeros are never kept;
+* the scale is the RMS of the kept entries, ``||S_A * tau|| / ||S_A * S_P||``: one per tensor, or one per
+  output row (dim 0) with ``scale_granularity="row"``.
+
+Reconstruction is ``tau_hat = scale * mask * sign``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_GRANULARITIES = ("tensor", "row")
+
+
+@dataclass
+class BinarySwitch:
+    """A binarized task-vector tensor.
+
+    ``mask`` is a flat bool tensor over all ``numel`` positions (row-major), ``positive`` is a flat bool tensor
+    holding the sign of each kept entry in position order (``True`` for +1), and ``scale`` is a float32 tensor
+    of shape ``(1,)`` (tensor granularity) or ``(shape[0],)`` (row granularity).
+    """
+
+    mask: torch.Tensor
+    positive: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    @property
+    def kept(self) -> int:
+        return self.positive.numel()
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return ``scale * mask * sign`` as a dense tensor of ``shape``."""
+        ternary = torch.zeros(self.numel, dtype=dtype, device=self.mask.device)
+        ternary[self.mask] = self.positive.to(dtype) * 2 - 1
+        ternary = ternary.view(self.shape)
+        return ternary * broadcast_scale(self.scale.to(device=ternary.device, dtype=dtype), self.shape)
+
+
+def broadcast_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """View a ``(1,)`` or ``(rows,)`` scale so that it broadcasts against a tensor of ``shape``."""
+    if scale.numel() == 1 or len(shape) == 0:
+        return scale.reshape(())
+    return scale.reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+def _keep_top(values: torch.Tensor, density: float) -> torch.Tensor:
+    """Threshold mask over 1-D non-negative ``values``: top ``floor(len * density)``, ties kept, quota 0 -> all."""
+    count = values.numel()
+    quota = int(count * density)  # floor for non-negative numbers
+    if count == 0 or quota == 0 or quota >= count:
+        return torch.ones(count, dtype=torch.bool, device=values.device)
+    # kthvalue works on float32/float64 on every device and avoids a full sort.
+    threshold = torch.kthvalue(values, count - quota + 1).values
+    return values >= threshold
+
+
+def binarize(
+    task_vector: torch.Tensor,
+    density: float,
+    scale_granularity: str = "tensor",
+    name: str = "tensor",
+) -> BinarySwitch:
+    """Binarize one task-vector tensor with the reference T-Switch rules (see the module docstring).
+
+    Computes in float32 whatever the input dtype. Raises ``ValueError`` for a density outside (0, 1], an
+    unknown granularity, or a tensor holding NaN/Inf (``name`` goes into the message).
+    """
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density} for {name}.")
+    if scale_granularity not in SCALE_GRANULARITIES:
+        raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {scale_granularity!r}.")
+    tau = task_vector.detach().to(torch.float32)
+    if not torch.isfinite(tau).all():
+        bad = int((~torch.isfinite(tau)).sum())
+        raise ValueError(
+            f"The task vector of {name} holds {bad} NaN/Inf value(s); check the fine-tuned checkpoint "
+            "(a diverged run or a broken file) before converting it."
+        )
+    shape = tau.shape
+    flat = tau.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    positive_positions = flat > 0
+    negative_positions = flat < 0
+    for positions, magnitudes in (
+        (positive_positions, flat[positive_positions]),
+        (negative_positions, -flat[negative_positions]),
+    ):
+        if magnitudes.numel():
+            mask[positions] = _keep_top(magnitudes, density)
+    kept_values = flat[mask]
+    positive = kept_values > 0
+    scale = _rms_scale(flat, mask, shape, scale_granularity)
+    return BinarySwitch(mask=mask, positive=positive, scale=scale, shape=shape)
+
+
+def _rms_scale(flat: torch.Tensor, mask: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    squares = torch.where(mask, flat * flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    if granularity == "row" and len(shape) >= 1 and shape[0] > 0:
+        rows = shape[0]
+        sums = squares.view(rows, -1).sum(dim=1)
+        counts = mask.view(rows, -1).sum(dim=1)
+        return torch.where(counts > 0, torch.sqrt(sums / counts.clamp(min=1)), torch.zeros_like(sums))
+    count = int(mask.sum())
+    if count == 0:
+        return torch.zeros(1, dtype=torch.float32, device=flat.device)
+    return torch.sqrt(squares.sum() / count).reshape(1)

@@ -1,0 +1,238 @@
+"""Build T-Switch adapters in memory from a fine-tuned model or from task vectors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..codec.binarize import BinarySwitch, binarize
+from .config import TSwitchConfig
+from .layer import TSwitchLayer
+from .model import _discard_adapter, resize_module_parameters
+
+logger = logging.getLogger(__name__)
+
+StateLike = Union[nn.Module, Mapping[str, torch.Tensor]]
+
+
+def _state_of(source: StateLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, PeftModel):
+        raise TypeError("Pass the fine-tuned model itself, not a PeftModel (merge_and_unload() it first).")
+    if isinstance(source, nn.Module):
+        return dict(source.state_dict(keep_vars=False))
+    if isinstance(source, Mapping):
+        return dict(source)
+    raise TypeError(f"Expected an nn.Module or a mapping of tensors, got {type(source).__name__}.")
+
+
+def _lookup(state: Mapping[str, torch.Tensor], key: str) -> Optional[torch.Tensor]:
+    """``state[key]``, tolerating a head-class prefix on either side (``bert.encoder...`` vs ``encoder...``)."""
+    if key in state:
+        return state[key]
+    candidates = [k for k in state if k.endswith("." + key) or key.endswith("." + k)]
+    return state[candidates[0]] if len(candidates) == 1 else None
+
+
+def from_finetuned(
+    base_model: nn.Module,
+    finetuned: Optional[StateLike] = None,
+    config: Optional[TSwitchConfig] = None,
+    *,
+    task_vectors: Optional[Mapping[str, torch.Tensor]] = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> PeftModel:
+    """Create a T-Switch adapter from a fine-tuned model (or task vectors) and attach it to ``base_model``.
+
+    Args:
+        base_model: The pre-trained model. A ``PeftModel`` gets the switch as an additional adapter.
+        finetuned: The fine-tuned model, or its state dict, with the same architecture as ``base_model``.
+        config: The switch configuration (targets, density, ...); default ``TSwitchConfig()``.
+        task_vectors: Instead of ``finetuned``: ``{parameter name: finetuned - pretrained}``.
+        adapter_name: Name of the new adapter.
+        progress: Show a progress bar over the switched tensors.
+
+    Returns:
+        A ``PeftModel`` with the adapter active. Modules in ``config.modules_to_save`` (task heads) are copied from
+        ``finetuned`` in full precision, also when their shapes differ from the base model's.
+
+    Raises ``ValueError`` naming the tensor for shape mismatches or NaN/Inf values; ``base_model`` is then left as
+    it was.
+    """
+    if (finetuned is None) == (task_vectors is None):
+        raise ValueError("Pass exactly one of `finetuned` (a model or state dict) or `task_vectors`.")
+    config = config if config is not None else TSwitchConfig()
+    if not isinstance(config, TSwitchConfig):
+        raise TypeError(f"config must be a TSwitchConfig, got {type(config).__name__}.")
+    finetuned_state = _state_of(finetuned) if finetuned is not None else None
+    vectors = dict(task_vectors) if task_vectors is not None else None
+
+    is_new = not isinstance(base_model, PeftModel)
+    original_state = (base_model.get_base_model() if not is_new else base_model).state_dict()
+    if is_new:
+        model = get_peft_model(base_model, config, adapter_name=adapter_name)
+    else:
+        model = base_model
+        model.add_adapter(adapter_name, config)
+    inner = model.get_base_model()
+    try:
+        switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)
+        head_updates = _head_updates(inner, adapter_name, finetuned, finetuned_state)
+    except Exception:
+        if is_new:
+            model.unload()
+        else:
+            _discard_adapter(model, adapter_name)
+        raise
+
+    config = model.peft_config[adapter_name]
+    config.unit_layout = {}
+    for module_name, layer, param_name, switch in switches:
+        entry = layer.set_switch(adapter_name, param_name, switch)
+        entry["density"] = config.density_for(module_name)
+        config.unit_layout.setdefault(module_name, {})[param_name] = entry
+    for module_name, wrapper_copy, state, shapes in head_updates:
+        if shapes:
+            resize_module_parameters(wrapper_copy, shapes)
+            config.modules_to_save_shapes[module_name] = shapes
+        wrapper_copy.load_state_dict(state)
+    model.set_adapter(adapter_name)
+    if finetuned_state is not None:
+        _warn_uncovered(original_state, finetuned_state, config, [h[0] for h in head_updates])
+    _log_summary(config, adapter_name)
+    return model
+
+
+def _compute_switches(
+    inner: nn.Module,
+    adapter_name: str,
+    config: TSwitchConfig,
+    finetuned_state: Optional[dict[str, torch.Tensor]],
+    vectors: Optional[dict[str, torch.Tensor]],
+    progress: bool,
+) -> list[tuple[str, TSwitchLayer, str, BinarySwitch]]:
+    jobs = []
+    for module_name, layer in inner.named_modules():
+        if isinstance(layer, TSwitchLayer):
+            for param_name in layer.switch_slots(adapter_name):
+                jobs.append((module_name, layer, param_name))
+    problems, switches = [], []
+    for module_name, layer, param_name in tqdm(jobs, desc="Binarizing task vectors", disable=not progress):
+        key = f"{module_name}.{param_name}"
+        base_param = getattr(layer.get_base_layer(), param_name)
+        if vectors is not None:
+            tau = _lookup(vectors, key)
+            if tau is None:
+                continue
+        else:
+            tuned = _lookup(finetuned_state, key)
+            if tuned is None:
+                problems.append(f"{key}: missing from the fine-tuned model")
+                continue
+            if tuned.shape != base_param.shape:
+                problems.append(f"{key}: fine-tuned shape {list(tuned.shape)} != base {list(base_param.shape)}")
+                continue
+            tau = tuned.to(device=base_param.device, dtype=torch.float32) - base_param.detach().float()
+        if tau.shape != base_param.shape:
+            problems.append(f"{key}: task vector shape {list(tau.shape)} != base {list(base_param.shape)}")
+            continue
+        if not torch.count_nonzero(tau):
+            continue  # an unchanged tensor gets no switch
+        switches.append(
+            (module_name, layer, param_name, binarize(tau, config.density_for(module_name), config.scale_granularity, key))
+        )
+    if problems:
+        raise ValueError(
+            "The fine-tuned weights do not fit the base model:\n  "
+            + "\n  ".join(problems[:10])
+            + ("\n  ..." if len(problems) > 10 else "")
+            + "\nBoth must have the same architecture and sizes; nothing was modified."
+        )
+    return switches
+
+
+def _head_updates(inner: nn.Module, adapter_name: str, finetuned: Optional[StateLike], finetuned_state):
+    """For every ``modules_to_save`` wrapper: the fine-tuned state to load into this adapter's copy."""
+    updates = []
+    if finetuned_state is None:
+        return updates
+    for module_name, wrapper in inner.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
+            continue
+        copy = wrapper.modules_to_save[adapter_name]
+        state, shapes = {}, {}
+        for param_name, param in copy.state_dict().items():
+            tuned = _lookup(finetuned_state, f"{module_name}.{param_name}")
+            if tuned is None:
+                raise ValueError(
+                    f"{module_name}.{param_name} is in modules_to_save but missing from the fine-tuned model."
+                )
+            state[param_name] = tuned.detach().to(dtype=param.dtype, device=param.device)
+            if tuned.shape != param.shape:
+                shapes[param_name] = list(tuned.shape)
+        updates.append((module_name, copy, state, shapes))
+    return updates
+
+
+def _warn_uncovered(
+    original_state: dict[str, torch.Tensor],
+    finetuned_state: dict[str, torch.Tensor],
+    config: TSwitchConfig,
+    head_names: list[str],
+) -> None:
+    """Log the tensors the fine-tune changed that neither a switch nor ``modules_to_save`` carries."""
+    covered_ptrs = set()
+    covered = set()
+    for module_name, params in config.unit_layout.items():
+        for param_name in params:
+            covered.add(f"{module_name}.{param_name}")
+    for key, value in original_state.items():
+        if key.replace(".base_layer", "") in covered:
+            covered_ptrs.add(value.data_ptr())
+    missed = []
+    for key, value in original_state.items():
+        plain = key.replace(".base_layer", "")
+        if plain in covered or value.data_ptr() in covered_ptrs or ".tswitch_" in key:
+            continue
+        if any(plain.startswith(head + ".") or f".{head}." in f".{plain}" for head in head_names):
+            continue
+        tuned = _lookup(finetuned_state, plain)
+        if tuned is not None and tuned.shape == value.shape and not torch.equal(tuned.to(value.dtype), value):
+            missed.append(plain)
+    if missed:
+        logger.warning(
+            "%d tensor(s) changed by the fine-tune are not in the switch (not targeted and not in modules_to_save), "
+            "so their changes are dropped: %s%s. Add them to target_modules or modules_to_save to keep them.",
+            len(missed),
+            ", ".join(missed[:8]),
+            ", ..." if len(missed) > 8 else "",
+        )
+
+
+def _log_summary(config: TSwitchConfig, adapter_name: str) -> None:
+    numel = kept = code_bytes = 0
+    for params in config.unit_layout.values():
+        for entry in params.values():
+            count = 1
+            for size in entry["shape"]:
+                count *= size
+            numel += count
+            kept += entry["kept"]
+            code_bytes += entry["code_bytes"] + 4 * entry["scales"]
+    if numel:
+        logger.info(
+            "T-Switch %r: %d tensors, %d parameters, %.2f%% kept, %.3f bits/parameter (%.2f%% of fp32).",
+            adapter_name,
+            sum(len(p) for p in config.unit_layout.values()),
+            numel,
+            100.0 * kept / numel,
+            8.0 * code_bytes / numel,
+            100.0 * code_bytes / (4.0 * numel),
+        )

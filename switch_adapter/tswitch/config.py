@@ -1,0 +1,122 @@
+"""Configuration of the T-Switch adapter type."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ..codec.binarize import SCALE_GRANULARITIES
+from ..codec.sass import FORMAT_VERSION
+
+ALL_SUPPORTED_SHORTHAND = "all"
+
+# Chosen from benchmarks/density_sweep.py on all-MiniLM-L6-v2 (see DEFAULT_DENSITY_EVIDENCE).
+DEFAULT_DENSITY = 0.05
+DEFAULT_DENSITY_EVIDENCE = "pending measurement"
+
+
+@dataclass
+class TSwitchConfig(PeftConfig):
+    """Configuration of a T-Switch adapter: per targeted weight tensor a binary keep-mask, the signs of the kept
+    entries and one scale ("Less is More: Efficient Model Merging with Binary Task Switch", CVPR 2025).
+
+    Args:
+        target_modules: Modules whose parameters are switched, with PEFT's conventions (a list of name suffixes, a
+            regex, or ``"all-linear"``), plus ``"all"`` (the default): every supported layer (linear, embedding,
+            Conv1D, Conv2d and norm layers) except the model's output head.
+        exclude_modules: Modules never switched, with the same conventions.
+        density: Keep ratio per sign and per tensor, in (0, 1]. Positive and negative entries of a task vector are
+            ranked separately and the top ``floor(count * density)`` of each are kept.
+        density_pattern: Per-module overrides of ``density``: ``{regex: density}``, matched like LoRA's
+            ``rank_pattern`` (the regex must match the end of the module name).
+        scale_granularity: ``"tensor"`` for one scale per tensor (the reference) or ``"row"`` for one per output row.
+        switch_bias: Also switch the bias of targeted modules that have one.
+        switch_norms: Also switch every norm layer (LayerNorm, RMSNorm, GroupNorm) of the model, in addition to
+            ``target_modules``.
+        modules_to_save: Modules stored in full precision with the adapter, e.g. task heads. Their shapes may differ
+            from the base model's (another number of labels); ``modules_to_save_shapes`` records them.
+        layers_to_transform / layers_pattern: As in LoRA: restrict the switch to some layer indices.
+        format_version: Version of the on-disk switch encoding.
+        unit_layout: Filled in when switches are created: for every switched module and parameter the tensor
+            shape, the encoded size in bytes, the number of scales, the density and the number of kept entries.
+            Loaders use it to allocate the content-dependent buffers before reading the file.
+        modules_to_save_shapes: Parameter shapes of ``modules_to_save`` entries that differ from the base model's.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=ALL_SUPPORTED_SHORTHAND,
+        metadata={"help": "Modules to switch: name suffixes, a regex, 'all-linear' or 'all' (default)."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never switched, same conventions as target_modules."}
+    )
+    density: float = field(
+        default=DEFAULT_DENSITY, metadata={"help": "Keep ratio per sign and per tensor, in (0, 1]."}
+    )
+    density_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module density overrides: {regex: density}."}
+    )
+    scale_granularity: Literal["tensor", "row"] = field(
+        default="tensor", metadata={"help": "One scale per tensor ('tensor') or per output row ('row')."}
+    )
+    switch_bias: bool = field(default=True, metadata={"help": "Also switch biases of targeted modules."})
+    switch_norms: bool = field(default=False, metadata={"help": "Also switch every norm layer of the model."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules kept in full precision with the adapter, e.g. task heads."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to switch (as in LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform (as in LoRA)."}
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "On-disk switch encoding version."})
+    unit_layout: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=dict, metadata={"help": "Per module and parameter: shape, code bytes, scales (generated)."}
+    )
+    modules_to_save_shapes: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict, metadata={"help": "Shapes of modules_to_save parameters that differ from the base."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.TSWITCH
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.target_modules is None:
+            self.target_modules = ALL_SUPPORTED_SHORTHAND
+        _check_density(self.density, "density")
+        for pattern, value in self.density_pattern.items():
+            _check_density(value, f"density_pattern[{pattern!r}]")
+        if self.scale_granularity not in SCALE_GRANULARITIES:
+            raise ValueError(
+                f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}."
+            )
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This T-Switch adapter uses switch format version {self.format_version}, but the installed "
+                f"switch-adapter reads versions up to {FORMAT_VERSION}. Upgrade it: pip install -U switch-adapter"
+            )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    def density_for(self, module_name: str) -> float:
+        """The density of ``module_name``: the first ``density_pattern`` regex matching its end, else ``density``."""
+        for pattern, value in self.density_pattern.items():
+            if re.match(rf"(.*\.)?({pattern})$", module_name):
+                return float(value)
+        return float(self.density)
+
+
+def _check_density(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"{name} must be a number in (0, 1] (the fraction of entries kept per sign), got {value!r}. "
+            "Typical values are 0.02-0.4."
+        )

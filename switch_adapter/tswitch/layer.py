@@ -1,0 +1,276 @@
+"""T-Switch tuner layer: wraps one base layer and adds ``scale * mask * sign`` to its weight (and bias)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..codec import sass
+from ..codec.binarize import BinarySwitch, broadcast_scale
+from ..codec.ternary import pack_ternary, unpack_ternary
+
+logger = logging.getLogger(__name__)
+
+SWITCHABLE_PARAMETERS = ("weight", "bias")
+_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for LayerNorm / RMSNorm / GroupNorm modules, including model-specific classes such as LlamaRMSNorm."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return True
+    name = type(module).__name__
+    return name.endswith(_NORM_CLASS_SUFFIXES) and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """Layers a switch can wrap: Linear, Embedding, transformers' Conv1D, Conv2d and norm layers."""
+    return isinstance(module, (nn.Linear, nn.Embedding, Conv1D, nn.Conv2d)) or is_norm_layer(module)
+
+
+def switched_parameter_names(module: nn.Module, switch_bias: bool) -> tuple[str, ...]:
+    """Names of the parameters of ``module`` that a switch modifies."""
+    names = []
+    for name in SWITCHABLE_PARAMETERS:
+        if name == "bias" and not switch_bias:
+            continue
+        if isinstance(getattr(module, name, None), nn.Parameter):
+            names.append(name)
+    return tuple(names)
+
+
+class TSwitchLayer(BaseTunerLayer):
+    """State of the switches of one base layer, per adapter and per switched parameter.
+
+    Persistent (saved) per adapter: ``tswitch_<param>_code`` (the encoded switch, uint8) and
+    ``tswitch_<param>_scale`` (float). The decoded 2-bit ternary form is cached in memory, keyed by the code
+    buffer's identity, so it follows loads and device moves.
+    """
+
+    adapter_layer_names = ("tswitch_weight_scale", "tswitch_bias_scale")
+    other_param_names = ("tswitch_weight_code", "tswitch_bias_code")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.tswitch_weight_scale = nn.ParameterDict({})
+        self.tswitch_bias_scale = nn.ParameterDict({})
+        self.tswitch_weight_code = BufferDict({}, persistent=True)
+        self.tswitch_bias_code = BufferDict({}, persistent=True)
+        self._ternary_cache: dict[tuple[str, str], tuple[tuple, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+    def _codes(self, param_name: str) -> BufferDict:
+        return getattr(self, f"tswitch_{param_name}_code")
+
+    def _scales(self, param_name: str) -> nn.ParameterDict:
+        return getattr(self, f"tswitch_{param_name}_scale")
+
+    def update_layer(
+        self, adapter_name: str, param_layout: dict[str, dict], param_names: tuple[str, ...], inference_mode: bool
+    ) -> None:
+        """Allocate the adapter's buffers: sized from ``param_layout`` (a loaded switch) or empty (a no-op switch)."""
+        base = self.get_base_layer()
+        for param_name in param_names:
+            entry = param_layout.get(param_name)
+            code_bytes = int(entry["code_bytes"]) if entry else 0
+            scales = int(entry["scales"]) if entry else 1
+            if entry and list(entry["shape"]) != list(getattr(base, param_name).shape):
+                raise ValueError(
+                    f"The switch for {param_name} has shape {list(entry['shape'])} but the base layer's "
+                    f"{param_name} has shape {list(getattr(base, param_name).shape)}."
+                )
+            self._codes(param_name)[adapter_name] = torch.zeros(code_bytes, dtype=torch.uint8)
+            self._scales(param_name)[adapter_name] = nn.Parameter(torch.zeros(scales))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_switch(self, adapter_name: str, param_name: str, switch: BinarySwitch) -> dict[str, Any]:
+        """Store ``switch`` for ``param_name`` of this layer; returns its layout entry for the adapter config."""
+        codes, scales = self._codes(param_name), self._scales(param_name)
+        device = getattr(self.get_base_layer(), param_name).device
+        blob = sass.encode(switch.mask.cpu(), switch.positive.cpu())
+        codes[adapter_name] = blob.to(device)
+        old_scale = scales[adapter_name]
+        scales[adapter_name] = nn.Parameter(
+            switch.scale.to(device=device, dtype=old_scale.dtype), requires_grad=old_scale.requires_grad
+        )
+        self._ternary_cache.pop((adapter_name, param_name), None)
+        header = sass.read_header(blob)
+        return {
+            "shape": list(switch.shape),
+            "code_bytes": int(blob.numel()),
+            "scales": int(switch.scale.numel()),
+            "kept": int(header.kept),
+            "encoding": header.encoding.name.lower(),
+        }
+
+    def switch_slots(self, adapter_name: str) -> list[str]:
+        """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty)."""
+        return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)]
+
+    def _ternary(self, adapter_name: str, param_name: str) -> torch.Tensor:
+        code = self._codes(param_name)[adapter_name]
+        key = (code.data_ptr(), code._version, code.device, code.numel())
+        cached = self._ternary_cache.get((adapter_name, param_name))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        mask, positive = sass.decode(code, device=code.device)
+        packed = pack_ternary(mask, positive)
+        self._ternary_cache[(adapter_name, param_name)] = (key, packed)
+        return packed
+
+    def get_delta(self, adapter_name: str, param_name: str) -> Optional[torch.Tensor]:
+        """The dense ``scale * mask * sign`` for one parameter, in its dtype and on its device; None if empty."""
+        codes = self._codes(param_name)
+        if adapter_name not in codes or codes[adapter_name].numel() == 0:
+            return None
+        param = getattr(self.get_base_layer(), param_name)
+        ternary = unpack_ternary(self._ternary(adapter_name, param_name), param.numel(), param.dtype)
+        if ternary.device != param.device:
+            ternary = ternary.to(param.device)
+        scale = self._scales(param_name)[adapter_name].to(device=param.device, dtype=param.dtype)
+        return ternary.view(param.shape) * broadcast_scale(scale, param.shape)
+
+    def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """PEFT's name for the weight's delta."""
+        return self.get_delta(adapter_name, "weight")
+
+    def _summed_deltas(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = {}
+        for adapter_name in adapter_names:
+            for param_name in SWITCHABLE_PARAMETERS:
+                delta = self.get_delta(adapter_name, param_name)
+                if delta is not None:
+                    totals[param_name] = delta if param_name not in totals else totals[param_name] + delta
+        return totals
+
+
+class SwitchedModule(nn.Module, TSwitchLayer):
+    """A base layer (Linear, Embedding, Conv1D, Conv2d or a norm layer) with T-Switch adapters.
+
+    The forward pass runs the base layer with ``weight + sum of active deltas`` (and the same for the bias), so
+    an unmerged forward computes exactly what the merged weights compute.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        param_layout: dict[str, dict],
+        param_names: tuple[str, ...],
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        TSwitchLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, param_layout, param_names, inference_mode=inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas of ``adapter_names`` (default: the active adapters) to the base layer's parameters."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for adapter_name in adapter_names:
+            deltas = self._summed_deltas([adapter_name])
+            if safe_merge:
+                for param_name, delta in deltas.items():
+                    merged = getattr(base, param_name).data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+                        )
+            for param_name, delta in deltas.items():
+                getattr(base, param_name).data += delta
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged deltas again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            for param_name, delta in self._summed_deltas([adapter_name]).items():
+                getattr(base, param_name).data -= delta
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        deltas = self._summed_deltas([name for name in self.active_adapters if name not in self.merged_adapters])
+        if not deltas:
+            return self.base_layer(*args, **kwargs)
+        base = self.get_base_layer()
+        params = {name: getattr(base, name) + delta for name, delta in deltas.items()}
+        return torch.func.functional_call(base, params, args, kwargs, strict=False)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "tswitch." + super().__repr__()
+
+
+class TiedSwitchedModule(nn.Module, BaseTunerLayer):
+    """An output layer whose weight is tied to a switched input embedding.
+
+    It owns no switch: in an unmerged forward it adds the embedding's active deltas to the shared weight, and it
+    never merges by itself, because merging the embedding already changes the shared weight.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, source: SwitchedModule) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._source = (source,)  # a tuple keeps the embedding from being registered (and saved) twice
+        self._active_adapter = source.active_adapters
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    @property
+    def source(self) -> SwitchedModule:
+        return self._source[0]
+
+    @property
+    def merged(self) -> bool:
+        return self.source.merged
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Nothing to do: the tied weight is merged through the input embedding."""
+
+    def unmerge(self) -> None:
+        """Nothing to do: the tied weight is unmerged through the input embedding."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        source = self.source
+        if self.disable_adapters or source.disable_adapters or source.merged:
+            return self.base_layer(*args, **kwargs)
+        active = [name for name in self.active_adapters if name not in source.merged_adapters]
+        delta = source._summed_deltas(active).get("weight")
+        if delta is None:
+            return self.base_layer(*args, **kwargs)
+        base = self.get_base_layer()
+        return torch.func.functional_call(base, {"weight": base.weight + delta}, args, kwargs, strict=False)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "tswitch.tied." + super().__repr__()

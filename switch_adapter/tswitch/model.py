@@ -1,0 +1,341 @@
+"""The T-Switch tuner: injects :class:`SwitchedModule` layers into a model, PEFT style."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..codec import sass
+from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
+from .layer import (
+    SwitchedModule,
+    TiedSwitchedModule,
+    TSwitchLayer,
+    is_norm_layer,
+    is_supported_layer,
+    switched_parameter_names,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LayoutMismatchError(ValueError):
+    """A saved switch does not fit the model it is loaded onto."""
+
+
+def find_layout_entry(layout: dict[str, dict], module_name: str) -> Optional[dict]:
+    """The layout entry of ``module_name``, also when the adapter was made on a model with another head class.
+
+    ``bert.encoder.layer.0.attention.self.query`` (saved from ``BertForSequenceClassification``) matches the module
+    ``encoder.layer.0.attention.self.query`` of a ``BertModel`` and vice versa.
+    """
+    if module_name in layout:
+        return layout[module_name]
+    for key, entry in layout.items():
+        if key.endswith("." + module_name) or module_name.endswith("." + key):
+            return entry
+    return None
+
+
+def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
+    """Modules that ``"all"`` leaves out: classification heads, ``modules_to_save``, and an output embedding that
+    is tied to the input embedding (it follows the input embedding's switch instead, see :class:`TiedSwitchedModule`).
+    """
+    heads = [getattr(model, attr) for attr in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, attr, None), nn.Module)]
+    tied = _tied_output_embedding(model)
+    if tied is not None:
+        heads.append(tied)
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if any(module is head for head in heads):
+            names.add(name)
+            names.update(f"{name}.{child}" for child, _ in module.named_modules() if child)
+        if config.modules_to_save and any(
+            name == m or name.endswith("." + m) or f".{m}." in f".{name}." for m in config.modules_to_save
+        ):
+            names.add(name)
+    return names
+
+
+def _tied_output_embedding(model: nn.Module) -> Optional[nn.Module]:
+    """The output embedding module if its weight is the input embedding's weight, else None."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None:
+        return None
+    if isinstance(inputs, BaseTunerLayer):
+        inputs = inputs.get_base_layer()
+    output_base = output.get_base_layer() if isinstance(output, BaseTunerLayer) else output
+    if getattr(output_base, "weight", None) is not None and output_base.weight is getattr(inputs, "weight", None):
+        return output
+    return None
+
+
+def _is_excluded(exclude_modules, name: str) -> bool:
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, name) is not None
+    return any(name == m or name.endswith("." + m) for m in exclude_modules)
+
+
+class TSwitchModel(BaseTuner):
+    """Creates T-Switch adapters on a pretrained model.
+
+    Use it through PEFT: ``get_peft_model(model, TSwitchConfig(...))``, ``PeftModel.from_pretrained(model, path)``,
+    or :func:`switch_adapter.from_finetuned` to build switches from a fine-tuned model.
+    """
+
+    prefix: str = "tswitch_"
+    tuner_layer_cls = TSwitchLayer
+    target_module_mapping: dict = {}
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # Module names that "all" / switch_norms resolved to, per config. They stay out of the config itself so
+        # that the saved config says "all" and peft does not mistake switched embeddings for resized ones.
+        self._resolved_targets: dict[int, set[str]] = {}
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    def _check_target_module_exists(self, peft_config: TSwitchConfig, key: str):
+        resolved = self._resolved_targets.get(id(peft_config))
+        if resolved is not None:
+            return key in resolved
+        return check_target_module_exists(peft_config, key)
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: TSwitchConfig) -> None:
+        """Tied output embeddings are handled by :class:`TiedSwitchedModule`; peft's warnings do not apply."""
+
+    def _check_merge_allowed(self) -> None:
+        """Merging is always allowed: a tied output embedding is merged through its input embedding."""
+
+    def _prepare_adapter_config(self, peft_config: TSwitchConfig, model_config: dict) -> TSwitchConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = ALL_SUPPORTED_SHORTHAND
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        config: TSwitchConfig = self.peft_config[adapter_name]
+        resolved = self._resolve_target_modules(model, config)
+        if resolved is not None:
+            self._resolved_targets[id(config)] = resolved
+        self._check_layout_fits(model, config)  # before anything is modified
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        self._resize_modules_to_save(model, config, adapter_name)
+        self._follow_tied_embedding(model)
+        if isinstance(model, PreTrainedModel):
+            model.add_model_tags(["t-switch", "switch-adapter"])
+
+    # -- target resolution -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_target_modules(model: nn.Module, config: TSwitchConfig) -> Optional[set[str]]:
+        """The module names ``"all"`` and ``switch_norms`` stand for, or None when ``target_modules`` says it all."""
+        wants_all = isinstance(config.target_modules, str) and config.target_modules == ALL_SUPPORTED_SHORTHAND
+        if not wants_all and not config.switch_norms:
+            return None
+        heads = _output_head_names(model, config)
+        adapter_internals = {
+            f"{name}.{child}"
+            for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer)
+            for child, _ in module.named_modules()
+            if child
+        }
+        names: set[str] = set()
+        for name, module in model.named_modules():
+            if not name or name in heads or name in adapter_internals:
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(module, ModulesToSaveWrapper) or not is_supported_layer(base):
+                continue
+            if _is_excluded(config.exclude_modules, name):
+                continue
+            if wants_all or is_norm_layer(base) or check_target_module_exists(config, name):
+                names.add(name)
+        if not names:
+            raise ValueError(
+                f"T-Switch found no supported layer (Linear, Embedding, Conv1D, Conv2d, norm) to switch in "
+                f"{type(model).__name__}; pass target_modules explicitly."
+            )
+        return names
+
+    # -- layout checks -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_layout_fits(model: nn.Module, config: TSwitchConfig) -> None:
+        """Raise :class:`LayoutMismatchError` naming the module if a saved switch does not fit ``model``."""
+        if not config.unit_layout:
+            return
+        modules = dict(model.named_modules())
+        problems = []
+        for layout_key, params in config.unit_layout.items():
+            matches = [
+                name
+                for name in modules
+                if name == layout_key or name.endswith("." + layout_key) or layout_key.endswith("." + name)
+            ]
+            matches = [m for m in matches if "." + m.split(".")[-1] == "." + layout_key.split(".")[-1]]
+            if not matches:
+                problems.append(f"{layout_key}: no module of that name in {type(model).__name__}")
+                continue
+            module = modules[matches[0]]
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            for param_name, entry in params.items():
+                param = getattr(module, param_name, None)
+                if not isinstance(param, torch.Tensor):
+                    problems.append(f"{layout_key}.{param_name}: the base module has no such parameter")
+                elif list(param.shape) != list(entry["shape"]):
+                    problems.append(
+                        f"{layout_key}.{param_name}: switch made for shape {list(entry['shape'])}, "
+                        f"base model has {list(param.shape)}"
+                    )
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            base = config.base_model_name_or_path or "the base model it was created from"
+            raise LayoutMismatchError(
+                f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n"
+                f"Load it onto {base} (same architecture and sizes); nothing was modified."
+            )
+
+    # -- module creation -------------------------------------------------------------------------------
+
+    def _create_and_replace(
+        self,
+        peft_config: TSwitchConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not is_supported_layer(base):
+            raise TypeError(
+                f"Target module {current_key} ({type(base).__name__}) is not supported by T-Switch. Supported: "
+                "torch.nn.Linear, torch.nn.Embedding, transformers' Conv1D, torch.nn.Conv2d and norm layers "
+                "(LayerNorm, RMSNorm, GroupNorm)."
+            )
+        param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
+        layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
+        if isinstance(target, TSwitchLayer):
+            target.update_layer(adapter_name, layout, param_names, inference_mode=peft_config.inference_mode)
+            return
+        new_module = SwitchedModule(
+            target, adapter_name, layout, param_names, inference_mode=peft_config.inference_mode
+        )
+        new_module.tswitch_module_name = current_key
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _follow_tied_embedding(model: nn.Module) -> None:
+        """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
+        output = _tied_output_embedding(model)
+        inputs = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+        if output is None or isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
+            return
+        name = next(name for name, module in model.named_modules() if module is output)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, TiedSwitchedModule(output, inputs))
+
+    @staticmethod
+    def _resize_modules_to_save(model: nn.Module, config: TSwitchConfig, adapter_name: str) -> None:
+        """Give this adapter's copies of ``modules_to_save`` the parameter shapes recorded in the config."""
+        if not config.modules_to_save_shapes:
+            return
+        for name, wrapper in model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
+                continue
+            shapes = next(
+                (s for key, s in config.modules_to_save_shapes.items() if name == key or name.endswith("." + key)),
+                None,
+            )
+            if shapes is None:
+                continue
+            resize_module_parameters(wrapper.modules_to_save[adapter_name], shapes)
+
+    # -- serialization hooks ---------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        problems = []
+        for key, value in remapped.items():
+            module_path, marker, attr = key.partition(".tswitch_")
+            if not marker or not attr.split(".")[0].endswith("_code"):
+                continue
+            param_name = attr.split(".")[0].removesuffix("_code")
+            try:
+                header = sass.read_header(value)
+                layer = model.get_submodule(module_path)
+                expected = getattr(layer.get_base_layer(), param_name).numel()
+                if header.numel != expected:
+                    problems.append(f"{module_path}.{param_name}: switch for {header.numel} entries, layer has {expected}")
+            except (sass.CodecError, AttributeError) as error:
+                problems.append(f"{module_path}.{param_name}: {error}")
+        if problems:
+            _discard_adapter(model, adapter_name)
+            raise sass.CodecError(
+                "The T-Switch adapter file does not fit or is corrupt:\n  "
+                + "\n  ".join(problems[:10])
+                + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
+            )
+        return remapped
+
+
+def resize_module_parameters(module: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Replace parameters of ``module`` with uninitialised ones of the given shapes (filled by a later load)."""
+    for param_name, shape in shapes.items():
+        old = getattr(module, param_name, None)
+        if not isinstance(old, nn.Parameter) or list(old.shape) == list(shape):
+            continue
+        setattr(
+            module,
+            param_name,
+            nn.Parameter(torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad),
+        )
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+
+
+def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove a half-loaded adapter: its layer entries, layers left without adapters, and its config."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TSwitchLayer) and adapter_name in module._all_available_adapter_names():
+            remaining = [a for a in module._all_available_adapter_names() if a != adapter_name]
+            module.delete_adapter(adapter_name)
+            if not remaining:
+                parent_name, _, child_name = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child_name, module.get_base_layer())
+    for owner in (model, getattr(model, "base_model", None)):
+        peft_config = getattr(owner, "peft_config", None)
+        if isinstance(peft_config, dict):
+            peft_config.pop(adapter_name, None)
