@@ -6,8 +6,10 @@ Importing this package registers the ``TSWITCH`` adapter type with peft, so that
 
 from .codec.binarize import BinarySwitch, binarize
 from .codec.sass import CodecError
+from .hub import push_to_hub
 from .tswitch import DEFAULT_DENSITY, LayoutMismatchError, TSwitchConfig, TSwitchModel
 from .tswitch.build import from_finetuned
+from .tswitch.model_card import StorageSummary, storage_summary
 
 __version__ = "0.1.0"
 
@@ -16,9 +18,12 @@ __all__ = [
     "BinarySwitch",
     "CodecError",
     "LayoutMismatchError",
+    "StorageSummary",
     "TSwitchConfig",
     "TSwitchModel",
     "__version__",
     "binarize",
     "from_finetuned",
+    "push_to_hub",
+    "storage_summary",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -105,6 +106,29 @@ class TSwitchConfig(PeftConfig):
             )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config like any PEFT config, and check the adapter file next to it before anything uses it.
+
+        A truncated or corrupt ``adapter_model.safetensors`` raises :class:`~switch_adapter.CodecError` here, so
+        ``PeftModel.from_pretrained`` and ``load_adapter`` fail before they modify the model.
+        """
+        from .validation import resolve_weights_file, validate_adapter_file
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = resolve_weights_file(str(pretrained_model_name_or_path), subfolder, kwargs)
+        if weights is not None:
+            validate_adapter_file(weights, config.unit_layout)
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save the config like any PEFT config, and add the T-Switch section to the folder's model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.unit_layout and os.path.exists(os.path.join(save_directory, "README.md")):
+            from .model_card import write_model_card
+
+            write_model_card(save_directory, self)
 
     def density_for(self, module_name: str) -> float:
         """The density of ``module_name``: the first ``density_pattern`` regex matching its end, else ``density``."""

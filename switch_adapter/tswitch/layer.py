@@ -56,6 +56,7 @@ class TSwitchLayer(BaseTunerLayer):
 
     adapter_layer_names = ("tswitch_weight_scale", "tswitch_bias_scale")
     other_param_names = ("tswitch_weight_code", "tswitch_bias_code")
+    tswitch_module_name: str = ""  # set by the tuner, for error messages
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -123,7 +124,11 @@ class TSwitchLayer(BaseTunerLayer):
         cached = self._ternary_cache.get((adapter_name, param_name))
         if cached is not None and cached[0] == key:
             return cached[1]
-        mask, positive = sass.decode(code, device=code.device)
+        try:
+            mask, positive = sass.decode(code, device=code.device)
+        except sass.CodecError as error:
+            where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
+            raise sass.CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
         packed = pack_ternary(mask, positive)
         self._ternary_cache[(adapter_name, param_name)] = (key, packed)
         return packed

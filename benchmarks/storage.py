@@ -1,0 +1,188 @@
+"""Storage benchmark of the SASS switch codec: size against the entropy bound, and encode/decode throughput.
+
+Usage::
+
+    python benchmarks/storage.py [--quick] [--out benchmarks/results]
+
+Writes ``storage.json`` and ``storage.md`` to ``--out``. Each section is one function returning a list of
+row dicts (``storage_rows``, ``throughput_rows``); ``main`` collects them in ``SECTIONS`` order, so a new
+section is one more function plus one entry in ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from switch_adapter.codec.binarize import BinarySwitch, binarize  # noqa: E402
+from switch_adapter.codec.sass import (  # noqa: E402
+    Encoding,
+    decode,
+    encode,
+    encoded_sizes_bits,
+    entropy_bound_bits,
+    read_header,
+)
+
+DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+TARGET_RATIO = 1.10
+TARGET_SLACK_BYTES = 64
+
+
+def random_switch(numel: int, density: float, seed: int) -> BinarySwitch:
+    """Binarize a standard-normal random tensor (a stand-in for a task vector) at ``density``."""
+    generator = torch.Generator().manual_seed(seed)
+    return binarize(torch.randn(numel, generator=generator), density)
+
+
+def storage_rows(numel: int, densities: Sequence[float] = DENSITIES, seed: int = 0) -> list[dict]:
+    """Bits per parameter of every encoding, of SASS's pick and of the bound ``n H(d) + k``, per density.
+
+    Sizes are whole blobs (header included). ``ratio`` is SASS size / bound; ``meets_target`` checks
+    ``size <= 1.10 * bound + 64 bytes``. Every blob is decoded and compared bit-exactly.
+    """
+    rows = []
+    for index, density in enumerate(densities):
+        switch = random_switch(numel, density, seed + index)
+        bound = entropy_bound_bits(numel, switch.kept)
+        predicted = encoded_sizes_bits(switch.mask)
+        row: dict = {"density": density, "numel": numel, "kept": switch.kept, "bound_bpp": bound / numel}
+        for encoding in Encoding:
+            blob = encode(switch.mask, switch.positive, encoding)
+            assert blob.numel() == -(-predicted[encoding] // 8)
+            row[f"{encoding.name.lower()}_bpp"] = blob.numel() * 8 / numel
+        blob = encode(switch.mask, switch.positive)
+        mask, positive = decode(blob)
+        assert torch.equal(mask, switch.mask) and torch.equal(positive, switch.positive)
+        size_bits = blob.numel() * 8
+        row.update(
+            sass_bpp=size_bits / numel,
+            sass_bytes=blob.numel(),
+            ratio=size_bits / bound if bound else float("nan"),
+            picked=read_header(blob).encoding.name,
+            meets_target=size_bits <= TARGET_RATIO * bound + TARGET_SLACK_BYTES * 8,
+        )
+        rows.append(row)
+    return rows
+
+
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    function()  # warm-up
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def throughput_rows(
+    numel: int, densities: Sequence[float] = DENSITIES, repeats: int = 5, seed: int = 0
+) -> list[dict]:
+    """Median wall time and throughput (M entries/s) of SASS ``encode`` and ``decode`` on the CPU."""
+    rows = []
+    for index, density in enumerate(densities):
+        switch = random_switch(numel, density, seed + index)
+        blob = encode(switch.mask, switch.positive)
+        encode_s = _median_seconds(lambda s=switch: encode(s.mask, s.positive), repeats)
+        decode_s = _median_seconds(lambda b=blob: decode(b), repeats)
+        rows.append(
+            {
+                "density": density,
+                "numel": numel,
+                "picked": read_header(blob).encoding.name,
+                "encode_ms": encode_s * 1e3,
+                "decode_ms": decode_s * 1e3,
+                "encode_Mentries_per_s": numel / encode_s / 1e6,
+                "decode_Mentries_per_s": numel / decode_s / 1e6,
+            }
+        )
+    return rows
+
+
+def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A GitHub markdown table with one column per key of the first row."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_format(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="64k-entry tensors and fewer repeats (smoke test)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--numel", type=int, default=None, help="entries per tensor (default 1M, 64k quick)")
+    parser.add_argument(
+        "--throughput-numel", type=int, default=None, help="entries for the timing (default 10M, 64k quick)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    numel = args.numel or (1 << 16 if args.quick else 1_000_000)
+    throughput_numel = args.throughput_numel or (1 << 16 if args.quick else 10_000_000)
+    repeats = 3 if args.quick else 5
+
+    config = {
+        "quick": args.quick,
+        "numel": numel,
+        "throughput_numel": throughput_numel,
+        "repeats": repeats,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+    sections: dict[str, tuple[str, list[dict]]] = {}
+    print(f"storage: {numel} entries per tensor ...", flush=True)
+    sections["storage"] = (
+        f"Size on disk ({numel} entries, bits per parameter incl. header; bound = n H(d) + k)",
+        storage_rows(numel, seed=args.seed),
+    )
+    print(f"throughput: {throughput_numel} entries per tensor ...", flush=True)
+    sections["throughput"] = (
+        f"SASS encode/decode on CPU ({throughput_numel} entries, {torch.get_num_threads()} threads, median)",
+        throughput_rows(throughput_numel, repeats=repeats, seed=args.seed),
+    )
+
+    markdown = "# Switch storage benchmark\n\n" + "".join(
+        f"## {title}\n\n{markdown_table(rows)}\n" for title, rows in sections.values()
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"config": config, **{name: rows for name, (_, rows) in sections.items()}}
+    (args.out / "storage.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "storage.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {args.out / 'storage.json'} and {args.out / 'storage.md'}")
+    failed = [row["density"] for row in sections["storage"][1] if not row["meets_target"]]
+    if failed:
+        print(f"size target missed at densities {failed}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Bad input gets a clear error that names the problem, and leaves files and models as they were."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from tiny_models import finetune_copy, tiny_bert, token_batch
+
+from switch_adapter import CodecError, LayoutMismatchError, TSwitchConfig, from_finetuned
+from switch_adapter.codec import sass
+
+
+@pytest.fixture()
+def saved_adapter(tmp_path):
+    base = tiny_bert()
+    model = from_finetuned(copy.deepcopy(base), finetune_copy(base), TSwitchConfig(density=0.2), progress=False)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _has_adapter_layers(model) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_switch_loaded_onto_a_base_of_other_shapes(saved_adapter):
+    other = tiny_bert(hidden_size=48, intermediate_size=96)
+    with pytest.raises(LayoutMismatchError, match=r"word_embeddings\.weight: switch made for shape \[100, 32\], base model has \[100, 48\]"):
+        PeftModel.from_pretrained(other, saved_adapter)
+    assert not _has_adapter_layers(other)
+
+
+def test_truncated_file_fails_before_the_model_is_touched(saved_adapter):
+    path = saved_adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    base = tiny_bert()
+    with pytest.raises(CodecError, match="truncated or corrupt"):
+        PeftModel.from_pretrained(base, saved_adapter)
+    assert not _has_adapter_layers(base)
+
+
+def test_corrupt_switch_blob_names_the_tensor(saved_adapter):
+    path = saved_adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("query.tswitch_weight_code"))
+    tensors[key] = tensors[key][:-3].clone()
+    save_file(tensors, path)
+    base = tiny_bert()
+    with pytest.raises(CodecError, match="query.tswitch_weight_code"):
+        PeftModel.from_pretrained(base, saved_adapter)
+    assert not _has_adapter_layers(base)
+
+
+@pytest.mark.parametrize(("offset", "value", "message"), [(5, 0, "unknown encoding"), (4, 99, "format version 99")])
+def test_unknown_encoding_or_version(saved_adapter, offset, value, message):
+    path = saved_adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("_code"))
+    blob = tensors[key].clone()
+    blob[offset] = value if offset == 4 else 77
+    tensors[key] = blob
+    save_file(tensors, path)
+    with pytest.raises(CodecError, match=message if offset == 4 else "unknown encoding id 77"):
+        PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+    assert sass.HEADER_BYTES >= 6
+
+
+def test_newer_format_version_in_config_is_refused(saved_adapter):
+    config_path = saved_adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["format_version"] = 99
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format version 99.*Upgrade"):
+        PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+
+
+def test_nan_in_the_fine_tuned_model_leaves_the_base_untouched():
+    base = tiny_bert()
+    tuned = finetune_copy(base)
+    with torch.no_grad():
+        tuned.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"encoder\.layer\.1\.output\.dense\.weight.*NaN/Inf"):
+        from_finetuned(base, tuned, TSwitchConfig(), progress=False)
+    assert not _has_adapter_layers(base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_fine_tuned_model_of_other_shapes():
+    base = tiny_bert()
+    with pytest.raises(ValueError, match=r"fine-tuned shape \[48, 48\] != base \[32, 32\]"):
+        from_finetuned(base, tiny_bert(hidden_size=48, intermediate_size=96), progress=False)
+    assert not _has_adapter_layers(base)
+
+
+@pytest.mark.parametrize("density", [0, 1.01, -1, "0.5", True])
+def test_density_outside_range(density):
+    with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\]"):
+        TSwitchConfig(density=density)
+    with pytest.raises(ValueError, match=r"density_pattern\['query'\]"):
+        TSwitchConfig(density_pattern={"query": density})
+
+
+def test_target_modules_that_match_nothing():
+    base = tiny_bert()
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(base, TSwitchConfig(target_modules=["does_not_exist"]))
+    assert not _has_adapter_layers(base)
+
+
+def test_unsupported_layer_type_is_named():
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.LSTM(4, 4))
+    with pytest.raises(TypeError, match=r"Target module 2 \(LSTM\) is not supported"):
+        get_peft_model(base, TSwitchConfig(target_modules=["2"]))
+
+
+def test_corrupt_blob_reaching_a_forward_names_the_module(saved_adapter):
+    model = PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+    layer = model.base_model.model.encoder.layer[0].attention.self.key
+    layer.tswitch_weight_code["default"] = layer.tswitch_weight_code["default"][:-1].clone()
+    with pytest.raises(CodecError, match=r"encoder\.layer\.0\.attention\.self\.key"):
+        model(**token_batch())

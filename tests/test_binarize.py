@@ -1,0 +1,97 @@
+"""Spec tests of the T-Switch rules: per-sign top-k, ties, empty quotas, zeros, RMS scale."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from switch_adapter.codec.binarize import binarize
+
+
+def test_positive_and_negative_entries_are_ranked_separately():
+    tau = torch.tensor([4.0, 3.0, 2.0, 1.0, -0.4, -0.3, -0.2, -0.1])
+    switch = binarize(tau, density=0.5)
+    # top 2 of 4 positives by value, top 2 of 4 negatives by magnitude, although all negatives are small
+    assert switch.mask.tolist() == [True, True, False, False, True, True, False, False]
+    assert switch.positive.tolist() == [True, True, False, False]
+
+
+def test_ties_at_the_cut_are_kept():
+    tau = torch.tensor([3.0, 1.0, 1.0, 0.5, -5.0, -2.0, -0.1])
+    switch = binarize(tau, density=0.5)
+    # positives: quota floor(4 * 0.5) = 2, threshold 1.0, both 1.0 entries kept
+    assert switch.mask.tolist() == [True, True, True, False, True, False, False]
+
+
+def test_a_partition_whose_quota_rounds_to_zero_is_kept_whole():
+    tau = torch.tensor([0.3, -1.0, -2.0, -3.0, -4.0, -5.0])
+    switch = binarize(tau, density=0.4)
+    # one positive: floor(1 * 0.4) = 0 -> kept whole; five negatives: floor(5 * 0.4) = 2
+    assert switch.mask.tolist() == [True, False, False, False, True, True]
+
+
+def test_zeros_are_never_kept_and_all_zero_gives_zero_scale():
+    switch = binarize(torch.tensor([0.0, 0.0, 2.0, 0.0]), density=1.0)
+    assert switch.mask.tolist() == [False, False, True, False]
+    empty = binarize(torch.zeros(5), density=0.5)
+    assert not empty.mask.any() and empty.scale.item() == 0.0
+
+
+def test_scale_is_the_rms_of_kept_entries_not_their_mean_magnitude():
+    tau = torch.tensor([3.0, 1.0, -1.0, -3.0])
+    switch = binarize(tau, density=1.0)
+    assert switch.scale.item() == pytest.approx(math.sqrt((9 + 1 + 1 + 9) / 4))
+    torch.testing.assert_close(switch.to_dense(), switch.scale * torch.tensor([1.0, 1.0, -1.0, -1.0]))
+
+
+def test_row_scale_is_one_rms_per_output_row():
+    tau = torch.tensor([[1.0, -1.0], [0.0, 4.0], [0.0, 0.0]])
+    switch = binarize(tau, density=1.0, scale_granularity="row")
+    torch.testing.assert_close(switch.scale, torch.tensor([1.0, 4.0, 0.0]))
+    torch.testing.assert_close(switch.to_dense(), torch.tensor([[1.0, -1.0], [0.0, 4.0], [0.0, 0.0]]))
+
+
+def test_low_precision_inputs_are_computed_in_float32():
+    tau = torch.randn(64, 64)
+    a, b = binarize(tau, 0.3), binarize(tau.to(torch.bfloat16), 0.3)
+    assert b.scale.dtype == torch.float32
+    assert (a.mask != b.mask).float().mean() < 0.05  # bf16 rounding may move a few entries across the cut
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_outside_the_unit_interval_is_refused(density):
+    with pytest.raises(ValueError, match="density"):
+        binarize(torch.randn(10), density)
+
+
+def test_nan_or_inf_is_refused_with_the_tensor_name():
+    with pytest.raises(ValueError, match="layer.0.query.weight.*NaN/Inf"):
+        binarize(torch.tensor([1.0, float("nan")]), 0.5, name="layer.0.query.weight")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        binarize(torch.tensor([1.0, float("inf")]), 0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=200),
+    density=st.floats(0.01, 1.0),
+)
+def test_kept_counts_follow_the_quota_rule(values, density):
+    tau = torch.tensor(values, dtype=torch.float32)
+    switch = binarize(tau, density)
+    for sign in (1, -1):
+        part = tau[tau * sign > 0]
+        kept = int((switch.mask & (tau * sign > 0)).sum())
+        quota = int(part.numel() * density)
+        if part.numel() == 0:
+            assert kept == 0
+        elif quota == 0:
+            assert kept == part.numel()
+        else:
+            assert kept >= quota  # ties can add entries, never remove
+            threshold = torch.sort(part.abs(), descending=True).values[quota - 1]
+            assert kept == int((part.abs() >= threshold).sum())
+    assert not switch.mask[tau == 0].any()
+    assert switch.positive.tolist() == (tau[switch.mask] > 0).tolist()
