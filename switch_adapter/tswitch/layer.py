@@ -13,8 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..codec import sass
-from ..codec.binarize import BinarySwitch, broadcast_scale
-from ..codec.ternary import pack_ternary, unpack_ternary
+from ..codec.binarize import BinarySwitch
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class TSwitchLayer(BaseTunerLayer):
     """State of the switches of one base layer, per adapter and per switched parameter.
 
     Persistent (saved) per adapter: ``tswitch_<param>_code`` (the encoded switch, uint8) and
-    ``tswitch_<param>_scale`` (float). The decoded 2-bit ternary form is cached in memory, keyed by the code
+    ``tswitch_<param>_scale`` (float). The decoded kept positions and signs are cached in memory, keyed by the code
     buffer's identity, so it follows loads and device moves.
     """
 
@@ -64,7 +63,7 @@ class TSwitchLayer(BaseTunerLayer):
         self.tswitch_bias_scale = nn.ParameterDict({})
         self.tswitch_weight_code = BufferDict({}, persistent=True)
         self.tswitch_bias_code = BufferDict({}, persistent=True)
-        self._ternary_cache: dict[tuple[str, str], tuple[tuple, torch.Tensor]] = {}
+        self._sparse_cache: dict[tuple[str, str], tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -104,7 +103,7 @@ class TSwitchLayer(BaseTunerLayer):
         scales[adapter_name] = nn.Parameter(
             switch.scale.to(device=device, dtype=old_scale.dtype), requires_grad=old_scale.requires_grad
         )
-        self._ternary_cache.pop((adapter_name, param_name), None)
+        self._sparse_cache.pop((adapter_name, param_name), None)
         header = sass.read_header(blob)
         return {
             "shape": list(switch.shape),
@@ -118,45 +117,67 @@ class TSwitchLayer(BaseTunerLayer):
         """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty)."""
         return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)]
 
-    def _ternary(self, adapter_name: str, param_name: str) -> torch.Tensor:
+    def _sparse(self, adapter_name: str, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, signs)`` of the kept entries (int64 flat positions, int8 +-1), decoded once per code buffer.
+
+        Work and memory are proportional to the kept entries, not to the size of the weight.
+        """
         code = self._codes(param_name)[adapter_name]
         key = (code.data_ptr(), code._version, code.device, code.numel())
-        cached = self._ternary_cache.get((adapter_name, param_name))
+        cached = self._sparse_cache.get((adapter_name, param_name))
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            mask, positive = sass.decode(code, device=code.device)
+            _, positions, positive = sass.decode_positions(code, device=code.device)
         except sass.CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
             raise sass.CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
-        packed = pack_ternary(mask, positive)
-        self._ternary_cache[(adapter_name, param_name)] = (key, packed)
-        return packed
+        signs = torch.where(positive, 1, -1).to(torch.int8)
+        self._sparse_cache[(adapter_name, param_name)] = (key, (positions, signs))
+        return positions, signs
+
+    def _kept_values(self, adapter_name: str, param_name: str, like: torch.Tensor):
+        """Positions of the kept entries and their values ``sign * scale`` in the dtype/device of ``like``."""
+        positions, signs = self._sparse(adapter_name, param_name)
+        positions, signs = positions.to(like.device), signs.to(like.device)
+        scale = self._scales(param_name)[adapter_name].to(device=like.device, dtype=like.dtype)
+        if scale.numel() > 1:  # one scale per output row
+            scale = scale[positions // (like.numel() // like.shape[0])]
+        return positions, signs.to(like.dtype) * scale
+
+    def _has_switch(self, adapter_name: str, param_name: str) -> bool:
+        codes = self._codes(param_name)
+        return adapter_name in codes and codes[adapter_name].numel() > 0
 
     def get_delta(self, adapter_name: str, param_name: str) -> Optional[torch.Tensor]:
         """The dense ``scale * mask * sign`` for one parameter, in its dtype and on its device; None if empty."""
-        codes = self._codes(param_name)
-        if adapter_name not in codes or codes[adapter_name].numel() == 0:
+        if not self._has_switch(adapter_name, param_name):
             return None
         param = getattr(self.get_base_layer(), param_name)
-        ternary = unpack_ternary(self._ternary(adapter_name, param_name), param.numel(), param.dtype)
-        if ternary.device != param.device:
-            ternary = ternary.to(param.device)
-        scale = self._scales(param_name)[adapter_name].to(device=param.device, dtype=param.dtype)
-        return ternary.view(param.shape) * broadcast_scale(scale, param.shape)
+        positions, values = self._kept_values(adapter_name, param_name, param)
+        delta = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+        return delta.index_put_((positions,), values).view(param.shape)
 
     def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
         """PEFT's name for the weight's delta."""
         return self.get_delta(adapter_name, "weight")
 
-    def _summed_deltas(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
-        totals: dict[str, torch.Tensor] = {}
+    def _add_deltas(
+        self, param_name: str, value: torch.Tensor, adapter_names: list[str], sign: float = 1.0, inplace=False
+    ) -> Optional[torch.Tensor]:
+        """``value + sign * sum of deltas`` (a new tensor unless ``inplace``); None if no adapter switches it.
+
+        Only the kept entries are touched: the cost is a copy of ``value`` plus work proportional to them.
+        """
+        result = value if inplace else None
         for adapter_name in adapter_names:
-            for param_name in SWITCHABLE_PARAMETERS:
-                delta = self.get_delta(adapter_name, param_name)
-                if delta is not None:
-                    totals[param_name] = delta if param_name not in totals else totals[param_name] + delta
-        return totals
+            if not self._has_switch(adapter_name, param_name):
+                continue
+            if result is None:
+                result = value.clone()
+            positions, values = self._kept_values(adapter_name, param_name, value)
+            result.view(-1).index_add_(0, positions, values, alpha=sign)
+        return result
 
 
 class SwitchedModule(nn.Module, TSwitchLayer):
@@ -187,16 +208,22 @@ class SwitchedModule(nn.Module, TSwitchLayer):
             return
         base = self.get_base_layer()
         for adapter_name in adapter_names:
-            deltas = self._summed_deltas([adapter_name])
-            if safe_merge:
-                for param_name, delta in deltas.items():
-                    merged = getattr(base, param_name).data + delta
-                    if not torch.isfinite(merged).all():
+            merged = {}
+            for param_name in SWITCHABLE_PARAMETERS:
+                param = getattr(base, param_name, None)
+                if param is None:
+                    continue
+                if not self._has_switch(adapter_name, param_name):
+                    continue
+                if safe_merge:
+                    value = self._add_deltas(param_name, param.data, [adapter_name])
+                    if not torch.isfinite(value).all():
                         raise ValueError(
                             f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                         )
-            for param_name, delta in deltas.items():
-                getattr(base, param_name).data += delta
+                merged[param_name] = param
+            for param_name, param in merged.items():
+                self._add_deltas(param_name, param.data, [adapter_name], inplace=True)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -207,8 +234,10 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
-            for param_name, delta in self._summed_deltas([adapter_name]).items():
-                getattr(base, param_name).data -= delta
+            for param_name in SWITCHABLE_PARAMETERS:
+                param = getattr(base, param_name, None)
+                if param is not None:
+                    self._add_deltas(param_name, param.data, [adapter_name], sign=-1.0, inplace=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -217,12 +246,22 @@ class SwitchedModule(nn.Module, TSwitchLayer):
             return self.base_layer(*args, **kwargs)
         if self.merged:
             return self.base_layer(*args, **kwargs)
-        deltas = self._summed_deltas([name for name in self.active_adapters if name not in self.merged_adapters])
-        if not deltas:
+        params = self.switched_parameters(self.active_adapters)
+        if not params:
             return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.get_base_layer(), params, args, kwargs, strict=False)
+
+    def switched_parameters(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: base parameter + deltas of adapter_names}`` for the parameters those adapters switch."""
         base = self.get_base_layer()
-        params = {name: getattr(base, name) + delta for name, delta in deltas.items()}
-        return torch.func.functional_call(base, params, args, kwargs, strict=False)
+        params = {}
+        for param_name in SWITCHABLE_PARAMETERS:
+            param = getattr(base, param_name, None)
+            if param is not None:
+                value = self._add_deltas(param_name, param, adapter_names)
+                if value is not None:
+                    params[param_name] = value
+        return params
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
@@ -267,12 +306,11 @@ class TiedSwitchedModule(nn.Module, BaseTunerLayer):
         source = self.source
         if self.disable_adapters or source.disable_adapters or source.merged:
             return self.base_layer(*args, **kwargs)
-        active = [name for name in self.active_adapters if name not in source.merged_adapters]
-        delta = source._summed_deltas(active).get("weight")
-        if delta is None:
-            return self.base_layer(*args, **kwargs)
         base = self.get_base_layer()
-        return torch.func.functional_call(base, {"weight": base.weight + delta}, args, kwargs, strict=False)
+        weight = source._add_deltas("weight", base.weight, self.active_adapters)
+        if weight is None:
+            return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(base, {"weight": weight}, args, kwargs, strict=False)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -1,0 +1,1 @@
+"""Benchmark helpers: offline text-classification tasks for measuring T-Switch on real models."""
