@@ -86,9 +86,7 @@ def _median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(timings)
 
 
-def throughput_rows(
-    numel: int, densities: Sequence[float] = DENSITIES, repeats: int = 5, seed: int = 0
-) -> list[dict]:
+def throughput_rows(numel: int, densities: Sequence[float] = DENSITIES, repeats: int = 5, seed: int = 0) -> list[dict]:
     """Median wall time and throughput (M entries/s) of SASS ``encode`` and ``decode`` on the CPU."""
     rows = []
     for index, density in enumerate(densities):
@@ -176,7 +174,8 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
                 load_safetensors()
                 safetensors_times.append(time.perf_counter() - start)
             apply_s, merge_s, pretrained_s, safetensors_s = (
-                statistics.median(times[1:]) for times in (apply_times, merge_times, pretrained_times, safetensors_times)
+                statistics.median(times[1:])
+                for times in (apply_times, merge_times, pretrained_times, safetensors_times)
             )
             rows.append(
                 {
@@ -214,12 +213,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="64k-entry tensors and fewer repeats (smoke test)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64k-entry tensors and fewer repeats (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--numel", type=int, default=None, help="entries per tensor (default 1M, 64k quick)")
     parser.add_argument(

@@ -17,15 +17,27 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import switch_adapter
 
 POSITIVE = [
-    "a wonderful, moving film", "I loved every minute of it", "great acting and a clever story",
-    "an absolute delight", "beautifully shot and deeply felt", "funny, warm and smart",
-    "the best thing I have seen this year", "a charming little gem", "superb from start to finish",
+    "a wonderful, moving film",
+    "I loved every minute of it",
+    "great acting and a clever story",
+    "an absolute delight",
+    "beautifully shot and deeply felt",
+    "funny, warm and smart",
+    "the best thing I have seen this year",
+    "a charming little gem",
+    "superb from start to finish",
     "I would happily watch it again",
 ]
 NEGATIVE = [
-    "a dull, lifeless mess", "I wanted my money back", "terrible acting and a silly plot",
-    "an absolute bore", "ugly to look at and hollow inside", "neither funny nor clever",
-    "the worst thing I have seen this year", "a tedious waste of time", "awful from start to finish",
+    "a dull, lifeless mess",
+    "I wanted my money back",
+    "terrible acting and a silly plot",
+    "an absolute bore",
+    "ugly to look at and hollow inside",
+    "neither funny nor clever",
+    "the worst thing I have seen this year",
+    "a tedious waste of time",
+    "awful from start to finish",
     "I walked out halfway through",
 ]
 

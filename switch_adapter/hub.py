@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional, Union
 
 from huggingface_hub import HfApi
 from peft import PeftModel
@@ -14,14 +13,14 @@ from .tswitch.model_card import write_model_card
 
 
 def push_to_hub(
-    adapter: Union[PeftModel, str, os.PathLike],
+    adapter: PeftModel | str | os.PathLike,
     repo_id: str,
     *,
     adapter_name: str = "default",
-    token: Optional[str] = None,
-    revision: Optional[str] = None,
-    private: Optional[bool] = None,
-    commit_message: Optional[str] = None,
+    token: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
     create_pr: bool = False,
 ) -> str:
     """Upload a T-Switch adapter (a ``PeftModel`` or a saved folder) to ``repo_id`` with its model card.
@@ -45,7 +44,10 @@ def push_to_hub(
         os.makedirs(card_folder, exist_ok=True)
         existing = os.path.join(folder, "README.md")
         if os.path.exists(existing):
-            with open(existing, encoding="utf-8") as src, open(os.path.join(card_folder, "README.md"), "w") as dst:
+            with (
+                open(existing, encoding="utf-8") as src,
+                open(os.path.join(card_folder, "README.md"), "w") as dst,
+            ):
                 dst.write(src.read())
         write_model_card(card_folder, config, repo_id=repo_id)
         api.upload_folder(

@@ -388,9 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_token()
         token = {"displayName": "hub_server", "role": "write"}
         auth = {"type": "access_token", "accessToken": token}
-        self._send_json(
-            dict(type="user", id="0" * 24, name=USERNAME, fullname="Test User", orgs=[], auth=auth)
-        )
+        self._send_json(dict(type="user", id="0" * 24, name=USERNAME, fullname="Test User", orgs=[], auth=auth))
 
     def route_agent_harnesses(self):  # best-effort user-agent telemetry registry of the client
         self._send_json({"standardEnvVars": [], "harnesses": {}})
@@ -439,9 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
             siblings.append(sibling)
         info = {"id": repo.repo_id, "modelId": repo.repo_id, "author": ns, "sha": commit.oid}
         info.update(lastModified=commit.date, createdAt=repo.created_at, private=False, disabled=False)
-        self._send_json(
-            {**info, "gated": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings}
-        )
+        self._send_json({**info, "gated": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings})
 
     def route_tree(self, kind, ns, name, rev, path=""):
         files = self._repo(kind, ns, name).resolve(rev).files

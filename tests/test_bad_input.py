@@ -28,7 +28,10 @@ def _has_adapter_layers(model) -> bool:
 
 def test_switch_loaded_onto_a_base_of_other_shapes(saved_adapter):
     other = tiny_bert(hidden_size=48, intermediate_size=96)
-    with pytest.raises(LayoutMismatchError, match=r"word_embeddings\.weight: switch made for shape \[100, 32\], base model has \[100, 48\]"):
+    with pytest.raises(
+        LayoutMismatchError,
+        match=r"word_embeddings\.weight: switch made for shape \[100, 32\], base model has \[100, 48\]",
+    ):
         PeftModel.from_pretrained(other, saved_adapter)
     assert not _has_adapter_layers(other)
 

@@ -37,12 +37,17 @@ def test_switches_built_from_half_precision_checkpoints_compute_in_float32():
     tuned = finetune_copy(base, noise=0.05)
     full = from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(density=0.3), progress=False)
     half = from_finetuned(
-        copy.deepcopy(base), {k: v.to(torch.bfloat16) for k, v in tuned.state_dict().items()},
-        TSwitchConfig(density=0.3), progress=False,
+        copy.deepcopy(base),
+        {k: v.to(torch.bfloat16) for k, v in tuned.state_dict().items()},
+        TSwitchConfig(density=0.3),
+        progress=False,
     )
     layer_full = full.base_model.model.model.layers[1].mlp.down_proj
     layer_half = half.base_model.model.model.layers[1].mlp.down_proj
     assert layer_half.tswitch_weight_scale["default"].dtype == torch.float32
     torch.testing.assert_close(
-        layer_half.tswitch_weight_scale["default"], layer_full.tswitch_weight_scale["default"], rtol=2e-2, atol=1e-4
+        layer_half.tswitch_weight_scale["default"],
+        layer_full.tswitch_weight_scale["default"],
+        rtol=2e-2,
+        atol=1e-4,
     )

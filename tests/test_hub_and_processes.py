@@ -21,7 +21,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run_python(code: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -67,7 +72,9 @@ def test_fresh_process_without_import_cannot_know_the_type(tmp_path):
 def test_peft_push_to_hub_and_from_pretrained_by_repo_id(hub_repo_id):
     base = tiny_llama()
     tuned = finetune_copy(base, noise=0.05)
-    model = from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(density=0.2, task_type="CAUSAL_LM"), progress=False)
+    model = from_finetuned(
+        copy.deepcopy(base), tuned, TSwitchConfig(density=0.2, task_type="CAUSAL_LM"), progress=False
+    )
     model.push_to_hub(hub_repo_id)
     loaded = PeftModel.from_pretrained(tiny_llama(), hub_repo_id)
     prompt = torch.tensor([[1, 4, 8, 15]])
@@ -93,7 +100,11 @@ def test_switch_adapter_push_to_hub_writes_the_model_card(hub_repo_id, tmp_path)
     # the snippet works as written (with the tiny base standing in for the base model id)
     snippet = card.text.split("```python")[1].split("```")[0]
     namespace = {}
-    exec(snippet.replace('AutoModel.from_pretrained("<base model id or path>")', "tiny_bert()"), {"tiny_bert": tiny_bert}, namespace)
+    exec(
+        snippet.replace('AutoModel.from_pretrained("<base model id or path>")', "tiny_bert()"),
+        {"tiny_bert": tiny_bert},
+        namespace,
+    )
     with torch.no_grad():
         torch.testing.assert_close(
             namespace["model"](**token_batch()).last_hidden_state, model(**token_batch()).last_hidden_state

@@ -82,8 +82,7 @@ def test_upload_folder_download_roundtrip(hub_server, hub_repo_id, tmp_path):
     assert second.oid != commit.oid
     assert Path(hf_hub_download(hub_repo_id, "config.json")).read_bytes() == new_config
     assert (
-        Path(hf_hub_download(hub_repo_id, "config.json", revision=commit.oid)).read_bytes()
-        == contents["config.json"]
+        Path(hf_hub_download(hub_repo_id, "config.json", revision=commit.oid)).read_bytes() == contents["config.json"]
     )
 
 
@@ -109,9 +108,7 @@ def test_branches_tree_deletes_and_resumed_download(hub_repo_id):
     api.create_repo(hub_repo_id)
     api.upload_file(path_or_fileobj=b"main text", path_in_repo="a/b/file.txt", repo_id=hub_repo_id)
     api.create_branch(hub_repo_id, branch="dev")
-    api.upload_file(
-        path_or_fileobj=b"dev text", path_in_repo="a/b/file.txt", repo_id=hub_repo_id, revision="dev"
-    )
+    api.upload_file(path_or_fileobj=b"dev text", path_in_repo="a/b/file.txt", repo_id=hub_repo_id, revision="dev")
     assert {ref.name for ref in api.list_repo_refs(hub_repo_id).branches} == {"main", "dev"}
     assert Path(hf_hub_download(hub_repo_id, "a/b/file.txt", revision="dev")).read_bytes() == b"dev text"
     assert Path(hf_hub_download(hub_repo_id, "a/b/file.txt")).read_bytes() == b"main text"

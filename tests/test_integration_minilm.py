@@ -57,9 +57,18 @@ def test_minilm_switch_round_trip_through_peft_and_transformers(tmp_path):
 
 def test_quickstart_example_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "examples", "quickstart.py"), "--output", str(tmp_path / "a"),
-         "--steps", "5"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "examples", "quickstart.py"),
+            "--output",
+            str(tmp_path / "a"),
+            "--steps",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bits/parameter" in result.stdout and "accuracy on the training sentences" in result.stdout

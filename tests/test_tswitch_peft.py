@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, tiny_llama, token_batch
 
@@ -76,7 +76,7 @@ def test_several_adapters_add_and_switch():
 
     both = copy.deepcopy(base)
     with torch.no_grad():
-        for (name, param), pa, pb in zip(both.named_parameters(), only_a.parameters(), only_b.parameters()):
+        for param, pa, pb in zip(both.parameters(), only_a.parameters(), only_b.parameters()):
             param.add_(pa - param.detach() + pb - param.detach())
     model.base_model.set_adapter(["a", "b"])
     torch.testing.assert_close(_hidden(model, batch), _hidden(both, batch), rtol=1e-4, atol=1e-4)
@@ -136,7 +136,9 @@ def test_sequence_classification_head_with_other_label_count(tmp_path):
 def test_causal_lm_generate_with_adapter_and_after_merge(tmp_path):
     base = tiny_llama()
     tuned = finetune_copy(base, noise=0.05)
-    model = from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(density=0.3, task_type="CAUSAL_LM"), progress=False)
+    model = from_finetuned(
+        copy.deepcopy(base), tuned, TSwitchConfig(density=0.3, task_type="CAUSAL_LM"), progress=False
+    )
     expected = _expected_model(base, tuned, 0.3)
     prompt = torch.tensor([[1, 5, 9, 17, 33]])
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -185,7 +187,10 @@ def test_auto_peft_model_for_causal_lm(tmp_path):
     base.save_pretrained(base_dir)
     tuned = finetune_copy(base, noise=0.05)
     model = from_finetuned(
-        tiny_llama().__class__.from_pretrained(base_dir), tuned, TSwitchConfig(task_type="CAUSAL_LM"), progress=False
+        tiny_llama().__class__.from_pretrained(base_dir),
+        tuned,
+        TSwitchConfig(task_type="CAUSAL_LM"),
+        progress=False,
     )
     adapter_dir = tmp_path / "adapter"
     model.save_pretrained(adapter_dir)
@@ -197,7 +202,7 @@ def test_auto_peft_model_for_causal_lm(tmp_path):
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 def test_scale_granularity(granularity):
-    base, batch = tiny_bert(), token_batch()
+    base = tiny_bert()
     tuned = finetune_copy(base)
     model = from_finetuned(
         copy.deepcopy(base), tuned, TSwitchConfig(density=0.3, scale_granularity=granularity), progress=False

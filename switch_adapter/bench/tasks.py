@@ -217,9 +217,7 @@ TASKS: dict[str, Callable[..., DatasetDict]] = {
 }
 
 
-def load_task(
-    name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None
-) -> DatasetDict:
+def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None) -> DatasetDict:
     """Load task ``name`` from :data:`TASKS`.
 
     Keeps at most ``max_train`` training and ``max_test`` validation and test examples each (the first ones of

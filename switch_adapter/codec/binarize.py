@@ -18,7 +18,6 @@ Reconstruction is ``tau_hat = scale * mask * sign``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -62,7 +61,7 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) ->
     return scale.reshape((-1,) + (1,) * (len(shape) - 1))
 
 
-def _threshold(magnitudes: torch.Tensor, density: float) -> Optional[torch.Tensor]:
+def _threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
     """Cut for the top ``floor(len * density)`` of 1-D ``magnitudes`` (ties kept); None keeps them all."""
     count = magnitudes.numel()
     quota = int(count * density)  # floor for non-negative numbers

@@ -160,9 +160,7 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
     """Validate ``blob``; return (header, L or 0, payload start offset, payload bit count without padding)."""
     if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
         described = (
-            f"{blob.dtype} tensor of shape {tuple(blob.shape)}"
-            if isinstance(blob, torch.Tensor)
-            else type(blob)
+            f"{blob.dtype} tensor of shape {tuple(blob.shape)}" if isinstance(blob, torch.Tensor) else type(blob)
         )
         raise CodecError(
             f"a switch blob must be a 1-D uint8 tensor, got a {described}; pass the tensor exactly as it was "

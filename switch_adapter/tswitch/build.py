@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -19,7 +19,7 @@ from .model import _discard_adapter, resize_module_parameters
 
 logger = logging.getLogger(__name__)
 
-StateLike = Union[nn.Module, Mapping[str, torch.Tensor]]
+StateLike = Union[nn.Module, Mapping[str, torch.Tensor]]  # noqa: UP007 (a runtime alias, Python 3.10)
 
 
 def _state_of(source: StateLike) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def _state_of(source: StateLike) -> dict[str, torch.Tensor]:
     raise TypeError(f"Expected an nn.Module or a mapping of tensors, got {type(source).__name__}.")
 
 
-def _lookup(state: Mapping[str, torch.Tensor], key: str) -> Optional[torch.Tensor]:
+def _lookup(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor | None:
     """``state[key]``, tolerating a head-class prefix on either side (``bert.encoder...`` vs ``encoder...``)."""
     if key in state:
         return state[key]
@@ -42,10 +42,10 @@ def _lookup(state: Mapping[str, torch.Tensor], key: str) -> Optional[torch.Tenso
 
 def from_finetuned(
     base_model: nn.Module,
-    finetuned: Optional[StateLike] = None,
-    config: Optional[TSwitchConfig] = None,
+    finetuned: StateLike | None = None,
+    config: TSwitchConfig | None = None,
     *,
-    task_vectors: Optional[Mapping[str, torch.Tensor]] = None,
+    task_vectors: Mapping[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     progress: bool = True,
 ) -> PeftModel:
@@ -114,8 +114,8 @@ def _compute_switches(
     inner: nn.Module,
     adapter_name: str,
     config: TSwitchConfig,
-    finetuned_state: Optional[dict[str, torch.Tensor]],
-    vectors: Optional[dict[str, torch.Tensor]],
+    finetuned_state: dict[str, torch.Tensor] | None,
+    vectors: dict[str, torch.Tensor] | None,
     progress: bool,
 ) -> list[tuple[str, TSwitchLayer, str, BinarySwitch]]:
     jobs = []
@@ -146,7 +146,12 @@ def _compute_switches(
         if not torch.count_nonzero(tau):
             continue  # an unchanged tensor gets no switch
         switches.append(
-            (module_name, layer, param_name, binarize(tau, config.density_for(module_name), config.scale_granularity, key))
+            (
+                module_name,
+                layer,
+                param_name,
+                binarize(tau, config.density_for(module_name), config.scale_granularity, key),
+            )
         )
     if problems:
         raise ValueError(
@@ -158,7 +163,7 @@ def _compute_switches(
     return switches
 
 
-def _head_updates(inner: nn.Module, adapter_name: str, finetuned: Optional[StateLike], finetuned_state):
+def _head_updates(inner: nn.Module, adapter_name: str, finetuned: StateLike | None, finetuned_state):
     """For every ``modules_to_save`` wrapper: the fine-tuned state to load into this adapter's copy."""
     updates = []
     if finetuned_state is None:

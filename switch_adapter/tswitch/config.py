@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -48,16 +48,14 @@ class TSwitchConfig(PeftConfig):
         modules_to_save_shapes: Parameter shapes of ``modules_to_save`` entries that differ from the base model's.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=ALL_SUPPORTED_SHORTHAND,
         metadata={"help": "Modules to switch: name suffixes, a regex, 'all-linear' or 'all' (default)."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules never switched, same conventions as target_modules."}
     )
-    density: float = field(
-        default=DEFAULT_DENSITY, metadata={"help": "Keep ratio per sign and per tensor, in (0, 1]."}
-    )
+    density: float = field(default=DEFAULT_DENSITY, metadata={"help": "Keep ratio per sign and per tensor, in (0, 1]."})
     density_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Per-module density overrides: {regex: density}."}
     )
@@ -66,21 +64,23 @@ class TSwitchConfig(PeftConfig):
     )
     switch_bias: bool = field(default=True, metadata={"help": "Also switch biases of targeted modules."})
     switch_norms: bool = field(default=False, metadata={"help": "Also switch every norm layer of the model."})
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules kept in full precision with the adapter, e.g. task heads."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to switch (as in LoRA)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (as in LoRA)."}
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "On-disk switch encoding version."})
     unit_layout: dict[str, dict[str, dict[str, Any]]] = field(
-        default_factory=dict, metadata={"help": "Per module and parameter: shape, code bytes, scales (generated)."}
+        default_factory=dict,
+        metadata={"help": "Per module and parameter: shape, code bytes, scales (generated)."},
     )
     modules_to_save_shapes: dict[str, dict[str, list[int]]] = field(
-        default_factory=dict, metadata={"help": "Shapes of modules_to_save parameters that differ from the base."}
+        default_factory=dict,
+        metadata={"help": "Shapes of modules_to_save parameters that differ from the base."},
     )
 
     def __post_init__(self) -> None:
@@ -96,9 +96,7 @@ class TSwitchConfig(PeftConfig):
         for pattern, value in self.density_pattern.items():
             _check_density(value, f"density_pattern[{pattern!r}]")
         if self.scale_granularity not in SCALE_GRANULARITIES:
-            raise ValueError(
-                f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}."
-            )
+            raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}.")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This T-Switch adapter uses switch format version {self.format_version}, but the installed "
@@ -108,7 +106,7 @@ class TSwitchConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config like any PEFT config, and check the adapter file next to it before anything uses it.
 
         A truncated or corrupt ``adapter_model.safetensors`` raises :class:`~switch_adapter.CodecError` here, so

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -75,7 +75,11 @@ class TSwitchLayer(BaseTunerLayer):
         return getattr(self, f"tswitch_{param_name}_scale")
 
     def update_layer(
-        self, adapter_name: str, param_layout: dict[str, dict], param_names: tuple[str, ...], inference_mode: bool
+        self,
+        adapter_name: str,
+        param_layout: dict[str, dict],
+        param_names: tuple[str, ...],
+        inference_mode: bool,
     ) -> None:
         """Allocate the adapter's buffers: sized from ``param_layout`` (a loaded switch) or empty (a no-op switch)."""
         base = self.get_base_layer()
@@ -149,7 +153,7 @@ class TSwitchLayer(BaseTunerLayer):
         codes = self._codes(param_name)
         return adapter_name in codes and codes[adapter_name].numel() > 0
 
-    def get_delta(self, adapter_name: str, param_name: str) -> Optional[torch.Tensor]:
+    def get_delta(self, adapter_name: str, param_name: str) -> torch.Tensor | None:
         """The dense ``scale * mask * sign`` for one parameter, in its dtype and on its device; None if empty."""
         if not self._has_switch(adapter_name, param_name):
             return None
@@ -158,13 +162,13 @@ class TSwitchLayer(BaseTunerLayer):
         delta = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
         return delta.index_put_((positions,), values).view(param.shape)
 
-    def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor | None:
         """PEFT's name for the weight's delta."""
         return self.get_delta(adapter_name, "weight")
 
     def _add_deltas(
         self, param_name: str, value: torch.Tensor, adapter_names: list[str], sign: float = 1.0, inplace=False
-    ) -> Optional[torch.Tensor]:
+    ) -> torch.Tensor | None:
         """``value + sign * sum of deltas`` (a new tensor unless ``inplace``); None if no adapter switches it.
 
         Only the kept entries are touched: the cost is a copy of ``value`` plus work proportional to them.
@@ -201,7 +205,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, param_layout, param_names, inference_mode=inference_mode)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas of ``adapter_names`` (default: the active adapters) to the base layer's parameters."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
@@ -229,7 +233,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
     def unmerge(self) -> None:
         """Subtract the merged deltas again, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -296,7 +300,7 @@ class TiedSwitchedModule(nn.Module, BaseTunerLayer):
     def merged(self) -> bool:
         return self.source.merged
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Nothing to do: the tied weight is merged through the input embedding."""
 
     def unmerge(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -31,7 +30,7 @@ class LayoutMismatchError(ValueError):
     """A saved switch does not fit the model it is loaded onto."""
 
 
-def find_layout_entry(layout: dict[str, dict], module_name: str) -> Optional[dict]:
+def find_layout_entry(layout: dict[str, dict], module_name: str) -> dict | None:
     """The layout entry of ``module_name``, also when the adapter was made on a model with another head class.
 
     ``bert.encoder.layer.0.attention.self.query`` (saved from ``BertForSequenceClassification``) matches the module
@@ -65,7 +64,7 @@ def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
     return names
 
 
-def _tied_output_embedding(model: nn.Module) -> Optional[nn.Module]:
+def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     """The output embedding module if its weight is the input embedding's weight, else None."""
     if not isinstance(model, PreTrainedModel):
         return None
@@ -128,7 +127,7 @@ class TSwitchModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config: TSwitchConfig = self.peft_config[adapter_name]
         resolved = self._resolve_target_modules(model, config)
@@ -150,7 +149,7 @@ class TSwitchModel(BaseTuner):
     # -- target resolution -------------------------------------------------------------------------------
 
     @staticmethod
-    def _resolve_target_modules(model: nn.Module, config: TSwitchConfig) -> Optional[set[str]]:
+    def _resolve_target_modules(model: nn.Module, config: TSwitchConfig) -> set[str] | None:
         """The module names ``"all"`` and ``switch_norms`` stand for, or None when ``target_modules`` says it all."""
         wants_all = isinstance(config.target_modules, str) and config.target_modules == ALL_SUPPORTED_SHORTHAND
         if not wants_all and not config.switch_norms:
@@ -213,7 +212,9 @@ class TSwitchModel(BaseTuner):
                         f"base model has {list(param.shape)}"
                     )
         if problems:
-            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            shown = "\n  ".join(problems[:10]) + (
+                f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            )
             base = config.base_model_name_or_path or "the base model it was created from"
             raise LayoutMismatchError(
                 f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n"
@@ -296,7 +297,9 @@ class TSwitchModel(BaseTuner):
                 layer = model.get_submodule(module_path)
                 expected = getattr(layer.get_base_layer(), param_name).numel()
                 if header.numel != expected:
-                    problems.append(f"{module_path}.{param_name}: switch for {header.numel} entries, layer has {expected}")
+                    problems.append(
+                        f"{module_path}.{param_name}: switch for {header.numel} entries, layer has {expected}"
+                    )
             except (sass.CodecError, AttributeError) as error:
                 problems.append(f"{module_path}.{param_name}: {error}")
         if problems:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -42,7 +41,9 @@ class StorageSummary:
     def as_dict(self) -> dict:
         values = asdict(self)
         values.update(
-            density=self.density, bits_per_parameter=self.bits_per_parameter, fraction_of_fp32=self.fraction_of_fp32
+            density=self.density,
+            bits_per_parameter=self.bits_per_parameter,
+            fraction_of_fp32=self.fraction_of_fp32,
         )
         return values
 
@@ -62,7 +63,7 @@ def storage_summary(config: TSwitchConfig) -> StorageSummary:
     return StorageSummary(units, parameters, kept, switch_bytes, bound_bits / 8.0)
 
 
-def card_section(config: TSwitchConfig, repo_id: Optional[str] = None) -> str:
+def card_section(config: TSwitchConfig, repo_id: str | None = None) -> str:
     """The markdown section describing the switch, with a loading snippet."""
     summary = storage_summary(config)
     base = config.base_model_name_or_path or "<base model id or path>"
@@ -111,7 +112,7 @@ def card_section(config: TSwitchConfig, repo_id: Optional[str] = None) -> str:
     )
 
 
-def write_model_card(folder: str, config: TSwitchConfig, repo_id: Optional[str] = None) -> str:
+def write_model_card(folder: str, config: TSwitchConfig, repo_id: str | None = None) -> str:
     """Create or update ``folder/README.md``: metadata (library, tags, base model) and the T-Switch section."""
     path = os.path.join(folder, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 from safetensors import safe_open
 
@@ -12,7 +12,7 @@ from ..codec import sass
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def resolve_weights_file(model_id: str, subfolder: Optional[str], hub_kwargs: dict[str, Any]) -> Optional[str]:
+def resolve_weights_file(model_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str | None:
     """Local path of the adapter's safetensors file (downloading it from the Hub if needed), or None."""
     folder = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(folder):
@@ -24,7 +24,10 @@ def resolve_weights_file(model_id: str, subfolder: Optional[str], hub_kwargs: di
     allowed = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies"}
     try:
         return hf_hub_download(
-            model_id, WEIGHTS_NAME, subfolder=subfolder, **{k: v for k, v in hub_kwargs.items() if k in allowed}
+            model_id,
+            WEIGHTS_NAME,
+            subfolder=subfolder,
+            **{k: v for k, v in hub_kwargs.items() if k in allowed},
         )
     except EntryNotFoundError:
         return None  # e.g. an adapter_model.bin: peft reports what it finds
@@ -66,6 +69,6 @@ def validate_adapter_file(path: str, unit_layout: dict[str, dict[str, dict]]) ->
         )
 
 
-def _layout_entry(unit_layout: dict, module_name: str, param_name: str) -> Optional[dict]:
+def _layout_entry(unit_layout: dict, module_name: str, param_name: str) -> dict | None:
     params = unit_layout.get(module_name)
     return params.get(param_name) if params else None
