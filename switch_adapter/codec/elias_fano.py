@@ -20,6 +20,7 @@ the caller's job (see :mod:`switch_adapter.codec.bitpack`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 #: Largest supported number of low bits; positions must stay below ``2**62``.
@@ -79,6 +80,24 @@ def encode(positions: torch.Tensor, universe: int, low_bits: int) -> torch.Tenso
     return torch.cat([low_stream, upper])
 
 
+def _decode_numpy(stream: np.ndarray, universe: int, count: int, low_bits: int) -> np.ndarray:
+    """:func:`decode` for CPU streams with numpy, which is several times faster there than torch."""
+    split = count * low_bits
+    high_plus_rank = np.flatnonzero(stream[split:])
+    if high_plus_rank.size != count:
+        raise ValueError(f"Elias-Fano upper bits hold {high_plus_rank.size} set bits, expected {count}.")
+    rank = np.arange(count, dtype=np.int64)
+    values = (high_plus_rank - rank) << low_bits
+    if low_bits:
+        fields = np.packbits(stream[:split].reshape(count, low_bits), axis=1, bitorder="little")
+        for byte in range(fields.shape[1]):
+            values |= fields[:, byte].astype(np.int64) << (8 * byte)
+    bad_order = count > 1 and bool((values[1:] < values[:-1]).any())
+    if bad_order or int(values[-1]) > universe - count:
+        raise ValueError("Elias-Fano stream decodes to positions that are out of range or not increasing.")
+    return values + rank
+
+
 def decode(stream: torch.Tensor, universe: int, count: int, low_bits: int) -> torch.Tensor:
     """Inverse of :func:`encode`: the ``count`` positions (int64, on ``stream``'s device) from a bool stream.
 
@@ -93,6 +112,8 @@ def decode(stream: torch.Tensor, universe: int, count: int, low_bits: int) -> to
     device = stream.device
     if count == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
+    if device.type == "cpu":
+        return torch.from_numpy(_decode_numpy(stream.numpy(), universe, count, low_bits))
     split = count * low_bits
     upper = stream[split:]
     high_plus_rank = torch.nonzero(upper).reshape(-1)
