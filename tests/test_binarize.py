@@ -95,3 +95,19 @@ def test_kept_counts_follow_the_quota_rule(values, density):
             assert kept == int((part.abs() >= threshold).sum())
     assert not switch.mask[tau == 0].any()
     assert switch.positive.tolist() == (tau[switch.mask] > 0).tolist()
+
+
+def test_norm_scale_rule_keeps_the_norm_of_the_whole_task_vector():
+    tau = torch.tensor([4.0, 1.0, 1.0, 0.5, -3.0, -0.5])
+    switch = binarize(tau, density=0.5, scale_rule="norm")
+    assert torch.linalg.vector_norm(switch.to_dense()).item() == pytest.approx(torch.linalg.vector_norm(tau).item())
+    assert switch.mask.tolist() == binarize(tau, density=0.5).mask.tolist()  # same mask, another scale
+    rows = binarize(tau.view(2, 3), density=0.5, scale_rule="norm", scale_granularity="row")
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(rows.to_dense(), dim=1), torch.linalg.vector_norm(tau.view(2, 3), dim=1)
+    )
+
+
+def test_unknown_scale_rule_is_refused():
+    with pytest.raises(ValueError, match="scale_rule"):
+        binarize(torch.randn(4), 0.5, scale_rule="mean")

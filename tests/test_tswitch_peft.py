@@ -213,3 +213,14 @@ def test_scale_granularity(granularity):
     delta = layer.get_delta_weight("default")
     tau = tuned.encoder.layer[0].attention.self.query.weight - base.encoder.layer[0].attention.self.query.weight
     torch.testing.assert_close(delta, binarize(tau, 0.3, granularity).to_dense())
+
+
+def test_scale_rule_from_config_reaches_the_layers():
+    base = tiny_bert()
+    tuned = finetune_copy(base)
+    config = TSwitchConfig(density=0.1, scale_rule="norm")
+    model = from_finetuned(copy.deepcopy(base), tuned, config, progress=False)
+    layer = model.base_model.model.encoder.layer[1].intermediate.dense
+    tau = tuned.encoder.layer[1].intermediate.dense.weight - base.encoder.layer[1].intermediate.dense.weight
+    expected = binarize(tau, 0.1, scale_rule="norm").scale
+    torch.testing.assert_close(layer.tswitch_weight_scale["default"].detach(), expected)

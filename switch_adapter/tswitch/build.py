@@ -12,7 +12,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..codec.binarize import BinarySwitch, binarize
+from ..codec.binarize import BinarySwitch
 from .config import TSwitchConfig
 from .layer import TSwitchLayer
 from .model import _discard_adapter, resize_module_parameters
@@ -145,14 +145,7 @@ def _compute_switches(
             continue
         if not torch.count_nonzero(tau):
             continue  # an unchanged tensor gets no switch
-        switches.append(
-            (
-                module_name,
-                layer,
-                param_name,
-                binarize(tau, config.density_for(module_name), config.scale_granularity, key),
-            )
-        )
+        switches.append((module_name, layer, param_name, config.binarize(tau, module_name, param_name)))
     if problems:
         raise ValueError(
             "The fine-tuned weights do not fit the base model:\n  "
