@@ -4,8 +4,11 @@ Importing this package registers the ``TSWITCH`` adapter type with peft, so that
 ``AutoPeftModel*`` and transformers' ``load_adapter`` can load T-Switch adapters.
 """
 
+from .autoswitch import AutoSwitchConfig, AutoSwitchModel, QueryFeatures, RoutingResult
 from .codec.binarize import BinarySwitch, binarize
 from .codec.sass import CodecError
+from .convert import ConversionSummary, convert_finetuned, convert_lora
+from .export import InspectionReport, LoraExportReport, inspect_adapter, materialize, to_lora
 from .hub import push_to_hub
 from .tswitch import DEFAULT_DENSITY, LayoutMismatchError, TSwitchConfig, TSwitchModel
 from .tswitch.build import from_finetuned
@@ -14,16 +17,28 @@ from .tswitch.model_card import StorageSummary, storage_summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoSwitchConfig",
+    "AutoSwitchModel",
     "DEFAULT_DENSITY",
     "BinarySwitch",
     "CodecError",
+    "ConversionSummary",
+    "InspectionReport",
     "LayoutMismatchError",
+    "QueryFeatures",
+    "RoutingResult",
+    "LoraExportReport",
     "StorageSummary",
     "TSwitchConfig",
     "TSwitchModel",
     "__version__",
     "binarize",
+    "convert_finetuned",
+    "convert_lora",
     "from_finetuned",
+    "inspect_adapter",
+    "materialize",
     "push_to_hub",
     "storage_summary",
+    "to_lora",
 ]

@@ -68,6 +68,14 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) ->
     return scale.reshape((-1,) + (1,) * (len(shape) - 1))
 
 
+def _select(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``flat[mask]`` (a copy, in position order). On the CPU through numpy, which copies the selected values
+    directly; torch's boolean indexing first builds int64 indices of all of them (8 bytes per selected entry)."""
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
+        return torch.from_numpy(flat.numpy()[mask.numpy()])
+    return flat[mask]
+
+
 def _threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
     """Cut for the top ``floor(len * density)`` of 1-D ``magnitudes`` (ties kept); None keeps them all."""
     count = magnitudes.numel()
@@ -75,10 +83,12 @@ def _threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
     if count == 0 or quota == 0 or quota >= count:
         return None
     if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
-        # The same order statistic with numpy's introselect: it copies the values (4 bytes per entry), where
-        # torch.kthvalue also allocates int64 indices for every entry (8 more) - the peak memory of a large tensor.
+        # The same order statistic with numpy's introselect, in place on the caller's scratch copy: torch.kthvalue
+        # would allocate a copy and int64 indices for every entry (12 bytes per entry at the peak).
         index = count - quota
-        return torch.tensor(np.partition(magnitudes.contiguous().numpy(), index)[index])
+        array = magnitudes.numpy()
+        array.partition(index)
+        return torch.tensor(array[index])
     # kthvalue works on float32/float64 on every device and avoids a full sort.
     return torch.kthvalue(magnitudes, count - quota + 1).values
 
@@ -113,12 +123,17 @@ def binarize(
         )
     positive_side = flat > 0
     negative_side = flat < 0
-    cut_positive = _threshold(flat[positive_side], density)
-    cut_negative = _threshold(flat[negative_side].neg_(), density)  # in place: no second copy
-    keep_positive = positive_side if cut_positive is None else positive_side & (flat >= cut_positive)
-    keep_negative = negative_side if cut_negative is None else negative_side & (flat <= -cut_negative)
-    mask = keep_positive | keep_negative
-    kept_values = flat[mask]
+    # _threshold may reorder its argument: both are scratch copies.
+    cut_positive = _threshold(_select(flat, positive_side), density)
+    cut_negative = _threshold(_select(flat, negative_side).neg_(), density)
+    # In place, so that only two full-size bool tensors live at a time.
+    if cut_positive is not None:
+        positive_side &= flat >= cut_positive
+    if cut_negative is not None:
+        negative_side &= flat <= -cut_negative
+    mask = positive_side.logical_or_(negative_side)
+    del negative_side
+    kept_values = _select(flat, mask)
     positive = kept_values > 0
     scale = _scale(flat, mask, kept_values, shape, scale_granularity, scale_rule)
     return BinarySwitch(mask=mask, positive=positive, scale=scale, shape=shape)

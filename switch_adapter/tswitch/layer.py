@@ -183,6 +183,23 @@ class TSwitchLayer(BaseTunerLayer):
             result.view(-1).index_add_(0, positions, values, alpha=sign)
         return result
 
+    def add_weighted_deltas(
+        self, param_name: str, value: torch.Tensor, weights: dict[str, float]
+    ) -> torch.Tensor | None:
+        """``value + sum_a weights[a] * delta_a`` as a new tensor without autograd history; None if no adapter with
+        a non-zero weight switches ``param_name``. Work beyond the copy of ``value`` is proportional to the kept
+        entries."""
+        result = None
+        with torch.no_grad():
+            for adapter_name, weight in weights.items():
+                if weight == 0 or not self._has_switch(adapter_name, param_name):
+                    continue
+                if result is None:
+                    result = value.detach().clone()
+                positions, values = self._kept_values(adapter_name, param_name, result)
+                result.view(-1).index_add_(0, positions, values, alpha=float(weight))
+        return result
+
 
 class SwitchedModule(nn.Module, TSwitchLayer):
     """A base layer (Linear, Embedding, Conv1D, Conv2d or a norm layer) with T-Switch adapters.

@@ -292,6 +292,8 @@ class TSwitchModel(BaseTuner):
             if not marker or not attr.split(".")[0].endswith("_code"):
                 continue
             param_name = attr.split(".")[0].removesuffix("_code")
+            if value.numel() == 0:  # no switch for this tensor (unchanged by the fine-tune)
+                continue
             try:
                 header = sass.read_header(value)
                 layer = model.get_submodule(module_path)

@@ -49,12 +49,17 @@ def validate_adapter_file(path: str, unit_layout: dict[str, dict[str, dict]]) ->
             module_path, marker, attr = key.partition(".tswitch_")
             if not marker or not attr.endswith("_code"):
                 continue
+            code = handle.get_tensor(key)
+            entry = _layout_entry(unit_layout, module_path.removeprefix("base_model.model."), attr[: -len("_code")])
+            if code.numel() == 0:  # a targeted tensor the fine-tune left unchanged: no switch
+                if entry is not None:
+                    problems.append(f"{key}: empty, but the config lists a switch of {entry['code_bytes']} bytes")
+                continue
             try:
-                header = sass.read_header(handle.get_tensor(key))
+                header = sass.read_header(code)
             except sass.CodecError as error:
                 problems.append(f"{key}: {error}")
                 continue
-            entry = _layout_entry(unit_layout, module_path.removeprefix("base_model.model."), attr[: -len("_code")])
             if entry is not None:
                 numel = 1
                 for size in entry["shape"]:

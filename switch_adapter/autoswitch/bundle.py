@@ -1,0 +1,270 @@
+"""Auto-Switch bundles: a router's config, query features and adapters in one folder or Hub repo.
+
+Layout::
+
+    autoswitch_config.json       router config, tasks (with adapter locations), feature spec, base model, radius
+    query_features.safetensors   "features" (fp16 [examples, hidden]) and "task_ids" (int64 [examples])
+    adapters/<task>/             each adapter as PEFT saves it (unless stored as a Hub reference)
+    tokenizer/                   the router's tokenizer, if it has one
+    README.md                    model card (Hub only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import AutoSwitchConfig
+from .features import FeatureSpec, QueryFeatures, base_fingerprint
+
+if TYPE_CHECKING:
+    from .model import AutoSwitchModel
+
+BUNDLE_CONFIG = "autoswitch_config.json"
+FEATURES_FILE = "query_features.safetensors"
+BUNDLE_FORMAT = "switch-adapter/auto-switch"
+BUNDLE_VERSION = 1
+
+
+class BundleError(FileNotFoundError):
+    """A bundle is incomplete (missing adapters or files) or not an Auto-Switch bundle."""
+
+
+def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, adapters: str = "copy") -> Path:
+    """Write ``router`` as a bundle into ``save_directory`` (via a temporary sibling folder and a rename)."""
+    if adapters not in ("copy", "reference"):
+        raise ValueError(f"adapters must be 'copy' or 'reference', got {adapters!r}.")
+    target = Path(save_directory).resolve()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / BUNDLE_CONFIG).exists())):
+        raise FileExistsError(
+            f"{target} exists and is not an Auto-Switch bundle; choose an empty or new folder (nothing was written)."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tasks = []
+        for task in router.tasks:
+            source = router._sources.get(task)
+            entry: dict[str, Any] = {"name": task, "examples": len(router._query[task])}
+            if adapters == "reference" and source is not None and not source.is_local:
+                entry["adapter"] = {"repo_id": source.location, "revision": source.revision}
+                if source.subfolder:
+                    entry["adapter"]["subfolder"] = source.subfolder
+            else:
+                _save_adapter(router, task, work / "adapters" / task)
+                entry["adapter"] = {"path": f"adapters/{task}"}
+            tasks.append(entry)
+        bank = torch.cat([router._query[task].features for task in router.tasks]).to(torch.float16).contiguous()
+        task_ids = torch.cat(
+            [torch.full((len(router._query[t]),), i, dtype=torch.long) for i, t in enumerate(router.tasks)]
+        )
+        metadata = {"spec": json.dumps(router.feature_spec.to_dict()), "tasks": json.dumps(router.tasks)}
+        save_file({"features": bank, "task_ids": task_ids}, str(work / FEATURES_FILE), metadata=metadata)
+        inner = router.inner
+        description = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "config": router.config.to_dict(),
+            "tasks": tasks,
+            "features": router.feature_spec.to_dict(),
+            "base_model": {
+                "name_or_path": getattr(inner, "name_or_path", "") or "",
+                "class": type(inner).__name__,
+                "fingerprint": base_fingerprint(inner),
+            },
+            "ood_radius": router.radius if router.radius != float("inf") else None,
+        }
+        (work / BUNDLE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        if router.tokenizer is not None:
+            router.tokenizer.save_pretrained(str(work / "tokenizer"))
+        _replace_folder(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_adapter(router: AutoSwitchModel, task: str, destination: Path) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        router.model.save_pretrained(scratch, selected_adapters=[task])
+        folder = Path(scratch) / task
+        if not (folder / "adapter_config.json").exists():
+            raise RuntimeError(f"peft did not write the adapter of task {task!r} where expected ({folder}).")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(folder, destination)
+
+
+def _replace_folder(work: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(work, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(backup)
+    os.replace(target, backup)
+    try:
+        os.replace(work, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _resolve(bundle: str | os.PathLike, revision: str | None, token: str | None) -> Path:
+    path = Path(bundle)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(os.fspath(bundle), revision=revision, token=token))
+
+
+def read_bundle_description(folder: Path) -> dict[str, Any]:
+    config_path = folder / BUNDLE_CONFIG
+    if not config_path.is_file():
+        raise BundleError(f"{folder} holds no {BUNDLE_CONFIG}: it is not an Auto-Switch bundle (save_pretrained).")
+    description = json.loads(config_path.read_text(encoding="utf-8"))
+    if description.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{config_path} is not an Auto-Switch bundle config (format {description.get('format')!r}).")
+    if int(description.get("format_version", 0)) > BUNDLE_VERSION:
+        raise ValueError(
+            f"The bundle uses format version {description['format_version']}, this switch-adapter reads up to "
+            f"{BUNDLE_VERSION}. Upgrade it: pip install -U switch-adapter"
+        )
+    return description
+
+
+def load_bundle(
+    cls: type[AutoSwitchModel],
+    bundle: str | os.PathLike,
+    base_model: torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    revision: str | None = None,
+    token: str | None = None,
+    check_base_model: bool = True,
+    progress: bool = True,
+    config: AutoSwitchConfig | None = None,
+) -> AutoSwitchModel:
+    """Read a bundle (folder or Hub repo) onto ``base_model``; everything is checked before the model changes."""
+    from .model import AdapterMismatchError, AdapterSource
+
+    folder = _resolve(bundle, revision, token)
+    description = read_bundle_description(folder)
+    stored = description["base_model"]
+    inner = base_model.get_base_model() if hasattr(base_model, "get_base_model") else base_model
+    fingerprint = base_fingerprint(inner)
+    if fingerprint != stored["fingerprint"]:
+        raise AdapterMismatchError(
+            f"The bundle {bundle} was made for base model {stored['name_or_path'] or stored['class']!r} (parameter "
+            f"fingerprint {stored['fingerprint']}), but the given {type(inner).__name__} has fingerprint "
+            f"{fingerprint}: other parameter names or shapes. Load the bundle onto the base model it was made for "
+            "(same class and number of labels)."
+        )
+    sources: dict[str, AdapterSource] = {}
+    missing = []
+    for entry in description["tasks"]:
+        adapter = entry["adapter"]
+        if "path" in adapter:
+            path = folder / adapter["path"]
+            if not (path / "adapter_config.json").is_file():
+                missing.append(f"{entry['name']}: {adapter['path']}")
+            sources[entry["name"]] = AdapterSource(str(path))
+        else:
+            sources[entry["name"]] = AdapterSource(adapter["repo_id"], adapter.get("revision"), adapter.get("subfolder"))
+    if missing:
+        raise BundleError(
+            f"The bundle {bundle} lists adapters that are missing from it:\n  "
+            + "\n  ".join(missing)
+            + "\nRe-save the bundle (save_pretrained with adapters='copy') or restore those folders."
+        )
+    features_path = folder / FEATURES_FILE
+    if not features_path.is_file():
+        raise BundleError(f"The bundle {bundle} has no {FEATURES_FILE}: re-save it with save_pretrained.")
+    with safe_open(str(features_path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        bank = handle.get_tensor("features")
+        task_ids = handle.get_tensor("task_ids")
+    spec = FeatureSpec.from_dict(description["features"])
+    if "spec" in metadata:
+        spec.check_matches(FeatureSpec.from_dict(json.loads(metadata["spec"])), f"{FEATURES_FILE} of {bundle}")
+    names = [entry["name"] for entry in description["tasks"]]
+    query = [(name, QueryFeatures(bank[task_ids == i], spec)) for i, name in enumerate(names)]
+    config = config or AutoSwitchConfig.from_dict(description["config"])
+    if tokenizer is None and (folder / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    return cls._build(
+        base_model, sources, query, config, tokenizer=tokenizer, token=token,
+        check_base_model=check_base_model, progress=progress,
+    )  # fmt: skip
+
+
+def push_bundle(
+    router: AutoSwitchModel,
+    repo_id: str,
+    *,
+    adapters: str = "copy",
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload ``router`` as a bundle with a model card; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "bundle"
+        save_bundle(router, folder, adapters=adapters)
+        (folder / "README.md").write_text(model_card(router, repo_id), encoding="utf-8")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            commit_message=commit_message or "Upload Auto-Switch bundle",
+            create_pr=create_pr,
+        )
+    return str(commit)
+
+
+def model_card(router: AutoSwitchModel, repo_id: str) -> str:
+    base = getattr(router.inner, "name_or_path", "") or type(router.inner).__name__
+    config = router.config
+    spec = router.feature_spec
+    rows = "\n".join(f"| {task} | {len(router._query[task])} |" for task in router.tasks)
+    return f"""---
+library_name: switch-adapter
+tags:
+- auto-switch
+- t-switch
+- peft
+---
+
+# Auto-Switch bundle
+
+{len(router.tasks)} T-Switch adapters on `{base}`, routed per sample by k-nearest-neighbour retrieval over query
+features of the base model (layer {spec.layer} of {spec.num_layers}, {spec.pooling} pooling; k={config.k},
+{config.metric} distance, mode `{config.mode}`).
+
+| task | query examples |
+|---|---|
+{rows}
+
+```python
+from switch_adapter import AutoSwitchModel
+
+router = AutoSwitchModel.from_pretrained("{repo_id}", base_model=base_model)  # the base model object
+outputs, routing = router(["some text"], return_routing=True)
+```
+"""

@@ -1,0 +1,155 @@
+"""Configuration of an Auto-Switch router (JSON round trip)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+METRICS = ("euclidean", "cosine")
+MODES = ("soft", "top1", "batch")
+POOLINGS = ("mean", "first", "last")
+EXECUTIONS = ("auto", "compose", "delta")
+
+# Chosen with benchmarks/routing.py on all-MiniLM-L6-v2 and 8 real text domains: see docs/auto-switch.md.
+DEFAULT_FEATURE_DEPTH = 1 / 6
+DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class AutoSwitchConfig:
+    """How an :class:`~switch_adapter.AutoSwitchModel` routes inputs to its T-Switch adapters.
+
+    Args:
+        k: Neighbours retrieved per input among all query features (the reference uses 10 for ViT, 5 for RoBERTa).
+        metric: ``"euclidean"`` (the reference) or ``"cosine"``.
+        mode: ``"soft"``: per sample ``base + sum_t w_t * switch_t`` with ``w_t`` the share of the k neighbours
+            from task t (the reference's composition); ``"top1"``: only the most represented task (ties: the task
+            of the nearest neighbour); ``"batch"``: the soft weights averaged over the batch, one composition for
+            all samples (the reference's batch behaviour, for comparison).
+        feature_layer: Index into the base model's ``output_hidden_states`` (0 = embedding output, ``-1`` or the
+            number of layers = last layer). ``None``: ``round(feature_depth * number of layers)``, at least 1.
+        feature_depth: Relative depth used when ``feature_layer`` is None. The forward pass stops at that layer,
+            so routing costs about that fraction of one base forward.
+        pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token (for
+            decoder LMs; left and right padding both work).
+        examples_per_task: Query examples kept per task (a seeded random subset when a query set is larger).
+        seed: Seed of that subset.
+        ood_fallback: Route inputs farther from every query example than the OOD radius to the base model (no
+            switch, the base model's head) and flag them in the routing. False: route them like any input.
+        ood_quantile: The radius is this quantile of the query examples' leave-one-out nearest-neighbour
+            distances ...
+        ood_scale: ... times this factor.
+        ood_radius: A fixed radius instead of the calibrated one.
+        weight_step: Round soft weights to multiples of this step (largest-remainder rounding, the weights still
+            sum to 1). ``None``: exact, i.e. multiples of ``1/k``. A coarser step means fewer distinct compositions
+            in a mixed batch (less memory and time) for slightly coarser mixing.
+        execution: How a batch with several compositions runs. ``"compose"``: composed parameters per distinct
+            composition (forward: one pass per composition on its sub-batch; generate: every switched layer runs
+            each composition's rows); memory and build time grow with the number of distinct compositions.
+            ``"delta"``: one pass; linear layers compute the base matmul once and add each task's sparse delta
+            (from the switch's kept entries) to the rows that use it, times their weights; other switched layers
+            (embeddings, norms) mix per-task compositions. Exact for soft weights, because these layers are affine
+            in their parameters; memory stays at one sparse delta per task. ``"auto"``: ``compose`` for a forward
+            pass with no more distinct compositions than tasks (e.g. top1) or all of them cached, else ``delta``.
+        cache_budget_bytes: Memory for composed parameters kept between calls (LRU). The compositions a call needs
+            are always built for that call; only what is retained afterwards is bounded.
+        feature_batch_size: Batch size when computing query-set features.
+        max_length: Truncation length when the router tokenizes text (None: the tokenizer's maximum).
+        text_column: Column holding the text when a query set is a ``datasets.Dataset``.
+    """
+
+    k: int = 10
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    mode: Literal["soft", "top1", "batch"] = "top1"
+    feature_layer: int | None = None
+    feature_depth: float = DEFAULT_FEATURE_DEPTH
+    pooling: Literal["mean", "first", "last"] = "mean"
+    examples_per_task: int = 100
+    seed: int = 0
+    ood_fallback: bool = True
+    ood_quantile: float = 0.99
+    ood_scale: float = 1.5
+    ood_radius: float | None = None
+    weight_step: float | None = None
+    execution: Literal["auto", "compose", "delta"] = "auto"
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
+    feature_batch_size: int = 32
+    max_length: int | None = None
+    text_column: str = "text"
+
+    def __post_init__(self) -> None:
+        def fail(field: str, expected: str) -> None:
+            raise ValueError(f"AutoSwitchConfig.{field} must be {expected}, got {getattr(self, field)!r}.")
+
+        if not _is_int(self.k) or self.k < 1:
+            fail("k", "a positive integer (number of neighbours, e.g. 10)")
+        if self.metric not in METRICS:
+            fail("metric", f"one of {METRICS}")
+        if self.mode not in MODES:
+            fail("mode", f"one of {MODES}")
+        if self.pooling not in POOLINGS:
+            fail("pooling", f"one of {POOLINGS}")
+        if self.feature_layer is not None and not _is_int(self.feature_layer):
+            fail("feature_layer", "an integer index into output_hidden_states, or None")
+        if not isinstance(self.feature_depth, (int, float)) or not 0.0 <= self.feature_depth <= 1.0:
+            fail("feature_depth", "a number in [0, 1]")
+        if not _is_int(self.examples_per_task) or self.examples_per_task < 1:
+            fail("examples_per_task", "a positive integer")
+        if not isinstance(self.ood_quantile, (int, float)) or not 0.0 < self.ood_quantile <= 1.0:
+            fail("ood_quantile", "a number in (0, 1]")
+        if not isinstance(self.ood_scale, (int, float)) or self.ood_scale <= 0:
+            fail("ood_scale", "a positive number")
+        if self.ood_radius is not None and (not isinstance(self.ood_radius, (int, float)) or self.ood_radius < 0):
+            fail("ood_radius", "a non-negative number or None")
+        if self.weight_step is not None and (
+            not isinstance(self.weight_step, (int, float)) or not 0.0 < self.weight_step <= 1.0
+        ):
+            fail("weight_step", "a number in (0, 1] or None")
+        if self.execution not in EXECUTIONS:
+            fail("execution", f"one of {EXECUTIONS}")
+        if not _is_int(self.cache_budget_bytes) or self.cache_budget_bytes < 0:
+            fail("cache_budget_bytes", "a non-negative integer (bytes)")
+        if not _is_int(self.feature_batch_size) or self.feature_batch_size < 1:
+            fail("feature_batch_size", "a positive integer")
+        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
+            fail("max_length", "a positive integer or None")
+
+    def resolve_feature_layer(self, num_layers: int) -> int:
+        """The ``output_hidden_states`` index in ``[0, num_layers]`` this config selects for a model."""
+        if self.feature_layer is None:
+            return min(num_layers, max(1, round(self.feature_depth * num_layers)))
+        layer = self.feature_layer + num_layers + 1 if self.feature_layer < 0 else self.feature_layer
+        if not 0 <= layer <= num_layers:
+            raise ValueError(
+                f"feature_layer={self.feature_layer} is out of range for a model with {num_layers} layers: use an "
+                f"index in [{-(num_layers + 1)}, {num_layers}] (0 = embedding output, -1 = last layer)."
+            )
+        return layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AutoSwitchConfig:
+        """Build from a dict; unknown keys raise a ``ValueError`` naming them (a newer or foreign config)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown AutoSwitchConfig field(s) {unknown}: the config was written by a newer switch-adapter "
+                "(pip install -U switch-adapter) or is not an Auto-Switch config."
+            )
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> AutoSwitchConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

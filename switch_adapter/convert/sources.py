@@ -1,0 +1,432 @@
+"""Where tensors come from: a local folder, a Hub repository or a loaded model, read one tensor at a time.
+
+Checkpoints are read through ``safetensors.safe_open``: the shard headers give every tensor's name, shape and dtype
+without reading data, and :meth:`TensorSource.get` reads one tensor. At most one shard per source is open at a time,
+so the memory held is one or two tensors, never a whole model. Only safetensors are read (never pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+ModelLike = Any  # a folder (str / os.PathLike), a Hub repo id, or a loaded transformers model
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype (safetensors' name, e.g. ``"F16"``) and shard file of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    file: str | None = None
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype in ("F64", "F32", "F16", "BF16") or self.dtype.startswith("F8")
+
+
+class TensorSource:
+    """Named tensors read one at a time. ``config`` is the model's ``PretrainedConfig`` (None for adapters)."""
+
+    description: str
+    config: Any = None
+    model: nn.Module | None = None
+
+    def info(self) -> dict[str, TensorInfo]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SafetensorsSource(TensorSource):
+    """Tensors of one or more safetensors files (the shards of a checkpoint), read one at a time.
+
+    ``safe_open`` validates every file and lists its tensors up front. Reading a tensor is one positioned read of
+    its bytes into memory the returned tensor owns, instead of ``safe_open``'s memory map: pages of a mapped shard
+    count towards the process's resident memory for as long as the shard is open, so a converter holding two
+    shards open would hold two shards in memory.
+    """
+
+    def __init__(self, files: list[str], description: str, config: Any = None) -> None:
+        self.description = description
+        self.config = config
+        self.files = list(files)
+        self._info: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # key -> (absolute start, byte count)
+        for path in self.files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{description}: the weights file {path} is missing (an incomplete download?).")
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for key in handle.keys():
+                        tensor_slice = handle.get_slice(key)
+                        self._info[key] = TensorInfo(tuple(tensor_slice.get_shape()), tensor_slice.get_dtype(), path)
+            except Exception as error:  # safetensors raises its own error type for header problems
+                raise ValueError(
+                    f"{description}: {path} is not a readable safetensors file ({error}); re-save or re-download it."
+                ) from None
+            self._offsets.update(_data_offsets(path))
+        self._file = None
+        self._open_path: str | None = None
+
+    def info(self) -> dict[str, TensorInfo]:
+        return self._info
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self._info[key]
+        if info.file != self._open_path:
+            self.close()
+            self._file = open(info.file, "rb")  # noqa: SIM115 - kept open while reading this shard
+            self._open_path = info.file
+        start, count = self._offsets[key]
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ValueError(f"{self.description}: {key} has dtype {info.dtype}, which this converter cannot read.")
+        buffer = torch.empty(count, dtype=torch.uint8)
+        self._file.seek(start)
+        if count and self._file.readinto(memoryview(buffer.numpy())) != count:
+            raise ValueError(f"{self.description}: {info.file} is truncated ({key}); re-download or re-save it.")
+        if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian
+            return buffer.view(dtype).byteswap().reshape(info.shape)  # pragma: no cover
+        return buffer.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._open_path = None, None
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """``{key: (absolute byte offset, byte count)}`` from a safetensors header (8-byte length + JSON)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    base = 8 + length
+    return {
+        key: (base + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
+
+
+class ModuleSource(TensorSource):
+    """The state dict of an already loaded model (no copy is made)."""
+
+    def __init__(self, model: nn.Module, description: str) -> None:
+        self.description = description
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self._state = {key: value.detach() for key, value in model.state_dict().items()}
+        self._info = {
+            key: TensorInfo(tuple(value.shape), _safetensors_dtype_name(value.dtype))
+            for key, value in self._state.items()
+        }
+
+    def info(self) -> dict[str, TensorInfo]:
+        return self._info
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor on the CPU (the model's own tensor when it lives there: do not modify it)."""
+        return self._state[key].cpu()
+
+
+def _safetensors_dtype_name(dtype: torch.dtype) -> str:
+    names = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    return names.get(dtype, str(dtype).removeprefix("torch.").upper())
+
+
+# -- resolving a folder or a Hub id ------------------------------------------------------------------------------
+
+
+def _is_local_path_like(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or name.count("/") > 1 or os.sep + os.sep in name
+    )
+
+
+def _hub_files(repo_id: str, filenames: list[str], *, revision: str | None, token: str | bool | None, role: str):
+    """Download ``filenames`` (first one required, the others optional) from ``repo_id``; ``{name: path or None}``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    paths: dict[str, str | None] = {}
+    for index, filename in enumerate(filenames):
+        try:
+            paths[filename] = hf_hub_download(repo_id, filename, revision=revision, token=token)
+        except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+            if index == 0:
+                raise FileNotFoundError(
+                    f"The {role} {repo_id!r} is not a local folder, and {filename} could not be downloaded from the "
+                    "Hub (offline or unreachable) nor found in the Hub cache."
+                ) from None
+            paths[filename] = None
+        except EntryNotFoundError:
+            if index == 0:
+                raise FileNotFoundError(
+                    f"The {role} {repo_id!r} has no {filename}"
+                    + (f" at revision {revision!r}" if revision else "")
+                    + "; is it the right repository?"
+                ) from None
+            paths[filename] = None
+        except RevisionNotFoundError:
+            raise FileNotFoundError(f"The {role} {repo_id!r} has no revision {revision!r}.") from None
+        except GatedRepoError:
+            raise PermissionError(
+                f"The {role} {repo_id!r} is gated: accept its terms on the Hub and pass token= (or set HF_TOKEN)."
+            ) from None
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(
+                f"The {role} {repo_id!r} is neither a local folder nor a Hub repository you can access "
+                "(for a private repository pass token= or set HF_TOKEN)."
+            ) from None
+        except HFValidationError:
+            raise FileNotFoundError(
+                f"The {role} {repo_id!r} is neither a local folder nor a valid Hub repo id."
+            ) from None
+    return paths
+
+
+def _local_folder(source: str | os.PathLike, role: str) -> str | None:
+    """``source`` as a folder path if it is one; FileNotFoundError if it looks like a path that does not exist."""
+    name = os.fspath(source)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise FileNotFoundError(f"The {role} {name!r} is a file; pass the folder that holds it.")
+    if _is_local_path_like(name):
+        raise FileNotFoundError(f"The {role} folder {name!r} does not exist.")
+    return None
+
+
+def _load_config(folder: str, description: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except ValueError as error:
+        raise ValueError(f"{description}: its config.json is not usable by transformers ({error}).") from None
+
+
+def open_checkpoint(
+    source: ModelLike, *, role: str, revision: str | None = None, token: str | bool | None = None
+) -> TensorSource:
+    """A :class:`TensorSource` over a full checkpoint: a loaded model, a local folder or a Hub repo id.
+
+    ``role`` ("base" / "fine-tuned") goes into messages. Raises ``FileNotFoundError`` for missing folders, repos or
+    files, and ``ValueError`` for folders without safetensors weights (pickled ``pytorch_model.bin`` are not read).
+    """
+    if isinstance(source, nn.Module):
+        from peft import PeftModel
+
+        if isinstance(source, PeftModel):
+            raise TypeError(
+                f"The {role} model is a PeftModel; pass the plain model (merge_and_unload() it first), "
+                "or convert a LoRA adapter with convert_lora."
+            )
+        if getattr(source, "config", None) is None:
+            raise TypeError(
+                f"The {role} model ({type(source).__name__}) has no transformers config; pass a transformers model, "
+                "a folder or a Hub id."
+            )
+        return ModuleSource(source, f"the loaded {role} {type(source).__name__}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"The {role} must be a folder, a Hub repo id or a loaded model, got {type(source).__name__}.")
+    folder = _local_folder(source, role)
+    if folder is not None:
+        description = f"{role} checkpoint {folder}"
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            hint = _what_is_there(folder)
+            raise FileNotFoundError(f"The {description} has no config.json{hint}.")
+        index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+        single = os.path.join(folder, WEIGHTS_NAME)
+        if os.path.isfile(index):
+            files = [os.path.join(folder, name) for name in _index_files(index, description)]
+        elif os.path.isfile(single):
+            files = [single]
+        else:
+            raise FileNotFoundError(
+                f"The {description} holds no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{_what_is_there(folder)}."
+            )
+        return SafetensorsSource(files, description, _load_config(folder, description))
+    repo_id = os.fspath(source)
+    description = f"{role} repository {repo_id}" + (f"@{revision}" if revision else "")
+    paths = _hub_files(repo_id, [CONFIG_NAME, WEIGHTS_INDEX_NAME], revision=revision, token=token, role=role)
+    if paths[WEIGHTS_INDEX_NAME] is not None:
+        names = _index_files(paths[WEIGHTS_INDEX_NAME], description)
+        files = [_hub_files(repo_id, [name], revision=revision, token=token, role=role)[name] for name in names]
+    else:
+        try:
+            files = [_hub_files(repo_id, [WEIGHTS_NAME], revision=revision, token=token, role=role)[WEIGHTS_NAME]]
+        except FileNotFoundError:
+            raise ValueError(
+                f"The {description} has no safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}); "
+                "switch-adapter reads safetensors only. Load it with transformers and save_pretrained() it."
+            ) from None
+    return SafetensorsSource(files, description, _load_config(os.path.dirname(paths[CONFIG_NAME]), description))
+
+
+def _index_files(index_path: str, description: str) -> list[str]:
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{description}: {index_path} is not a valid safetensors index ({error}).") from None
+    return sorted(set(weight_map.values()))
+
+
+def _what_is_there(folder: str) -> str:
+    names = set(os.listdir(folder))
+    if ADAPTER_CONFIG_NAME in names:
+        return " (it is a PEFT adapter folder: convert a LoRA with convert_lora)"
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names):
+        return (
+            " (it holds pickled weights; switch-adapter reads safetensors only: load the model with transformers "
+            "and save_pretrained() it)"
+        )
+    return ""
+
+
+@dataclass
+class AdapterFiles:
+    """A PEFT adapter: its parsed ``adapter_config.json`` and its tensors."""
+
+    config: dict[str, Any]
+    tensors: SafetensorsSource
+    description: str
+
+
+def open_adapter(
+    source: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> AdapterFiles:
+    """The ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT adapter (a local folder or Hub id)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"The LoRA adapter must be a folder or a Hub repo id, got {type(source).__name__}.")
+    folder = _local_folder(source, "LoRA adapter")
+    if folder is not None:
+        description = f"adapter {folder}"
+        config_path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+        weights_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"The {description} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter folder.")
+        if not os.path.isfile(weights_path):
+            pickled = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
+            raise FileNotFoundError(
+                f"The {description} has no {ADAPTER_WEIGHTS_NAME}"
+                + (
+                    " (only a pickled adapter_model.bin, which switch-adapter does not read: load it with peft and "
+                    "save_pretrained() it to get safetensors)"
+                    if pickled
+                    else ""
+                )
+                + "."
+            )
+    else:
+        repo_id = os.fspath(source)
+        description = f"adapter repository {repo_id}" + (f"@{revision}" if revision else "")
+        config_path = _hub_files(repo_id, [ADAPTER_CONFIG_NAME], revision=revision, token=token, role="LoRA adapter")[
+            ADAPTER_CONFIG_NAME
+        ]
+        try:
+            weights_path = _hub_files(
+                repo_id, [ADAPTER_WEIGHTS_NAME], revision=revision, token=token, role="LoRA adapter"
+            )[ADAPTER_WEIGHTS_NAME]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"The {description} has no {ADAPTER_WEIGHTS_NAME} (switch-adapter reads safetensors only)."
+            ) from None
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{description}: {ADAPTER_CONFIG_NAME} is not valid JSON ({error}).") from None
+    return AdapterFiles(config, SafetensorsSource([weights_path], description), description)
+
+
+def open_config(
+    source: ModelLike, *, role: str, revision: str | None = None, token: str | bool | None = None
+) -> tuple[Any, nn.Module | None, str]:
+    """``(config, loaded model or None, description)`` of a model given as a loaded model, folder or Hub id.
+
+    Only ``config.json`` is read (downloaded): enough to rebuild the architecture on the meta device.
+    """
+    if isinstance(source, nn.Module):
+        checked = open_checkpoint(source, role=role)
+        return checked.config, source, checked.description
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"The {role} must be a folder, a Hub repo id or a loaded model, got {type(source).__name__}.")
+    folder = _local_folder(source, role)
+    if folder is not None:
+        description = f"{role} model {folder}"
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise FileNotFoundError(f"The {description} has no config.json{_what_is_there(folder)}.")
+        return _load_config(folder, description), None, description
+    repo_id = os.fspath(source)
+    description = f"{role} repository {repo_id}" + (f"@{revision}" if revision else "")
+    path = _hub_files(repo_id, [CONFIG_NAME], revision=revision, token=token, role=role)[CONFIG_NAME]
+    return _load_config(os.path.dirname(path), description), None, description

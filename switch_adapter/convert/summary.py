@@ -1,0 +1,87 @@
+"""What a conversion produced: the figures a user checks before sharing a switch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SkippedTensor:
+    """A checkpoint tensor that is not in the switch, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class ConversionSummary:
+    """Result of :func:`~switch_adapter.convert_finetuned` / :func:`~switch_adapter.convert_lora`.
+
+    ``units`` / ``parameters`` / ``kept`` / ``switch_bytes`` describe the switches (codes plus fp32 scales), as
+    :func:`~switch_adapter.storage_summary` computes them from the written ``adapter_config.json``. ``heads`` lists
+    the modules stored in full precision (``modules_to_save``) and ``head_bytes`` their size. ``skipped`` names every
+    checkpoint tensor that is not in the adapter with the reason; ``unchanged`` counts targeted tensors equal in both
+    models (they get no switch). ``mode`` is ``"finetuned"``, ``"lora-delta"`` or ``"lora-factors"``.
+    """
+
+    output_dir: str
+    mode: str
+    units: int
+    parameters: int
+    kept: int
+    switch_bytes: int
+    bound_bytes: float
+    tensors_read: int = 0
+    unchanged: int = 0
+    heads: list[str] = field(default_factory=list)
+    head_bytes: int = 0
+    skipped: list[SkippedTensor] = field(default_factory=list)
+    factor_bytes: int | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def density(self) -> float:
+        """Kept entries over switched parameters."""
+        return self.kept / self.parameters if self.parameters else 0.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Bits of the switches per switched parameter (codes and scales)."""
+        return 8.0 * self.switch_bytes / self.parameters if self.parameters else 0.0
+
+    @property
+    def fraction_of_fp32(self) -> float:
+        """Size of the switches over the size of the same task vector in fp32."""
+        return self.switch_bytes / (4.0 * self.parameters) if self.parameters else 0.0
+
+    def as_dict(self) -> dict:
+        values = asdict(self)
+        values.update(
+            density=self.density,
+            bits_per_parameter=self.bits_per_parameter,
+            fraction_of_fp32=self.fraction_of_fp32,
+        )
+        return values
+
+    def __str__(self) -> str:
+        lines = [
+            f"T-Switch written to {self.output_dir} ({self.mode}, {self.seconds:.1f} s)",
+            f"  switched tensors   {self.units:,} ({self.parameters:,} parameters; {self.unchanged} targeted tensors "
+            "unchanged, no switch)",
+            f"  kept entries       {self.kept:,} (density {self.density:.4f})",
+            f"  switch size        {self.switch_bytes:,} bytes = {self.bits_per_parameter:.3f} bits/parameter = "
+            f"{100 * self.fraction_of_fp32:.2f}% of fp32 (entropy bound {self.bound_bytes:,.0f} bytes)",
+        ]
+        if self.factor_bytes is not None:
+            lines.append(f"  binarized factors  {self.factor_bytes:,} bytes (what the low-rank form alone would take)")
+        if self.heads:
+            lines.append(f"  full precision     {', '.join(self.heads)} ({self.head_bytes:,} bytes)")
+        if self.skipped:
+            lines.append(f"  skipped tensors    {len(self.skipped)}:")
+            for item in self.skipped[:12]:
+                lines.append(f"    {item.name}: {item.reason}")
+            if len(self.skipped) > 12:
+                lines.append(f"    ... and {len(self.skipped) - 12} more (see summary.skipped)")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)

@@ -1,0 +1,17 @@
+"""Exports of T-Switch adapters: a merged transformers model, a PEFT LoRA, and a storage inspection."""
+
+from .inspect import InspectionReport, TensorReport, UnitReport, inspect_adapter
+from .lora import DroppedUnit, LoraExportReport, LoraModuleReport, to_lora
+from .materialize import materialize
+
+__all__ = [
+    "DroppedUnit",
+    "InspectionReport",
+    "LoraExportReport",
+    "LoraModuleReport",
+    "TensorReport",
+    "UnitReport",
+    "inspect_adapter",
+    "materialize",
+    "to_lora",
+]

@@ -1,0 +1,554 @@
+"""Auto-Switch: routing, per-sample composition in mixed batches (forward and generate), bundles, bad input.
+
+Synthetic tasks are separable by construction: task t uses token ids from its own small vocabulary range. Each
+task's switch is built with ``from_finetuned`` from a distinct noisy copy of the base model. References are
+computed independently of the router: ``base + sum_t w_t * (merged switch_t - base)`` from plain PEFT models.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, tiny_llama
+from transformers.generation.streamers import BaseStreamer
+
+from switch_adapter import AutoSwitchConfig, AutoSwitchModel, TSwitchConfig, from_finetuned
+from switch_adapter.autoswitch import (
+    AdapterMismatchError,
+    BundleError,
+    DuplicateTaskError,
+    EmptyQuerySetError,
+    FeatureMismatchError,
+)
+from switch_adapter.autoswitch import knn
+from switch_adapter.autoswitch.features import FeatureExtractor, FeatureSpec, base_fingerprint, find_layer_stack
+
+TASKS = ("alpha", "beta", "gamma")
+ATOL = 1e-5
+
+
+def task_ids(task: int, count: int, length: int = 10, seed: int = 0) -> torch.Tensor:
+    """Token ids of task ``task``: drawn from its own range ``[10 + 10 t, 15 + 10 t)``."""
+    generator = torch.Generator().manual_seed(1000 * task + seed)
+    return torch.randint(10 + 10 * task, 15 + 10 * task, (count, length), generator=generator)
+
+
+def query_sets(count: int = 24) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {"input_ids": task_ids(t, count)} for t, name in enumerate(TASKS)}
+
+
+def _save_switches(make_base, folder, make_tuned=None, config=None) -> dict[str, str]:
+    paths = {}
+    for t, name in enumerate(TASKS):
+        base = make_base()
+        tuned = make_tuned(t) if make_tuned else finetune_copy(base, seed=t + 1, noise=0.05)
+        model = from_finetuned(base, tuned, config or TSwitchConfig(density=0.3), progress=False)
+        model.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bert_switches(tmp_path_factory):
+    return _save_switches(tiny_bert, tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def llama_switches(tmp_path_factory):
+    return _save_switches(tiny_llama, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def classifier_switches(tmp_path_factory):
+    """Sequence-classification switches whose heads have 2, 3 and 4 labels."""
+
+    def tuned(t):
+        return finetune_copy(tiny_bert_classifier(num_labels=2 + t), seed=t + 1, noise=0.05)
+
+    config = TSwitchConfig(density=0.3, task_type="SEQ_CLS", modules_to_save=["classifier"])
+    return _save_switches(lambda: tiny_bert_classifier(num_labels=2), tmp_path_factory.mktemp("cls"), tuned, config)
+
+
+def make_router(make_base, switches, **config) -> AutoSwitchModel:
+    return AutoSwitchModel.from_pretrained(
+        make_base(), adapters=switches, query_sets=query_sets(), config=AutoSwitchConfig(**config), progress=False
+    )
+
+
+def merged_models(make_base, switches) -> dict[str, torch.nn.Module]:
+    """Each switch merged into its own copy of the base model (plain PEFT, no router code)."""
+    return {name: PeftModel.from_pretrained(make_base(), path).merge_and_unload().eval() for name, path in switches.items()}
+
+
+def reference_model(base: torch.nn.Module, merged: dict, weights: dict[str, float], head: str | None):
+    """``base + sum_t w_t * (merged_t - base)``, with task ``head``'s classifier (or the base's)."""
+    model = copy.deepcopy(base).eval()
+    base_state = base.state_dict()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("classifier."):
+                continue
+            for task, weight in weights.items():
+                param.add_(weight * (merged[task].state_dict()[name] - base_state[name]))
+        if head is not None and hasattr(model, "classifier"):
+            model.classifier = copy.deepcopy(merged[head].classifier)
+    return model
+
+
+def mixed_batch(length: int = 10, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Two samples per task, interleaved, right-padded to different lengths."""
+    rows = [task_ids(t, 1, length, seed=seed + i)[0] for i in range(2) for t in range(3)]
+    mask = torch.ones(len(rows), length, dtype=torch.long)
+    for i in range(len(rows)):
+        mask[i, length - (i % 3) :] = 0
+    ids = torch.stack(rows) * mask
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# -- config, features, knn ---------------------------------------------------------------------------------
+
+
+def test_config_json_round_trip_and_validation():
+    config = AutoSwitchConfig(k=5, metric="cosine", mode="top1", feature_layer=-1, pooling="last", weight_step=0.25)
+    assert AutoSwitchConfig.from_json_string(config.to_json_string()) == config
+    assert config.resolve_feature_layer(6) == 6 and AutoSwitchConfig(feature_layer=0).resolve_feature_layer(6) == 0
+    assert AutoSwitchConfig().resolve_feature_layer(6) == 1  # default depth 1/6
+    assert AutoSwitchConfig().resolve_feature_layer(30) == 5 and AutoSwitchConfig().resolve_feature_layer(2) == 1
+    with pytest.raises(ValueError, match="metric must be one of"):
+        AutoSwitchConfig(metric="manhattan")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        AutoSwitchConfig(k=0)
+    with pytest.raises(ValueError, match="out of range"):
+        AutoSwitchConfig(feature_layer=9).resolve_feature_layer(6)
+    with pytest.raises(ValueError, match="Unknown AutoSwitchConfig field"):
+        AutoSwitchConfig.from_dict({"k": 3, "colour": "red"})
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
+def test_early_stopped_features_equal_hidden_states(make):
+    model = make()
+    batch = {"input_ids": task_ids(0, 3), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    layers = len(find_layer_stack(model))
+    for layer in range(layers + 1):
+        spec = FeatureSpec(layer, "mean", layers, 32, base_fingerprint(model))
+        torch.testing.assert_close(FeatureExtractor(model, spec)(batch), hidden[layer].mean(1), rtol=1e-5, atol=1e-5)
+    # the model is left without hooks: a plain forward still runs every layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, output_hidden_states=True).hidden_states[-1], hidden[-1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+def test_features_are_padding_aware_left_and_right(pooling):
+    model = tiny_llama()
+    spec = FeatureSpec(1, pooling, 2, 32, base_fingerprint(model))
+    extractor = FeatureExtractor(model, spec)
+    ids = task_ids(1, 1, 6)
+    alone = extractor({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    left_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    right = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(extractor({"input_ids": left, "attention_mask": left_mask}), alone, atol=1e-5, rtol=1e-5)
+    right_mask = left_mask.flip(1)
+    torch.testing.assert_close(extractor({"input_ids": right, "attention_mask": right_mask}), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_knn_weights_top_task_ties_and_rounding():
+    neighbors = torch.tensor([[1, 0, 0, 1], [2, 2, 2, 2], [0, 1, 2, 2]])
+    weights = knn.task_weights(neighbors, 3)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5, 0], [0, 0, 1.0], [0.25, 0.25, 0.5]]))
+    assert knn.top_tasks(weights, neighbors).tolist() == [1, 2, 2]  # tie 0/1: the nearest neighbour's task wins
+    rounded = knn.round_weights(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.3, 0.3]]), 0.5)
+    torch.testing.assert_close(rounded, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]))
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    assert knn.calibrate_radius(bank, "euclidean", 1.0, 1.0) == pytest.approx(2.0)
+    assert knn.calibrate_radius(bank[:1], "euclidean", 1.0, 1.0) == float("inf")
+
+
+def test_add_weighted_deltas_matches_dense_deltas():
+    base = tiny_bert()
+    model = from_finetuned(base, finetune_copy(base, seed=1), TSwitchConfig(density=0.3), adapter_name="a", progress=False)
+    model = from_finetuned(model, finetune_copy(tiny_bert(), seed=2), TSwitchConfig(density=0.3), adapter_name="b",
+                           progress=False)  # fmt: skip
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    weight = layer.get_base_layer().weight
+    composed = layer.add_weighted_deltas("weight", weight, {"a": 0.3, "b": 0.7})
+    expected = weight + 0.3 * layer.get_delta("a", "weight") + 0.7 * layer.get_delta("b", "weight")
+    torch.testing.assert_close(composed, expected)
+    assert composed.data_ptr() != weight.data_ptr() and not composed.requires_grad
+    assert layer.add_weighted_deltas("weight", weight, {"a": 0.0}) is None
+
+
+# -- routing -----------------------------------------------------------------------------------------------
+
+
+def test_route_picks_the_task_of_separable_inputs_and_flags_ood(bert_switches):
+    router = make_router(tiny_bert, bert_switches, mode="top1")
+    batch = torch.cat([task_ids(t, 2, seed=7) for t in range(3)] + [torch.full((1, 10), 95)])
+    routing = router.route(batch)
+    assert routing.top_task == ["alpha", "alpha", "beta", "beta", "gamma", "gamma", None]
+    assert routing.ood.tolist() == [False] * 6 + [True]
+    assert routing.weights[-1].sum() == 0 and routing.weights[:6].sum(1).tolist() == [1.0] * 6
+    assert routing.distances.shape == (7, 10) and bool((routing.distances[:, :-1] <= routing.distances[:, 1:]).all())
+    assert [g.indices for g in routing.groups()] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert routing.to_list()[-1]["ood"] and routing.to_list()[0]["weights"] == {"alpha": 1.0}
+
+    no_fallback = make_router(tiny_bert, bert_switches, mode="top1", ood_fallback=False)
+    routed = no_fallback.route(batch)
+    assert routed.ood[-1] and routed.top_task[-1] is not None  # flagged, but routed anyway
+
+
+# -- execution: forward --------------------------------------------------------------------------------------
+
+
+def _assert_samples_match_reference(router, batch, make_base, switches, output_of):
+    base = make_base()
+    merged = merged_models(make_base, switches)
+    outputs, routing = router(**batch, return_routing=True)
+    assert len(routing.groups()) > 1
+    for i in range(len(routing)):
+        length = int(batch["attention_mask"][i].sum())
+        single = {key: value[i : i + 1, :length] for key, value in batch.items()}
+        reference = reference_model(base, merged, routing.composition(i), routing.top_task[i])
+        with torch.no_grad():
+            expected = output_of(reference(**single))[0]
+        got = output_of(outputs)[i]
+        if got.dim() >= 2 and got.shape[0] != expected.shape[0]:
+            got = got[:length]
+        torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=ATOL, atol=ATOL)
+    return outputs, routing
+
+
+@pytest.mark.parametrize("execution", ["compose", "delta"])
+def test_mixed_batch_forward_is_exact_per_sample_soft(bert_switches, execution):
+    router = make_router(tiny_bert, bert_switches, mode="soft", k=6, feature_layer=0, execution=execution)
+    batch = mixed_batch()
+    batch["input_ids"][0, :5] = task_ids(1, 1, 5)[0]  # samples between two tasks: genuinely soft compositions
+    batch["input_ids"][4, :4] = task_ids(2, 1, 4)[0]
+    outputs, routing = _assert_samples_match_reference(
+        router, batch, tiny_bert, bert_switches, lambda out: out.last_hidden_state
+    )
+    assert sum(len(routing.composition(i)) > 1 for i in range(len(routing))) >= 2
+    info = router.cache_info()
+    distinct = {g.key[0] for g in routing.groups()}
+    built = len(distinct) if execution == "compose" else len({t for key in distinct for t, _ in key})
+    assert info.entries == built and info.misses == info.entries
+    router(**batch)  # unchanged compositions cost nothing: all hits
+    assert router.cache_info().hits == info.entries and router.cache_info().misses == info.misses
+
+
+def test_mixed_batch_forward_selects_heads_with_different_label_counts(classifier_switches):
+    make = lambda: tiny_bert_classifier(num_labels=2)  # noqa: E731
+    router = make_router(make, classifier_switches, mode="top1")
+    batch = mixed_batch()
+    batch["input_ids"][5] = 97  # an out-of-distribution sample: base model and base head
+    outputs, routing = _assert_samples_match_reference(router, batch, make, classifier_switches, lambda o: o.logits)
+    assert routing.num_labels == [2, 3, 4, 2, 3, 2] and routing.top_task[5] is None
+    assert outputs.logits.shape == (6, 4)
+    for i, count in enumerate(routing.num_labels):
+        assert torch.isfinite(outputs.logits[i, :count]).all() and torch.isinf(outputs.logits[i, count:]).all()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_mixed_batch_forward_is_exact_for_a_decoder_lm(llama_switches, tmp_path, tied):
+    make = (lambda: tiny_llama(tie_word_embeddings=True)) if tied else tiny_llama
+    switches = _save_switches(make, tmp_path) if tied else llama_switches
+    router = make_router(make, switches, mode="soft", k=6, feature_layer=0, execution="delta")
+    batch = mixed_batch()
+    batch["input_ids"][1, :4] = task_ids(0, 1, 4)[0]
+    _assert_samples_match_reference(router, batch, make, switches, lambda out: out.logits)
+
+
+def test_mixed_batch_forward_gpt2_conv1d_and_broadcast_position_embeddings(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make():
+        torch.manual_seed(0)
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, pad_token_id=0)
+        return GPT2LMHeadModel(config).eval()
+
+    switches = _save_switches(make, tmp_path)
+    for execution in ("compose", "delta"):
+        router = make_router(make, switches, mode="top1", execution=execution)
+        _assert_samples_match_reference(router, mixed_batch(), make, switches, lambda out: out.logits)
+
+
+def test_single_task_batch_and_batch_mode(bert_switches):
+    router = make_router(tiny_bert, bert_switches, mode="batch")
+    batch = mixed_batch()
+    outputs, routing = router(**batch, return_routing=True)
+    assert len(routing.groups()) == 1 and routing.weights[0].tolist() == pytest.approx([1 / 3] * 3, abs=0.05)
+    single = {key: value[[0, 3]] for key, value in batch.items()}  # both alpha samples
+    top1 = make_router(tiny_bert, bert_switches, mode="top1")
+    out, single_routing = top1(**single, return_routing=True)
+    assert [g.weights for g in single_routing.groups()] == [{"alpha": 1.0}]
+    expected = PeftModel.from_pretrained(tiny_bert(), bert_switches["alpha"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.last_hidden_state, expected(**single).last_hidden_state, rtol=ATOL, atol=ATOL)
+
+
+# -- execution: generate ---------------------------------------------------------------------------------------
+
+
+def _prompts(length: int = 6) -> dict[str, torch.Tensor]:
+    """Left-padded prompts of the three tasks, interleaved (padding lengths 0..2)."""
+    rows = [task_ids(t, 1, length, seed=20 + i)[0] for i in range(2) for t in range(3)]
+    mask = torch.ones(len(rows), length, dtype=torch.long)
+    for i in range(len(rows)):
+        mask[i, : i % 3] = 0
+    return {"input_ids": torch.stack(rows) * mask, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def llama_router(llama_switches):
+    return make_router(tiny_llama, llama_switches, mode="top1")
+
+
+@pytest.fixture(scope="module")
+def single_adapter_models(llama_switches):
+    return {name: PeftModel.from_pretrained(tiny_llama(), path).eval() for name, path in llama_switches.items()}
+
+
+@pytest.mark.parametrize(
+    "generation",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, use_cache=False),
+        dict(do_sample=False, num_beams=2, num_return_sequences=2),
+    ],
+    ids=["greedy", "greedy-no-cache", "beam-search"],
+)
+def test_generate_mixed_batch_equals_single_adapter_runs(llama_router, single_adapter_models, generation):
+    prompts = _prompts()
+    settings = dict(max_new_tokens=5, min_new_tokens=5, pad_token_id=0, **generation)
+    sequences, routing = llama_router.generate(**prompts, return_routing=True, **settings)
+    assert routing.top_task == list(TASKS) * 2
+    per_prompt = generation.get("num_return_sequences", 1)
+    assert sequences.shape == (6 * per_prompt, 6 + 5)
+    for t, name in enumerate(TASKS):
+        rows = [t, t + 3]
+        with torch.no_grad():
+            expected = single_adapter_models[name].generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
+        got = torch.cat([sequences[r * per_prompt : (r + 1) * per_prompt] for r in rows])
+        assert torch.equal(got, expected), name
+
+
+def test_generate_sampling_single_task_seeded_and_mixed_logits(llama_router, single_adapter_models):
+    prompts = _prompts()
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, do_sample=True, top_k=20)
+    beta = {k: v[[1, 4]] for k, v in prompts.items()}
+    torch.manual_seed(3)
+    sampled = llama_router.generate(**beta, **settings)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert torch.equal(sampled, single_adapter_models["beta"].generate(**beta, **settings))
+
+    # Mixed batch: one decoding loop samples all rows jointly, so check each row's distribution instead: the logits
+    # of every step equal its own adapter's logits for the same prefix.
+    out = llama_router.generate(**prompts, return_dict_in_generate=True, output_logits=True, **settings)
+    steps = torch.stack(out.logits, dim=1)  # [batch, new tokens, vocab]
+    full_mask = torch.cat([prompts["attention_mask"], torch.ones(6, 4, dtype=torch.long)], 1)
+    for i in range(6):
+        model = single_adapter_models[TASKS[i % 3]]
+        with torch.no_grad():
+            logits = model(input_ids=out.sequences[i : i + 1], attention_mask=full_mask[i : i + 1]).logits[0]
+        torch.testing.assert_close(steps[i], logits[5:9], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_strings_and_a_streamer(llama_switches):
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append("end")
+
+    router = make_router(tiny_llama, llama_switches, mode="top1")
+    prompt = task_ids(2, 1, 6)
+    streamer = Collect()
+    sequences = router.generate(prompt, max_new_tokens=3, min_new_tokens=3, pad_token_id=0, streamer=streamer)
+    assert streamer.chunks[-1] == "end" and len(streamer.chunks) == 1 + 3 + 1  # prompt, 3 tokens, end
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]]), sequences[0, 6:])
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        router.generate(["some text"])
+
+
+# -- cache, memory, tasks, threads ------------------------------------------------------------------------------
+
+
+def test_cache_budget_lru_and_memory(bert_switches):
+    router = make_router(tiny_bert, bert_switches, mode="top1")
+    router(**mixed_batch())
+    assert router.cache_info().entries == 3
+    footprint = router.memory_footprint()
+    assert footprint["cache"] == router.cache_info().nbytes > 0
+    assert footprint["switches"] < footprint["dense_task_copies"] / 5  # packed switches, not dense copies
+
+    one = router.cache_info().nbytes // 3
+    tight = make_router(tiny_bert, bert_switches, mode="top1", cache_budget_bytes=one)
+    tight(**mixed_batch())
+    assert tight.cache_info().entries == 1 and tight.cache_info().nbytes <= one
+    nothing = make_router(tiny_bert, bert_switches, mode="top1", cache_budget_bytes=0)
+    out = nothing(**mixed_batch()).last_hidden_state
+    torch.testing.assert_close(out, router(**mixed_batch()).last_hidden_state)  # still exact, just not cached
+    assert nothing.cache_info().entries == 0
+
+
+def test_add_and_remove_task(bert_switches):
+    router = AutoSwitchModel.from_pretrained(
+        tiny_bert(),
+        adapters={"alpha": bert_switches["alpha"], "beta": bert_switches["beta"]},
+        query_sets={k: v for k, v in query_sets().items() if k != "gamma"},
+        config=AutoSwitchConfig(mode="top1"),
+        progress=False,
+    )
+    batch = torch.cat([task_ids(t, 1, seed=4) for t in range(3)])
+    assert router.route(batch).top_task[2] != "gamma"
+    router.add_task("gamma", bert_switches["gamma"], query_sets()["gamma"], progress=False)
+    assert router.tasks == list(TASKS) and router.route(batch).top_task == list(TASKS)
+    router(batch)
+    router.remove_task("beta")
+    assert router.tasks == ["alpha", "gamma"] and "beta" not in router.model.peft_config
+    assert all("beta" not in dict(key[0]) for key in router._cache._entries)
+    assert router.route(batch).top_task[0] == "alpha"
+    with pytest.raises(DuplicateTaskError, match="already has a task 'alpha'"):
+        router.add_task("alpha", bert_switches["alpha"], query_sets()["alpha"], progress=False)
+    with pytest.raises(KeyError, match="No task 'beta'"):
+        router.remove_task("beta")
+
+
+def test_threads_routing_different_batches_match_sequential(bert_switches):
+    router = make_router(tiny_bert, bert_switches, k=6, feature_layer=0)
+    batches = [mixed_batch(seed=s) for s in (1, 2)]
+    sequential = [router(**b).last_hidden_state for b in batches]
+    results: dict[int, list] = {0: [], 1: []}
+
+    def work(index):
+        for _ in range(5):
+            results[index].append(router(**batches[index]).last_hidden_state)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        for result in results[index]:
+            torch.testing.assert_close(result, sequential[index], rtol=0, atol=0)
+
+
+# -- bundles ------------------------------------------------------------------------------------------------------
+
+
+def test_bundle_save_load_round_trip(bert_switches, tmp_path):
+    router = make_router(tiny_bert, bert_switches, k=6, feature_layer=0)
+    batch = mixed_batch()
+    expected, routing = router(**batch, return_routing=True)
+    router.save_pretrained(tmp_path / "bundle")
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "adapters",
+        "autoswitch_config.json",
+        "query_features.safetensors",
+    ]
+    loaded = AutoSwitchModel.from_pretrained(tmp_path / "bundle", base_model=tiny_bert(), progress=False)
+    assert loaded.tasks == router.tasks and loaded.config == router.config and loaded.radius == router.radius
+    out, loaded_routing = loaded(**batch, return_routing=True)
+    assert loaded_routing.top_task == routing.top_task
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    router.save_pretrained(tmp_path / "bundle")  # overwriting a bundle is allowed
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "bundle" / "adapters" / "beta")
+    with pytest.raises(BundleError, match=r"missing from it:\n  beta: adapters/beta"):
+        AutoSwitchModel.from_pretrained(tmp_path / "bundle", base_model=tiny_bert(), progress=False)
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        AutoSwitchModel.from_pretrained(tmp_path / "bundle", base_model=tiny_bert(hidden_size=48), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an Auto-Switch bundle"):
+        router.save_pretrained(tmp_path / "other")
+
+
+def test_bundle_hub_round_trip_with_adapter_references(bert_switches, hub_repo_id):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    adapter_repo = hub_repo_id + "-gamma"
+    api.create_repo(adapter_repo)
+    api.upload_folder(repo_id=adapter_repo, folder_path=bert_switches["gamma"])
+    adapters = {"alpha": bert_switches["alpha"], "beta": bert_switches["beta"], "gamma": adapter_repo}
+    router = AutoSwitchModel.from_pretrained(
+        tiny_bert(), adapters=adapters, query_sets=query_sets(), config=AutoSwitchConfig(mode="top1"), progress=False
+    )
+    batch = mixed_batch()
+    expected = router(**batch).last_hidden_state
+    router.push_to_hub(hub_repo_id, adapters="reference")
+    files = set(api.list_repo_files(hub_repo_id))
+    assert {"autoswitch_config.json", "query_features.safetensors", "README.md"} <= files
+    assert any(f.startswith("adapters/alpha/") for f in files) and not any(f.startswith("adapters/gamma") for f in files)
+    loaded = AutoSwitchModel.from_pretrained(hub_repo_id, base_model=tiny_bert(), progress=False)
+    torch.testing.assert_close(loaded(**batch).last_hidden_state, expected, rtol=0, atol=0)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_errors_leave_the_base_model_untouched(bert_switches, tmp_path):
+    base = tiny_bert()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def untouched():
+        assert base.state_dict().keys() == state.keys()
+        assert not any(type(m).__name__.startswith("Switched") for m in base.modules())
+
+    build = lambda **kw: AutoSwitchModel.from_pretrained(  # noqa: E731
+        base, **{"adapters": bert_switches, "query_sets": query_sets(), "progress": False, **kw}
+    )
+    with pytest.raises(EmptyQuerySetError, match="query set of task 'beta' is empty"):
+        build(query_sets={**query_sets(), "beta": []})
+    untouched()
+    with pytest.raises(DuplicateTaskError, match="'alpha' appears twice"):
+        build(adapters=[("alpha", bert_switches["alpha"]), ("alpha", bert_switches["beta"])])
+    with pytest.raises(ValueError, match=r"missing for \['gamma'\]"):
+        build(query_sets={k: v for k, v in query_sets().items() if k != "gamma"})
+    with pytest.raises(ValueError, match="Invalid task name 'a.b'"):
+        build(adapters={"a.b": bert_switches["alpha"]}, query_sets={"a.b": ["x"]})
+
+    other_layer = make_router(tiny_bert, bert_switches, feature_layer=0)
+    foreign = other_layer.compute_query_features(task_ids(0, 4), progress=False)
+    with pytest.raises(FeatureMismatchError, match="layer: the query set of task 'alpha' has 0, the router uses 1"):
+        build(query_sets={**query_sets(), "alpha": foreign}, config=AutoSwitchConfig(feature_layer=1))
+    untouched()
+
+    with pytest.raises(AdapterMismatchError, match="other shapes"):
+        AutoSwitchModel.from_pretrained(
+            tiny_bert(hidden_size=48), adapters=bert_switches, query_sets=query_sets(), progress=False
+        )
+    import json
+    import shutil
+
+    renamed = {}
+    for name, base_id in (("beta", "org/other"), ("gamma", "org/third")):
+        renamed[name] = str(tmp_path / name)
+        shutil.copytree(bert_switches[name], renamed[name])
+        config_path = tmp_path / name / "adapter_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": base_id}))
+    with pytest.raises(AdapterMismatchError, match="different base models .*beta: 'org/other', gamma: 'org/third'"):
+        build(adapters={**bert_switches, **renamed})
+    base.name_or_path = "org/base"
+    with pytest.raises(AdapterMismatchError, match="made for base model 'org/other', but the router's base model is"):
+        build(adapters={**bert_switches, "beta": renamed["beta"]})
+    untouched()
+    router = build(adapters={**bert_switches, **renamed}, check_base_model=False)
+    assert router.tasks == list(TASKS)
+    with pytest.raises(ValueError, match="routing covers 2 samples but the batch has 6"):
+        router(**mixed_batch(), routing=router.route(task_ids(0, 2)))
