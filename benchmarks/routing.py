@@ -139,7 +139,9 @@ def feature_study(domains, tokenizer, model, batch, query_n: int, test_n: int, r
     def features(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         means, firsts = [], []
         for start in range(0, len(texts), 64):
-            enc = tokenizer(texts[start : start + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = tokenizer(
+                texts[start : start + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
             with torch.inference_mode():
                 hidden = model(**enc, output_hidden_states=True).hidden_states
             means.append(torch.stack([pool(h, enc["attention_mask"], "mean") for h in hidden]))
@@ -217,7 +219,6 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
         "top1": AutoSwitchConfig(mode="top1", cache_budget_bytes=budget),
         "top1 (delta)": AutoSwitchConfig(mode="top1", execution="delta", cache_budget_bytes=budget),
         "soft (auto)": AutoSwitchConfig(mode="soft", cache_budget_bytes=budget),
-        "soft (compose)": AutoSwitchConfig(mode="soft", execution="compose", cache_budget_bytes=budget),
         "soft, weight_step 0.5": AutoSwitchConfig(mode="soft", weight_step=0.5, cache_budget_bytes=budget),
     }
     rows = []
@@ -252,8 +253,8 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
                 start = time.perf_counter()
                 router(**batch)  # cold: compositions built in this call
                 cold = time.perf_counter() - start
-                timings = interleaved({"plain": lambda b=batch: plain(**b), "routed": lambda b=batch: router(**b)},
-                                      repeats)  # fmt: skip
+                calls = {"plain": lambda b=batch: plain(**b), "routed": lambda b=batch, r=router: r(**b)}
+                timings = interleaved(calls, repeats)
                 plain_time = timings["plain"]
             correct = None
             if batch_name.startswith("mixed"):
@@ -380,11 +381,13 @@ def generate_study(folder: Path, tasks: int, new_tokens: int, repeats: int) -> t
     lora.eval()
     prompts, labels = llama_prompts(tasks, 64 // tasks, seed=2)
     single = {k: v[[i for i, t in enumerate(labels) if t == 0]].repeat(tasks, 1) for k, v in prompts.items()}
+    two = {k: v[[i for i, t in enumerate(labels) if t < 2]].repeat(tasks // 2, 1) for k, v in prompts.items()}
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         routing = router.route(prompts)
         accuracy = sum(names[t] == p for t, p in zip(labels, routing.top_task)) / len(labels)
-        router.generate(**prompts, **settings)  # builds the compositions (cold) before timing
+        router.generate(**prompts, **settings)  # builds the sparse deltas and compositions before timing
+        router.generate(**two, **settings)
         lora_names = [names[t] for t in labels]
         timings = interleaved(
             {
@@ -393,6 +396,8 @@ def generate_study(folder: Path, tasks: int, new_tokens: int, repeats: int) -> t
                 "lora_mixed": lambda: lora.generate(**prompts, adapter_names=lora_names, **settings),
                 "plain_single": lambda: plain.generate(**single, **settings),
                 "routed_single": lambda: router.generate(**single, **settings),
+                "plain_two": lambda: plain.generate(**two, **settings),
+                "routed_two": lambda: router.generate(**two, **settings),
             },
             repeats,
         )
@@ -401,6 +406,7 @@ def generate_study(folder: Path, tasks: int, new_tokens: int, repeats: int) -> t
     for key, label, reference in (
         ("routed_mixed", "T-Switch routed, mixed batch (8 tasks)", "plain"),
         ("lora_mixed", "LoRA mixed batch (adapter_names=)", "plain"),
+        ("routed_two", "T-Switch routed, mixed batch (2 tasks)", "plain_two"),
         ("routed_single", "T-Switch routed, single-task batch", "plain_single"),
     ):
         rows.append(

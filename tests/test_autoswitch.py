@@ -23,8 +23,8 @@ from switch_adapter.autoswitch import (
     DuplicateTaskError,
     EmptyQuerySetError,
     FeatureMismatchError,
+    knn,
 )
-from switch_adapter.autoswitch import knn
 from switch_adapter.autoswitch.features import FeatureExtractor, FeatureSpec, base_fingerprint, find_layer_stack
 
 TASKS = ("alpha", "beta", "gamma")
@@ -81,7 +81,9 @@ def make_router(make_base, switches, **config) -> AutoSwitchModel:
 
 def merged_models(make_base, switches) -> dict[str, torch.nn.Module]:
     """Each switch merged into its own copy of the base model (plain PEFT, no router code)."""
-    return {name: PeftModel.from_pretrained(make_base(), path).merge_and_unload().eval() for name, path in switches.items()}
+    return {
+        name: PeftModel.from_pretrained(make_base(), path).merge_and_unload().eval() for name, path in switches.items()
+    }
 
 
 def reference_model(base: torch.nn.Module, merged: dict, weights: dict[str, float], head: str | None):
@@ -155,7 +157,9 @@ def test_features_are_padding_aware_left_and_right(pooling):
     right = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
     torch.testing.assert_close(extractor({"input_ids": left, "attention_mask": left_mask}), alone, atol=1e-5, rtol=1e-5)
     right_mask = left_mask.flip(1)
-    torch.testing.assert_close(extractor({"input_ids": right, "attention_mask": right_mask}), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        extractor({"input_ids": right, "attention_mask": right_mask}), alone, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_knn_weights_top_task_ties_and_rounding():
@@ -172,7 +176,9 @@ def test_knn_weights_top_task_ties_and_rounding():
 
 def test_add_weighted_deltas_matches_dense_deltas():
     base = tiny_bert()
-    model = from_finetuned(base, finetune_copy(base, seed=1), TSwitchConfig(density=0.3), adapter_name="a", progress=False)
+    model = from_finetuned(
+        base, finetune_copy(base, seed=1), TSwitchConfig(density=0.3), adapter_name="a", progress=False
+    )
     model = from_finetuned(model, finetune_copy(tiny_bert(), seed=2), TSwitchConfig(density=0.3), adapter_name="b",
                            progress=False)  # fmt: skip
     layer = model.base_model.model.encoder.layer[0].attention.self.query
@@ -324,9 +330,10 @@ def single_adapter_models(llama_switches):
     ids=["greedy", "greedy-no-cache", "beam-search"],
 )
 def test_generate_mixed_batch_equals_single_adapter_runs(llama_router, single_adapter_models, generation):
-    prompts = _prompts()
+    prompts = _prompts()  # 3 tasks interleaved: one decoding loop with sparse deltas (rows regrouped by task)
     settings = dict(max_new_tokens=5, min_new_tokens=5, pad_token_id=0, **generation)
-    sequences, routing = llama_router.generate(**prompts, return_routing=True, **settings)
+    out, routing = llama_router.generate(**prompts, return_routing=True, return_dict_in_generate=True, **settings)
+    sequences = out.sequences
     assert routing.top_task == list(TASKS) * 2
     per_prompt = generation.get("num_return_sequences", 1)
     assert sequences.shape == (6 * per_prompt, 6 + 5)
@@ -336,6 +343,21 @@ def test_generate_mixed_batch_equals_single_adapter_runs(llama_router, single_ad
             expected = single_adapter_models[name].generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
         got = torch.cat([sequences[r * per_prompt : (r + 1) * per_prompt] for r in rows])
         assert torch.equal(got, expected), name
+    if "num_beams" in generation:  # beam indices point at beams of the same prompt, in input order
+        beams = out.beam_indices[:, :5]
+        owner = torch.arange(6).repeat_interleave(per_prompt).unsqueeze(1)
+        assert bool(((beams // 2 == owner) | (beams < 0)).all())
+
+
+def test_generate_two_tasks_with_composed_weights_per_group(llama_router, single_adapter_models):
+    prompts = {k: v[[0, 1, 3, 4]] for k, v in _prompts().items()}  # alpha, beta, alpha, beta
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    sequences = llama_router.generate(**prompts, **settings)
+    for t, name in enumerate(TASKS[:2]):
+        rows = [t, t + 2]
+        with torch.no_grad():
+            expected = single_adapter_models[name].generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
+        assert torch.equal(sequences[rows], expected), name
 
 
 def test_generate_sampling_single_task_seeded_and_mixed_logits(llama_router, single_adapter_models):
@@ -494,7 +516,9 @@ def test_bundle_hub_round_trip_with_adapter_references(bert_switches, hub_repo_i
     router.push_to_hub(hub_repo_id, adapters="reference")
     files = set(api.list_repo_files(hub_repo_id))
     assert {"autoswitch_config.json", "query_features.safetensors", "README.md"} <= files
-    assert any(f.startswith("adapters/alpha/") for f in files) and not any(f.startswith("adapters/gamma") for f in files)
+    assert any(f.startswith("adapters/alpha/") for f in files) and not any(
+        f.startswith("adapters/gamma") for f in files
+    )
     loaded = AutoSwitchModel.from_pretrained(hub_repo_id, base_model=tiny_bert(), progress=False)
     torch.testing.assert_close(loaded(**batch).last_hidden_state, expected, rtol=0, atol=0)
 

@@ -178,7 +178,9 @@ def load_bundle(
                 missing.append(f"{entry['name']}: {adapter['path']}")
             sources[entry["name"]] = AdapterSource(str(path))
         else:
-            sources[entry["name"]] = AdapterSource(adapter["repo_id"], adapter.get("revision"), adapter.get("subfolder"))
+            sources[entry["name"]] = AdapterSource(
+                adapter["repo_id"], adapter.get("revision"), adapter.get("subfolder")
+            )
     if missing:
         raise BundleError(
             f"The bundle {bundle} lists adapters that are missing from it:\n  "

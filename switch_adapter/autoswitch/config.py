@@ -52,7 +52,8 @@ class AutoSwitchConfig:
             (from the switch's kept entries) to the rows that use it, times their weights; other switched layers
             (embeddings, norms) mix per-task compositions. Exact for soft weights, because these layers are affine
             in their parameters; memory stays at one sparse delta per task. ``"auto"``: ``compose`` for a forward
-            pass with no more distinct compositions than tasks (e.g. top1) or all of them cached, else ``delta``.
+            pass with no more distinct compositions than tasks (e.g. top1) or all of them cached, and for a
+            ``generate`` call with at most 2 compositions; else ``delta``.
         cache_budget_bytes: Memory for composed parameters kept between calls (LRU). The compositions a call needs
             are always built for that call; only what is retained afterwards is bounded.
         feature_batch_size: Batch size when computing query-set features.

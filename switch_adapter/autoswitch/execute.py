@@ -229,7 +229,9 @@ def grouped_compositions(
             source = slots.layer_index[id(tied.source)]
             if any("weight" in c.per_layer[source] for c in compositions):
                 base = tied.get_base_layer()
-                targets = [(base, {k: v for k, v in c.per_layer[source].items() if k == "weight"}) for c in compositions]
+                targets = [
+                    (base, {k: v for k, v in c.per_layer[source].items() if k == "weight"}) for c in compositions
+                ]
                 replace(tied, "base_layer", targets, plan)
         for wrapper in slots.heads:
             original = wrapper._modules["original_module"]
@@ -263,9 +265,7 @@ def merge_group_outputs(parts: list[tuple[torch.Tensor, object]], batch_size: in
     if isinstance(first, torch.Tensor) or first is None:
         return _merge_tensors([(index, out) for index, out in parts], batch_size)
     if isinstance(first, (tuple, list)):
-        merged = [
-            merge_group_outputs([(index, out[i]) for index, out in parts], batch_size) for i in range(len(first))
-        ]
+        merged = [merge_group_outputs([(index, out[i]) for index, out in parts], batch_size) for i in range(len(first))]
         return type(first)(merged)
     if isinstance(first, dict):  # ModelOutput and plain dicts
         keys = list(dict.fromkeys(key for _, out in parts for key in out.keys()))
@@ -328,13 +328,20 @@ class _DeltaCall(nn.Module):
         else:
             plan.last_rows = rows
         dtype = y.dtype
+        per_row = x[0].numel() // x.shape[-1]  # tokens per row
+        columns = None  # x as [features, rows * tokens], contiguous: the sparse matmul's fast layout
         for target, index, weights in plan.parts(rows, x.device, dtype):
             delta = self._deltas[target]
             if delta is None:
                 continue
-            x_rows = x[index]
-            change = _apply_delta(delta, x_rows.reshape(-1, x_rows.shape[-1]), dtype)
-            change = change.view(*x_rows.shape[:-1], change.shape[-1])
+            if columns is None:
+                columns = _as_columns(x, delta)
+            if isinstance(index, slice):
+                selected = columns[:, index.start * per_row : index.stop * per_row]
+            else:
+                tokens = (index.unsqueeze(1) * per_row + torch.arange(per_row, device=index.device)).flatten()
+                selected = columns.index_select(1, tokens)
+            change = _apply_delta(delta, selected, dtype).view(-1, *y.shape[1:])
             if weights is not None:
                 change = change * weights.view(-1, *([1] * (change.dim() - 1)))
             if isinstance(index, slice):
@@ -344,16 +351,24 @@ class _DeltaCall(nn.Module):
         return y
 
 
-def _apply_delta(delta, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x2d @ delta.weight^T + delta.bias`` ``[rows, out]`` (sparse matmul, fp32 on CPU for half types)."""
-    compute = x2d
+def _as_columns(x: torch.Tensor, delta) -> torch.Tensor:
+    """``x`` as a contiguous ``[features, rows]`` matrix, in fp32 on CPU for half types (no CPU sparse kernels)."""
+    columns = x.reshape(-1, x.shape[-1]).T
     weight = delta.weight
-    if weight is not None and x2d.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
-        compute, weight = x2d.float(), weight.to(torch.float32)
+    if weight is not None and x.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+        columns = columns.float()
+    return columns.contiguous()
+
+
+def _apply_delta(delta, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(delta.weight @ columns + delta.bias)^T``: ``[rows, out]`` from ``columns`` ``[in, rows]``."""
+    weight = delta.weight
     if weight is not None:
-        out = torch.sparse.mm(weight, compute.T).T
+        if weight.dtype != columns.dtype:
+            weight = weight.to(columns.dtype)
+        out = torch.sparse.mm(weight, columns).T
     else:
-        out = x2d.new_zeros((x2d.shape[0], delta.bias.shape[0]))
+        out = columns.new_zeros((columns.shape[1], delta.bias.shape[0]))
     if delta.bias is not None:
         out = out + delta.bias.to(out.dtype)
     return out.to(dtype)
@@ -387,7 +402,9 @@ def delta_execution(
             if any(delta is not None for delta in layer_deltas):
                 replace(layer, "base_layer", _DeltaCall(base, layer_deltas, plan))
             elif any(c.per_layer[index] for c in compositions):
-                replace(layer, "base_layer", _GroupedCall(base, [(base, c.per_layer[index]) for c in compositions], plan))
+                replace(
+                    layer, "base_layer", _GroupedCall(base, [(base, c.per_layer[index]) for c in compositions], plan)
+                )
         for position, tied in enumerate(slots.tied):
             tied_deltas = [per_target[len(slots.layers) + position] for per_target in deltas]
             if any(delta is not None for delta in tied_deltas):
@@ -401,3 +418,38 @@ def delta_execution(
     finally:
         for owner, attribute, original in reversed(replaced):
             owner._modules[attribute] = original
+
+
+def reorder_rows(obj: object, order: torch.Tensor, batch_size: int, num_beams: int = 1) -> object:
+    """Undo a permutation of the samples of a batch in ``generate`` outputs: row block ``p`` of every batch-major
+    tensor moves to sample ``order[p]``. ``beam_indices`` values (rows of the permuted batch) are remapped too, and a
+    KV cache is reordered in place."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+
+    def rows(count: int, device: torch.device) -> torch.Tensor:
+        factor = count // batch_size
+        return (inverse.unsqueeze(1) * factor + torch.arange(factor)).flatten().to(device)
+
+    def walk(value: object, key: str | None = None) -> object:
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] % batch_size:
+                return value
+            moved = value.index_select(0, rows(value.shape[0], value.device))
+            if key == "beam_indices":  # values are rows of the permuted batch (sample * num_beams + beam)
+                valid = moved >= 0
+                original = order.to(moved.device)[(moved.clamp(min=0) // num_beams)] * num_beams + moved % num_beams
+                moved = torch.where(valid, original, moved)
+            return moved
+        if isinstance(value, (tuple, list)):
+            return type(value)(walk(item, key) for item in value)
+        if isinstance(value, dict):
+            return type(value)(**{k: walk(v, k) for k, v in value.items()})
+        reorder = getattr(value, "reorder_cache", None)
+        if callable(reorder) and getattr(value, "layers", None):
+            size = value.layers[0].keys.shape[0] if getattr(value.layers[0], "keys", None) is not None else None
+            if size:
+                reorder(rows(size, value.layers[0].keys.device))
+        return value
+
+    return walk(obj)

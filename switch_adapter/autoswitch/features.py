@@ -52,7 +52,9 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FeatureSpec:
-        return cls(**{key: values[key] for key in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")})
+        return cls(
+            **{key: values[key] for key in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")}
+        )
 
     def check_matches(self, other: FeatureSpec, what: str) -> None:
         """Raise :class:`FeatureMismatchError` naming every difference between ``other`` (from ``what``) and self."""
@@ -184,7 +186,9 @@ class FeatureExtractor:
         finally:
             handle.remove()
         if not captured:
-            raise RuntimeError(f"The forward pass of {type(self.model).__name__} never reached layer {self.spec.layer}.")
+            raise RuntimeError(
+                f"The forward pass of {type(self.model).__name__} never reached layer {self.spec.layer}."
+            )
         return pool(captured[0], mask, self.spec.pooling)
 
 

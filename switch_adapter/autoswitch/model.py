@@ -34,6 +34,7 @@ from .execute import (
     delta_execution,
     grouped_compositions,
     merge_group_outputs,
+    reorder_rows,
     select_rows,
     single_composition,
 )
@@ -271,11 +272,10 @@ class AutoSwitchModel(nn.Module):
                 config=config,
             )
         if not isinstance(model_or_bundle, nn.Module):
-            raise TypeError(f"Expected a base model (nn.Module) or a bundle path, got {type(model_or_bundle).__name__}.")
-        sources = {
-            name: AdapterSource(os.fspath(src), revision=revision)
-            for name, src in _pairs(adapters, "adapters")
-        }
+            raise TypeError(
+                f"Expected a base model (nn.Module) or a bundle path, got {type(model_or_bundle).__name__}."
+            )
+        sources = {name: AdapterSource(os.fspath(src), revision=revision) for name, src in _pairs(adapters, "adapters")}
         return cls._build(
             model_or_bundle, sources, _pairs(query_sets, "query_sets"), config or AutoSwitchConfig(),
             tokenizer=tokenizer, token=token, check_base_model=check_base_model, progress=progress,
@@ -453,18 +453,23 @@ class AutoSwitchModel(nn.Module):
 
         ``input_ids`` may also be a list of strings (tokenized with the router's tokenizer) or a BatchEncoding.
         For sequence classification with heads of different label counts, ``logits`` is padded with ``-inf`` to
-        the largest label count (``routing.num_labels`` holds each sample's count). With ``return_routing=True``
-        returns ``(outputs, routing)``. Pass ``routing=`` (from :meth:`route`) to reuse a routing.
+        the largest label count (``routing.num_labels`` holds each sample's count). When several compositions run
+        one after another on their sub-batches, values that cannot be split per sample (a scalar ``loss``,
+        ``past_key_values``) are None. With ``return_routing=True`` returns ``(outputs, routing)``. Pass
+        ``routing=`` (from :meth:`route`) to reuse a routing.
         """
         with self._lock:
             batch = self._inputs(input_ids, {"attention_mask": attention_mask, **kwargs}, keep_extra=True)
             routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
             size = batch["input_ids"].shape[0]
-            if len(routing.groups()) > 1 and "use_cache" not in batch and self._can_generate:
-                batch["use_cache"] = False  # per-group KV caches cannot be merged; generate keeps its own
 
             def run(index):
-                return self.inner(**(batch if index is None else select_rows(batch, index, size)))
+                if index is None:
+                    return self.inner(**batch)
+                sub = select_rows(batch, index, size)
+                if self._can_generate and "use_cache" not in sub:
+                    sub["use_cache"] = False  # per-group KV caches cannot be merged
+                return self.inner(**sub)
 
             outputs = self._execute(routing, run, "forward")
         return (outputs, routing) if return_routing else outputs
@@ -482,13 +487,27 @@ class AutoSwitchModel(nn.Module):
         ``inputs``: a list of strings (tokenized with left padding), a tensor of token ids, or a dict /
         BatchEncoding; every ``generate`` keyword of transformers works (greedy, sampling, beam search,
         ``use_cache``, ``streamer``, ...). Returns what ``generate`` returns (``(output, routing)`` with
-        ``return_routing=True``). All prompts advance in one decoding loop; each switched layer runs the rows of
-        each composition with that composition's parameters.
+        ``return_routing=True``). All prompts advance in one decoding loop: with up to two compositions each
+        switched layer runs the rows of each with its composed parameters; with more, linear layers run the base
+        matmul once and add each task's sparse delta to its rows (see docs/auto-switch.md).
         """
         with self._lock:
             batch = self._inputs(inputs, kwargs, keep_extra=True, padding_side="left")
             routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
-            outputs = self._execute(routing, lambda _: self.inner.generate(**batch), "generate")
+            size = batch["input_ids"].shape[0]
+            order = [index for group in routing.groups() for index in group.indices]
+            per_row_callbacks = any(batch.get(key) is not None for key in ("streamer", "prefix_allowed_tokens_fn"))
+            keys = list(dict.fromkeys(weights_key(group.weights) for group in routing.groups()))
+            if order == list(range(size)) or per_row_callbacks or self._strategy(keys, "generate") != "delta":
+                outputs = self._execute(routing, lambda _: self.inner.generate(**batch), "generate")
+            else:
+                # Samples of one composition next to each other: layers then work on slices, not gathered rows.
+                permutation = torch.as_tensor(order, dtype=torch.long)
+                permuted = select_rows(batch, permutation, size)
+                outputs = self._execute(routing.select(order), lambda _: self.inner.generate(**permuted), "generate")
+                config = batch.get("generation_config") or self.inner.generation_config
+                beams = batch.get("num_beams") or getattr(config, "num_beams", 1) or 1
+                outputs = reorder_rows(outputs, permutation, size, int(beams))
         return (outputs, routing) if return_routing else outputs
 
     def _execute(self, routing: RoutingResult, run: Callable[[Any], Any], kind: str) -> Any:
@@ -548,8 +567,8 @@ class AutoSwitchModel(nn.Module):
             return composed
         if self.config.execution == "delta":
             return "delta"
-        if kind == "generate":
-            return "delta"  # decoding steps are bound by weight reads: read the base weights once
+        if kind == "generate":  # measured (benchmarks/routing.py): composed weights per group win for 2 groups,
+            return "grouped" if len(keys) <= 2 else "delta"  # one base matmul + sparse deltas for more
         tasks = {task for key in keys for task, _ in key}
         cached = all(self._cache.contains((key, "full")) for key in keys if key)
         return composed if len(keys) <= max(1, len(tasks)) or cached else "delta"
@@ -639,9 +658,7 @@ class AutoSwitchModel(nn.Module):
                 decoded += positions.numel() * positions.element_size() + signs.numel() * signs.element_size()
             for param_name in ("weight", "bias"):
                 param = getattr(layer.get_base_layer(), param_name, None)
-                if isinstance(param, torch.Tensor) and any(
-                    layer._has_switch(task, param_name) for task in self._query
-                ):
+                if isinstance(param, torch.Tensor) and any(layer._has_switch(task, param_name) for task in self._query):
                     switched += param.numel() * param.element_size()
         return {
             "base": base,
@@ -725,7 +742,9 @@ def _make_spec(inner: nn.Module, config: AutoSwitchConfig) -> FeatureSpec:
     hidden = getattr(inner.config, "hidden_size", None)
     if hidden is None:
         hidden = getattr(getattr(inner.config, "text_config", None), "hidden_size", -1)
-    return FeatureSpec(config.resolve_feature_layer(layers), config.pooling, layers, int(hidden), base_fingerprint(inner))
+    return FeatureSpec(
+        config.resolve_feature_layer(layers), config.pooling, layers, int(hidden), base_fingerprint(inner)
+    )
 
 
 def _query_features(
