@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -106,19 +107,33 @@ def load_domains(seed: int = 0) -> dict[str, list[str]]:
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Seconds per call, the calls alternating so that machine load affects all of them alike: the minimum over
-    repeats (the least disturbed run; key ``name``) and the median (key ``name:median``)."""
+    """Seconds per call, the calls alternating so that machine load affects all of them alike.
+
+    Keys: ``name``: the fastest wall-clock repeat with torch's default threads (the least disturbed by other load);
+    ``name:median``: the median; ``name:cpu1``: the smallest CPU time of the process with one thread, a measure
+    of the work done that other processes on a shared machine barely disturb.
+    """
+    threads = torch.get_num_threads()
     for _ in range(warmup):
         for call in calls.values():
             call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
-            samples[name].append(time.perf_counter() - start)
-    out = {name: min(values) for name, values in samples.items()}
-    out.update({f"{name}:median": statistics.median(values) for name, values in samples.items()})
+            wall[name].append(time.perf_counter() - start)
+            torch.set_num_threads(1)
+            try:
+                start = time.process_time()
+                call()
+                cpu[name].append(time.process_time() - start)
+            finally:
+                torch.set_num_threads(threads)
+    out = {name: min(values) for name, values in wall.items()}
+    out.update({f"{name}:median": statistics.median(values) for name, values in wall.items()})
+    out.update({f"{name}:cpu1": min(values) for name, values in cpu.items()})
     return out
 
 
@@ -168,8 +183,8 @@ def feature_study(domains, tokenizer, model, batch, query_n: int, test_n: int, r
         calls[layer] = (lambda e: lambda: e(batch))(extractor)
     with torch.inference_mode():
         timings = interleaved(calls, repeats)
-    for layer in range(layers + 1):  # minimum over repeats
-        costs[layer] = timings[layer] / timings["full"]
+    for layer in range(layers + 1):
+        costs[layer] = (timings[layer] / timings["full"], timings[f"{layer}:cpu1"] / timings["full:cpu1"])
     rows = []
     for layer in range(layers + 1):
         rows.append(
@@ -178,7 +193,8 @@ def feature_study(domains, tokenizer, model, batch, query_n: int, test_n: int, r
                 "accuracy_mean_euclidean": accuracy(query_mean[layer], test_mean[layer], "euclidean"),
                 "accuracy_mean_cosine": accuracy(query_mean[layer], test_mean[layer], "cosine"),
                 "accuracy_first_euclidean": accuracy(query_first[layer], test_first[layer], "euclidean"),
-                "cost_vs_full_forward": costs[layer],
+                "cost_vs_full_forward": costs[layer][0],
+                "cost_vs_full_forward_cpu1": costs[layer][1],
             }
         )
     return rows
@@ -273,6 +289,7 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
                     "plain_forward_s": plain_time,
                     "routed_vs_plain": timings["routed"] / plain_time,
                     "routed_vs_plain_median": timings["routed:median"] / timings["plain:median"],
+                    "routed_vs_plain_cpu1": timings["routed:cpu1"] / timings["plain:cpu1"],
                     "cold_routed_vs_plain": cold / plain_time,
                     "cache_entries": router.cache_info().entries,
                     "cache_bytes": router.cache_info().nbytes,
@@ -292,6 +309,7 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
         "feature_layer": base_router.feature_spec.layer,
         "route_only_vs_plain": routing_cost["route"] / routing_cost["plain"],
         "route_only_vs_plain_median": routing_cost["route:median"] / routing_cost["plain:median"],
+        "route_only_vs_plain_cpu1": routing_cost["route:cpu1"] / routing_cost["plain:cpu1"],
     }
     return rows, memory, extra
 
@@ -416,6 +434,7 @@ def generate_study(folder: Path, tasks: int, new_tokens: int, repeats: int) -> t
                 "plain_tokens_per_s": tokens / timings[reference],
                 "vs_plain": timings[reference] / timings[key],
                 "vs_plain_median": timings[f"{reference}:median"] / timings[f"{key}:median"],
+                "vs_plain_cpu1": timings[f"{reference}:cpu1"] / timings[f"{key}:cpu1"],
             }
         )
         print(json.dumps(rows[-1]))
@@ -438,33 +457,43 @@ def _markdown(payload: dict) -> str:
     lines = ["# Auto-Switch routing benchmark", ""]
     env = payload["environment"]
     lines += [f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, {env['machine']}."]
+    if env.get("load_average_at_start") is not None:
+        start, end = env["load_average_at_start"][0], env.get("load_average_at_end", [float("nan")])[0]
+        lines += [f"Load average (1 min) of the shared machine: {start:.1f} at start, {end:.1f} at the end."]
     lines += [
-        "Timings: interleaved repeats in one process; ratios of the fastest repeat of each (the least disturbed by "
-        "other load on the machine), with the ratio of medians next to it.",
+        "Timings: interleaved repeats in one process. `wall`: ratio of the fastest wall-clock repeats with torch's "
+        "default threads; `cpu, 1 thread`: ratio of the process CPU times with one thread (the work done, barely "
+        "disturbed by other processes on a shared machine).",
         "",
     ]
     lines += ["## Routing features: accuracy (k=10, 8 text domains) and cost per layer of all-MiniLM-L6-v2", ""]
-    lines += ["| layer | mean + euclidean | mean + cosine | first token + euclidean | cost / full forward |"]
-    lines += ["|---|---|---|---|---|"]
+    lines += [
+        "| layer | mean + euclidean | mean + cosine | first token + euclidean | cost / forward: wall | cpu, 1 thread |"
+    ]
+    lines += ["|---|---|---|---|---|---|"]
     for r in payload["features"]:
         lines.append(
             f"| {r['layer']} | {r['accuracy_mean_euclidean']:.3f} | {r['accuracy_mean_cosine']:.3f} | "
-            f"{r['accuracy_first_euclidean']:.3f} | {r['cost_vs_full_forward']:.2f} |"
+            f"{r['accuracy_first_euclidean']:.3f} | {r['cost_vs_full_forward']:.2f} | "
+            f"{r['cost_vs_full_forward_cpu1']:.2f} |"
         )
     fwd = payload["forward_extra"]
     lines += ["", f"## Routed forward, MiniLM + 8 switches (feature layer {fwd['feature_layer']})", ""]
     lines += [
-        f"Routing alone (features + k-NN): {fwd['route_only_vs_plain']:.2f}x a plain forward "
-        f"(medians: {fwd['route_only_vs_plain_median']:.2f}x).",
+        f"Routing alone (features + k-NN): {fwd['route_only_vs_plain']:.2f}x a plain forward (wall), "
+        f"{fwd['route_only_vs_plain_cpu1']:.2f}x (cpu, 1 thread).",
         "",
     ]
-    lines += ["| router | batch | compositions | tasks/sample | routing acc. | routed / plain | (medians) | cold |"]
+    lines += [
+        "| router | batch | compositions | tasks/sample | routing acc. | routed / plain: wall | cpu, 1 thread "
+        "| cold (wall) |"
+    ]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for r in payload["forward"]:
         acc = f"{r['routing_accuracy']:.3f}" if r["routing_accuracy"] is not None else "-"
         lines.append(
             f"| {r['router']} | {r['batch']} | {r['compositions']} | {r['mean_tasks_per_sample']:.2f} | {acc} | "
-            f"{r['routed_vs_plain']:.2f}x | {r['routed_vs_plain_median']:.2f}x | {r['cold_routed_vs_plain']:.2f}x |"
+            f"{r['routed_vs_plain']:.2f}x | {r['routed_vs_plain_cpu1']:.2f}x | {r['cold_routed_vs_plain']:.2f}x |"
         )
     lines += ["", "Distinct soft compositions in the mixed batch by weight step:", ""]
     lines += ["| weight step | compositions | tasks/sample |", "|---|---|---|"]
@@ -484,13 +513,13 @@ def _markdown(payload: dict) -> str:
         "",
         f"Routing accuracy on the prompts: {gen['routing_accuracy']:.3f}.",
         "",
-        "| method | tokens/s | plain tokens/s | vs plain | (medians) |",
+        "| method | tokens/s (wall) | plain tokens/s | vs plain: wall | cpu, 1 thread |",
         "|---|---|---|---|---|",
     ]
     for r in payload["generate"]:
         lines.append(
             f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['plain_tokens_per_s']:.0f} | {r['vs_plain']:.2f}x | "
-            f"{r['vs_plain_median']:.2f}x |"
+            f"{r['vs_plain_cpu1']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -502,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else 5
     query_n, test_n = (50, 100) if args.quick else (100, 200)
 
     domains = load_domains()
@@ -518,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "quick": args.quick,
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
     }
     print("== features")
@@ -536,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         payload["generate"], payload["generate_extra"] = generate_study(
             Path(scratch) / "llama", 8, 16 if args.quick else 32, max(2, repeats // 2)
         )
+    if hasattr(os, "getloadavg"):
+        payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing.json").write_text(json.dumps(payload, indent=2) + "\n")
     markdown = _markdown(payload)

@@ -547,6 +547,10 @@ def test_bad_input_errors_leave_the_base_model_untouched(bert_switches, tmp_path
     with pytest.raises(ValueError, match="Invalid task name 'a.b'"):
         build(adapters={"a.b": bert_switches["alpha"]}, query_sets={"a.b": ["x"]})
 
+    with pytest.raises(FileNotFoundError, match="Could not read an adapter config at"):
+        build(adapters={**bert_switches, "beta": str(tmp_path / "nowhere")})
+    untouched()
+
     other_layer = make_router(tiny_bert, bert_switches, feature_layer=0)
     foreign = other_layer.compute_query_features(task_ids(0, 4), progress=False)
     with pytest.raises(FeatureMismatchError, match="layer: the query set of task 'alpha' has 0, the router uses 1"):

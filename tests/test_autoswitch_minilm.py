@@ -79,8 +79,9 @@ def test_minilm_routes_real_sentences_and_runs_each_with_its_switch(tmp_path):
 
 
 def test_documented_example_runs_as_written(tmp_path):
-    doc = open(os.path.join(REPO_ROOT, "docs", "auto-switch.md"), encoding="utf-8").read()
-    code = doc.split("## Example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    doc = readme.split("## Auto-Switch", 1)[1]
+    code = doc.split("### Example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "['questions', 'recipes', 'questions']" in result.stdout

@@ -332,7 +332,8 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
         "pre-trained", "individual", "task_arithmetic", "ties", "dare", "emr",
-        "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_batch", "autoswitch_batch_single",
+        "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_soft", "autoswitch_batch",
+        "autoswitch_batch_single",
     ]  # fmt: skip
     for row in report["rows"]:
         assert set(row["accuracy"]) == {"alpha", "beta"}

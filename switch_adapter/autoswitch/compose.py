@@ -164,8 +164,11 @@ class CompositionCache:
 
 
 def is_delta_layer(layer: SwitchedModule) -> bool:
-    """Layers run as ``base(x) + x @ delta^T`` with a sparse delta: linear layers (nn.Linear, Conv1D)."""
+    """Layers run as ``base(x) + delta(x)`` with a sparse delta: linear layers (nn.Linear, Conv1D) and embeddings
+    (without ``max_norm``)."""
     base = layer.get_base_layer()
+    if isinstance(base, nn.Embedding):
+        return base.max_norm is None
     return isinstance(base, (nn.Linear, Conv1D)) and base.weight.dim() == 2
 
 

@@ -12,7 +12,7 @@ MODES = ("soft", "top1", "batch")
 POOLINGS = ("mean", "first", "last")
 EXECUTIONS = ("auto", "compose", "delta")
 
-# Chosen with benchmarks/routing.py on all-MiniLM-L6-v2 and 8 real text domains: see docs/auto-switch.md.
+# Chosen with benchmarks/routing.py on all-MiniLM-L6-v2 and 8 real text domains: see the README, section Auto-Switch.
 DEFAULT_FEATURE_DEPTH = 1 / 6
 DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
 

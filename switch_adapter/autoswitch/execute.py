@@ -328,6 +328,8 @@ class _DeltaCall(nn.Module):
         else:
             plan.last_rows = rows
         dtype = y.dtype
+        if isinstance(self._original[0], nn.Embedding):
+            return self._embedding_deltas(x, y, rows, dtype)
         per_row = x[0].numel() // x.shape[-1]  # tokens per row
         columns = None  # x as [features, rows * tokens], contiguous: the sparse matmul's fast layout
         for target, index, weights in plan.parts(rows, x.device, dtype):
@@ -349,6 +351,37 @@ class _DeltaCall(nn.Module):
             else:
                 y.index_add_(0, index, change)
         return y
+
+    def _embedding_deltas(self, ids: torch.Tensor, y: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Embedding lookups: add the kept entries of each task's delta rows for the looked-up ids."""
+        for target, index, weights in self._plan.parts(rows, ids.device, dtype):
+            delta = self._deltas[target]
+            if delta is None or delta.weight is None:
+                continue
+            change = _gather_rows(delta.weight, ids[index].reshape(-1)).to(dtype).view(-1, *y.shape[1:])
+            if weights is not None:
+                change = change * weights.view(-1, *([1] * (change.dim() - 1)))
+            if isinstance(index, slice):
+                y[index] += change
+            else:
+                y.index_add_(0, index, change)
+        return y
+
+
+def _gather_rows(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Dense ``matrix[rows]`` ``[len(rows), columns]`` of a CSR matrix; work proportional to the kept entries."""
+    crow, col, values = matrix.crow_indices().long(), matrix.col_indices().long(), matrix.values()
+    starts = crow[rows]
+    counts = crow[rows + 1] - starts
+    out = values.new_zeros((rows.numel(), matrix.shape[1]))
+    total = int(counts.sum())
+    if total == 0:
+        return out
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    entries = torch.repeat_interleave(starts, counts) + torch.arange(total, device=rows.device) - first
+    out[owner, col[entries]] = values[entries]
+    return out
 
 
 def _as_columns(x: torch.Tensor, delta) -> torch.Tensor:

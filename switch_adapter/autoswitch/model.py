@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -16,6 +18,7 @@ from peft import PeftConfig, PeftModel
 from peft.utils import PeftType
 from torch import nn
 
+from ..codec.sass import CodecError
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.model import LayoutMismatchError, TSwitchModel
 from . import knn
@@ -111,9 +114,6 @@ def _normalize_id(name: str | None) -> str:
 
 def shape_fingerprint(config: TSwitchConfig) -> str:
     """Hash of the (module, parameter, shape) entries of an adapter's ``unit_layout``."""
-    import hashlib
-    import json
-
     items = sorted(
         f"{module}.{param}:{list(entry['shape'])}"
         for module, params in config.unit_layout.items()
@@ -170,9 +170,9 @@ def load_adapter_config(source: AdapterSource, token: str | None = None) -> Peft
         kwargs["token"] = token
     try:
         return PeftConfig.from_pretrained(source.location, **kwargs)
+    except CodecError:
+        raise  # a corrupt adapter file: the codec's message names the tensor
     except (OSError, ValueError) as error:
-        if isinstance(error, (AdapterMismatchError, LayoutMismatchError)):
-            raise
         raise FileNotFoundError(
             f"Could not read an adapter config at {source.location!r} ({error}). Give a folder written by "
             "save_pretrained or a Hub repo id holding adapter_config.json."
@@ -322,10 +322,8 @@ class AutoSwitchModel(nn.Module):
         configs = {name: load_adapter_config(source, token) for name, source in sources.items()}
         if isinstance(base, PeftModel):
             configs = {**{n: base.peft_config[n] for n in existing}, **configs}
-        for name, adapter_config in configs.items():
-            where = sources[name].location if name in sources else f"adapter {name!r} of the PeftModel"
-            if name in sources:
-                check_adapter_fits(name, adapter_config, where, inner, base_id, check_base_model)
+        for name, source in sources.items():
+            check_adapter_fits(name, configs[name], source.location, inner, base_id, check_base_model)
         _check_same_base(configs, check_base_model)
 
         spec = _make_spec(inner, config)
@@ -489,7 +487,7 @@ class AutoSwitchModel(nn.Module):
         ``use_cache``, ``streamer``, ...). Returns what ``generate`` returns (``(output, routing)`` with
         ``return_routing=True``). All prompts advance in one decoding loop: with up to two compositions each
         switched layer runs the rows of each with its composed parameters; with more, linear layers run the base
-        matmul once and add each task's sparse delta to its rows (see docs/auto-switch.md).
+        matmul once and add each task's sparse delta to its rows (see the README, "How a batch runs").
         """
         with self._lock:
             batch = self._inputs(inputs, kwargs, keep_extra=True, padding_side="left")
@@ -512,7 +510,7 @@ class AutoSwitchModel(nn.Module):
 
     def _execute(self, routing: RoutingResult, run: Callable[[Any], Any], kind: str) -> Any:
         """Run ``run(sample indices or None)`` with every sample's composition substituted (``kind``: ``forward``
-        or ``generate``). Strategies (see docs/auto-switch.md):
+        or ``generate``). Strategies (see the README, "How a batch runs"):
 
         - ``single``: one composition for the batch: composed parameters swapped in, one call.
         - ``sequential`` (forward): one call per composition on its sub-batch, outputs reassembled.

@@ -67,6 +67,9 @@ class BenchConfig:
         autoswitch_density: Density of the switches Auto-Switch routes between; None: the largest of ``densities``
             whose saved router fits ``autoswitch_budget_pct`` percent of the fp32 task vectors.
         query_examples: Training examples per task in the Auto-Switch query set (the reference: 100).
+        autoswitch_modes: Routing modes to evaluate (``AutoSwitchConfig.mode``): ``top1`` (the library's default),
+            ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
+            per batch; also evaluated on single-task batches, the reference's protocol).
         knn_k: Neighbours retrieved per sample.
         merge_scalings / ties_scalings: Candidate scaling coefficients, chosen on the validation split.
         ties_density / dare_density: Fraction kept by TIES's trimming and DARE's random drop.
@@ -91,12 +94,13 @@ class BenchConfig:
     autoswitch_density: float | None = None
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
+    autoswitch_modes: tuple[str, ...] = ("top1", "soft", "batch")
     knn_k: int = 10
-    merge_scalings: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
-    ties_scalings: tuple[float, ...] = (0.5, 0.8, 1.0, 1.5)
+    merge_scalings: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    ties_scalings: tuple[float, ...] = (0.7, 1.0, 1.5)
     ties_density: float = 0.2
     dare_density: float = 0.1
-    eval_batch_size: int = 64
+    eval_batch_size: int = 128
     seed: int = 0
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     cache_dir: str | None = None
@@ -110,6 +114,8 @@ class BenchConfig:
             raise ValueError("BenchConfig.tasks is empty: name at least one task.")
         if not self.densities or any(not 0 < d <= 1 for d in (*self.densities, *self.reference_densities)):
             raise ValueError(f"BenchConfig.densities must be non-empty values in (0, 1], got {self.densities}.")
+        if not self.autoswitch_modes or set(self.autoswitch_modes) - {"top1", "soft", "batch"}:
+            raise ValueError(f"BenchConfig.autoswitch_modes must name top1/soft/batch, got {self.autoswitch_modes}.")
         if self.scale_rule not in ("rms", "norm"):
             raise ValueError(f"BenchConfig.scale_rule must be 'rms' or 'norm', got {self.scale_rule!r}.")
         for name in ("max_train", "max_validation", "max_test", "query_examples", "knn_k", "eval_batch_size"):
@@ -510,6 +516,8 @@ class Benchmark:
         return smallest
 
     def run_autoswitch(self) -> None:
+        """Auto-Switch (``AutoSwitchModel``) over the switches at the chosen density: built, saved as a bundle, and
+        evaluated per routing mode (each extra mode loads the saved bundle with that mode)."""
         from switch_adapter.autoswitch import AutoSwitchConfig, AutoSwitchModel
 
         density = self.choose_autoswitch_density()
@@ -519,18 +527,21 @@ class Benchmark:
         if folder is None:
             folder, switch_build = self.build_switches(density, rule)
         queries = {}
+        length = self.config.finetune.max_length
         for adapter, task in zip(self.adapters, self.suite):
-            texts = list(task.train["text"][: self.config.query_examples])
-            length = self.config.finetune.max_length
+            texts = list(task.train["text"][: self.config.query_examples])  # the split is already shuffled
             encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
             queries[adapter] = {key: encoded[key] for key in ("input_ids", "attention_mask")}
+        # The library's defaults, except: every sample is routed to a task (no out-of-distribution fallback to the
+        # base model, whose head is untrained here), and the query examples are truncated like the test inputs.
+        modes = self.config.autoswitch_modes
         router_config = AutoSwitchConfig(
             k=self.config.knn_k,
-            mode="soft",
+            mode=modes[0],
             examples_per_task=self.config.query_examples,
             seed=self.config.seed,
             ood_fallback=False,
-            max_length=self.config.finetune.max_length,
+            max_length=length,
         )
         start = time.perf_counter()
         router = AutoSwitchModel.from_pretrained(
@@ -545,34 +556,38 @@ class Benchmark:
         router.save_pretrained(str(bundle))
         build = time.perf_counter() - start + switch_build
         storage = artifacts.bytes_on_disk([bundle])
-        params = {"density": density, "k": self.config.knn_k, "query_examples": self.config.query_examples,
-                  "feature_layer": router.feature_spec.layer, "mode": "soft"}  # fmt: skip
-        result = self._evaluate(evaluate.router_predictor(router, self.adapters), "Evaluate: Auto-Switch routed")
-        self._add_row("autoswitch", f"Auto-Switch, routed per sample (d={density:g})", result, storage, build,
-                      params=params, files=[self._relative(bundle)])  # fmt: skip
-        del router
-        gc.collect()
-
-        start = time.perf_counter()
-        batch_router = AutoSwitchModel.from_pretrained(
-            str(bundle), base_model=self._fresh_base(), config=replace(router_config, mode="batch"), progress=False
-        )
-        build = time.perf_counter() - start
-        predictor = evaluate.router_predictor(batch_router, self.adapters)
-        result = self._evaluate(predictor, "Evaluate: Auto-Switch per batch")
-        self._add_row("autoswitch_batch", f"Auto-Switch, one composition per batch (d={density:g})", result,
-                      storage, build, params=params | {"mode": "batch"}, files=[self._relative(bundle)])  # fmt: skip
+        params = {"density": density, "scale_rule": rule, "k": self.config.knn_k,
+                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer}  # fmt: skip
+        files = [self._relative(bundle)]
         single = evaluate.single_task_stream(
-            {t.name: t.test for t in self.suite}, self.tokenizer, self.config.eval_batch_size,
-            self.config.finetune.max_length, self.config.seed,
-        )  # fmt: skip
-        result = self._evaluate(predictor, "Evaluate: Auto-Switch per batch, single-task batches", stream=single)
-        self._add_row("autoswitch_batch_single", f"Auto-Switch, one composition per batch, single-task batches as in "
-                      f"the reference's evaluation (d={density:g})", result, storage, build,
-                      params=params | {"mode": "batch", "batches": "single-task"},
-                      files=[self._relative(bundle)])  # fmt: skip
-        del batch_router
-        gc.collect()
+            {t.name: t.test for t in self.suite}, self.tokenizer, self.config.eval_batch_size, length, self.config.seed
+        )
+        labels = {
+            "top1": "routed per sample, top-1 task",
+            "soft": "routed per sample, soft weights (the reference's composition)",
+            "batch": "one composition per batch (the reference), mixed batches",
+        }
+        for index, mode in enumerate(modes):
+            if index:
+                start = time.perf_counter()
+                router = AutoSwitchModel.from_pretrained(
+                    str(bundle), base_model=self._fresh_base(), config=replace(router_config, mode=mode), progress=False
+                )
+                build = time.perf_counter() - start
+            predictor = evaluate.router_predictor(router, self.adapters)
+            result = self._evaluate(predictor, f"Evaluate: Auto-Switch {mode}")
+            method = {"top1": "autoswitch", "soft": "autoswitch_soft", "batch": "autoswitch_batch"}[mode]
+            self._add_row(method, f"Auto-Switch, {labels[mode]} (d={density:g})", result, storage, build,
+                          params=params | {"mode": mode}, files=files)  # fmt: skip
+            if mode == "batch":
+                result = self._evaluate(
+                    predictor, "Evaluate: Auto-Switch per batch, single-task batches", stream=single
+                )
+                self._add_row("autoswitch_batch_single", f"Auto-Switch, one composition per batch, single-task "
+                              f"batches as in the reference's evaluation (d={density:g})", result, storage, build,
+                              params=params | {"mode": mode, "batches": "single-task"}, files=files)  # fmt: skip
+            del router, predictor
+            gc.collect()
 
     # -- the run -----------------------------------------------------------------------------------------------
 
