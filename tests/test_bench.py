@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import subprocess
 import sys
@@ -325,6 +326,31 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
     return BenchConfig(**values)
 
 
+def test_routing_features_are_chosen_on_validation(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from switch_adapter.bench.model import load_classifier
+    from switch_adapter.bench.routing_choice import choose_routing_features
+
+    model = load_classifier(tiny_model_dir, 2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    alpha, beta = _tiny_task("alpha", 0), _tiny_task("beta", 0)
+    queries = {"alpha": list(alpha["train"]["text"][:10]), "beta": list(beta["train"]["text"][:10])}
+    validation = {"alpha": list(alpha["validation"]["text"]), "beta": list(beta["validation"]["text"])}
+    choice = choose_routing_features(model, tokenizer, queries, validation, k=3, max_length=16)
+
+    layers = model.config.num_hidden_layers
+    assert set(choice.scores) == {"euclidean", "cosine"}
+    assert all(len(v) == layers + 1 and math.isnan(v[0]) for v in choice.scores.values())  # layer 0: no candidate
+    best = max(max(v[1:]) for v in choice.scores.values())
+    assert choice.accuracy == best == choice.scores[choice.metric][choice.layer]
+    assert all(score < best for v in choice.scores.values() for score in v[1 : choice.layer])  # shallower on ties
+    assert best > 0.6  # above chance (0.5): the two tiny tasks use disjoint words
+
+    with pytest.raises(ValueError, match="Validation texts name tasks"):
+        choose_routing_features(model, tokenizer, queries, {"alpha": ["w6"]}, k=3, max_length=16)
+
+
 def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     config = _tiny_config(tiny_model_dir, tmp_path)
     report = run_benchmark(config, loader=_tiny_task)
@@ -333,7 +359,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert methods == [
         "pre-trained", "individual", "task_arithmetic", "ties", "dare", "emr",
         "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_soft", "autoswitch_batch",
-        "autoswitch_batch_single",
+        "autoswitch_batch_single", "autoswitch_default_features",
     ]  # fmt: skip
     for row in report["rows"]:
         assert set(row["accuracy"]) == {"alpha", "beta"}
@@ -341,6 +367,14 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert row["storage_bytes"] > 0 and row["inference_ratio"] > 0
         assert (row["routing_accuracy"] is not None) == row["method"].startswith("autoswitch")
     rows = {row["label"]: row for row in report["rows"]}
+    routed = {row["method"]: row for row in report["rows"] if row["method"].startswith("autoswitch")}
+    chosen = routed["autoswitch"]["params"]
+    assert set(chosen["validation_routing_accuracy"]) == {"euclidean", "cosine"}
+    assert chosen["validation_routing_accuracy"][chosen["metric"]][chosen["feature_layer"]] == max(
+        max(v[1:]) for v in chosen["validation_routing_accuracy"].values()
+    )
+    defaults = routed["autoswitch_default_features"]["params"]
+    assert (defaults["feature_layer"], defaults["metric"]) == (1, "euclidean")  # the library's defaults
     individual = next(row for row in report["rows"] if row["method"] == "individual")
     assert individual["pct_of_individual"] == pytest.approx(100.0)
     assert individual["storage_pct_fp32"] == pytest.approx(100.0)

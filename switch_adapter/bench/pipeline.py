@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, baselines, evaluate
+from . import artifacts, baselines, evaluate, routing_choice
 from .finetune import Finetuned, FinetuneSettings, finetune_task
 from .model import MeanPoolingClassifier, load_classifier, minilm_path
 
@@ -70,6 +70,9 @@ class BenchConfig:
         autoswitch_modes: Routing modes to evaluate (``AutoSwitchConfig.mode``): ``top1`` (the library's default),
             ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
             per batch; also evaluated on single-task batches, the reference's protocol).
+        choose_routing_features: Choose the router's feature layer and metric on the validation split (see
+            ``switch_adapter.bench.routing_choice``) for these rows, plus one top-1 row with the library's default
+            features; False: the library's defaults for all rows.
         knn_k: Neighbours retrieved per sample.
         merge_scalings / ties_scalings: Candidate scaling coefficients, chosen on the validation split.
         ties_density / dare_density: Fraction kept by TIES's trimming and DARE's random drop.
@@ -95,6 +98,7 @@ class BenchConfig:
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
     autoswitch_modes: tuple[str, ...] = ("top1", "soft", "batch")
+    choose_routing_features: bool = True
     knn_k: int = 10
     merge_scalings: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
     ties_scalings: tuple[float, ...] = (0.7, 1.0, 1.5)
@@ -535,7 +539,7 @@ class Benchmark:
         # The library's defaults, except: every sample is routed to a task (no out-of-distribution fallback to the
         # base model, whose head is untrained here), and the query examples are truncated like the test inputs.
         modes = self.config.autoswitch_modes
-        router_config = AutoSwitchConfig(
+        default_config = AutoSwitchConfig(
             k=self.config.knn_k,
             mode=modes[0],
             examples_per_task=self.config.query_examples,
@@ -543,13 +547,19 @@ class Benchmark:
             ood_fallback=False,
             max_length=length,
         )
+        adapters = {a: str(self.adapter_folder(folder, a)) for a in self.adapters}
+        choice = None
+        router_config = default_config
         start = time.perf_counter()
+        if self.config.choose_routing_features:
+            texts = {a: list(t.train["text"][: self.config.query_examples]) for a, t in zip(self.adapters, self.suite)}
+            validation = {a: list(t.validation["text"]) for a, t in zip(self.adapters, self.suite)}
+            choice = routing_choice.choose_routing_features(
+                self._fresh_base().eval(), self.tokenizer, texts, validation, self.config.knn_k, length
+            )
+            router_config = replace(default_config, feature_layer=choice.layer, metric=choice.metric)
         router = AutoSwitchModel.from_pretrained(
-            self._fresh_base(),
-            adapters={a: str(self.adapter_folder(folder, a)) for a in self.adapters},
-            query_sets=queries,
-            config=router_config,
-            progress=self.progress,
+            self._fresh_base(), adapters=adapters, query_sets=queries, config=router_config, progress=self.progress
         )
         bundle = self.artifacts / f"autoswitch_d{density:g}"
         artifacts.remove(bundle)
@@ -557,8 +567,13 @@ class Benchmark:
         build = time.perf_counter() - start + switch_build
         storage = artifacts.bytes_on_disk([bundle])
         params = {"density": density, "scale_rule": rule, "k": self.config.knn_k,
-                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer}  # fmt: skip
+                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
+                  "metric": router_config.metric}  # fmt: skip
+        if choice is not None:
+            params["validation_routing_accuracy"] = choice.scores
         files = [self._relative(bundle)]
+        features = f"layer {router.feature_spec.layer}, {router_config.metric}"
+        features += " (chosen on validation)" if choice is not None else " (library defaults)"
         single = evaluate.single_task_stream(
             {t.name: t.test for t in self.suite}, self.tokenizer, self.config.eval_batch_size, length, self.config.seed
         )
@@ -577,8 +592,8 @@ class Benchmark:
             predictor = evaluate.router_predictor(router, self.adapters)
             result = self._evaluate(predictor, f"Evaluate: Auto-Switch {mode}")
             method = {"top1": "autoswitch", "soft": "autoswitch_soft", "batch": "autoswitch_batch"}[mode]
-            self._add_row(method, f"Auto-Switch, {labels[mode]} (d={density:g})", result, storage, build,
-                          params=params | {"mode": mode}, files=files)  # fmt: skip
+            self._add_row(method, f"Auto-Switch, {labels[mode]}; features: {features} (d={density:g})", result,
+                          storage, build, params=params | {"mode": mode}, files=files)  # fmt: skip
             if mode == "batch":
                 result = self._evaluate(
                     predictor, "Evaluate: Auto-Switch per batch, single-task batches", stream=single
@@ -588,6 +603,33 @@ class Benchmark:
                               params=params | {"mode": mode, "batches": "single-task"}, files=files)  # fmt: skip
             del router, predictor
             gc.collect()
+        if choice is not None:
+            self._run_default_features_router(default_config, adapters, queries, density, rule, switch_build)
+
+    def _run_default_features_router(self, config, adapters, queries, density: float, rule: str, switch_build):
+        """Top-1 routing with the library's default features, next to the rows with features chosen on
+        validation."""
+        from switch_adapter.autoswitch import AutoSwitchModel
+
+        start = time.perf_counter()
+        router = AutoSwitchModel.from_pretrained(
+            self._fresh_base(), adapters=adapters, query_sets=queries, config=replace(config, mode="top1"),
+            progress=self.progress,
+        )  # fmt: skip
+        bundle = self.artifacts / f"autoswitch_d{density:g}_default_features"
+        artifacts.remove(bundle)
+        router.save_pretrained(str(bundle))
+        build = time.perf_counter() - start + switch_build
+        params = {"density": density, "scale_rule": rule, "k": self.config.knn_k, "mode": "top1",
+                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
+                  "metric": config.metric}  # fmt: skip
+        result = self._evaluate(evaluate.router_predictor(router, self.adapters), "Evaluate: Auto-Switch defaults")
+        label = (f"Auto-Switch, routed per sample, top-1 task; features: layer {router.feature_spec.layer}, "
+                 f"{config.metric} (library defaults) (d={density:g})")  # fmt: skip
+        self._add_row("autoswitch_default_features", label, result, artifacts.bytes_on_disk([bundle]), build,
+                      params=params, files=[self._relative(bundle)])  # fmt: skip
+        del router
+        gc.collect()
 
     # -- the run -----------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ STYLE = {  # method -> (marker, colour, legend label)
     "tswitch_rms": ("o", "#98df8a", "T-Switch (task id), reference rms scale"),
     "autoswitch": ("^", "#ff7f0e", "Auto-Switch routed (top-1)"),
     "autoswitch_soft": ("h", "#ffbb78", "Auto-Switch routed (soft weights)"),
+    "autoswitch_default_features": ("v", "#bcbd22", "Auto-Switch routed (top-1, default features)"),
     "autoswitch_batch": ("<", "#8c564b", "Auto-Switch per batch (mixed batches)"),
     "autoswitch_batch_single": (">", "#e377c2", "Auto-Switch per batch (single-task batches)"),
 }
@@ -88,7 +89,7 @@ def targets(report: dict[str, Any]) -> list[str]:
         found = [row for row in rows if row["method"] == method]
         return max(found, key=lambda row: row["mean"]) if found else None
 
-    found = [row for row in rows if row["method"] in ("autoswitch", "autoswitch_soft")]
+    found = [row for row in rows if row["method"] in ("autoswitch", "autoswitch_soft", "autoswitch_default_features")]
     routed = max(found, key=lambda row: row["mean"]) if found else None
     if routed:
         ok = routed["pct_of_individual"] >= 99 and routed["storage_pct_fp32"] <= 1.5

@@ -162,7 +162,7 @@ def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str,
                 if param is None:
                     continue
                 for name, peft_name in peft_names.items():
-                    layer._add_deltas(param_name, param.data, [peft_name], sign=scale[name], inplace=True)
+                    layer._add_deltas(param_name, param.data, {peft_name: scale[name]}, inplace=True)
     peft_model.base_model.set_adapter(peft_names[first])  # every adapter's head is the same (checked above)
     merged = peft_model.unload()
     _sync_label_count(merged, switches)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -167,38 +168,31 @@ class TSwitchLayer(BaseTunerLayer):
         return self.get_delta(adapter_name, "weight")
 
     def _add_deltas(
-        self, param_name: str, value: torch.Tensor, adapter_names: list[str], sign: float = 1.0, inplace=False
+        self, param_name: str, value: torch.Tensor, weights: Mapping[str, float], inplace: bool = False
     ) -> torch.Tensor | None:
-        """``value + sign * sum of deltas`` (a new tensor unless ``inplace``); None if no adapter switches it.
+        """``value + sum_a weights[a] * delta_a`` (a new tensor unless ``inplace``); None if no adapter with a
+        non-zero weight switches ``param_name``.
 
         Only the kept entries are touched: the cost is a copy of ``value`` plus work proportional to them.
         """
         result = value if inplace else None
-        for adapter_name in adapter_names:
-            if not self._has_switch(adapter_name, param_name):
+        for adapter_name, weight in weights.items():
+            if weight == 0 or not self._has_switch(adapter_name, param_name):
                 continue
             if result is None:
                 result = value.clone()
             positions, values = self._kept_values(adapter_name, param_name, value)
-            result.view(-1).index_add_(0, positions, values, alpha=sign)
+            result.view(-1).index_add_(0, positions, values, alpha=float(weight))
         return result
 
     def add_weighted_deltas(
-        self, param_name: str, value: torch.Tensor, weights: dict[str, float]
+        self, param_name: str, value: torch.Tensor, weights: Mapping[str, float]
     ) -> torch.Tensor | None:
         """``value + sum_a weights[a] * delta_a`` as a new tensor without autograd history; None if no adapter with
         a non-zero weight switches ``param_name``. Work beyond the copy of ``value`` is proportional to the kept
         entries."""
-        result = None
         with torch.no_grad():
-            for adapter_name, weight in weights.items():
-                if weight == 0 or not self._has_switch(adapter_name, param_name):
-                    continue
-                if result is None:
-                    result = value.detach().clone()
-                positions, values = self._kept_values(adapter_name, param_name, result)
-                result.view(-1).index_add_(0, positions, values, alpha=float(weight))
-        return result
+            return self._add_deltas(param_name, value.detach(), weights)
 
 
 class SwitchedModule(nn.Module, TSwitchLayer):
@@ -237,14 +231,14 @@ class SwitchedModule(nn.Module, TSwitchLayer):
                 if not self._has_switch(adapter_name, param_name):
                     continue
                 if safe_merge:
-                    value = self._add_deltas(param_name, param.data, [adapter_name])
+                    value = self._add_deltas(param_name, param.data, {adapter_name: 1.0})
                     if not torch.isfinite(value).all():
                         raise ValueError(
                             f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                         )
                 merged[param_name] = param
             for param_name, param in merged.items():
-                self._add_deltas(param_name, param.data, [adapter_name], inplace=True)
+                self._add_deltas(param_name, param.data, {adapter_name: 1.0}, inplace=True)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -258,7 +252,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
             for param_name in SWITCHABLE_PARAMETERS:
                 param = getattr(base, param_name, None)
                 if param is not None:
-                    self._add_deltas(param_name, param.data, [adapter_name], sign=-1.0, inplace=True)
+                    self._add_deltas(param_name, param.data, {adapter_name: -1.0}, inplace=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -279,7 +273,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         for param_name in SWITCHABLE_PARAMETERS:
             param = getattr(base, param_name, None)
             if param is not None:
-                value = self._add_deltas(param_name, param, adapter_names)
+                value = self._add_deltas(param_name, param, dict.fromkeys(adapter_names, 1.0))
                 if value is not None:
                     params[param_name] = value
         return params
@@ -328,7 +322,7 @@ class TiedSwitchedModule(nn.Module, BaseTunerLayer):
         if self.disable_adapters or source.disable_adapters or source.merged:
             return self.base_layer(*args, **kwargs)
         base = self.get_base_layer()
-        weight = source._add_deltas("weight", base.weight, self.active_adapters)
+        weight = source._add_deltas("weight", base.weight, dict.fromkeys(self.active_adapters, 1.0))
         if weight is None:
             return self.base_layer(*args, **kwargs)
         return torch.func.functional_call(base, {"weight": weight}, args, kwargs, strict=False)
