@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import random
+import stat
 import subprocess
 import sys
 from dataclasses import asdict
@@ -378,6 +379,11 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     individual = next(row for row in report["rows"] if row["method"] == "individual")
     assert individual["pct_of_individual"] == pytest.approx(100.0)
     assert individual["storage_pct_fp32"] == pytest.approx(100.0)
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    for name in ("benchmark.md", "benchmark.json", "benchmark.png"):  # written atomically, readable like any file
+        assert stat.S_IMODE((Path(config.out_dir) / name).stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
     # Storage is measured from the saved files: T-Switch adapter folders written by save_pretrained.
     out = Path(config.out_dir)

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -76,6 +77,8 @@ def test_sharded_seq_cls_finetune_equals_from_finetuned(bert_pair, tmp_path):
     reference = from_finetuned(base, tuned, TSwitchConfig(density=0.2, task_type="SEQ_CLS"), progress=False)
     reference.save_pretrained(tmp_path / "reference")
     _files_equal(tmp_path / "out", tmp_path / "reference")  # same keys, values and config as peft saves
+    mode = stat.S_IMODE(os.stat(tmp_path / "out").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "reference").st_mode)  # a plain mkdir's, not tempfile's 0700
     assert config.unit_layout == {} and config.task_type is None  # the caller's config is not modified
 
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._staging import staging_dir
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
 
@@ -48,7 +49,7 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
             f"{target} exists and is not an Auto-Switch bundle; choose an empty or new folder (nothing was written)."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    work = Path(staging_dir(target.parent, f".{target.name}.tmp-"))
     try:
         tasks = []
         for task in router.tasks:

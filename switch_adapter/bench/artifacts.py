@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from .._staging import staging_file
 
 NOT_COUNTED = ("README.md",)
 
@@ -38,8 +39,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -
     """Write ``tensors`` as safetensors to ``path`` via a temporary file and a rename; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(handle)
+    temporary = str(staging_file(path.parent, f".{path.name}-"))
     try:
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, temporary)
         os.replace(temporary, path)

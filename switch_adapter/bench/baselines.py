@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
+
+from .._staging import staging_dir
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -109,7 +110,7 @@ class EMRMerge:
         ``rescalers.json`` to ``folder`` (written to a temporary folder first, then renamed)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        staging = Path(staging_dir(folder.parent, f".{folder.name}-"))
         try:
             save_file({name: t.contiguous() for name, t in self.unified.items()}, str(staging / "unified.safetensors"))
             packed = {

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._staging import staging_dir
 from .model import MeanPoolingClassifier, load_classifier, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def finetune_task(
     model = load_classifier(model_path, num_labels)
     record = train_classifier(model, tokenizer, texts, labels, settings, desc=f"fine-tune {task}", progress=progress)
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    staging = Path(staging_dir(root, f".{folder.name}-"))
     try:
         model.save_pretrained(str(staging))
         meta = {"task": task, "num_labels": num_labels, "settings": asdict(settings), "training": record}

@@ -11,6 +11,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
+from .._staging import staging_dir
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.model_card import write_model_card
 from ..tswitch.validation import WEIGHTS_NAME, validate_adapter_file
@@ -50,7 +51,7 @@ def write_adapter(
     path = check_output_dir(output_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    work = staging_dir(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-")
     try:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         save_file(

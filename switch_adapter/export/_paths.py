@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+from .._staging import staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: Se
     parent = os.path.dirname(final)
     created = _first_missing_ancestor(parent)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    work = staging_dir(parent, f".{os.path.basename(final)}.tmp-")
     try:
         yield work
         if os.path.isdir(final) and not os.path.islink(final) and not os.listdir(final):
