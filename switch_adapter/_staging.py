@@ -1,10 +1,12 @@
 """Temporary files and folders next to an output, renamed into place when complete, with the permissions a
-plain ``open`` / ``mkdir`` would give (``tempfile`` creates them private: 0600 / 0700)."""
+plain ``open`` / ``mkdir`` would give (``tempfile`` creates them private: 0600 / 0700), and the final rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -36,3 +38,20 @@ def staging_file(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Pa
     os.close(handle)
     os.chmod(path, 0o666 & ~_umask())
     return Path(path)
+
+
+def replace_dir(work: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the folder ``work`` to ``target``. An existing ``target`` is moved aside first, put back if the rename
+    fails, and deleted once ``work`` is in place."""
+    target = os.fspath(target)
+    if not os.path.lexists(target):
+        os.replace(work, target)
+        return
+    backup = os.path.join(os.path.dirname(target) or ".", f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, backup)
+    try:
+        os.replace(work, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

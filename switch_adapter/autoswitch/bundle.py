@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .._staging import staging_dir
+from .._staging import replace_dir, staging_dir
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
 
@@ -48,7 +48,6 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
         raise FileExistsError(
             f"{target} exists and is not an Auto-Switch bundle; choose an empty or new folder (nothing was written)."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(staging_dir(target.parent, f".{target.name}.tmp-"))
     try:
         tasks = []
@@ -86,7 +85,7 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
         (work / BUNDLE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
         if router.tokenizer is not None:
             router.tokenizer.save_pretrained(str(work / "tokenizer"))
-        _replace_folder(work, target)
+        replace_dir(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -101,21 +100,6 @@ def _save_adapter(router: AutoSwitchModel, task: str, destination: Path) -> None
             raise RuntimeError(f"peft did not write the adapter of task {task!r} where expected ({folder}).")
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(folder, destination)
-
-
-def _replace_folder(work: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(work, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(backup)
-    os.replace(target, backup)
-    try:
-        os.replace(work, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _resolve(bundle: str | os.PathLike, revision: str | None, token: str | None) -> Path:

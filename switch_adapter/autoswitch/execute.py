@@ -20,7 +20,7 @@ parameters for the duration of a call and restore them afterwards, so they are n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -117,16 +117,13 @@ class _RowPlan:
         return parts
 
 
-class _GroupedCall(nn.Module):
-    """Stands in for a base layer (or head) during a call with several targets: target ``t`` runs
-    ``targets[t]``, i.e. a module and the parameters to substitute in it."""
+class _StandIn(nn.Module):
+    """Takes the place of ``original`` during a call; other attribute lookups fall through to it, and its rows map
+    to samples through ``plan``."""
 
-    def __init__(
-        self, original: nn.Module, targets: list[tuple[nn.Module, dict[str, torch.Tensor]]], plan: _RowPlan
-    ) -> None:
+    def __init__(self, original: nn.Module, plan: _RowPlan) -> None:
         super().__init__()
         self._original = (original,)  # a tuple: not registered as a submodule
-        self._targets = targets
         self._plan = plan
 
     def __getattr__(self, name: str):
@@ -134,6 +131,25 @@ class _GroupedCall(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_original"][0], name)
+
+    def _rows(self, x: torch.Tensor) -> tuple[int, bool]:
+        """``(rows, broadcast)``: a single shared input row (``broadcast``) stands for the rows of the last call."""
+        plan = self._plan
+        if x.shape[0] == 1 and plan.batch > 1:
+            return plan.last_rows, True
+        plan.last_rows = x.shape[0]
+        return x.shape[0], False
+
+
+class _GroupedCall(_StandIn):
+    """Stands in for a base layer (or head) during a call with several targets: target ``t`` runs
+    ``targets[t]``, i.e. a module and the parameters to substitute in it."""
+
+    def __init__(
+        self, original: nn.Module, targets: list[tuple[nn.Module, dict[str, torch.Tensor]]], plan: _RowPlan
+    ) -> None:
+        super().__init__(original, plan)
+        self._targets = targets
 
     def _run(self, target: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         module, params = self._targets[target]
@@ -148,12 +164,7 @@ class _GroupedCall(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = self._plan
-        rows = x.shape[0]
-        broadcast = rows == 1 and plan.batch > 1
-        if broadcast:
-            rows = plan.last_rows
-        else:
-            plan.last_rows = rows
+        rows, broadcast = self._rows(x)
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         parts = plan.parts(rows, x.device, dtype)
         outputs = [self._run(target, x if broadcast else x[index], args, kwargs) for target, index, _ in parts]
@@ -212,19 +223,12 @@ def grouped_compositions(
     """Substitute several compositions: sample ``i`` runs ``sum_(t, w) in assignments[i] w * f(x; compositions[t])``
     in every switched layer, and the head of task ``heads[head_of_sample[i]]``."""
     plan = _RowPlan(assignments, len(compositions))
-    head_plan = _RowPlan([[(h, 1.0)] for h in head_of_sample], len(heads))
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def replace(owner: nn.Module, attribute: str, targets: list, row_plan: _RowPlan) -> None:
-        original = owner._modules[attribute]
-        owner._modules[attribute] = _GroupedCall(original, targets, row_plan)
-        replaced.append((owner, attribute, original))
-
-    try:
+    with _stand_ins() as replace:
         for index, layer in enumerate(slots.layers):
             if any(c.per_layer[index] for c in compositions):
                 base = layer.get_base_layer()
-                replace(layer, "base_layer", [(base, c.per_layer[index]) for c in compositions], plan)
+                targets = [(base, c.per_layer[index]) for c in compositions]
+                replace(layer, "base_layer", _GroupedCall(base, targets, plan))
         for tied in slots.tied:
             source = slots.layer_index[id(tied.source)]
             if any("weight" in c.per_layer[source] for c in compositions):
@@ -232,16 +236,35 @@ def grouped_compositions(
                 targets = [
                     (base, {k: v for k, v in c.per_layer[source].items() if k == "weight"}) for c in compositions
                 ]
-                replace(tied, "base_layer", targets, plan)
-        for wrapper in slots.heads:
-            original = wrapper._modules["original_module"]
-            modules = [wrapper.modules_to_save[h] if h in wrapper.modules_to_save else original for h in heads]
-            if any(module is not original for module in modules):
-                replace(wrapper, "original_module", [(module, {}) for module in modules], head_plan)
+                replace(tied, "base_layer", _GroupedCall(base, targets, plan))
+        _replace_heads(replace, slots, heads, head_of_sample)
         yield
+
+
+@contextmanager
+def _stand_ins() -> Iterator[Callable[[nn.Module, str, nn.Module], None]]:
+    """``replace(owner, attribute, stand_in)`` puts ``stand_in`` in place of a child module until the block ends."""
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def replace(owner: nn.Module, attribute: str, stand_in: nn.Module) -> None:
+        replaced.append((owner, attribute, owner._modules[attribute]))
+        owner._modules[attribute] = stand_in
+
+    try:
+        yield replace
     finally:
         for owner, attribute, original in reversed(replaced):
             owner._modules[attribute] = original
+
+
+def _replace_heads(replace: Callable, slots: ModelSlots, heads: list[str | None], head_of_sample: list[int]) -> None:
+    """Sample ``i`` gets the task head ``heads[head_of_sample[i]]`` (the original module where a task has none)."""
+    head_plan = _RowPlan([[(h, 1.0)] for h in head_of_sample], len(heads))
+    for wrapper in slots.heads:
+        original = wrapper._modules["original_module"]
+        modules = [wrapper.modules_to_save[h] if h in wrapper.modules_to_save else original for h in heads]
+        if any(module is not original for module in modules):
+            replace(wrapper, "original_module", _GroupedCall(original, [(m, {}) for m in modules], head_plan))
 
 
 def select_rows(batch: dict, indices: torch.Tensor, batch_size: int) -> dict:
@@ -296,7 +319,7 @@ def _merge_tensors(parts: list[tuple[torch.Tensor, torch.Tensor | None]], batch_
     return result
 
 
-class _DeltaCall(nn.Module):
+class _DeltaCall(_StandIn):
     """Stands in for a linear base layer: ``base(x)`` for all rows, plus for every target (task) its sparse delta
     applied to that target's rows, scaled by the rows' weights: ``y[r] += w_r * (x[r] @ delta^T + delta_bias)``.
 
@@ -305,28 +328,16 @@ class _DeltaCall(nn.Module):
     """
 
     def __init__(self, original: nn.Module, deltas: list, plan: _RowPlan) -> None:
-        super().__init__()
-        self._original = (original,)
+        super().__init__(original, plan)
         self._deltas = deltas  # per target: SparseDelta or None (the base model)
-        self._plan = plan
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_original"][0], name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self._original[0](x, *args, **kwargs)
         plan = self._plan
-        rows = x.shape[0]
-        broadcast = rows == 1 and plan.batch > 1
+        rows, broadcast = self._rows(x)
         if broadcast:  # a shared input: the per-sample outputs differ, so expand first
-            rows = plan.last_rows
             y = y.expand(rows, *y.shape[1:]).clone()
             x = x.expand(rows, *x.shape[1:])
-        else:
-            plan.last_rows = rows
         dtype = y.dtype
         if isinstance(self._original[0], nn.Embedding):
             return self._embedding_deltas(x, y, rows, dtype)
@@ -421,14 +432,7 @@ def delta_execution(
     (``compositions[t]``, linear layers left out) and mix their outputs; heads follow ``heads[head_of_sample[i]]``.
     """
     plan = _RowPlan(assignments, len(compositions))
-    head_plan = _RowPlan([[(h, 1.0)] for h in head_of_sample], len(heads))
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def replace(owner: nn.Module, attribute: str, stand_in: nn.Module) -> None:
-        replaced.append((owner, attribute, owner._modules[attribute]))
-        owner._modules[attribute] = stand_in
-
-    try:
+    with _stand_ins() as replace:
         for index, layer in enumerate(slots.layers):
             base = layer.get_base_layer()
             layer_deltas = [per_target[index] for per_target in deltas]
@@ -442,15 +446,8 @@ def delta_execution(
             tied_deltas = [per_target[len(slots.layers) + position] for per_target in deltas]
             if any(delta is not None for delta in tied_deltas):
                 replace(tied, "base_layer", _DeltaCall(tied.get_base_layer(), tied_deltas, plan))
-        for wrapper in slots.heads:
-            original = wrapper._modules["original_module"]
-            modules = [wrapper.modules_to_save[h] if h in wrapper.modules_to_save else original for h in heads]
-            if any(module is not original for module in modules):
-                replace(wrapper, "original_module", _GroupedCall(original, [(m, {}) for m in modules], head_plan))
+        _replace_heads(replace, slots, heads, head_of_sample)
         yield
-    finally:
-        for owner, attribute, original in reversed(replaced):
-            owner._modules[attribute] = original
 
 
 def reorder_rows(obj: object, order: torch.Tensor, batch_size: int, num_beams: int = 1) -> object:

@@ -530,11 +530,11 @@ class Benchmark:
         switch_build = 0.0
         if folder is None:
             folder, switch_build = self.build_switches(density, rule)
-        queries = {}
         length = self.config.finetune.max_length
-        for adapter, task in zip(self.adapters, self.suite):
-            texts = list(task.train["text"][: self.config.query_examples])  # the split is already shuffled
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+        texts = {a: list(t.train["text"][: self.config.query_examples]) for a, t in zip(self.adapters, self.suite)}
+        queries = {}  # the splits are already shuffled: the first examples are a random choice
+        for adapter, examples in texts.items():
+            encoded = self.tokenizer(examples, padding=True, truncation=True, max_length=length, return_tensors="pt")
             queries[adapter] = {key: encoded[key] for key in ("input_ids", "attention_mask")}
         # The library's defaults, except: every sample is routed to a task (no out-of-distribution fallback to the
         # base model, whose head is untrained here), and the query examples are truncated like the test inputs.
@@ -552,28 +552,20 @@ class Benchmark:
         router_config = default_config
         start = time.perf_counter()
         if self.config.choose_routing_features:
-            texts = {a: list(t.train["text"][: self.config.query_examples]) for a, t in zip(self.adapters, self.suite)}
             validation = {a: list(t.validation["text"]) for a, t in zip(self.adapters, self.suite)}
             choice = routing_choice.choose_routing_features(
                 self._fresh_base().eval(), self.tokenizer, texts, validation, self.config.knn_k, length
             )
             router_config = replace(default_config, feature_layer=choice.layer, metric=choice.metric)
-        router = AutoSwitchModel.from_pretrained(
-            self._fresh_base(), adapters=adapters, query_sets=queries, config=router_config, progress=self.progress
-        )
-        bundle = self.artifacts / f"autoswitch_d{density:g}"
-        artifacts.remove(bundle)
-        router.save_pretrained(str(bundle))
-        build = time.perf_counter() - start + switch_build
+        choosing = time.perf_counter() - start
+        router, bundle, seconds = self._saved_router(router_config, adapters, queries, f"autoswitch_d{density:g}")
+        build = choosing + seconds + switch_build
         storage = artifacts.bytes_on_disk([bundle])
-        params = {"density": density, "scale_rule": rule, "k": self.config.knn_k,
-                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
-                  "metric": router_config.metric}  # fmt: skip
+        params = self._router_params(router, router_config, density, rule)
         if choice is not None:
             params["validation_routing_accuracy"] = choice.scores
         files = [self._relative(bundle)]
-        features = f"layer {router.feature_spec.layer}, {router_config.metric}"
-        features += " (chosen on validation)" if choice is not None else " (library defaults)"
+        features = self._features_label(router, router_config, chosen=choice is not None)
         single = evaluate.single_task_stream(
             {t.name: t.test for t in self.suite}, self.tokenizer, self.config.eval_batch_size, length, self.config.seed
         )
@@ -603,33 +595,43 @@ class Benchmark:
                               params=params | {"mode": mode, "batches": "single-task"}, files=files)  # fmt: skip
             del router, predictor
             gc.collect()
-        if choice is not None:
-            self._run_default_features_router(default_config, adapters, queries, density, rule, switch_build)
+        if choice is None:
+            return
+        # Top-1 routing with the library's default features, next to the rows with features chosen on validation.
+        config = replace(default_config, mode="top1")
+        name = f"autoswitch_d{density:g}_default_features"
+        router, bundle, seconds = self._saved_router(config, adapters, queries, name)
+        result = self._evaluate(evaluate.router_predictor(router, self.adapters), "Evaluate: Auto-Switch defaults")
+        label = f"Auto-Switch, {labels['top1']}; features: {self._features_label(router, config, chosen=False)}"
+        self._add_row("autoswitch_default_features", f"{label} (d={density:g})", result,
+                      artifacts.bytes_on_disk([bundle]), seconds + switch_build,
+                      params=self._router_params(router, config, density, rule) | {"mode": "top1"},
+                      files=[self._relative(bundle)])  # fmt: skip
+        del router
+        gc.collect()
 
-    def _run_default_features_router(self, config, adapters, queries, density: float, rule: str, switch_build):
-        """Top-1 routing with the library's default features, next to the rows with features chosen on
-        validation."""
+    def _saved_router(self, config, adapters: dict[str, str], queries: dict, name: str):
+        """``(router, bundle folder, seconds)``: an ``AutoSwitchModel`` on a fresh base, saved under artifacts."""
         from switch_adapter.autoswitch import AutoSwitchModel
 
         start = time.perf_counter()
         router = AutoSwitchModel.from_pretrained(
-            self._fresh_base(), adapters=adapters, query_sets=queries, config=replace(config, mode="top1"),
-            progress=self.progress,
-        )  # fmt: skip
-        bundle = self.artifacts / f"autoswitch_d{density:g}_default_features"
+            self._fresh_base(), adapters=adapters, query_sets=queries, config=config, progress=self.progress
+        )
+        bundle = self.artifacts / name
         artifacts.remove(bundle)
         router.save_pretrained(str(bundle))
-        build = time.perf_counter() - start + switch_build
-        params = {"density": density, "scale_rule": rule, "k": self.config.knn_k, "mode": "top1",
-                  "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
-                  "metric": config.metric}  # fmt: skip
-        result = self._evaluate(evaluate.router_predictor(router, self.adapters), "Evaluate: Auto-Switch defaults")
-        label = (f"Auto-Switch, routed per sample, top-1 task; features: layer {router.feature_spec.layer}, "
-                 f"{config.metric} (library defaults) (d={density:g})")  # fmt: skip
-        self._add_row("autoswitch_default_features", label, result, artifacts.bytes_on_disk([bundle]), build,
-                      params=params, files=[self._relative(bundle)])  # fmt: skip
-        del router
-        gc.collect()
+        return router, bundle, time.perf_counter() - start
+
+    def _router_params(self, router, config, density: float, rule: str) -> dict[str, Any]:
+        return {"density": density, "scale_rule": rule, "k": self.config.knn_k,
+                "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
+                "metric": config.metric}  # fmt: skip
+
+    @staticmethod
+    def _features_label(router, config, chosen: bool) -> str:
+        origin = "chosen on validation" if chosen else "library defaults"
+        return f"layer {router.feature_spec.layer}, {config.metric} ({origin})"
 
     # -- the run -----------------------------------------------------------------------------------------------
 

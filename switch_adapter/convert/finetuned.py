@@ -15,6 +15,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from ..codec import sass
 from ..tswitch.config import TSwitchConfig
+from ..tswitch.layer import unit_layout_entry
 from ..tswitch.model_card import storage_summary
 from .skeleton import (
     Skeleton,
@@ -211,6 +212,13 @@ def _prepare_config(
             continue
         existing.append(head)
     config.modules_to_save = existing or None
+    record_base(config, base, base_revision)
+    return config
+
+
+def record_base(config: TSwitchConfig, base: ModelLike, base_revision: str | None) -> None:
+    """Fill ``base_model_name_or_path`` (the base's path, Hub id or ``name_or_path``) and ``revision`` where the
+    caller left them empty."""
     if not config.base_model_name_or_path:
         if isinstance(base, (str, os.PathLike)):
             config.base_model_name_or_path = os.fspath(base)
@@ -218,7 +226,6 @@ def _prepare_config(
             config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
     if base_revision and not config.revision:
         config.revision = base_revision
-    return config
 
 
 class _Work:
@@ -362,16 +369,8 @@ class _Work:
 def layout_entry(switch, density: float) -> dict:
     """The ``unit_layout`` entry of a switch, with its encoded blob and scale under ``"_tensors"``."""
     blob = sass.encode(switch.mask, switch.positive)
-    header = sass.read_header(blob)
-    return {
-        "shape": list(switch.shape),
-        "code_bytes": int(blob.numel()),
-        "scales": int(switch.scale.numel()),
-        "kept": int(header.kept),
-        "encoding": header.encoding.name.lower(),
-        "density": density,
-        "_tensors": (blob, switch.scale.to(torch.float32)),
-    }
+    entry = unit_layout_entry(switch.shape, blob, int(switch.scale.numel()))
+    return {**entry, "density": density, "_tensors": (blob, switch.scale.to(torch.float32))}
 
 
 def make_summary(

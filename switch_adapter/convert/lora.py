@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..codec import sass
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .finetuned import _copy_config, layout_entry, make_summary
+from .finetuned import _copy_config, layout_entry, make_summary, record_base
 from .skeleton import (
     PEFT_PREFIX,
     Skeleton,
@@ -508,11 +508,5 @@ def _prepare_config(
         if used and target not in automatic and target not in existing:
             existing.append(target)
     config.modules_to_save = existing or None
-    if not config.base_model_name_or_path:
-        if isinstance(base, (str, os.PathLike)):
-            config.base_model_name_or_path = os.fspath(base)
-        else:
-            config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
-    if base_revision and not config.revision:
-        config.revision = base_revision
+    record_base(config, base, base_revision)
     return config

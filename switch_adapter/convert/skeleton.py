@@ -23,6 +23,7 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 from transformers import PreTrainedModel
 
+from .._model_sources import TASK_AUTO_CLASSES
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.layer import TSwitchLayer
 from .sources import TensorSource
@@ -31,15 +32,6 @@ logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
-# transformers' auto class per peft task type, to find the module names a LoRA was trained on.
-TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 _CLASS_SUFFIX_TASKS = {
     "ForSequenceClassification": "SEQ_CLS",
     "ForCausalLM": "CAUSAL_LM",

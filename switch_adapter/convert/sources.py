@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._model_sources import local_folder
+
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -197,12 +199,6 @@ def _safetensors_dtype_name(dtype: torch.dtype) -> str:
 # -- resolving a folder or a Hub id ------------------------------------------------------------------------------
 
 
-def _is_local_path_like(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or name.count("/") > 1 or os.sep + os.sep in name
-    )
-
-
 def _hub_files(repo_id: str, filenames: list[str], *, revision: str | None, token: str | bool | None, role: str):
     """Download ``filenames`` (first one required, the others optional) from ``repo_id``; ``{name: path or None}``."""
     from huggingface_hub import hf_hub_download
@@ -252,18 +248,6 @@ def _hub_files(repo_id: str, filenames: list[str], *, revision: str | None, toke
     return paths
 
 
-def _local_folder(source: str | os.PathLike, role: str) -> str | None:
-    """``source`` as a folder path if it is one; FileNotFoundError if it looks like a path that does not exist."""
-    name = os.fspath(source)
-    if os.path.isdir(name):
-        return name
-    if os.path.exists(name):
-        raise FileNotFoundError(f"The {role} {name!r} is a file; pass the folder that holds it.")
-    if _is_local_path_like(name):
-        raise FileNotFoundError(f"The {role} folder {name!r} does not exist.")
-    return None
-
-
 def _load_config(folder: str, description: str):
     from transformers import AutoConfig
 
@@ -297,7 +281,7 @@ def open_checkpoint(
         return ModuleSource(source, f"the loaded {role} {type(source).__name__}")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"The {role} must be a folder, a Hub repo id or a loaded model, got {type(source).__name__}.")
-    folder = _local_folder(source, role)
+    folder = local_folder(source, role)
     if folder is not None:
         description = f"{role} checkpoint {folder}"
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
@@ -367,7 +351,7 @@ def open_adapter(
     """The ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT adapter (a local folder or Hub id)."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"The LoRA adapter must be a folder or a Hub repo id, got {type(source).__name__}.")
-    folder = _local_folder(source, "LoRA adapter")
+    folder = local_folder(source, "LoRA adapter")
     if folder is not None:
         description = f"adapter {folder}"
         config_path = os.path.join(folder, ADAPTER_CONFIG_NAME)
@@ -420,7 +404,7 @@ def open_config(
         return checked.config, source, checked.description
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"The {role} must be a folder, a Hub repo id or a loaded model, got {type(source).__name__}.")
-    folder = _local_folder(source, role)
+    folder = local_folder(source, role)
     if folder is not None:
         description = f"{role} model {folder}"
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):

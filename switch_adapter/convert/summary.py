@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+from ..tswitch.model_card import SwitchSizeFigures
 
 
 @dataclass
@@ -14,7 +16,7 @@ class SkippedTensor:
 
 
 @dataclass
-class ConversionSummary:
+class ConversionSummary(SwitchSizeFigures):
     """Result of :func:`~switch_adapter.convert_finetuned` / :func:`~switch_adapter.convert_lora`.
 
     ``units`` / ``parameters`` / ``kept`` / ``switch_bytes`` describe the switches (codes plus fp32 scales), as
@@ -39,30 +41,6 @@ class ConversionSummary:
     factor_bytes: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def density(self) -> float:
-        """Kept entries over switched parameters."""
-        return self.kept / self.parameters if self.parameters else 0.0
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """Bits of the switches per switched parameter (codes and scales)."""
-        return 8.0 * self.switch_bytes / self.parameters if self.parameters else 0.0
-
-    @property
-    def fraction_of_fp32(self) -> float:
-        """Size of the switches over the size of the same task vector in fp32."""
-        return self.switch_bytes / (4.0 * self.parameters) if self.parameters else 0.0
-
-    def as_dict(self) -> dict:
-        values = asdict(self)
-        values.update(
-            density=self.density,
-            bits_per_parameter=self.bits_per_parameter,
-            fraction_of_fp32=self.fraction_of_fp32,
-        )
-        return values
 
     def __str__(self) -> str:
         lines = [

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
-from .._staging import staging_dir
+from .._staging import replace_dir, staging_dir
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.model_card import write_model_card
 from ..tswitch.validation import WEIGHTS_NAME, validate_adapter_file
@@ -50,7 +49,6 @@ def write_adapter(
     """
     path = check_output_dir(output_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     work = staging_dir(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-")
     try:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
@@ -65,24 +63,9 @@ def write_adapter(
         config.save_pretrained(work, auto_mapping_dict=auto_mapping)
         write_model_card(work, config)
         validate_adapter_file(os.path.join(work, WEIGHTS_NAME), config.unit_layout)
-        _replace(work, path, overwrite)
+        check_output_dir(path, overwrite)  # again: something may have appeared while converting
+        replace_dir(work, path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return path
-
-
-def _replace(work: str, path: str, overwrite: bool) -> None:
-    check_output_dir(path, overwrite)  # again: something may have appeared while converting
-    if not os.path.exists(path):
-        os.rename(work, path)
-        return
-    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.old-", dir=os.path.dirname(work))
-    os.rmdir(trash)
-    os.rename(path, trash)
-    try:
-        os.rename(work, path)
-    except BaseException:
-        os.rename(trash, path)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)

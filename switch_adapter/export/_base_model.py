@@ -9,18 +9,10 @@ import os
 import torch
 from torch import nn
 
-from ._paths import looks_like_local_path
+from .._model_sources import TASK_AUTO_CLASSES, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
-TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -5,29 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from .._staging import staging_dir
+from .._model_sources import local_folder
+from .._staging import replace_dir, staging_dir
 
 logger = logging.getLogger(__name__)
-
-
-def looks_like_local_path(name: str) -> bool:
-    """True when ``name`` can only be a filesystem path, not a Hub repository id (``org/name`` or ``name``)."""
-    if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.endswith(("/", os.sep)):
-        return True
-    if os.altsep and os.altsep in name:
-        return True
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
 
 
 def resolve_folder(
@@ -44,12 +28,9 @@ def resolve_folder(
     Raises ``FileNotFoundError`` for a path that does not exist and for a repository that cannot be downloaded.
     """
     name = os.fspath(path_or_repo)
-    if os.path.isdir(name):
-        return name
-    if os.path.exists(name):
-        raise FileNotFoundError(f"The {what} {name!r} is a file; pass the folder that holds it.")
-    if looks_like_local_path(name):
-        raise FileNotFoundError(f"The {what} folder {name!r} does not exist (and it is not a Hub repository id).")
+    folder = local_folder(name, what)
+    if folder is not None:
+        return folder
     from huggingface_hub import snapshot_download
 
     try:
@@ -91,21 +72,14 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: Se
     final = check_output_dir(output_dir, overwrite, inputs)
     parent = os.path.dirname(final)
     created = _first_missing_ancestor(parent)
-    os.makedirs(parent, exist_ok=True)
     work = staging_dir(parent, f".{os.path.basename(final)}.tmp-")
     try:
         yield work
         if os.path.isdir(final) and not os.path.islink(final) and not os.listdir(final):
             os.rmdir(final)  # an empty folder is not worth protecting
-        if os.path.lexists(final):
-            if not overwrite:
-                raise FileExistsError(f"The output folder {final} appeared while writing; nothing was replaced.")
-            old = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-            os.rename(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, final)
+        if os.path.lexists(final) and not overwrite:
+            raise FileExistsError(f"The output folder {final} appeared while writing; nothing was replaced.")
+        replace_dir(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         if created is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,18 @@ def switched_parameter_names(module: nn.Module, switch_bias: bool) -> tuple[str,
         if isinstance(getattr(module, name, None), nn.Parameter):
             names.append(name)
     return tuple(names)
+
+
+def unit_layout_entry(shape: Sequence[int], blob: torch.Tensor, scales: int) -> dict:
+    """The ``unit_layout`` entry of an encoded switch: shape, code bytes, scale count, kept entries, encoding."""
+    header = sass.read_header(blob)
+    return {
+        "shape": list(shape),
+        "code_bytes": int(blob.numel()),
+        "scales": scales,
+        "kept": int(header.kept),
+        "encoding": header.encoding.name.lower(),
+    }
 
 
 class TSwitchLayer(BaseTunerLayer):
@@ -109,14 +121,7 @@ class TSwitchLayer(BaseTunerLayer):
             switch.scale.to(device=device, dtype=old_scale.dtype), requires_grad=old_scale.requires_grad
         )
         self._sparse_cache.pop((adapter_name, param_name), None)
-        header = sass.read_header(blob)
-        return {
-            "shape": list(switch.shape),
-            "code_bytes": int(blob.numel()),
-            "scales": int(switch.scale.numel()),
-            "kept": int(header.kept),
-            "encoding": header.encoding.name.lower(),
-        }
+        return unit_layout_entry(switch.shape, blob, int(switch.scale.numel()))
 
     def switch_slots(self, adapter_name: str) -> list[str]:
         """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty)."""

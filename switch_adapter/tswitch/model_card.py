@@ -16,26 +16,26 @@ _SECTION_START = "<!-- switch-adapter:start -->"
 _SECTION_END = "<!-- switch-adapter:end -->"
 
 
-@dataclass
-class StorageSummary:
-    """What a switch costs, from its config's ``unit_layout``."""
+class SwitchSizeFigures:
+    """Figures derived from ``kept``, ``parameters`` and ``switch_bytes`` (for dataclasses that hold them)."""
 
-    units: int
-    parameters: int
     kept: int
+    parameters: int
     switch_bytes: int
-    bound_bytes: float
 
     @property
     def density(self) -> float:
+        """Kept entries over switched parameters."""
         return self.kept / self.parameters if self.parameters else 0.0
 
     @property
     def bits_per_parameter(self) -> float:
+        """Bits of the switches per switched parameter (codes and scales)."""
         return 8.0 * self.switch_bytes / self.parameters if self.parameters else 0.0
 
     @property
     def fraction_of_fp32(self) -> float:
+        """Size of the switches over the size of the same task vector in fp32."""
         return self.switch_bytes / (4.0 * self.parameters) if self.parameters else 0.0
 
     def as_dict(self) -> dict:
@@ -46,6 +46,17 @@ class StorageSummary:
             fraction_of_fp32=self.fraction_of_fp32,
         )
         return values
+
+
+@dataclass
+class StorageSummary(SwitchSizeFigures):
+    """What a switch costs, from its config's ``unit_layout``."""
+
+    units: int
+    parameters: int
+    kept: int
+    switch_bytes: int
+    bound_bytes: float
 
 
 def storage_summary(config: TSwitchConfig) -> StorageSummary:
