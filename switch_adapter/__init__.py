@@ -6,17 +6,28 @@ Importing this package registers the ``TSWITCH`` adapter type with peft, so that
 
 from .autoswitch import AutoSwitchConfig, AutoSwitchModel, QueryFeatures, RoutingResult
 from .codec.binarize import BinarySwitch, binarize
-from .codec.sass import CodecError
 from .convert import ConversionSummary, convert_finetuned, convert_lora
+from .errors import (
+    AdapterNotFoundError,
+    CodecError,
+    LayoutMismatchError,
+    OutputExistsError,
+    SwitchAdapterError,
+    UnsupportedModelError,
+)
 from .export import InspectionReport, LoraExportReport, inspect_adapter, materialize, to_lora
 from .hub import push_to_hub
-from .tswitch import DEFAULT_DENSITY, LayoutMismatchError, TSwitchConfig, TSwitchModel
+from .tswitch import DEFAULT_DENSITY, TSwitchConfig, TSwitchModel
 from .tswitch.build import from_finetuned
 from .tswitch.model_card import StorageSummary, storage_summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterNotFoundError",
+    "OutputExistsError",
+    "SwitchAdapterError",
+    "UnsupportedModelError",
     "AutoSwitchConfig",
     "AutoSwitchModel",
     "DEFAULT_DENSITY",

@@ -18,11 +18,31 @@ def test_positive_and_negative_entries_are_ranked_separately():
     assert switch.positive.tolist() == [True, True, False, False]
 
 
-def test_ties_at_the_cut_are_kept():
-    tau = torch.tensor([3.0, 1.0, 1.0, 0.5, -5.0, -2.0, -0.1])
+def test_exactly_the_quota_is_kept_and_ties_at_the_cut_go_by_position():
+    tau = torch.tensor([3.0, 1.0, 1.0, 0.5, -5.0, -2.0, -0.1, 1.0])
     switch = binarize(tau, density=0.5)
-    # positives: quota floor(4 * 0.5) = 2, threshold 1.0, both 1.0 entries kept
-    assert switch.mask.tolist() == [True, True, True, False, True, False, False]
+    # positives: quota floor(5 * 0.5) = 2, threshold 1.0: 3.0 and the first 1.0 (lowest position) are kept
+    assert switch.mask.tolist() == [True, True, False, False, True, False, False, False]
+
+
+def test_keep_ties_keeps_every_entry_at_the_cut_as_the_reference_does():
+    tau = torch.tensor([3.0, 1.0, 1.0, 0.5, -5.0, -2.0, -0.1, 1.0])
+    switch = binarize(tau, density=0.5, keep_ties=True)
+    assert switch.mask.tolist() == [True, True, True, False, True, False, False, True]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]), min_size=1, max_size=200),
+    st.floats(min_value=0.01, max_value=1.0),
+)
+def test_kept_count_is_exactly_the_quota_per_sign_with_many_ties(values, density):
+    tau = torch.tensor(values)
+    switch = binarize(tau, density=density)
+    for side in (tau > 0, tau < 0):
+        count, quota = int(side.sum()), int(int(side.sum()) * density)
+        expected = count if quota == 0 else quota
+        assert int((switch.mask & side).sum()) == expected
 
 
 def test_a_partition_whose_quota_rounds_to_zero_is_kept_whole():
@@ -80,7 +100,7 @@ def test_nan_or_inf_is_refused_with_the_tensor_name():
 )
 def test_kept_counts_follow_the_quota_rule(values, density):
     tau = torch.tensor(values, dtype=torch.float32)
-    switch = binarize(tau, density)
+    switch = binarize(tau, density, keep_ties=True)  # the reference rule
     for sign in (1, -1):
         part = tau[tau * sign > 0]
         kept = int((switch.mask & (tau * sign > 0)).sum())

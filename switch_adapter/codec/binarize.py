@@ -6,7 +6,9 @@ Switch" (CVPR 2025):
 * positive and negative entries are ranked separately; with keep ratio ``density`` the top
   ``floor(n_pos * density)`` positive entries by value and the top ``floor(n_neg * density)`` negative entries
   by magnitude are kept;
-* ties at the cut are kept (``>= threshold``), so slightly more than the quota can survive;
+* exactly the quota is kept: entries tied at the cut are taken in position order (lowest flat index first), so
+  the size of a switch follows from its density; ``keep_ties=True`` keeps every tie instead, as the reference does
+  (``>= threshold``; more than the quota survives when many entries share the cut value);
 * a sign partition whose quota rounds to zero is kept whole;
 * zeros are never kept;
 * the scale is the RMS of the kept entries, ``||S_A * tau|| / ||S_A * S_P||``: one per tensor, or one per
@@ -75,10 +77,15 @@ def _select(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return flat[mask]
 
 
+def _quota(count: int, density: float) -> int:
+    """``floor(count * density)``: the number of entries of one sign that a switch keeps."""
+    return int(count * density)  # floor for non-negative numbers
+
+
 def _threshold(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Cut for the top ``floor(len * density)`` of 1-D ``magnitudes`` (ties kept); None keeps them all."""
+    """Cut for the top ``floor(len * density)`` of 1-D ``magnitudes``; None keeps them all."""
     count = magnitudes.numel()
-    quota = int(count * density)  # floor for non-negative numbers
+    quota = _quota(count, density)
     if count == 0 or quota == 0 or quota >= count:
         return None
     if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
@@ -98,8 +105,9 @@ def binarize(
     scale_granularity: str = "tensor",
     name: str = "tensor",
     scale_rule: str = "rms",
+    keep_ties: bool = False,
 ) -> BinarySwitch:
-    """Binarize one task-vector tensor with the reference T-Switch rules (see the module docstring).
+    """Binarize one task-vector tensor with the T-Switch rules (see the module docstring).
 
     Computes in float32 whatever the input dtype. Raises ``ValueError`` for a density outside (0, 1], an
     unknown granularity, or a tensor holding NaN/Inf (``name`` goes into the message).
@@ -122,20 +130,34 @@ def binarize(
         )
     positive_side = flat > 0
     negative_side = flat < 0
+    quotas = (_quota(int(positive_side.sum()), density), _quota(int(negative_side.sum()), density))
     # _threshold may reorder its argument: both are scratch copies.
     cut_positive = _threshold(_select(flat, positive_side), density)
     cut_negative = _threshold(_select(flat, negative_side).neg_(), density)
     # In place, so that only two full-size bool tensors live at a time.
     if cut_positive is not None:
         positive_side &= flat >= cut_positive
+        if not keep_ties:
+            _drop_excess_ties(positive_side, flat == cut_positive, quotas[0])
     if cut_negative is not None:
         negative_side &= flat <= -cut_negative
+        if not keep_ties:
+            _drop_excess_ties(negative_side, flat == -cut_negative, quotas[1])
     mask = positive_side.logical_or_(negative_side)
     del negative_side
     kept_values = _select(flat, mask)
     positive = kept_values > 0
     scale = _scale(flat, mask, kept_values, shape, scale_granularity, scale_rule)
     return BinarySwitch(mask=mask, positive=positive, scale=scale, shape=shape)
+
+
+def _drop_excess_ties(side: torch.Tensor, at_cut: torch.Tensor, quota: int) -> None:
+    """Unkeep (in place) the entries of ``side`` that tie at the cut beyond ``quota``, highest positions first."""
+    excess = int(side.sum()) - quota
+    if excess <= 0:
+        return
+    tied = torch.nonzero(side & at_cut).reshape(-1)
+    side[tied[tied.numel() - excess :]] = False
 
 
 def _scale(

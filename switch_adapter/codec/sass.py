@@ -43,6 +43,7 @@ import torch
 
 from switch_adapter.codec import elias_fano
 from switch_adapter.codec.bitpack import pack_bits, unpack_bits
+from switch_adapter.errors import CodecError
 
 FORMAT_VERSION: int = 1
 MAGIC: bytes = b"TSWB"
@@ -62,10 +63,6 @@ class Encoding(enum.IntEnum):
     """Sorted kept positions, Elias-Fano coded, + packed signs of kept entries."""
     COMPLEMENT = 2
     """Sorted positions of the NOT-kept entries, Elias-Fano coded, + packed signs of kept entries."""
-
-
-class CodecError(ValueError):
-    """A switch blob is corrupt, truncated, of an unknown format version or of an unknown encoding."""
 
 
 @dataclass(frozen=True)

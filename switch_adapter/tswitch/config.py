@@ -45,6 +45,9 @@ class TSwitchConfig(PeftConfig):
         scale_rule: ``"rms"``, the reference: the RMS of the kept entries. ``"norm"``: the reconstruction keeps the norm
             of the whole task vector; better at low densities (97.96% vs 94.59% of individual accuracy at 0.05 on
             the MiniLM sweep) at the same storage.
+        keep_ties: ``False`` (default): keep exactly ``floor(count * density)`` entries per sign, breaking ties at the
+            cut by position, so the size of a switch follows from its density. ``True``: keep every entry tied at the
+            cut, as the reference implementation does (more than the quota when many entries share the cut value).
         switch_bias: Also switch the bias of targeted modules that have one.
         switch_norms: Also switch every norm layer (LayerNorm, RMSNorm, GroupNorm) of the model, in addition to
             ``target_modules``.
@@ -74,6 +77,9 @@ class TSwitchConfig(PeftConfig):
     )
     scale_rule: Literal["rms", "norm"] = field(
         default="rms", metadata={"help": "'rms' (reference): RMS of kept entries; 'norm': keep ||tau||."}
+    )
+    keep_ties: bool = field(
+        default=False, metadata={"help": "Keep every entry tied at the cut (reference) instead of exactly the quota."}
     )
     switch_bias: bool = field(default=True, metadata={"help": "Also switch biases of targeted modules."})
     switch_norms: bool = field(default=False, metadata={"help": "Also switch every norm layer of the model."})
@@ -151,6 +157,7 @@ class TSwitchConfig(PeftConfig):
             self.scale_granularity,
             name=f"{module_name}.{param_name}",
             scale_rule=self.scale_rule,
+            keep_ties=self.keep_ties,
         )
 
     def density_for(self, module_name: str) -> float:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..codec import sass
+from ..errors import LayoutMismatchError
 from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import (
     SwitchedModule,
@@ -24,10 +25,6 @@ from .layer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class LayoutMismatchError(ValueError):
-    """A saved switch does not fit the model it is loaded onto."""
 
 
 def find_layout_entry(layout: dict[str, dict], module_name: str) -> dict | None:
