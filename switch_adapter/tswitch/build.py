@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.binarize import BinarySwitch
+from ..format import storage_summary
 from .config import TSwitchConfig
 from .layer import TSwitchLayer
 from .model import _discard_adapter, resize_module_parameters
@@ -215,22 +216,14 @@ def _warn_uncovered(
 
 
 def _log_summary(config: TSwitchConfig, adapter_name: str) -> None:
-    numel = kept = code_bytes = 0
-    for params in config.unit_layout.values():
-        for entry in params.values():
-            count = 1
-            for size in entry["shape"]:
-                count *= size
-            numel += count
-            kept += entry["kept"]
-            code_bytes += entry["code_bytes"] + 4 * entry["scales"]
-    if numel:
+    summary = storage_summary(config)
+    if summary.parameters:
         logger.info(
             "T-Switch %r: %d tensors, %d parameters, %.2f%% kept, %.3f bits/parameter (%.2f%% of fp32).",
             adapter_name,
-            sum(len(p) for p in config.unit_layout.values()),
-            numel,
-            100.0 * kept / numel,
-            8.0 * code_bytes / numel,
-            100.0 * code_bytes / (4.0 * numel),
+            summary.units,
+            summary.parameters,
+            100.0 * summary.density,
+            summary.bits_per_parameter,
+            100.0 * summary.fraction_of_fp32,
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import re
 
 import torch
@@ -12,8 +14,17 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..codec import sass
-from ..errors import LayoutMismatchError
+from ..errors import CodecError, LayoutMismatchError
+from ..format import (
+    CHECKSUMS_SINCE,
+    KEY_PREFIX,
+    Unit,
+    check_unit,
+    find_layout_entry,
+    locate_weights_file,
+    parse_key,
+    verify_adapter_file,
+)
 from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import (
     SwitchedModule,
@@ -25,20 +36,6 @@ from .layer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def find_layout_entry(layout: dict[str, dict], module_name: str) -> dict | None:
-    """The layout entry of ``module_name``, also when the adapter was made on a model with another head class.
-
-    ``bert.encoder.layer.0.attention.self.query`` (saved from ``BertForSequenceClassification``) matches the module
-    ``encoder.layer.0.attention.self.query`` of a ``BertModel`` and vice versa.
-    """
-    if module_name in layout:
-        return layout[module_name]
-    for key, entry in layout.items():
-        if key.endswith("." + module_name) or module_name.endswith("." + key):
-            return entry
-    return None
 
 
 def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
@@ -127,6 +124,7 @@ class TSwitchModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config: TSwitchConfig = self.peft_config[adapter_name]
+        _verify_file_transformers_is_loading(config)  # before anything is modified
         resolved = self._resolve_target_modules(model, config)
         if resolved is not None:
             self._resolved_targets[id(config)] = resolved
@@ -239,11 +237,12 @@ class TSwitchModel(BaseTuner):
             )
         param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
         layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
+        with_checksums = peft_config.format_version >= CHECKSUMS_SINCE
         if isinstance(target, TSwitchLayer):
-            target.update_layer(adapter_name, layout, param_names, inference_mode=peft_config.inference_mode)
+            target.update_layer(adapter_name, layout, param_names, peft_config.inference_mode, with_checksums)
             return
         new_module = SwitchedModule(
-            target, adapter_name, layout, param_names, inference_mode=peft_config.inference_mode
+            target, adapter_name, layout, param_names, peft_config.inference_mode, with_checksums
         )
         new_module.tswitch_module_name = current_key
         if adapter_name not in self.active_adapters:
@@ -282,33 +281,68 @@ class TSwitchModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every switch of the state dict (checksum, header, size) before peft loads it; on a problem the
+        half-added adapter is removed again and :class:`~switch_adapter.CodecError` names the tensors."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        problems = []
+        units: dict = {}
         for key, value in remapped.items():
-            module_path, marker, attr = key.partition(".tswitch_")
-            if not marker or not attr.split(".")[0].endswith("_code"):
-                continue
-            param_name = attr.split(".")[0].removesuffix("_code")
-            if value.numel() == 0:  # no switch for this tensor (unchanged by the fine-tune)
+            parsed = parse_key(key)
+            if parsed is not None:
+                module_path = key.partition(".tswitch_")[0]
+                units.setdefault((module_path, parsed[0].param), {})[parsed[1]] = value
+        problems = []
+        for (module_path, param_name), parts in units.items():
+            unit = Unit(module_path.removeprefix(KEY_PREFIX), param_name)
+            if "code" not in parts or "scale" not in parts:
+                problems.append(f"{unit.name}: the code or the scale is missing")
                 continue
             try:
-                header = sass.read_header(value)
-                layer = model.get_submodule(module_path)
-                expected = getattr(layer.get_base_layer(), param_name).numel()
-                if header.numel != expected:
-                    problems.append(
-                        f"{module_path}.{param_name}: switch for {header.numel} entries, layer has {expected}"
-                    )
-            except (sass.CodecError, AttributeError) as error:
-                problems.append(f"{module_path}.{param_name}: {error}")
+                numel = getattr(model.get_submodule(module_path).get_base_layer(), param_name).numel()
+            except AttributeError as error:
+                problems.append(f"{unit.name}: {error}")
+                continue
+            status = check_unit(
+                unit,
+                parts["code"],
+                parts["scale"],
+                parts.get("checksum"),
+                format_version=config.format_version,
+                numel=numel,
+            )
+            problems.extend(f"{unit.name}: {problem}" for problem in status.problems)
         if problems:
             _discard_adapter(model, adapter_name)
-            raise sass.CodecError(
-                "The T-Switch adapter file does not fit or is corrupt:\n  "
+            raise CodecError(
+                "The T-Switch adapter file does not fit or is damaged:\n  "
                 + "\n  ".join(problems[:10])
                 + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
             )
         return remapped
+
+
+def _verify_file_transformers_is_loading(config: TSwitchConfig) -> None:
+    """Verify the weights file that transformers' ``PreTrainedModel.load_adapter`` is about to load.
+
+    transformers injects the adapter (this tuner) before it reads the weights with its own loader, and tells the tuner
+    nothing about the file; ``PeftModel.from_pretrained`` verifies the file in ``TSwitchConfig.from_pretrained``
+    instead. So the file is found from ``load_adapter``'s arguments on the call stack and checked here, before the
+    model is modified. Nothing happens outside that call.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "load_adapter" and "transformers" in code.co_filename.replace(os.sep, "/").split("/"):
+            arguments = frame.f_locals
+            peft_model_id = arguments.get("peft_model_id")
+            if peft_model_id is None or arguments.get("adapter_state_dict") is not None:
+                return
+            download_kwargs = dict(getattr(arguments.get("load_config"), "download_kwargs", None) or {})
+            subfolder = download_kwargs.pop("subfolder", None)
+            weights = locate_weights_file(str(peft_model_id), subfolder or None, download_kwargs)
+            if weights is not None:
+                verify_adapter_file(weights, config.unit_layout, config.format_version)
+            return
+        frame = frame.f_back
 
 
 def resize_module_parameters(module: nn.Module, shapes: dict[str, list[int]]) -> None:
