@@ -185,7 +185,9 @@ def _mentions() -> list[tuple[str, str, bool]]:
             if span.startswith("switch-adapter"):
                 with contextlib.suppress(ValueError):
                     for command in shell_commands(span):
-                        if _cli_argv(command) is not None:
+                        argv = _cli_argv(command)
+                        # `switch-adapter COMMAND --help` (a placeholder), `switch-adapter merge: error: ...` (output)
+                        if argv is not None and not (argv and (argv[0].isupper() or argv[0].endswith(":"))):
                             found.append((_rel(path), command, False))
     return found
 
@@ -226,9 +228,11 @@ def test_documented_cli_help_parses(capsys):
     documented = {argv[0] for _, c, _ in _mentions() if (argv := _cli_argv(c)) and not argv[0].startswith("-")}
     assert documented <= set(_subparsers(build_parser()))
     for command in sorted(documented):
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0, command
+        try:
+            code = main([command, "--help"])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        assert code in (0, None), command
         assert "usage: switch-adapter" in capsys.readouterr().out
 
 
