@@ -94,8 +94,9 @@ class TSwitchLayer(BaseTunerLayer):
         for param_name in SWITCHABLE_PARAMETERS:
             checksums = self._checksums(param_name)
             for adapter_name in list(checksums.keys()):
-                value = unit_checksum(self._codes(param_name)[adapter_name], self._scales(param_name)[adapter_name])
-                checksums[adapter_name].copy_(value)
+                code, scale = self._codes(param_name)[adapter_name], self._scales(param_name)[adapter_name]
+                if not (code.is_meta or scale.is_meta):  # a skeleton on the meta device holds no data yet
+                    checksums[adapter_name].copy_(unit_checksum(code, scale))
 
     def update_layer(
         self,
