@@ -139,6 +139,7 @@ class TSwitchConfig(PeftConfig):
         weights = resolve_weights_file(str(pretrained_model_name_or_path), subfolder, kwargs)
         if weights is not None:
             validate_adapter_file(weights, config.unit_layout)
+        config._weights_file = weights  # not a field (never saved): lets the tuner check head shapes before loading
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

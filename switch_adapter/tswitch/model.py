@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -182,11 +183,10 @@ class TSwitchModel(BaseTuner):
     @staticmethod
     def _check_layout_fits(model: nn.Module, config: TSwitchConfig) -> None:
         """Raise :class:`LayoutMismatchError` naming the module if a saved switch does not fit ``model``."""
-        if not config.unit_layout:
-            return
         modules = dict(model.named_modules())
-        problems = []
-        for layout_key, params in config.unit_layout.items():
+        problems: list[str] = []
+        head_fix = _check_saved_heads(model, modules, config, problems)
+        for layout_key, params in (config.unit_layout or {}).items():
             matches = [
                 name
                 for name in modules
@@ -213,9 +213,9 @@ class TSwitchModel(BaseTuner):
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             )
             base = config.base_model_name_or_path or "the base model it was created from"
+            fix = head_fix or f"Load it onto {base} (same architecture and sizes)"
             raise LayoutMismatchError(
-                f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n"
-                f"Load it onto {base} (same architecture and sizes); nothing was modified."
+                f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n{fix}; nothing was modified."
             )
 
     # -- module creation -------------------------------------------------------------------------------
@@ -309,6 +309,61 @@ class TSwitchModel(BaseTuner):
                 + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
             )
         return remapped
+
+
+def _names_match(name: str, suffixes) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
+def _saved_tensor_shapes(path: str) -> dict[str, list[int]]:
+    """``{key: shape}`` of every tensor in a safetensors file, read from its header (no tensor data is loaded)."""
+    with safe_open(path, framework="pt") as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _check_saved_heads(
+    model: nn.Module, modules: dict[str, nn.Module], config: TSwitchConfig, problems: list[str]
+) -> str | None:
+    """Append a line to ``problems`` for every ``modules_to_save`` tensor of the adapter file (known when the config
+    came from ``TSwitchConfig.from_pretrained``) whose shape differs from what loading would allocate: the shape
+    recorded in ``modules_to_save_shapes``, else the base model's. Returns how to fix it, or None if all fit."""
+    path = getattr(config, "_weights_file", None)
+    if not path or not config.modules_to_save:
+        return None
+    labels = None
+    for key, saved in _saved_tensor_shapes(path).items():
+        key = key.removeprefix("base_model.model.")
+        if ".tswitch_" in key:
+            continue
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head_name, rel = ".".join(parts[:cut]), ".".join(parts[cut:])
+            if head_name in modules and _names_match(head_name, config.modules_to_save):
+                break
+        else:
+            continue  # not a head of this model: peft reports the key as unexpected
+        head = modules[head_name]
+        head = head.original_module if isinstance(head, ModulesToSaveWrapper) else head
+        recorded = next((s for n, s in config.modules_to_save_shapes.items() if _names_match(head_name, [n])), {})
+        tensor = head.state_dict().get(rel)
+        expected = recorded.get(rel, list(tensor.shape) if tensor is not None else None)
+        if expected is None or list(expected) == saved:
+            continue
+        problems.append(
+            f"{key} (modules_to_save head): the adapter's tensor has shape {saved}, this model's has {list(expected)}"
+        )
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if rel.endswith("weight") and not recorded and num_labels == expected[0] and saved[0] != expected[0]:
+            labels = saved[0]
+    if not problems:
+        return None
+    if labels is not None:
+        return (
+            f"The adapter's head has {labels} labels: load it onto a base model with num_labels={labels} "
+            f"(e.g. AutoModelForSequenceClassification.from_pretrained(..., num_labels={labels})), or build a switch "
+            "for this head with from_finetuned"
+        )
+    return "Load it onto a base model whose heads have the adapter's shapes, or build a switch for this model"
 
 
 def resize_module_parameters(module: nn.Module, shapes: dict[str, list[int]]) -> None:
