@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import finetune_copy, tiny_bert_classifier, token_batch
+from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, token_batch
 
 from switch_adapter import LayoutMismatchError, TSwitchConfig, from_finetuned
+from switch_adapter.tswitch import TSwitchLayer
 
 
 def _structure(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -71,3 +72,42 @@ def test_head_of_other_shape_is_refused_before_anything_is_modified(two_label_sw
     reloaded = PeftModel.from_pretrained(tiny_bert_classifier(num_labels=2), path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**token_batch()).logits, logits)
+
+
+def _hidden(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def test_transformers_adapter_methods_after_load_adapter(tmp_path):
+    """transformers' set_adapter / active_adapters / disable_adapters / enable_adapters / delete_adapter work on
+    T-Switch adapters loaded with ``model.load_adapter`` (they refuse to run with an incompatible peft)."""
+    base, batch = tiny_bert(), token_batch()
+    expected = {}
+    for seed, name in enumerate(["first", "second"], start=1):
+        model = from_finetuned(
+            copy.deepcopy(base), finetune_copy(base, seed=seed), TSwitchConfig(density=0.2), progress=False
+        )
+        model.save_pretrained(tmp_path / name)
+        expected[name] = _hidden(model, batch)
+
+    plain = tiny_bert()
+    plain.load_adapter(str(tmp_path / "first"), adapter_name="first")
+    plain.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    plain.set_adapter("first")
+    assert plain.active_adapters() == ["first"]
+    torch.testing.assert_close(_hidden(plain, batch), expected["first"], rtol=1e-6, atol=1e-6)
+    plain.set_adapter("second")
+    assert plain.active_adapters() == ["second"]
+    torch.testing.assert_close(_hidden(plain, batch), expected["second"], rtol=1e-6, atol=1e-6)
+
+    plain.disable_adapters()
+    torch.testing.assert_close(_hidden(plain, batch), _hidden(base, batch), rtol=1e-6, atol=1e-6)
+    plain.enable_adapters()
+    torch.testing.assert_close(_hidden(plain, batch), expected["second"], rtol=1e-6, atol=1e-6)
+
+    plain.delete_adapter("first")
+    assert set(plain.peft_config) == {"second"}
+    layers = [m for m in plain.modules() if isinstance(m, TSwitchLayer)]
+    assert layers and all(m._all_available_adapter_names() == ["second"] for m in layers)
+    torch.testing.assert_close(_hidden(plain, batch), expected["second"], rtol=1e-6, atol=1e-6)
