@@ -4,6 +4,7 @@ switches, and what an empty switch can learn (issue #8)."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -111,3 +112,23 @@ def test_transformers_adapter_methods_after_load_adapter(tmp_path):
     layers = [m for m in plain.modules() if isinstance(m, TSwitchLayer)]
     assert layers and all(m._all_available_adapter_names() == ["second"] for m in layers)
     torch.testing.assert_close(_hidden(plain, batch), expected["second"], rtol=1e-6, atol=1e-6)
+
+
+TUNER_LOGGER = "switch_adapter.tswitch.model"
+
+
+def test_empty_trainable_switch_says_what_training_means(caplog):
+    from peft import get_peft_model
+
+    with caplog.at_level(logging.WARNING, logger=TUNER_LOGGER):
+        get_peft_model(tiny_bert(), TSwitchConfig())
+    messages = [r.getMessage() for r in caplog.records if r.name == TUNER_LOGGER]
+    assert len(messages) == 1
+    assert "only its scales and modules_to_save" in messages[0] and "from_finetuned" in messages[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=TUNER_LOGGER):
+        get_peft_model(tiny_bert(), TSwitchConfig(inference_mode=True))  # a placeholder, not for training
+        base = tiny_bert()
+        from_finetuned(base, finetune_copy(base), TSwitchConfig(density=0.2), progress=False)  # filled at once
+    assert not [r for r in caplog.records if r.name == TUNER_LOGGER]

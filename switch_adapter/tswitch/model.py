@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
+from collections.abc import Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -90,6 +93,14 @@ class TSwitchModel(BaseTuner):
 
     Use it through PEFT: ``get_peft_model(model, TSwitchConfig(...))``, ``PeftModel.from_pretrained(model, path)``,
     or :func:`switch_adapter.from_finetuned` to build switches from a fine-tuned model.
+
+    What training a switch means: the keep-masks and signs are fixed when a switch is built from a task vector
+    (``from_finetuned``, ``convert_finetuned``); only the scales (one per tensor, or per row) and the
+    ``modules_to_save`` (task heads) are trainable parameters. ``get_peft_model(model, TSwitchConfig())`` therefore
+    creates an *empty* switch: no masks, zero scales that have no effect, so only ``modules_to_save`` can learn. It
+    logs a warning saying so unless ``inference_mode=True`` (an empty placeholder to load or fill later).
+
+    ``add_weighted_adapter`` combines switches into a new switch, with peft's argument conventions.
     """
 
     prefix: str = "tswitch_"
@@ -132,6 +143,7 @@ class TSwitchModel(BaseTuner):
         if resolved is not None:
             self._resolved_targets[id(config)] = resolved
         self._check_layout_fits(model, config)  # before anything is modified
+        self._warn_if_empty_trainable(model, config, adapter_name)
         super().inject_adapter(
             model,
             adapter_name,
@@ -143,6 +155,25 @@ class TSwitchModel(BaseTuner):
         self._follow_tied_embedding(model)
         if isinstance(model, PreTrainedModel):
             model.add_model_tags(["t-switch", "switch-adapter"])
+
+    @staticmethod
+    def _warn_if_empty_trainable(model: nn.Module, config: TSwitchConfig, adapter_name: str) -> None:
+        """Say what training an empty switch can and cannot do (see the class docstring)."""
+        if config.unit_layout or config.inference_mode or _FILLING_SWITCHES.get():
+            return
+        if any(param.is_meta for param in model.parameters()):
+            return  # a meta skeleton (converters plan the file layout with one), never trained
+        heads = f" and {sorted(config.modules_to_save)}" if config.modules_to_save else ""
+        logger.warning(
+            "T-Switch adapter %r was created empty. A switch learns only its scales and modules_to_save in "
+            "training: its keep-masks and signs are fixed when it is built from a task vector, and an empty switch "
+            "has none, so its zero scales have no effect and only the modules_to_save%s can learn. Build a switch "
+            "from a fine-tuned model with switch_adapter.from_finetuned(base, finetuned, config) or "
+            "switch_adapter.convert_finetuned(...); pass TSwitchConfig(inference_mode=True) for an empty "
+            "placeholder.",
+            adapter_name,
+            heads,
+        )
 
     # -- target resolution -------------------------------------------------------------------------------
 
@@ -309,6 +340,19 @@ class TSwitchModel(BaseTuner):
                 + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
             )
         return remapped
+
+
+_FILLING_SWITCHES: contextvars.ContextVar[bool] = contextvars.ContextVar("tswitch_filling_switches", default=False)
+
+
+@contextlib.contextmanager
+def filling_switches() -> Iterator[None]:
+    """Adapters created inside this block are filled with switches right away: no warning that they are empty."""
+    token = _FILLING_SWITCHES.set(True)
+    try:
+        yield
+    finally:
+        _FILLING_SWITCHES.reset(token)
 
 
 def _names_match(name: str, suffixes) -> bool:
