@@ -12,6 +12,7 @@ from peft import PeftModel
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, token_batch
 
 from switch_adapter import LayoutMismatchError, TSwitchConfig, from_finetuned
+from switch_adapter.codec.binarize import binarize
 from switch_adapter.tswitch import TSwitchLayer
 
 
@@ -132,3 +133,140 @@ def test_empty_trainable_switch_says_what_training_means(caplog):
         base = tiny_bert()
         from_finetuned(base, finetune_copy(base), TSwitchConfig(density=0.2), progress=False)  # filled at once
     assert not [r for r in caplog.records if r.name == TUNER_LOGGER]
+
+
+# -- add_weighted_adapter --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def two_switches():
+    base = tiny_bert()
+    model = from_finetuned(
+        copy.deepcopy(base), finetune_copy(base, seed=1), TSwitchConfig(density=0.3), adapter_name="a", progress=False
+    )
+    model = from_finetuned(
+        model, finetune_copy(base, seed=2), TSwitchConfig(density=0.3), adapter_name="b", progress=False
+    )
+    return base, model
+
+
+def _switched_layers(model):
+    return [(name, m) for name, m in model.base_model.model.named_modules() if isinstance(m, TSwitchLayer)]
+
+
+def _reference_merge(combination_type, deltas, weights, density):
+    from peft.utils import merge_utils
+
+    if combination_type == "linear":
+        return merge_utils.task_arithmetic(deltas, weights)
+    return getattr(merge_utils, combination_type)(deltas, weights, density)
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "ties", "magnitude_prune", "dare_linear", "dare_ties"])
+def test_add_weighted_adapter_equals_the_reference_combination(two_switches, combination_type):
+    _, model = two_switches
+    weights = [0.7, 0.5]
+    torch.manual_seed(0)
+    model.add_weighted_adapter(["a", "b"], weights, "ab", combination_type=combination_type, density=0.2)
+    assert model.active_adapters == ["b"]  # not activated, as in peft
+    torch.manual_seed(0)  # dare_* draw random masks, tensor by tensor in the same order
+    checked = 0
+    for _, layer in _switched_layers(model):
+        for param in layer.switch_slots("ab"):
+            deltas = [layer.get_delta(a, param) for a in ("a", "b")]
+            reference = _reference_merge(combination_type, deltas, torch.tensor(weights), 0.2)
+            expected = binarize(reference, 0.2).to_dense() if torch.count_nonzero(reference) else None
+            got = layer.get_delta("ab", param)
+            if expected is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, expected)
+                checked += 1
+            assert model.peft_config["ab"].density == 0.2
+    assert checked > 10
+
+
+def test_add_weighted_adapter_saves_and_reloads(two_switches, tmp_path):
+    base, model = two_switches
+    batch = token_batch()
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab")  # density defaults to the adapters' 0.3
+    assert model.peft_config["ab"].density == 0.3 and model.peft_config["ab"].unit_layout
+    model.set_adapter("ab")
+    combined = _hidden(model, batch)
+    assert not torch.allclose(combined, _hidden(base, batch))
+    model.save_pretrained(tmp_path, selected_adapters=["ab"])
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "ab")
+    torch.testing.assert_close(_hidden(reloaded, batch), combined, rtol=0, atol=0)
+
+
+def _classifier_switches(label_counts):
+    base = tiny_bert_classifier(num_labels=2)
+    config = TSwitchConfig(density=0.3, task_type="SEQ_CLS", modules_to_save=["classifier"])
+    model = None
+    for i, labels in enumerate(label_counts):
+        tuned = finetune_copy(tiny_bert_classifier(num_labels=labels), seed=i + 1)
+        model = from_finetuned(
+            model if model is not None else copy.deepcopy(base), tuned, copy.deepcopy(config),
+            adapter_name=f"t{i}", progress=False,
+        )  # fmt: skip
+    return model
+
+
+def test_add_weighted_adapter_averages_heads_of_one_shape(tmp_path):
+    model = _classifier_switches([3, 3])
+    wrapper = model.base_model.model.classifier
+    heads = [wrapper.modules_to_save[name].weight.detach().clone() for name in ("t0", "t1")]
+    model.add_weighted_adapter(["t0", "t1"], [0.6, 0.2], "mix")
+    expected = (0.6 * heads[0] + 0.2 * heads[1]) / 0.8
+    torch.testing.assert_close(wrapper.modules_to_save["mix"].weight, expected)
+    assert model.peft_config["mix"].modules_to_save_shapes["classifier"]["weight"] == [3, 32]
+    model.set_adapter("mix")
+    with torch.no_grad():
+        logits = model(**token_batch()).logits
+    assert logits.shape == (3, 3)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    reloaded = PeftModel.from_pretrained(tiny_bert_classifier(num_labels=2), tmp_path / "mix")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**token_batch()).logits, logits)
+
+
+def test_add_weighted_adapter_refuses_heads_of_other_shapes():
+    model = _classifier_switches([2, 3])
+    structure, state = _structure(model), _state(model)
+    with pytest.raises(ValueError, match=r"heads 'classifier'.*different shapes.*same number of labels"):
+        model.add_weighted_adapter(["t0", "t1"], [0.5, 0.5], "mix")
+    _assert_unchanged(model, structure, state)
+    assert set(model.peft_config) == {"t0", "t1"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(adapters=["a", "nope"], weights=[1.0, 1.0]), r"Adapter nope does not exist"),
+        (dict(adapters=["a", "b"], weights=[1.0]), r"2 adapters but 1 weights"),
+        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="a"), r"Adapter a already exists"),
+        (dict(adapters=["a", "b"], weights=[1.0, 1.0], combination_type="svd"), r"Invalid combination_type 'svd'"),
+        (dict(adapters=["a", "b"], weights=[1.0, 1.0], density=1.5), r"density must be a number in \(0, 1\]"),
+    ],
+)
+def test_add_weighted_adapter_bad_input_leaves_the_model_unchanged(two_switches, kwargs, message):
+    _, model = two_switches
+    structure, state = _structure(model), _state(model)
+    with pytest.raises(ValueError, match=message):
+        model.add_weighted_adapter(**{"adapter_name": "ab", **kwargs})
+    _assert_unchanged(model, structure, state)
+    assert set(model.peft_config) == {"a", "b"}
+
+
+def test_add_weighted_adapter_refuses_other_densities_without_an_explicit_one():
+    base = tiny_bert()
+    model = from_finetuned(
+        copy.deepcopy(base), finetune_copy(base, seed=1), TSwitchConfig(density=0.3), adapter_name="a", progress=False
+    )
+    model = from_finetuned(
+        model, finetune_copy(base, seed=2), TSwitchConfig(density=0.1), adapter_name="b", progress=False
+    )
+    with pytest.raises(ValueError, match=r"different densities \(a: 0.3, b: 0.1\); pass density="):
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab")
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", density=0.2)
+    assert model.peft_config["ab"].density == 0.2
