@@ -16,7 +16,7 @@ from ..codec.binarize import BinarySwitch
 from ..format import storage_summary
 from .config import TSwitchConfig
 from .layer import TSwitchLayer
-from .model import _discard_adapter, resize_module_parameters
+from .model import _discard_adapter, filling_switches, resize_module_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,12 @@ def from_finetuned(
 
     is_new = not isinstance(base_model, PeftModel)
     original_state = (base_model.get_base_model() if not is_new else base_model).state_dict()
-    if is_new:
-        model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    else:
-        model = base_model
-        model.add_adapter(adapter_name, config)
+    with filling_switches():
+        if is_new:
+            model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        else:
+            model = base_model
+            model.add_adapter(adapter_name, config)
     inner = model.get_base_model()
     try:
         switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)

@@ -155,6 +155,7 @@ class TSwitchConfig(PeftConfig):
         weights = locate_weights_file(name, subfolder, kwargs)
         if weights is not None:
             verify_adapter_file(weights, config.unit_layout, config.format_version)
+        config._weights_file = weights  # not a field (never saved): lets the tuner check head shapes before loading
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
