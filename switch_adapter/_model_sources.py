@@ -106,7 +106,7 @@ def resolve_folder(
     path_or_repo: str | os.PathLike,
     *,
     what: str,
-    allow_patterns: Sequence[str],
+    allow_patterns: Sequence[str] | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
 ) -> str:
@@ -122,4 +122,5 @@ def resolve_folder(
     folder = local_folder(name, what)
     if folder is not None:
         return folder
-    return from_hub(snapshot_download, name, what, revision=revision, token=token, allow_patterns=list(allow_patterns))
+    patterns = list(allow_patterns) if allow_patterns is not None else None
+    return from_hub(snapshot_download, name, what, revision=revision, token=token, allow_patterns=patterns)

@@ -59,6 +59,11 @@ def hub_failure(
             f"The {what} {name!r} is neither a local folder nor a Hub repository you can access (for a private "
             "repository pass token= or set HF_TOKEN)."
         )
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return AdapterNotFoundError(
+            f"The {what} {name!r} is not a local folder, the Hub cannot be reached (offline or no network), and it is "
+            "not in the Hub cache. Check the path or repository id, or connect and try again."
+        )
     if kind == "HFValidationError":
         return AdapterNotFoundError(f"The {what} {name!r} is neither a local folder nor a valid Hub repository id.")
     text = str(error).strip()

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, token_batch
+from tiny_models import tiny_bert, tiny_bert_classifier, token_batch
 
 import switch_adapter
 from switch_adapter import AdapterNotFoundError, CodecError, TSwitchConfig, from_finetuned, inspect_adapter
@@ -31,14 +31,6 @@ from switch_adapter.format import (
 )
 
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture()
-def saved(tmp_path):
-    base = tiny_bert()
-    model = from_finetuned(copy.deepcopy(base), finetune_copy(base), TSwitchConfig(density=0.2), progress=False)
-    model.save_pretrained(tmp_path)
-    return tmp_path
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,9 +72,9 @@ def test_key_grammar(key, expected):
 # -- format version 2: checksums ------------------------------------------------------------------------------
 
 
-def test_saved_files_carry_a_checksum_per_unit(saved):
-    tensors = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+def test_saved_files_carry_a_checksum_per_unit(saved_switch):
+    tensors = load_file(saved_switch / "adapter_model.safetensors")
+    config = json.loads((saved_switch / "adapter_config.json").read_text())
     assert config["format_version"] == FORMAT_VERSION == 2
     units = {parse_key(k)[0] for k in tensors if parse_key(k) and parse_key(k)[1] == "code"}
     assert units and all(isinstance(u, Unit) for u in units)
@@ -93,8 +85,8 @@ def test_saved_files_carry_a_checksum_per_unit(saved):
         )
 
 
-def test_flipped_payload_bytes_are_refused_before_the_base_is_touched(saved):
-    path = saved / "adapter_model.safetensors"
+def test_flipped_payload_bytes_are_refused_before_the_base_is_touched(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = max((k for k in tensors if k.endswith("_code")), key=lambda k: tensors[k].numel())
     blob = tensors[key].clone()
@@ -104,12 +96,12 @@ def test_flipped_payload_bytes_are_refused_before_the_base_is_touched(saved):
     base = tiny_bert()
     before = _state(base)
     with pytest.raises(CodecError, match="checksum mismatch"):
-        PeftModel.from_pretrained(base, saved)
+        PeftModel.from_pretrained(base, saved_switch)
     assert _untouched(base, before)
 
 
-def test_a_flipped_scale_byte_is_refused(saved):
-    path = saved / "adapter_model.safetensors"
+def test_a_flipped_scale_byte_is_refused(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("tswitch_weight_scale"))
     raw = tensors[key].view(torch.uint8).clone()
@@ -119,15 +111,15 @@ def test_a_flipped_scale_byte_is_refused(saved):
     base = tiny_bert()
     before = _state(base)
     with pytest.raises(CodecError, match=r"\.weight: checksum mismatch"):
-        PeftModel.from_pretrained(base, saved)
+        PeftModel.from_pretrained(base, saved_switch)
     assert _untouched(base, before)
-    report = inspect_adapter(saved)
+    report = inspect_adapter(saved_switch)
     assert report.damaged and "checksum mismatch" in report.problems[0]
     assert "DAMAGED" in report.to_table()
 
 
-def test_transformers_load_adapter_refuses_a_damaged_file_and_leaves_the_model_as_it_was(saved):
-    path = saved / "adapter_model.safetensors"
+def test_transformers_load_adapter_refuses_a_damaged_file_and_leaves_the_model_as_it_was(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("tswitch_weight_scale"))
     tensors[key] = tensors[key] * 2
@@ -135,20 +127,20 @@ def test_transformers_load_adapter_refuses_a_damaged_file_and_leaves_the_model_a
     base = tiny_bert()
     before = _state(base)
     with pytest.raises(CodecError, match="checksum mismatch"):
-        base.load_adapter(str(saved))
+        base.load_adapter(str(saved_switch))
     assert _untouched(base, before)
 
 
-def test_a_missing_checksum_in_a_version_2_file_is_refused(saved):
-    path = saved / "adapter_model.safetensors"
+def test_a_missing_checksum_in_a_version_2_file_is_refused(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = {k: v for k, v in load_file(path).items() if not k.endswith("query.tswitch_weight_checksum")}
     save_file(tensors, path)
     with pytest.raises(CodecError, match="no checksum"):
-        TSwitchConfig.from_pretrained(str(saved))
+        TSwitchConfig.from_pretrained(str(saved_switch))
 
 
-def test_trained_scales_are_saved_with_a_fresh_checksum(saved, tmp_path):
-    model = PeftModel.from_pretrained(tiny_bert(), saved, is_trainable=True)
+def test_trained_scales_are_saved_with_a_fresh_checksum(saved_switch, tmp_path):
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch, is_trainable=True)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "tswitch_" in name and name.endswith("_scale.default"):
@@ -159,10 +151,10 @@ def test_trained_scales_are_saved_with_a_fresh_checksum(saved, tmp_path):
     torch.testing.assert_close(reloaded(**token_batch()).last_hidden_state, model(**token_batch()).last_hidden_state)
 
 
-def test_sizes_count_the_checksum(saved):
-    config = TSwitchConfig.from_pretrained(str(saved))
+def test_sizes_count_the_checksum(saved_switch):
+    config = TSwitchConfig.from_pretrained(str(saved_switch))
     summary = storage_summary(config)
-    report = inspect_adapter(saved)
+    report = inspect_adapter(saved_switch)
     assert summary.switch_bytes == report.switch_bytes
     assert summary.switch_bytes == sum(
         e["code_bytes"] + 4 * e["scales"] + 4 for p in config.unit_layout.values() for e in p.values()
@@ -222,13 +214,13 @@ def test_inspect_and_cli_accept_a_switch_with_unchanged_tensors(tmp_path, capsys
     PeftModel.from_pretrained(tiny_bert(), tmp_path)  # loads as before
 
 
-def test_cli_inspect_exits_non_zero_on_damage(saved, capsys):
-    path = saved / "adapter_model.safetensors"
+def test_cli_inspect_exits_non_zero_on_damage(saved_switch, capsys):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("_code") and tensors[k].numel())
     tensors[key] = tensors[key].flip(0).contiguous()
     save_file(tensors, path)
-    assert main(["inspect", str(saved), "--json"]) == 1
+    assert main(["inspect", str(saved_switch), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["problems"]
 
 
@@ -244,13 +236,22 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("offline", ["0", "1"])
 def test_a_missing_adapter_name_fails_at_once_without_hub_retries(tmp_path, offline):
     script = (
-        "import switch_adapter\n"
-        "for call in (lambda: switch_adapter.TSwitchConfig.from_pretrained('my-switch-typo'),\n"
-        "             lambda: switch_adapter.inspect_adapter('my-switch-typo')):\n"
+        "import sys, torch, switch_adapter\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_models import tiny_bert\n"
+        "calls = (\n"
+        "    lambda: switch_adapter.TSwitchConfig.from_pretrained('my-switch-typo'),\n"
+        "    lambda: switch_adapter.inspect_adapter('my-switch-typo'),\n"
+        "    lambda: switch_adapter.AutoSwitchModel.from_pretrained(\n"
+        "        tiny_bert(), adapters={'a': 'my-switch-typo'},\n"
+        "        query_sets={'a': torch.ones(2, 4, dtype=torch.long)}),\n"
+        "    lambda: switch_adapter.AutoSwitchModel.from_pretrained('my-router-typo', base_model=tiny_bert()),\n"
+        ")\n"
+        "for call in calls:\n"
         "    try:\n"
         "        call()\n"
         "    except switch_adapter.AdapterNotFoundError as error:\n"
-        "        print('NOT FOUND:', error)\n"
+        "        print('NOT FOUND:', str(error).splitlines()[0])\n"
     )
     env = {
         **os.environ,
@@ -260,7 +261,11 @@ def test_a_missing_adapter_name_fails_at_once_without_hub_retries(tmp_path, offl
     }
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("NOT FOUND: The T-Switch adapter 'my-switch-typo'") == 2
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("NOT FOUND:") for line in lines), result.stdout
+    assert ["'my-switch-typo'" in line for line in lines] == [True, True, True, False] and "'my-router-typo'" in lines[
+        3
+    ]
     assert "Retrying" not in result.stderr  # huggingface_hub's backoff (about 23 s) was not entered
 
 

@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .._staging import replace_dir, staging_dir
+from .._model_sources import resolve_folder
+from .._staging import atomic_output_dir
 from ..errors import SwitchAdapterError
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
@@ -91,8 +92,8 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
         raise FileExistsError(
             f"{target} exists and is not an Auto-Switch bundle; choose an empty or new folder (nothing was written)."
         )
-    work = Path(staging_dir(target.parent, f".{target.name}.tmp-"))
-    try:
+    with atomic_output_dir(target, overwrite=True) as staging:
+        work = Path(staging)
         tasks = []
         query = router.query_features
         for task in router.tasks:
@@ -127,10 +128,6 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
         (work / BUNDLE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
         if router.tokenizer is not None:
             router.tokenizer.save_pretrained(str(work / "tokenizer"))
-        replace_dir(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 
@@ -145,12 +142,7 @@ def _save_adapter(router: Router, task: str, destination: Path) -> None:
 
 
 def _resolve(bundle: str | os.PathLike, revision: str | None, token: str | None) -> Path:
-    path = Path(bundle)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(os.fspath(bundle), revision=revision, token=token))
+    return Path(resolve_folder(bundle, what="Auto-Switch bundle", revision=revision, token=token))
 
 
 def read_bundle_description(folder: Path) -> dict[str, Any]:

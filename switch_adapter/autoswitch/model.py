@@ -18,10 +18,10 @@ from peft.utils import PeftType
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..codec.sass import CodecError
-from ..errors import SwitchAdapterError
+from .._model_sources import hub_download_kwargs
+from ..errors import AdapterNotFoundError, LayoutMismatchError, SwitchAdapterError
 from ..tswitch.config import TSwitchConfig
-from ..tswitch.model import LayoutMismatchError, TSwitchModel
+from ..tswitch.model import TSwitchModel
 from . import knn
 from .bundle import push_bundle, read_bundle, save_bundle
 from .compose import (
@@ -151,12 +151,14 @@ def load_adapter_config(source: AdapterSource, token: str | None = None) -> Peft
     kwargs = source.hub_kwargs()
     if token is not None:
         kwargs["token"] = token
+    if not source.is_local:
+        kwargs = hub_download_kwargs(kwargs)  # an unreachable Hub: the cache answers at once, no retries
     try:
         return PeftConfig.from_pretrained(source.location, **kwargs)
-    except CodecError:
-        raise  # a corrupt adapter file: the codec's message names the tensor
+    except SwitchAdapterError:
+        raise  # a damaged adapter file names the tensor; a missing one says what to check
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
+        raise AdapterNotFoundError(
             f"Could not read an adapter config at {source.location!r} ({error}). Give a folder written by "
             "save_pretrained or a Hub repo id holding adapter_config.json."
         ) from error
@@ -762,6 +764,8 @@ def _attach(base: nn.Module, sources: dict[str, AdapterSource], token: str | Non
     try:
         for name, source in sources.items():
             kwargs = source.hub_kwargs() | ({"token": token} if token else {})
+            if not source.is_local:
+                kwargs = hub_download_kwargs(kwargs)
             if model is None:
                 model = PeftModel.from_pretrained(base, source.location, adapter_name=name, **kwargs)
             else:
