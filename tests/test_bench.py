@@ -20,10 +20,10 @@ from safetensors import safe_open
 from tiny_models import bert_config
 from transformers import AutoTokenizer
 
-from switch_adapter.bench import baselines, evaluate, tasks
-from switch_adapter.bench.finetune import FinetuneSettings, cache_key, finetune_task
-from switch_adapter.bench.pipeline import BenchConfig, adapter_names, prepare_task, run_benchmark
-from switch_adapter.bench.sources import debian_path, fortune_entries, fortune_files, load_data_frame
+from benchmarks import baselines, evaluate, tasks
+from benchmarks.finetune import FinetuneSettings, cache_key, finetune_task
+from benchmarks.pipeline import BenchConfig, adapter_names, prepare_task, run_benchmark
+from benchmarks.sources import debian_path, fortune_entries, fortune_files, load_data_frame
 
 # ----------------------------------------------------------------------------------------------------
 # Task loaders on the data present
@@ -330,8 +330,8 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
 def test_routing_features_are_chosen_on_validation(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from switch_adapter.bench.model import load_classifier
-    from switch_adapter.bench.routing_choice import choose_routing_features
+    from benchmarks.model import load_classifier
+    from benchmarks.routing_choice import choose_routing_features
 
     model = load_classifier(tiny_model_dir, 2).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -23,7 +23,7 @@ import torch
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 
-from .._staging import staging_dir
+from switch_adapter._staging import staging_dir
 
 TaskVector = dict[str, torch.Tensor]
 

