@@ -342,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              target_pct=args.target, max_train=args.max_train, max_test=args.max_test,
                              eval_batch_size=args.eval_batch_size, model=args.model)  # fmt: skip
     start = time.perf_counter()
+    software = environment()  # before the run: the commit whose code measures
     model_path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -363,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "rows": rows,
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 1),
-        "environment": environment(),
+        "environment": software,
     }
     report["settings"]["finetune"].pop("seed")  # the seed is each run's
     out = Path(args.out)
