@@ -249,6 +249,9 @@ def markdown(report: dict) -> str:
         "the fine-tune).",
         "",
         f"Choice tasks: {', '.join(s['choice_tasks'])}. Held-out tasks: {', '.join(report['held_out_tasks'])}.",
+        "Seeds measured per task: "
+        + "; ".join(f"{task} {','.join(map(str, seeds)) or '-'}" for task, seeds in report["seeds_measured"].items())
+        + ("" if report["complete"] else " (**incomplete run**)."),
         "`% kept` = per task and seed 100 x switched accuracy / individual fine-tuned accuracy, averaged; worst = "
         "the lowest single task and seed. Bits per parameter: SASS (cheapest exact encoding per tensor) + one fp32 "
         "scale per tensor; bound = n H(k/n) + k.",
@@ -321,6 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", metavar="DIR", help="fine-tune cache (default ~/.cache/switch_adapter/bench)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS), help="output path without suffix; .json and .md are written")
+    parser.add_argument("--resume", action="store_true", help="keep the runs of an existing --out file (same settings)")
     return parser.parse_args(argv)
 
 
@@ -348,33 +352,68 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     params = sum(v.numel() for k, v in load_classifier(model_path, 2).state_dict().items()
                  if not k.startswith(HEAD_PREFIX) and v.is_floating_point())  # fmt: skip
-    pairs = [(task, seed) for seed in settings.seeds for task in tasks]
-    runs = [run_task(task, seed, settings, model_path, tokenizer, cache) for task, seed in tqdm(pairs, desc="sweep")]
+    out = Path(args.out)
+    out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = resumed_runs(out.with_suffix(".json"), settings) if args.resume else []
+    done = {(run["task"], run["seed"]) for run in runs}
+    pairs = [(task, seed) for seed in settings.seeds for task in tasks if (task, seed) not in done]
+    report: dict = {}
+    for task, seed in tqdm(pairs, desc="sweep"):  # seeds outermost: every task has a seed early
+        runs.append(run_task(task, seed, settings, model_path, tokenizer, cache))
+        report = build_report(runs, settings, params, argv, software, time.perf_counter() - start)
+        write_report(report, out)  # after every run, so that an interrupted sweep leaves what it measured
+    if not pairs:
+        report = build_report(runs, settings, params, argv, software, time.perf_counter() - start)
+        write_report(report, out)
+    print(markdown(report))
+    return report
+
+
+def build_report(
+    runs: list[dict], settings: SweepSettings, params: int, argv: Sequence[str] | None, software: dict, seconds: float
+) -> dict:
+    """The result file's content for the ``runs`` measured so far."""
     rows = summarise(runs, settings, params)
-    report = {
+    measured = {task: sorted(run["seed"] for run in runs if run["task"] == task) for task in settings.tasks}
+    finetune = asdict(FinetuneSettings())
+    finetune.pop("seed")  # the seed is each run's
+    return {
         "benchmark": "T-Switch density sweep",
         "command": command_line("benchmarks.density_sweep", argv),
-        "model": model_label(args.model),
+        "model": model_label(settings.model),
         "encoder_params": params,
-        "settings": asdict(settings) | {"model": model_label(args.model), "finetune": asdict(FinetuneSettings())},
+        "settings": asdict(settings) | {"model": model_label(settings.model), "finetune": finetune},
         "held_out_tasks": settings.held_out_tasks,
-        "choice_rule": f"cheapest density (fewest bits/param) whose mean % kept on the choice tasks >= "
+        "complete": all(measured[task] == sorted(settings.seeds) for task in settings.tasks),
+        "seeds_measured": measured,
+        "choice_rule": "cheapest density (fewest bits/param) whose mean % kept on the choice tasks >= "
         f"{settings.target_pct:g}",
         "chosen": {rule: choose(rows, rule, settings.target_pct) for rule in settings.scale_rules},
         "rows": rows,
         "runs": runs,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "environment": software,
     }
-    report["settings"]["finetune"].pop("seed")  # the seed is each run's
-    out = Path(args.out)
-    out = out.with_suffix("") if out.suffix in (".json", ".md") else out
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``<out>.json`` and ``<out>.md``."""
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    return report
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def resumed_runs(path: Path, settings: SweepSettings) -> list[dict]:
+    """The runs of an earlier result file measured with the same settings (``--resume``); none otherwise."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    keys = ("densities", "scale_rules", "max_train", "max_test", "eval_batch_size", "model")
+    now = asdict(settings) | {"model": model_label(settings.model)}
+    if any(json.dumps(earlier["settings"].get(k)) != json.dumps(now[k]) for k in keys):
+        logger.warning("Not resuming from %s: it was measured with other settings.", path)
+        return []
+    return [run for run in earlier["runs"] if run["task"] in settings.tasks and run["seed"] in settings.seeds]
 
 
 if __name__ == "__main__":
