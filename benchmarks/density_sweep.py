@@ -357,9 +357,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = resumed_runs(out.with_suffix(".json"), settings) if args.resume else []
     done = {(run["task"], run["seed"]) for run in runs}
-    pairs = [(task, seed) for seed in settings.seeds for task in tasks if (task, seed) not in done]
+    pairs = [pair for pair in run_order(settings) if pair not in done]
     report: dict = {}
-    for task, seed in tqdm(pairs, desc="sweep"):  # seeds outermost: every task has a seed early
+    for task, seed in tqdm(pairs, desc="sweep"):
         runs.append(run_task(task, seed, settings, model_path, tokenizer, cache))
         report = build_report(runs, settings, params, argv, software, time.perf_counter() - start)
         write_report(report, out)  # after every run, so that an interrupted sweep leaves what it measured
@@ -368,6 +368,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_report(report, out)
     print(markdown(report))
     return report
+
+
+def run_order(settings: SweepSettings) -> list[tuple[str, int]]:
+    """``(task, seed)`` pairs in the order measured: the first seed of every task, then the other seeds of the
+    choice tasks, then those of the held-out tasks (an interrupted sweep has measured what the choice needs)."""
+    first, *others = settings.seeds
+    pairs = [(task, first) for task in settings.tasks]
+    pairs += [(task, seed) for seed in others for task in settings.choice_tasks]
+    return pairs + [(task, seed) for seed in others for task in settings.held_out_tasks]
 
 
 def build_report(
