@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .environment import command_line
+
 DESCRIPTION = (
     "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks and compare, on mixed-task batches: the pre-trained "
     "encoder, the individual fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task "
@@ -119,8 +121,9 @@ def list_tasks() -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark as the options say; prints the table and where the outputs went. Returns 0."""
+def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run the benchmark as the options say (``command``: the command line, recorded in the result files); prints
+    the table and where the outputs went. Returns 0."""
     if getattr(args, "list_tasks", False):
         return list_tasks()
     from .pipeline import run_benchmark
@@ -128,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     config = bench_config(args)
     start = time.perf_counter()
-    report = run_benchmark(config)
+    report = run_benchmark(config, command=command)
     print(markdown_table(report))
     print()
     for line in targets(report):
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("switch_adapter").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
-        return run_bench(args)
+        return run_bench(args, command_line("benchmarks", argv))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

@@ -15,9 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
-    """``python -m <module> <arguments>`` as typed from the repository root (``argv`` None: ``sys.argv[1:]``)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    """``python -m <module> <arguments>`` as typed from the repository root (``argv`` None: ``sys.argv[1:]``);
+    absolute paths among the arguments are shortened by :func:`portable_path`."""
+    arguments = [portable_path(a) for a in (sys.argv[1:] if argv is None else argv)]
     return " ".join(["python -m", module, *(shlex.quote(a) for a in arguments)])
+
+
+def portable_path(value: str | None) -> str | None:
+    """``value`` as a result file may record it: relative paths as given, absolute ones by their last part only."""
+    if value is None or not Path(value).expanduser().is_absolute():
+        return value
+    return f"<local>/{Path(value).name}"
 
 
 def git_commit() -> str | None:

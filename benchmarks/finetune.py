@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from switch_adapter._staging import staging_dir
+
 from .model import MeanPoolingClassifier, load_classifier, model_fingerprint
 
 logger = logging.getLogger(__name__)

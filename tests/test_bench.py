@@ -1,5 +1,5 @@
 """The benchmark: task loaders on the data present, the merging baselines against hand-computed results, the pipeline
-end to end on a tiny BERT with two tiny tasks, and the ``bench`` command line."""
+end to end on a tiny BERT with two tiny tasks, and the command line ``python -m benchmarks``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from benchmarks import baselines, evaluate, tasks
 from benchmarks.finetune import FinetuneSettings, cache_key, finetune_task
 from benchmarks.pipeline import BenchConfig, adapter_names, prepare_task, run_benchmark
 from benchmarks.sources import debian_path, fortune_entries, fortune_files, load_data_frame
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------
 # Task loaders on the data present
@@ -168,9 +170,14 @@ def test_ties_trims_elects_and_averages_agreeing_entries():
     a = {"w": torch.tensor([1.0, -2.0, 3.0])}
     b = {"w": torch.tensor([3.0, 2.0, -1.0])}
     # Keep the top 2 of 3 magnitudes per task: a -> [0, -2, 3], b -> [3, 2, 0]. Elected sign (sum [3, 0, 3], ties to
-    # +) is + everywhere. Agreeing entries: [3], [2], [3] -> disjoint mean [3, 2, 3], times the scaling 0.5.
-    merged = baselines.ties([a, b], 0.5, density=0.67)
+    # the majority sign +) is + everywhere. Agreeing entries: [3], [2], [3] -> disjoint mean [3, 2, 3], times 0.5.
+    # The original's cut is the (n - floor(n * density))-th smallest magnitude, kept inclusively: at density 0.34
+    # that is the 2nd smallest of 3, i.e. the top 2; peft's per-tensor variant keeps floor(3 * 0.67) = 2.
+    merged = baselines.ties([a, b], 0.5, density=0.34)
     torch.testing.assert_close(merged["w"], torch.tensor([1.5, 1.0, 1.5]))
+    torch.testing.assert_close(baselines.ties_per_tensor([a, b], 0.5, density=0.67)["w"], merged["w"])
+    # At density 0.67 the original keeps all 3 (cut at the smallest): sums [4, 0, 2], signs +, means [2, 2, 3].
+    torch.testing.assert_close(baselines.ties([a, b], 0.5, density=0.67)["w"], torch.tensor([1.0, 1.0, 1.5]))
 
 
 def test_dare_drops_and_rescales_deterministically():
@@ -201,10 +208,11 @@ def test_emr_merge_matches_hand_computation(tmp_path):
     assert merged.masks["b"]["w"].tolist() == [True, False, False, True]
     assert merged.masks["a"]["b"].tolist() == [True, True]
     assert merged.masks["b"]["b"].tolist() == [True, False]
-    # lambda_a = (6 + 1) / (7 + 1); lambda_b = (5 + 0.75) / (3 + 0.5)
-    assert merged.rescalers["a"] == pytest.approx(7 / 8)
-    assert merged.rescalers["b"] == pytest.approx(5.75 / 3.5)
-    torch.testing.assert_close(merged.task_vector("b")["w"], torch.tensor([2.0, 0.0, 0.0, -1.0]) * 5.75 / 3.5)
+    # Sums of per-tensor means (as the official code): lambda_a = (6/4 + 1/2) / (7/4 + 1/2) = 8/9;
+    # lambda_b = (5/4 + 0.75/2) / (3/4 + 0.5/2) = 1.625.
+    assert merged.rescalers["a"] == pytest.approx(8 / 9)
+    assert merged.rescalers["b"] == pytest.approx(1.625)
+    torch.testing.assert_close(merged.task_vector("b")["w"], torch.tensor([2.0, 0.0, 0.0, -1.0]) * 1.625)
 
     merged.save(tmp_path / "emr")
     with safe_open(str(tmp_path / "emr" / "masks.safetensors"), "pt") as handle:
@@ -358,7 +366,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
-        "pre-trained", "individual", "task_arithmetic", "ties", "dare", "emr",
+        "pre-trained", "individual", "task_arithmetic", "ties", "ties_per_tensor", "dare", "emr",
         "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_soft", "autoswitch_batch",
         "autoswitch_batch_single", "autoswitch_default_features",
     ]  # fmt: skip
@@ -444,37 +452,47 @@ def test_pipeline_skips_missing_sources_and_fails_clearly_with_none(tiny_model_d
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_cli_help(capsys):
+def test_cli_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--tasks" in result.stdout and "--cache-dir" in result.stdout
+
+
+def test_library_has_no_bench_command_and_does_not_import_the_benchmarks(capsys):
     from switch_adapter.cli import main
 
-    assert main(["bench", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--quick" in out and "--tasks" in out and "--cache-dir" in out and "--out" in out
-    result = subprocess.run(
-        [sys.executable, "-m", "switch_adapter.bench", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and "--quick" in result.stdout
+    assert main(["bench", "--help"]) == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    code = "import sys, switch_adapter; print(any(m.split('.')[0] == 'benchmarks' for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_cli_list_tasks(capsys):
-    from switch_adapter.cli import main
+    from benchmarks.cli import main
 
-    assert main(["bench", "--list-tasks"]) == 0
+    assert main(["--list-tasks"]) == 0
     out = capsys.readouterr().out
     for name in ("sms_spam", "trec", "movie_sentiment"):
         assert name in out
 
 
 def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from switch_adapter.cli import main
+    from benchmarks.cli import main
 
     for name in ("alpha", "beta"):
         monkeypatch.setitem(tasks.TASKS, name, lambda seed=0, name=name: _tiny_task(name, seed))
     out = tmp_path / "cli-out"
-    argv = ["bench", "--quick", "--model", tiny_model_dir, "--tasks", "alpha,beta", "--densities", "0.2",
+    argv = ["--quick", "--model", tiny_model_dir, "--tasks", "alpha,beta", "--densities", "0.2",
             "--max-train", "32", "--max-test", "8", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
             "-q"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "T-Switch, task id given (d=0.2, norm scale)" in printed and "Wrote" in printed
     assert (out / "benchmark.md").is_file() and (out / "benchmark.json").is_file()
+    recorded = json.loads((out / "benchmark.json").read_text())
+    assert recorded["command"].startswith("python -m benchmarks --quick --model '<local>/")
+    for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
+        assert str(tmp_path) not in (out / name).read_text(), name
