@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import REPO
+from .environment import REPO, portable_path
 from .model import minilm_path
 from .tasks import cache_dir, load_task
 
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory and time: {model}, shards of {shard_size} ...", flush=True)
     report = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "argv": [portable_path(a) for a in (sys.argv[1:] if argv is None else argv)],
         "memory_and_time": memory_and_time(model, shard_size, repeats),
     }
     print("LoRA delta vs factors ...", flush=True)
