@@ -496,3 +496,52 @@ def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert recorded["command"].startswith("python -m benchmarks --quick --model '<local>/")
     for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
         assert str(tmp_path) not in (out / name).read_text(), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Density sweep
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_density_sweep_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks import density_sweep
+
+    for name in ("alpha", "beta"):
+        monkeypatch.setitem(tasks.TASKS, name, lambda seed=0, name=name: _tiny_task(name, seed))
+    out = tmp_path / "sweep"
+    argv = ["--tasks", "alpha,beta", "--choice-tasks", "alpha", "--seeds", "0,1", "--densities", "0.1,1",
+            "--max-train", "32", "--max-test", "12", "--model", tiny_model_dir, "--cache-dir", str(tmp_path / "c"),
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    report = density_sweep.main(argv)
+
+    assert report["complete"] and report["held_out_tasks"] == ("beta",)
+    assert [(run["task"], run["seed"]) for run in report["runs"]] == [("alpha", 0), ("beta", 0), ("alpha", 1),
+                                                                      ("beta", 1)]  # fmt: skip
+    assert [(row["scale_rule"], row["density"]) for row in report["rows"]] == [
+        ("norm", 0.1), ("norm", 1.0), ("rms", 0.1), ("rms", 1.0)
+    ]  # fmt: skip
+    for run in report["runs"]:
+        by_config = {(c["scale_rule"], c["density"]): c for c in run["configs"]}
+        # Both rules share the mask (same storage); at density 1 every non-zero entry is kept, so they coincide.
+        assert by_config["norm", 0.1]["bits"] == by_config["rms", 0.1]["bits"] > 0
+        assert by_config["norm", 1.0]["accuracy"] == by_config["rms", 1.0]["accuracy"]
+        assert by_config["norm", 0.1]["kept"] < by_config["norm", 1.0]["kept"]
+    row = report["rows"][0]
+    pcts = [c["pct_of_individual"] for run in report["runs"] if run["task"] == "alpha" for c in run["configs"]
+            if (c["scale_rule"], c["density"]) == ("norm", 0.1)]  # fmt: skip
+    assert row["choice_mean_pct"] == pytest.approx(sum(pcts) / 2) and row["choice_worst_pct"] == min(pcts)
+    for rule, chosen in report["chosen"].items():
+        fitting = [r for r in report["rows"] if r["scale_rule"] == rule and r["choice_mean_pct"] >= 99.0]
+        assert chosen == (min(fitting, key=lambda r: r["bits_per_param"]) if fitting else None)
+
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert recorded["settings"]["seeds"] == [0, 1] and recorded["settings"]["scale_rules"] == ["norm", "rms"]
+    assert recorded["settings"]["densities"] == [0.1, 1.0] and recorded["settings"]["max_test"] == 12
+    assert {"torch", "transformers", "switch_adapter", "git_commit"} <= set(recorded["environment"])
+    for path in (out.with_suffix(".json"), out.with_suffix(".md")):  # no path of this machine
+        assert str(tmp_path) not in path.read_text(), path
+
+    # --resume keeps what was measured with the same settings and measures nothing again.
+    monkeypatch.setattr(density_sweep, "run_task", lambda *a, **k: pytest.fail("measured again"))
+    again = density_sweep.main([*argv, "--resume"])
+    assert again["runs"] == json.loads(json.dumps(report["runs"]))
