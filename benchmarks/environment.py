@@ -29,13 +29,15 @@ def portable_path(value: str | None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The checked-out commit of this repository, with ``+dirty`` when tracked files differ; None outside git."""
+    """The checked-out commit of this repository, with ``+dirty`` when tracked files other than results differ; None
+    outside git."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=REPO,
+            capture_output=True, text=True,
             timeout=10, check=True,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
