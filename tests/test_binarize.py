@@ -61,8 +61,11 @@ def test_zeros_are_never_kept_and_all_zero_gives_zero_scale():
 
 def test_scale_is_the_rms_of_kept_entries_not_their_mean_magnitude():
     tau = torch.tensor([3.0, 1.0, -1.0, -3.0])
-    switch = binarize(tau, density=1.0)
+    switch = binarize(tau, density=1.0, scale_rule="rms")
     assert switch.scale.item() == pytest.approx(math.sqrt((9 + 1 + 1 + 9) / 4))
+    reference = binarize(tau, density=0.5, scale_rule="rms")  # keeps 3.0 and -3.0
+    assert reference.scale.item() == pytest.approx(3.0)
+    assert binarize(tau, density=0.5).scale.item() == pytest.approx(math.sqrt(20 / 2))  # the default: "norm"
     torch.testing.assert_close(switch.to_dense(), switch.scale * torch.tensor([1.0, 1.0, -1.0, -1.0]))
 
 

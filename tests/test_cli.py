@@ -187,3 +187,23 @@ def test_convert_lora_and_force(tmp_path, capsys):
     assert "T-Switch written" in capsys.readouterr().out
     switch = PeftModel.from_pretrained(tiny_llama(), tmp_path / "switch")
     assert switch.peft_config["default"].density == 0.3
+
+
+@pytest.mark.parametrize("command", ["convert", "convert-lora"])
+def test_switch_options_take_their_defaults_from_the_config(command, capsys):
+    from switch_adapter._cli_commands import switch_config
+    from switch_adapter.cli import build_parser
+    from switch_adapter.tswitch.config import DEFAULT_DENSITY
+
+    assert main([command, "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {DEFAULT_DENSITY:g})" in help_text and "(default norm)" in help_text
+    assert "(default --no-keep-ties)" in help_text
+    parser = build_parser()
+    plain = parser.parse_args([command, "base", "tuned", "-o", "out"])
+    assert switch_config(plain) is None  # the converters then use TSwitchConfig(): one set of defaults
+    given = parser.parse_args([command, "base", "tuned", "-o", "out", "--scale-rule", "rms", "--keep-ties"])
+    config = switch_config(given)
+    assert (config.scale_rule, config.keep_ties, config.density) == ("rms", True, DEFAULT_DENSITY)
+    config = switch_config(parser.parse_args([command, "base", "tuned", "-o", "out", "--no-keep-ties"]))
+    assert config.keep_ties is False and config.scale_rule == TSwitchConfig().scale_rule == "norm"

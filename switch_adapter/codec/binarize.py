@@ -11,13 +11,13 @@ Switch" (CVPR 2025):
   (``>= threshold``; more than the quota survives when many entries share the cut value);
 * a sign partition whose quota rounds to zero is kept whole;
 * zeros are never kept;
-* the scale is the RMS of the kept entries, ``||S_A * tau|| / ||S_A * S_P||``: one per tensor, or one per
-  output row (dim 0) with ``scale_granularity="row"``.
+* one scale per tensor, or one per output row (dim 0) with ``scale_granularity="row"``.
 
-``scale_rule="norm"`` is this library's alternative to the reference scale: ``||tau|| / ||S_A * S_P||``, so the
-reconstruction keeps the norm of the whole task vector (dropped entries included). On short MiniLM fine-tunes it
-kept 97.96% of the individual accuracy at density 0.05 where the reference scale kept 94.59%
-(``benchmarks/density_sweep.py``, 3 tasks x 3 seeds).
+Two scale rules: ``scale_rule="norm"`` (the default) is ``||tau|| / ||S_A * S_P||``, so the reconstruction keeps the
+norm of the whole task vector (dropped entries included); ``scale_rule="rms"`` is the reference's scale, the RMS of
+the kept entries, ``||S_A * tau|| / ||S_A * S_P||``. On MiniLM fine-tunes "norm" kept more of the individual accuracy
+at low densities and as much at high ones (``python -m benchmarks.density_sweep``; figures at ``DEFAULT_DENSITY`` in
+``switch_adapter/tswitch/config.py``).
 
 Reconstruction is ``tau_hat = scale * mask * sign``.
 """
@@ -104,10 +104,11 @@ def binarize(
     density: float,
     scale_granularity: str = "tensor",
     name: str = "tensor",
-    scale_rule: str = "rms",
+    scale_rule: str = "norm",
     keep_ties: bool = False,
 ) -> BinarySwitch:
-    """Binarize one task-vector tensor with the T-Switch rules (see the module docstring).
+    """Binarize one task-vector tensor with the T-Switch rules (see the module docstring); ``scale_rule`` is
+    ``"norm"`` (default) or ``"rms"`` (the reference).
 
     Computes in float32 whatever the input dtype. Raises ``ValueError`` for a density outside (0, 1], an
     unknown granularity, or a tensor holding NaN/Inf (``name`` goes into the message).

@@ -80,7 +80,7 @@ class TSwitchConfig(PeftConfig):
         default="tensor", metadata={"help": "One scale per tensor ('tensor') or per output row ('row')."}
     )
     scale_rule: Literal["rms", "norm"] = field(
-        default="rms", metadata={"help": "'rms' (reference): RMS of kept entries; 'norm': keep ||tau||."}
+        default="norm", metadata={"help": "'norm' (default): keep ||tau||; 'rms' (reference): RMS of kept entries."}
     )
     keep_ties: bool = field(
         default=False, metadata={"help": "Keep every entry tied at the cut (reference) instead of exactly the quota."}

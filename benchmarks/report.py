@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._staging import staging_file
+from switch_adapter._staging import staging_file
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ STYLE = {  # method -> (marker, colour, legend label)
     "pre-trained": ("v", "#7f7f7f", "pre-trained encoder + heads"),
     "individual": ("*", "#000000", "individual fine-tuned"),
     "task_arithmetic": ("s", "#1f77b4", "task arithmetic"),
-    "ties": ("D", "#17becf", "TIES"),
+    "ties": ("D", "#17becf", "TIES (original: top 20% of each task vector)"),
+    "ties_per_tensor": ("d", "#aec7e8", "TIES variant (top 20% of each tensor, peft)"),
     "dare": ("P", "#9467bd", "DARE"),
     "emr": ("X", "#d62728", "EMR-merging (task id)"),
     "tswitch": ("o", "#2ca02c", "T-Switch (task id), densities"),
@@ -135,6 +136,7 @@ def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png") ->
     lines = [
         f"# switch-adapter benchmark ({report['suite']} suite)",
         "",
+        *([f"Command (from the repository root): `{report['command']}`", ""] if report.get("command") else []),
         f"Model: `{report['model']}`; full fine-tuning per task ({settings['epochs']} epoch(s), length "
         f"{settings['max_length']}, batch {settings['batch_size']}, lr {settings['lr']:g}, head lr "
         f"{settings['head_lr']:g}), mean pooling + one linear head per task. Examples per task: up to "
@@ -168,7 +170,8 @@ def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png") ->
     lines += [
         "",
         f"Wall time {report['seconds']:.0f} s on {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
-        f"{env['platform']}; torch {env['torch']}, transformers {env['transformers']}.",
+        f"{env['platform']}; torch {env['torch']}, transformers {env['transformers']}, switch-adapter "
+        f"{env.get('switch_adapter')} (commit {env.get('git_commit')}).",
         "",
     ]
     return "\n".join(lines)
@@ -242,7 +245,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     outputs = {"json": str(out / "benchmark.json"), "markdown": str(out / "benchmark.md")}
     if png:
         outputs["plot"] = str(png)
-    report = {**report, "outputs": outputs}
+    report = {**report, "outputs": {kind: Path(path).name for kind, path in outputs.items()}}
     _atomic_write(out / "benchmark.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     _atomic_write(out / "benchmark.md", markdown(report, png.name if png else None).encode())
     return outputs

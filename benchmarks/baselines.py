@@ -1,10 +1,13 @@
 """The merging methods the benchmark compares against, on task vectors ``{parameter name: finetuned - pretrained}``.
 
-- Static merges (one model for all tasks): task arithmetic, TIES and DARE, through ``peft.utils.merge_utils``.
+- Static merges (one model for all tasks): task arithmetic; TIES as in its original code (one magnitude threshold
+  over each whole task vector); TIES with per-tensor trimming (``peft.utils.merge_utils``, an extra variant); and
+  DARE, through ``peft.utils.merge_utils``.
 - EMR-merging (Huang et al., NeurIPS 2024; needs the task id): a unified task vector (elected sign, largest
   agreeing magnitude per entry), one binary mask per task (where the task agrees with the unified sign) and one
   rescaler per task, ``tau_t ~= lambda_t * M_t * tau_uni`` with
-  ``lambda_t = sum |tau_t| / sum |M_t * tau_uni|`` over all parameters (as in the paper's code).
+  ``lambda_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * tau_uni|`` (per-tensor means, as in the
+  official code).
 
 Every function works tensor by tensor, so peak memory stays near one stacked tensor per call.
 """
@@ -23,7 +26,7 @@ import torch
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 
-from .._staging import staging_dir
+from switch_adapter._staging import staging_dir
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -63,14 +66,60 @@ def task_arithmetic(vectors: Sequence[Mapping[str, torch.Tensor]], scaling: floa
     return {name: merge_utils.task_arithmetic([v[name] for v in vectors], weights) for name in names}
 
 
-def ties(
+def global_threshold(vector: Mapping[str, torch.Tensor], density: float) -> float:
+    """The magnitude cut that keeps the top ``density`` of a whole task vector (all tensors together): the
+    ``(n - floor(n * density))``-th smallest ``|entry|`` (1-based) over its ``n`` entries; entries ``>=`` it are kept
+    (ties at the cut included), as in the original code, so ``floor(n * density) + 1`` entries survive when the
+    magnitudes are distinct. 0.0 (keep everything) at density 1."""
+    if not 0 < density <= 1:
+        raise ValueError(f"TIES density must be in (0, 1], got {density}.")
+    magnitudes = np.concatenate([t.detach().float().abs().reshape(-1).numpy() for t in vector.values()])
+    rank = magnitudes.size - int(magnitudes.size * density)  # 1-based rank of the cut among ascending magnitudes
+    if rank <= 0:
+        return 0.0
+    magnitudes.partition(rank - 1)
+    return float(magnitudes[rank - 1])
+
+
+def ties(vectors: Sequence[Mapping[str, torch.Tensor]], scaling: float, density: float = 0.2) -> TaskVector:
+    """TIES-merging (Yadav et al., 2023) as its original code does it.
+
+    1. Trim: per task, keep the entries whose magnitude reaches the task's :func:`global_threshold` (the top
+       ``density`` of the whole task vector, not of each tensor).
+    2. Elect: per entry the sign of the sum of the trimmed task vectors; where that sum is 0, the majority sign,
+       i.e. the sign of the sum of all elected signs over the whole vector.
+    3. Disjoint mean: per entry the mean of the trimmed values whose sign agrees with the elected one (0 if none),
+       times ``scaling``.
+    """
+    names = _check_same_keys(vectors)
+    cuts = [global_threshold(vector, density) for vector in vectors]
+
+    def trimmed(name: str) -> torch.Tensor:
+        stacked = torch.stack([vector[name].detach().float() for vector in vectors])
+        keep = stacked.abs() >= torch.tensor(cuts).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        return stacked * keep
+
+    majority = torch.sign(sum(torch.sign(trimmed(name).sum(dim=0)).sum(dtype=torch.float64) for name in names))
+    merged: TaskVector = {}
+    for name in names:
+        values = trimmed(name)
+        elected = torch.sign(values.sum(dim=0))
+        elected[elected == 0] = majority.to(elected.dtype)
+        agree = torch.where(elected > 0, values > 0, values < 0)
+        selected = values * agree
+        merged[name] = scaling * selected.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    return merged
+
+
+def ties_per_tensor(
     vectors: Sequence[Mapping[str, torch.Tensor]],
     scaling: float,
     density: float = 0.2,
     majority_sign_method: str = "total",
 ) -> TaskVector:
-    """TIES-merging (Yadav et al., 2023): keep the top ``density`` magnitudes of each tensor per task, elect the
-    sign by total mass, average the entries that agree with it, times ``scaling``."""
+    """TIES with per-tensor trimming (``peft.utils.merge_utils.ties``, the variant ``add_weighted_adapter`` uses):
+    keep the top ``density`` magnitudes of each tensor per task, elect the sign by total mass, average the entries
+    that agree with it, times ``scaling``. Not the original: the quota is spent per tensor, on exact zeros too."""
     names = _check_same_keys(vectors)
     weights = torch.full((len(vectors),), float(scaling))
     return {
@@ -150,7 +199,8 @@ def emr_merge(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> EMRMerge:
 
     Per entry: elected sign ``+1`` where ``sum_t tau_t > 0`` else ``-1``; unified magnitude ``max_t (sign * tau_t)``
     (the largest magnitude among the tasks that agree with the sign); mask ``M_t = tau_t * tau_uni > 0``; rescaler
-    ``lambda_t = sum |tau_t| / sum |M_t * tau_uni|`` over all tensors (1 when the masked unified vector is zero).
+    ``lambda_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * tau_uni|`` (1 when the masked unified vector is
+    zero). The per-tensor means weight every tensor equally, as the official code does, whatever its size.
     """
     tasks = list(vectors)
     names = _check_same_keys([vectors[t] for t in tasks])
@@ -167,7 +217,7 @@ def emr_merge(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> EMRMerge:
         for index, task in enumerate(tasks):
             mask = stacked[index] * value > 0
             masks[task][name] = mask
-            numerator[task] += float(stacked[index].abs().sum(dtype=torch.float64))
-            denominator[task] += float((value.abs() * mask).sum(dtype=torch.float64))
+            numerator[task] += float(stacked[index].abs().mean(dtype=torch.float64))
+            denominator[task] += float((value.abs() * mask).mean(dtype=torch.float64))
     rescalers = {task: (numerator[task] / denominator[task] if denominator[task] > 0 else 1.0) for task in tasks}
     return EMRMerge(unified, masks, rescalers)

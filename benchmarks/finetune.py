@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._staging import staging_dir
+from switch_adapter._staging import staging_dir
+
 from .model import MeanPoolingClassifier, load_classifier, model_fingerprint
 
 logger = logging.getLogger(__name__)

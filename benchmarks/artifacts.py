@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._staging import staging_file
+from switch_adapter._staging import staging_file
 
 NOT_COUNTED = ("README.md",)
 

