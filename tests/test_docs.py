@@ -272,6 +272,12 @@ def test_documented_scripts_exist():
         for script in re.findall(r"python3? ((?:[\w.-]+/)*[\w.-]+\.py)\b", text):
             if not (REPO_ROOT / script).is_file():
                 problems.append(f"{_rel(path)}: `python {script}`: no such file")
+        for module in re.findall(r"python3? -m (benchmarks[\w.]*)", text):
+            if (
+                not (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file()
+                and not (REPO_ROOT / module.replace(".", "/") / "__main__.py").is_file()
+            ):
+                problems.append(f"{_rel(path)}: `python -m {module}`: no such module")
     assert not problems, "\n".join(problems)
 
 
