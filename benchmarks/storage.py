@@ -31,6 +31,7 @@ from switch_adapter.codec.sass import (
     read_header,
 )
 
+from .environment import command_line, git_commit
 from .model import minilm_path
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -114,7 +115,9 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
     ``apply_s``: ``PeftModel.from_pretrained(base in memory, adapter folder)`` + ``merge_and_unload()``, i.e. from
     the adapter file to fine-tuned-equivalent weights. ``merge_only_s``: decode + apply of switches already in
     memory. References: ``from_pretrained_s`` (``AutoModel.from_pretrained(fine-tuned folder)``) and
-    ``safetensors_s`` (``load_file`` + ``load_state_dict`` into a model already in memory).
+    ``safetensors_s`` (``load_file`` + ``load_state_dict`` into a model already in memory). ``verify_s``: the check
+    of the adapter file that every load runs before the model is touched (checksums, headers, sizes; part of
+    ``apply_s``).
     """
     import copy
     import tempfile
@@ -130,6 +133,7 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
     from transformers.utils import logging as hf_logging
 
     from switch_adapter import TSwitchConfig, from_finetuned
+    from switch_adapter.format import WEIGHTS_NAME, verify_adapter_file
 
     hf_logging.set_verbosity_error()
     base = AutoModel.from_pretrained(path).eval()
@@ -155,8 +159,12 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
             from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(density=density), progress=False).save_pretrained(
                 adapter_dir
             )
-            apply_times, merge_times, pretrained_times, safetensors_times = [], [], [], []
+            layout = TSwitchConfig.from_pretrained(str(adapter_dir)).unit_layout
+            apply_times, merge_times, pretrained_times, safetensors_times, verify_times = [], [], [], [], []
             for _ in range(repeats + 1):  # the first round warms caches and is dropped
+                start = time.perf_counter()
+                verify_adapter_file(adapter_dir / WEIGHTS_NAME, layout, 2)
+                verify_times.append(time.perf_counter() - start)
                 fresh = copy.deepcopy(base)
                 start = time.perf_counter()
                 PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
@@ -171,9 +179,9 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
                 start = time.perf_counter()
                 load_safetensors()
                 safetensors_times.append(time.perf_counter() - start)
-            apply_s, merge_s, pretrained_s, safetensors_s = (
+            apply_s, merge_s, pretrained_s, safetensors_s, verify_s = (
                 statistics.median(times[1:])
-                for times in (apply_times, merge_times, pretrained_times, safetensors_times)
+                for times in (apply_times, merge_times, pretrained_times, safetensors_times, verify_times)
             )
             rows.append(
                 {
@@ -184,7 +192,9 @@ def apply_vs_load_rows(densities: Sequence[float] = (0.05, 0.1, 0.4), repeats: i
                     "merge_only_s": merge_s,
                     "from_pretrained_s": pretrained_s,
                     "safetensors_s": safetensors_s,
+                    "verify_s": verify_s,
                     "apply/from_pretrained": apply_s / pretrained_s,
+                    "verify/apply": verify_s / apply_s,
                     "apply/safetensors": apply_s / safetensors_s,
                     "merge_only/safetensors": merge_s / safetensors_s,
                 }
@@ -225,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 3 if args.quick else 5
 
     config = {
+        "command": command_line("benchmarks.storage", argv),
+        "commit": git_commit(),
         "quick": args.quick,
         "numel": numel,
         "throughput_numel": throughput_numel,
@@ -254,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_vs_load_rows(repeats=2 if args.quick else 5),
     )
 
-    markdown = "# Switch storage benchmark\n\n" + "".join(
+    markdown = f"# Switch storage benchmark\n\nCommand (from the repository root): `{config['command']}`\n\n" + "".join(
         f"## {title}\n\n{markdown_table(rows)}\n" for title, rows in sections.values()
     )
     args.out.mkdir(parents=True, exist_ok=True)
