@@ -16,10 +16,10 @@ from .errors import (
     UnsupportedModelError,
 )
 from .export import InspectionReport, LoraExportReport, inspect_adapter, materialize, to_lora
+from .format import StorageSummary, storage_summary
 from .hub import push_to_hub
 from .tswitch import DEFAULT_DENSITY, TSwitchConfig, TSwitchModel
 from .tswitch.build import from_finetuned
-from .tswitch.model_card import StorageSummary, storage_summary
 
 __version__ = "0.1.0"
 

@@ -30,19 +30,9 @@ def switch_config(args: argparse.Namespace):
     return TSwitchConfig(**values) if values else None
 
 
-def _converters():
-    try:
-        from .convert import convert_finetuned, convert_lora
-    except ImportError as error:
-        raise RuntimeError(
-            f"this installation of switch-adapter has no converters ({error}); upgrade it: pip install -U "
-            "switch-adapter"
-        ) from error
-    return convert_finetuned, convert_lora
-
-
 def convert(args: argparse.Namespace) -> int:
-    convert_finetuned, _ = _converters()
+    from .convert import convert_finetuned
+
     summary = convert_finetuned(
         args.base,
         args.finetuned,
@@ -59,7 +49,8 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def convert_lora(args: argparse.Namespace) -> int:
-    _, convert_lora_ = _converters()
+    from .convert import convert_lora as convert_lora_
+
     summary = convert_lora_(
         args.base,
         args.lora,
@@ -82,7 +73,7 @@ def inspect(args: argparse.Namespace) -> int:
 
     report = inspect_adapter(args.adapter, revision=args.revision, token=args.token)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
-    return 0
+    return 1 if report.damaged else 0
 
 
 def merge(args: argparse.Namespace) -> int:

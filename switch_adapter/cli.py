@@ -256,14 +256,11 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("switch_adapter").setLevel(logging.INFO if verbose else logging.WARNING)
     if quiet:
-        try:
-            from huggingface_hub.utils import disable_progress_bars
-            from transformers.utils import logging as transformers_logging
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
 
-            disable_progress_bars()
-            transformers_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - both are dependencies
-            pass
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -34,13 +34,42 @@ class UnsupportedModelError(SwitchAdapterError, TypeError):
     """A module or checkpoint layout that switch-adapter cannot handle."""
 
 
-def hub_failure(error: BaseException, what: str, name: str) -> AdapterNotFoundError:
-    """One message for every way a Hub download fails (missing repository, revision or file, no network, offline
-    mode): what was asked for, why it failed, and what to check."""
+class HubAccessError(SwitchAdapterError, PermissionError):
+    """A Hub repository exists but this token may not read it (gated or private)."""
+
+
+def hub_failure(
+    error: BaseException, what: str, name: str, *, filename: str | None = None, revision: str | None = None
+) -> SwitchAdapterError:
+    """The error to raise for a failed Hub download of ``name`` (the ``what``, e.g. "T-Switch adapter"): one mapping
+    of huggingface_hub's errors for the whole library, each message naming what was asked for and what to check."""
+    kind = type(error).__name__
+    at_revision = f" at revision {revision!r}" if revision else ""
+    if kind == "GatedRepoError":
+        return HubAccessError(
+            f"The {what} {name!r} is gated: accept its terms on the Hub and pass token= (or set HF_TOKEN)."
+        )
+    if kind == "RevisionNotFoundError":
+        return AdapterNotFoundError(f"The {what} {name!r} has no revision {revision!r}.")
+    if kind == "EntryNotFoundError" or kind == "RemoteEntryNotFoundError":
+        missing = filename or "the file asked for"
+        return AdapterNotFoundError(f"The {what} {name!r} has no {missing}{at_revision}; is it the right repository?")
+    if kind == "RepositoryNotFoundError":
+        return AdapterNotFoundError(
+            f"The {what} {name!r} is neither a local folder nor a Hub repository you can access (for a private "
+            "repository pass token= or set HF_TOKEN)."
+        )
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return AdapterNotFoundError(
+            f"The {what} {name!r} is not a local folder, the Hub cannot be reached (offline or no network), and it is "
+            "not in the Hub cache. Check the path or repository id, or connect and try again."
+        )
+    if kind == "HFValidationError":
+        return AdapterNotFoundError(f"The {what} {name!r} is neither a local folder nor a valid Hub repository id.")
     text = str(error).strip()
-    detail = text.splitlines()[0] if text else type(error).__name__
+    detail = text.splitlines()[0] if text else kind
     return AdapterNotFoundError(
-        f"The {what} {name!r} is not a local folder, and it could not be fetched from the Hub "
-        f"({type(error).__name__}: {detail}). Check the path or repository id, the revision and the token; "
-        "offline (HF_HUB_OFFLINE=1), only repositories already in the Hub cache can be used."
+        f"The {what} {name!r} is not a local folder, and it could not be fetched from the Hub ({kind}: {detail}). "
+        "Check the path or repository id, the revision and the token; offline (HF_HUB_OFFLINE=1, or no network), "
+        "only repositories already in the Hub cache can be used."
     )

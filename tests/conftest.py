@@ -70,3 +70,18 @@ def hub_repo_id() -> str:
 
 
 # ===================================== end of local Hub section ======================================
+
+
+@pytest.fixture()
+def saved_switch(tmp_path):
+    """A T-Switch adapter (density 0.2) of the tiny BERT of ``tiny_models.tiny_bert()``, saved in ``tmp_path``."""
+    import copy
+
+    from tiny_models import finetune_copy, tiny_bert
+
+    from switch_adapter import TSwitchConfig, from_finetuned
+
+    base = tiny_bert()
+    model = from_finetuned(copy.deepcopy(base), finetune_copy(base), TSwitchConfig(density=0.2), progress=False)
+    model.save_pretrained(tmp_path)
+    return tmp_path

@@ -1,6 +1,5 @@
 """Bad input gets a clear error that names the problem, and leaves files and models as they were."""
 
-import copy
 import json
 
 import pytest
@@ -12,72 +11,65 @@ from tiny_models import finetune_copy, tiny_bert, token_batch
 
 from switch_adapter import CodecError, LayoutMismatchError, TSwitchConfig, from_finetuned
 from switch_adapter.codec import sass
-
-
-@pytest.fixture()
-def saved_adapter(tmp_path):
-    base = tiny_bert()
-    model = from_finetuned(copy.deepcopy(base), finetune_copy(base), TSwitchConfig(density=0.2), progress=False)
-    model.save_pretrained(tmp_path)
-    return tmp_path
+from switch_adapter.format import add_checksums
 
 
 def _has_adapter_layers(model) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def test_switch_loaded_onto_a_base_of_other_shapes(saved_adapter):
+def test_switch_loaded_onto_a_base_of_other_shapes(saved_switch):
     other = tiny_bert(hidden_size=48, intermediate_size=96)
     with pytest.raises(
         LayoutMismatchError,
         match=r"word_embeddings\.weight: switch made for shape \[100, 32\], base model has \[100, 48\]",
     ):
-        PeftModel.from_pretrained(other, saved_adapter)
+        PeftModel.from_pretrained(other, saved_switch)
     assert not _has_adapter_layers(other)
 
 
-def test_truncated_file_fails_before_the_model_is_touched(saved_adapter):
-    path = saved_adapter / "adapter_model.safetensors"
+def test_truncated_file_fails_before_the_model_is_touched(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     base = tiny_bert()
     with pytest.raises(CodecError, match="truncated or corrupt"):
-        PeftModel.from_pretrained(base, saved_adapter)
+        PeftModel.from_pretrained(base, saved_switch)
     assert not _has_adapter_layers(base)
 
 
-def test_corrupt_switch_blob_names_the_tensor(saved_adapter):
-    path = saved_adapter / "adapter_model.safetensors"
+def test_corrupt_switch_blob_names_the_tensor(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("query.tswitch_weight_code"))
     tensors[key] = tensors[key][:-3].clone()
-    save_file(tensors, path)
+    save_file(add_checksums(tensors), path)  # a consistent checksum: the codec itself must find the damage
     base = tiny_bert()
-    with pytest.raises(CodecError, match="query.tswitch_weight_code"):
-        PeftModel.from_pretrained(base, saved_adapter)
+    with pytest.raises(CodecError, match=r"query\.weight: switch blob for this unit is truncated"):
+        PeftModel.from_pretrained(base, saved_switch)
     assert not _has_adapter_layers(base)
 
 
 @pytest.mark.parametrize(("offset", "value", "message"), [(5, 0, "unknown encoding"), (4, 99, "format version 99")])
-def test_unknown_encoding_or_version(saved_adapter, offset, value, message):
-    path = saved_adapter / "adapter_model.safetensors"
+def test_unknown_encoding_or_version(saved_switch, offset, value, message):
+    path = saved_switch / "adapter_model.safetensors"
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("_code"))
     blob = tensors[key].clone()
     blob[offset] = value if offset == 4 else 77
     tensors[key] = blob
-    save_file(tensors, path)
+    save_file(add_checksums(tensors), path)
     with pytest.raises(CodecError, match=message if offset == 4 else "unknown encoding id 77"):
-        PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+        PeftModel.from_pretrained(tiny_bert(), saved_switch)
     assert sass.HEADER_BYTES >= 6
 
 
-def test_newer_format_version_in_config_is_refused(saved_adapter):
-    config_path = saved_adapter / "adapter_config.json"
+def test_newer_format_version_in_config_is_refused(saved_switch):
+    config_path = saved_switch / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["format_version"] = 99
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format version 99.*Upgrade"):
-        PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+        PeftModel.from_pretrained(tiny_bert(), saved_switch)
 
 
 def test_nan_in_the_fine_tuned_model_leaves_the_base_untouched():
@@ -120,8 +112,8 @@ def test_unsupported_layer_type_is_named():
         get_peft_model(base, TSwitchConfig(target_modules=["2"]))
 
 
-def test_corrupt_blob_reaching_a_forward_names_the_module(saved_adapter):
-    model = PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+def test_corrupt_blob_reaching_a_forward_names_the_module(saved_switch):
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch)
     layer = model.base_model.model.encoder.layer[0].attention.self.key
     layer.tswitch_weight_code["default"] = layer.tswitch_weight_code["default"][:-1].clone()
     with pytest.raises(CodecError, match=r"encoder\.layer\.0\.attention\.self\.key"):

@@ -4,7 +4,6 @@ in-process for the rest (same code path, without paying a Python start-up per co
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from switch_adapter import TSwitchConfig, from_finetuned
 from switch_adapter.cli import main
 
-HAS_CONVERTERS = importlib.util.find_spec("switch_adapter.convert") is not None
 COMMANDS = ("convert", "convert-lora", "inspect", "merge", "export-lora", "push")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +159,6 @@ def test_push_refuses_what_is_not_a_switch(tmp_path, hub_repo_id, capsys):
 # -- converters (written in parallel; skipped where they are missing) ---------------------------------
 
 
-@pytest.mark.skipif(not HAS_CONVERTERS, reason="switch_adapter.convert is not available")
 def test_convert_full_checkpoint(tmp_path, capsys):
     base = tiny_bert()
     base.save_pretrained(tmp_path / "base")
@@ -176,7 +173,6 @@ def test_convert_full_checkpoint(tmp_path, capsys):
     assert main([*args[:-1], "--density", "2"]) == 1 and "density" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAS_CONVERTERS, reason="switch_adapter.convert is not available")
 def test_convert_lora_and_force(tmp_path, capsys):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")

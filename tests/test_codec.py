@@ -218,9 +218,27 @@ def test_header_layout_is_little_endian_and_small() -> None:
     blob = encode(mask, positive, Encoding.BITMAP)
     raw = bytes(blob[:HEADER_BYTES].tolist())
     assert raw[:4] == MAGIC
-    assert raw[4] == FORMAT_VERSION and raw[5] == Encoding.BITMAP
-    assert int.from_bytes(raw[6:14], "little") == 300
-    assert int.from_bytes(raw[14:22], "little") == 5
+    assert raw[4] == FORMAT_VERSION == 2 and raw[5] == Encoding.BITMAP
+    assert raw[6] == 1  # bits per kept value: the sign
+    assert int.from_bytes(raw[7:15], "little") == 300
+    assert int.from_bytes(raw[15:23], "little") == 5
+
+
+def test_version_1_blobs_are_still_read() -> None:
+    mask, positive = random_switch(500, 0.1)
+    blob = encode(mask, positive, Encoding.POSITIONS)
+    raw = bytes(blob.tolist())
+    v1 = raw[:4] + bytes([1]) + raw[5:6] + raw[7:]  # the version 1 header has no value-bits byte
+    decoded_mask, decoded_positive = decode(torch.tensor(list(v1), dtype=torch.uint8))
+    assert torch.equal(decoded_mask, mask) and torch.equal(decoded_positive, positive)
+
+
+def test_wider_kept_values_are_refused_with_an_upgrade_hint() -> None:
+    mask, positive = random_switch(100, 0.2)
+    blob = encode(mask, positive).clone()
+    blob[6] = 4
+    with pytest.raises(CodecError, match="4 bits.*[Uu]pgrade"):
+        decode(blob)
 
 
 def test_encode_rejects_bad_inputs() -> None:
@@ -280,7 +298,7 @@ def test_unknown_encoding_raises() -> None:
 
 def test_kept_larger_than_numel_raises() -> None:
     blob = _blob(Encoding.BITMAP, numel=16, kept=4).clone()
-    blob[14:22] = torch.tensor(list(struct.pack("<Q", 17)), dtype=torch.uint8)
+    blob[15:23] = torch.tensor(list(struct.pack("<Q", 17)), dtype=torch.uint8)
     with pytest.raises(CodecError, match="17 kept entries out of 16"):
         read_header(blob)
 

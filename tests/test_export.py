@@ -285,7 +285,7 @@ def test_inspect_reads_sizes_from_the_file(work):
         module, _, param = unit.name.rpartition(".")
         entry = config.unit_layout[module][param]
         assert (unit.shape, unit.kept, unit.encoding) == (entry["shape"], entry["kept"], entry["encoding"])
-        assert unit.bytes == entry["code_bytes"] + 4 * entry["scales"]
+        assert unit.bytes == entry["code_bytes"] + 4 * entry["scales"] + 4  # code, fp32 scales, checksum
         assert unit.vs_bound >= 1.0
     assert {t.name for t in report.full_precision} == {"classifier.weight", "classifier.bias"}
     assert report.full_precision[1].shape == [3, 32]
@@ -313,7 +313,14 @@ def test_inspect_bad_input(tmp_path, work):
     key = next(k for k in tensors if k.endswith("query.tswitch_weight_code"))
     tensors[key] = tensors[key][:-2].clone()
     save_file(tensors, broken / "adapter_model.safetensors")
-    with pytest.raises(CodecError, match="query.tswitch_weight_code"):
+    report = inspect_adapter(broken)  # the damage is reported, not raised
+    assert report.damaged and report.problems == [
+        "bert.encoder.layer.0.attention.self.query.weight: checksum mismatch: the code or the scale was changed "
+        "after it was saved"
+    ]
+    assert "query.weight" not in {u.name for u in report.units} and len(report.units) == 38
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CodecError, match="not a readable safetensors file"):
         inspect_adapter(broken)
 
 

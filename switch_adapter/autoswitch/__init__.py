@@ -4,8 +4,9 @@ from .bundle import BundleError
 from .compose import CacheInfo
 from .config import AutoSwitchConfig
 from .features import EmptyQuerySetError, FeatureMismatchError, FeatureSpec, QueryFeatures
-from .model import AdapterMismatchError, AutoSwitchModel, DuplicateTaskError
+from .model import AutoSwitchModel, DuplicateTaskError
 from .routing import Group, RoutingResult
+from .sources import AdapterMismatchError
 
 __all__ = [
     "AdapterMismatchError",

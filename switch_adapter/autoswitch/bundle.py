@@ -15,19 +15,20 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .._staging import replace_dir, staging_dir
+from .._model_sources import resolve_folder
+from .._staging import atomic_output_dir
+from ..errors import SwitchAdapterError
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
-
-if TYPE_CHECKING:
-    from .model import AutoSwitchModel
+from .sources import AdapterMismatchError, AdapterSource
 
 BUNDLE_CONFIG = "autoswitch_config.json"
 FEATURES_FILE = "query_features.safetensors"
@@ -35,11 +36,54 @@ BUNDLE_FORMAT = "switch-adapter/auto-switch"
 BUNDLE_VERSION = 1
 
 
-class BundleError(FileNotFoundError):
+class BundleError(SwitchAdapterError, FileNotFoundError):
     """A bundle is incomplete (missing adapters or files) or not an Auto-Switch bundle."""
 
 
-def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, adapters: str = "copy") -> Path:
+class Router(Protocol):
+    """The public surface of :class:`~switch_adapter.AutoSwitchModel` that a bundle is written from."""
+
+    model: Any  # the PeftModel holding the tasks' adapters
+    config: AutoSwitchConfig
+    tokenizer: Any
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    @property
+    def query_features(self) -> dict[str, QueryFeatures]: ...
+
+    @property
+    def feature_spec(self) -> FeatureSpec: ...
+
+    @property
+    def radius(self) -> float: ...
+
+    @property
+    def inner(self) -> torch.nn.Module: ...
+
+    def adapter_source(self, task: str) -> AdapterSource | None: ...
+
+
+@dataclass
+class BundleContents:
+    """What a bundle holds, checked against the base model: the adapters, query features, config and tokenizer."""
+
+    sources: dict[str, AdapterSource]
+    query_sets: list[tuple[str, QueryFeatures]]
+    config: AutoSwitchConfig
+    folder: Path
+
+    def load_tokenizer(self) -> Any:
+        """The bundle's tokenizer, or None if it has none."""
+        if not (self.folder / "tokenizer").is_dir():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+
+
+def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: str = "copy") -> Path:
     """Write ``router`` as a bundle into ``save_directory`` (via a temporary sibling folder and a rename)."""
     if adapters not in ("copy", "reference"):
         raise ValueError(f"adapters must be 'copy' or 'reference', got {adapters!r}.")
@@ -48,12 +92,13 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
         raise FileExistsError(
             f"{target} exists and is not an Auto-Switch bundle; choose an empty or new folder (nothing was written)."
         )
-    work = Path(staging_dir(target.parent, f".{target.name}.tmp-"))
-    try:
+    with atomic_output_dir(target, overwrite=True) as staging:
+        work = Path(staging)
         tasks = []
+        query = router.query_features
         for task in router.tasks:
-            source = router._sources.get(task)
-            entry: dict[str, Any] = {"name": task, "examples": len(router._query[task])}
+            source = router.adapter_source(task)
+            entry: dict[str, Any] = {"name": task, "examples": len(query[task])}
             if adapters == "reference" and source is not None and not source.is_local:
                 entry["adapter"] = {"repo_id": source.location, "revision": source.revision}
                 if source.subfolder:
@@ -62,10 +107,8 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
                 _save_adapter(router, task, work / "adapters" / task)
                 entry["adapter"] = {"path": f"adapters/{task}"}
             tasks.append(entry)
-        bank = torch.cat([router._query[task].features for task in router.tasks]).to(torch.float16).contiguous()
-        task_ids = torch.cat(
-            [torch.full((len(router._query[t]),), i, dtype=torch.long) for i, t in enumerate(router.tasks)]
-        )
+        bank = torch.cat([query[task].features for task in router.tasks]).to(torch.float16).contiguous()
+        task_ids = torch.cat([torch.full((len(query[t]),), i, dtype=torch.long) for i, t in enumerate(router.tasks)])
         metadata = {"spec": json.dumps(router.feature_spec.to_dict()), "tasks": json.dumps(router.tasks)}
         save_file({"features": bank, "task_ids": task_ids}, str(work / FEATURES_FILE), metadata=metadata)
         inner = router.inner
@@ -85,14 +128,10 @@ def save_bundle(router: AutoSwitchModel, save_directory: str | os.PathLike, *, a
         (work / BUNDLE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
         if router.tokenizer is not None:
             router.tokenizer.save_pretrained(str(work / "tokenizer"))
-        replace_dir(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 
-def _save_adapter(router: AutoSwitchModel, task: str, destination: Path) -> None:
+def _save_adapter(router: Router, task: str, destination: Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         router.model.save_pretrained(scratch, selected_adapters=[task])
         folder = Path(scratch) / task
@@ -103,12 +142,7 @@ def _save_adapter(router: AutoSwitchModel, task: str, destination: Path) -> None
 
 
 def _resolve(bundle: str | os.PathLike, revision: str | None, token: str | None) -> Path:
-    path = Path(bundle)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(os.fspath(bundle), revision=revision, token=token))
+    return Path(resolve_folder(bundle, what="Auto-Switch bundle", revision=revision, token=token))
 
 
 def read_bundle_description(folder: Path) -> dict[str, Any]:
@@ -126,21 +160,17 @@ def read_bundle_description(folder: Path) -> dict[str, Any]:
     return description
 
 
-def load_bundle(
-    cls: type[AutoSwitchModel],
+def read_bundle(
     bundle: str | os.PathLike,
     base_model: torch.nn.Module,
     *,
-    tokenizer: Any = None,
     revision: str | None = None,
     token: str | None = None,
-    check_base_model: bool = True,
-    progress: bool = True,
-    config: AutoSwitchConfig | None = None,
-) -> AutoSwitchModel:
-    """Read a bundle (folder or Hub repo) onto ``base_model``; everything is checked before the model changes."""
-    from .model import AdapterMismatchError, AdapterSource
+) -> BundleContents:
+    """Read a bundle (folder or Hub repo) and check that it was made for ``base_model``, which is not modified.
 
+    Raises :class:`BundleError` (not a bundle, files missing) or ``AdapterMismatchError`` (another base model).
+    """
     folder = _resolve(bundle, revision, token)
     description = read_bundle_description(folder)
     stored = description["base_model"]
@@ -184,19 +214,11 @@ def load_bundle(
         spec.check_matches(FeatureSpec.from_dict(json.loads(metadata["spec"])), f"{FEATURES_FILE} of {bundle}")
     names = [entry["name"] for entry in description["tasks"]]
     query = [(name, QueryFeatures(bank[task_ids == i], spec)) for i, name in enumerate(names)]
-    config = config or AutoSwitchConfig.from_dict(description["config"])
-    if tokenizer is None and (folder / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    return cls._build(
-        base_model, sources, query, config, tokenizer=tokenizer, token=token,
-        check_base_model=check_base_model, progress=progress,
-    )  # fmt: skip
+    return BundleContents(sources, query, AutoSwitchConfig.from_dict(description["config"]), folder)
 
 
 def push_bundle(
-    router: AutoSwitchModel,
+    router: Router,
     repo_id: str,
     *,
     adapters: str = "copy",
@@ -225,11 +247,12 @@ def push_bundle(
     return str(commit)
 
 
-def model_card(router: AutoSwitchModel, repo_id: str) -> str:
+def model_card(router: Router, repo_id: str) -> str:
     base = getattr(router.inner, "name_or_path", "") or type(router.inner).__name__
     config = router.config
     spec = router.feature_spec
-    rows = "\n".join(f"| {task} | {len(router._query[task])} |" for task in router.tasks)
+    query = router.query_features
+    rows = "\n".join(f"| {task} | {len(query[task])} |" for task in router.tasks)
     return f"""---
 library_name: switch-adapter
 tags:

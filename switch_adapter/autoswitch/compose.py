@@ -40,10 +40,6 @@ class ModelSlots:
             if isinstance(layer.get_base_layer(), nn.Embedding) and layer.get_base_layer().max_norm is not None
         ]
 
-    def head_tasks(self) -> set[str]:
-        """Tasks that bring their own copy of at least one ``modules_to_save`` module."""
-        return {name for wrapper in self.heads for name in wrapper.modules_to_save}
-
 
 @dataclass
 class Composition:
@@ -55,10 +51,6 @@ class Composition:
     key: WeightsKey
     per_layer: list[dict[str, torch.Tensor]]
     nbytes: int = 0
-
-    @property
-    def is_base(self) -> bool:
-        return not self.key
 
 
 @torch.no_grad()
@@ -147,13 +139,6 @@ class CompositionCache:
         with self._lock:
             self._entries.clear()
             self._nbytes = 0
-
-    def set_budget(self, budget_bytes: int) -> None:
-        with self._lock:
-            self.budget_bytes = budget_bytes
-            while self._entries and self._nbytes > budget_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._nbytes -= evicted.nbytes
 
     def info(self) -> CacheInfo:
         with self._lock:

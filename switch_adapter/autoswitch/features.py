@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..errors import SwitchAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +28,11 @@ logger = logging.getLogger(__name__)
 FEATURE_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class FeatureMismatchError(ValueError):
+class FeatureMismatchError(SwitchAdapterError, ValueError):
     """Query features were computed with another layer, pooling or base model than the router uses."""
 
 
-class EmptyQuerySetError(ValueError):
+class EmptyQuerySetError(SwitchAdapterError, ValueError):
     """A task's query set holds no example."""
 
 
@@ -153,9 +156,8 @@ class FeatureExtractor:
         self.model = model
         self.spec = spec
         self.layers = find_layer_stack(model)
-        can_generate = getattr(model, "can_generate", None)
         # Decoder LMs get padding-aware position ids, as in generate (left padding gives the same features).
-        self.padding_aware_positions = bool(callable(can_generate) and can_generate())
+        self.padding_aware_positions = isinstance(model, PreTrainedModel) and model.can_generate()
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

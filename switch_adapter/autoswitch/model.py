@@ -10,18 +10,20 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
 from peft.utils import PeftType
 from torch import nn
+from transformers import PreTrainedModel
 
-from ..codec.sass import CodecError
+from .._model_sources import hub_download_kwargs
+from ..errors import AdapterNotFoundError, LayoutMismatchError, SwitchAdapterError
 from ..tswitch.config import TSwitchConfig
-from ..tswitch.model import LayoutMismatchError, TSwitchModel
+from ..tswitch.model import TSwitchModel
 from . import knn
+from .bundle import push_bundle, read_bundle, save_bundle
 from .compose import (
     CacheInfo,
     Composition,
@@ -52,34 +54,15 @@ from .features import (
     to_model_inputs,
 )
 from .routing import RoutingResult, route_features
+from .sources import AdapterMismatchError, AdapterSource
 
 logger = logging.getLogger(__name__)
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class AdapterMismatchError(ValueError):
-    """An adapter does not belong to the router's base model (another base id, other shapes, another type)."""
-
-
-class DuplicateTaskError(ValueError):
+class DuplicateTaskError(SwitchAdapterError, ValueError):
     """Two tasks share a name, or a task is added under a name the router already has."""
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where a task's adapter came from: a local folder or a Hub repo (with revision and subfolder)."""
-
-    location: str
-    revision: str | None = None
-    subfolder: str | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return os.path.isdir(self.location)
-
-    def hub_kwargs(self) -> dict[str, Any]:
-        return {key: value for key, value in (("revision", self.revision), ("subfolder", self.subfolder)) if value}
 
 
 def _check_task_name(name: Any) -> str:
@@ -168,12 +151,14 @@ def load_adapter_config(source: AdapterSource, token: str | None = None) -> Peft
     kwargs = source.hub_kwargs()
     if token is not None:
         kwargs["token"] = token
+    if not source.is_local:
+        kwargs = hub_download_kwargs(kwargs)  # an unreachable Hub: the cache answers at once, no retries
     try:
         return PeftConfig.from_pretrained(source.location, **kwargs)
-    except CodecError:
-        raise  # a corrupt adapter file: the codec's message names the tensor
+    except SwitchAdapterError:
+        raise  # a damaged adapter file names the tensor; a missing one says what to check
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
+        raise AdapterNotFoundError(
             f"Could not read an adapter config at {source.location!r} ({error}). Give a folder written by "
             "save_pretrained or a Hub repo id holding adapter_config.json."
         ) from error
@@ -187,8 +172,10 @@ class AutoSwitchModel(nn.Module):
     every sample with ``base + sum_t w_t * switch_t`` (and the top task's head for sequence classification).
     Samples that share a composition run together; composed parameters are cached (LRU, ``cache_budget_bytes``).
 
-    Thread-safety: every call that uses the model (routing, forward, generate, adding or removing tasks, saving)
-    holds one re-entrant lock, so concurrent calls from several threads are safe and run one after another.
+    Thread-safety: every public method that uses the model or the router's state (routing, forward, generate,
+    adding or removing tasks, saving, ``to`` / ``float`` / ``cuda`` and other device or dtype moves, ``train`` /
+    ``eval``, the cache and memory figures, the ``tasks`` / ``query_features`` / ``radius`` properties) holds one
+    re-entrant lock, so concurrent calls from several threads are safe and run one after another.
     The wrapped ``PeftModel`` is owned by the router: its adapters stay disabled (it computes the base model).
     """
 
@@ -258,19 +245,12 @@ class AutoSwitchModel(nn.Module):
                 )
             if base_model is None:
                 raise TypeError(f"Loading the bundle {model_or_bundle!r} needs base_model=<the base model object>.")
-            from .bundle import load_bundle
-
-            return load_bundle(
-                cls,
-                model_or_bundle,
-                base_model,
-                tokenizer=tokenizer,
-                revision=revision,
-                token=token,
-                check_base_model=check_base_model,
-                progress=progress,
-                config=config,
-            )
+            contents = read_bundle(model_or_bundle, base_model, revision=revision, token=token)
+            return cls._build(
+                base_model, contents.sources, contents.query_sets, config or contents.config,
+                tokenizer=tokenizer if tokenizer is not None else contents.load_tokenizer(), token=token,
+                check_base_model=check_base_model, progress=progress,
+            )  # fmt: skip
         if not isinstance(model_or_bundle, nn.Module):
             raise TypeError(
                 f"Expected a base model (nn.Module) or a bundle path, got {type(model_or_bundle).__name__}."
@@ -345,7 +325,9 @@ class AutoSwitchModel(nn.Module):
 
     @property
     def tasks(self) -> list[str]:
-        return list(self._query)
+        """The task names, in routing order."""
+        with self._lock:
+            return list(self._query)
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -354,11 +336,21 @@ class AutoSwitchModel(nn.Module):
     @property
     def radius(self) -> float:
         """The out-of-distribution radius in use (calibrated on the query sets unless ``config.ood_radius``)."""
-        return self._radius
+        with self._lock:
+            return self._radius
 
     @property
     def query_features(self) -> dict[str, QueryFeatures]:
-        return dict(self._query)
+        """``{task: query features}`` (a copy of the router's mapping)."""
+        with self._lock:
+            return dict(self._query)
+
+    def adapter_source(self, task: str) -> AdapterSource | None:
+        """Where the adapter of ``task`` was loaded from (None for an adapter the given ``PeftModel`` held)."""
+        with self._lock:
+            if task not in self._query:
+                raise KeyError(f"No task {task!r}; the router's tasks are {list(self._query)}.")
+            return self._sources.get(task)
 
     def add_task(
         self,
@@ -625,17 +617,23 @@ class AutoSwitchModel(nn.Module):
 
     def cache_info(self) -> CacheInfo:
         """Composition cache statistics (entries, bytes, budget, hits, misses)."""
-        return self._cache.info()
+        with self._lock:
+            return self._cache.info()
 
     def clear_cache(self) -> None:
         """Drop cached compositions and sparse deltas (they are rebuilt on demand)."""
-        self._cache.clear()
-        self._deltas.clear()
+        with self._lock:
+            self._cache.clear()
+            self._deltas.clear()
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held: ``base`` parameters, packed ``switches`` (codes + scales), ``decoded_switches`` (kept
         positions and signs decoded on first use), task ``heads``, the composition ``cache``, and for comparison
         ``dense_task_copies``: what one dense copy of the switched parameters per task would take."""
+        with self._lock:
+            return self._memory_footprint()
+
+    def _memory_footprint(self) -> dict[str, int]:
         base = switches = heads = decoded = switched = 0
         seen: set[int] = set()
         for name, tensor in list(self.model.named_parameters(remove_duplicate=False)) + list(
@@ -668,10 +666,16 @@ class AutoSwitchModel(nn.Module):
             "dense_task_copies": switched * len(self._query),
         }
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): cached compositions are stale
-        self._cache.clear()
-        self._deltas.clear()
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: cached compositions are stale
+        with self._lock:
+            self._cache.clear()
+            self._deltas.clear()
+            return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> AutoSwitchModel:
+        """``nn.Module.train`` (and ``eval``) under the router's lock."""
+        with self._lock:
+            return super().train(mode)
 
     # -- saving ----------------------------------------------------------------------------------------------
 
@@ -682,8 +686,6 @@ class AutoSwitchModel(nn.Module):
         ``adapters="reference"`` stores adapters loaded from the Hub as references (repo id and revision) instead
         of copies; local adapters are always copied. The folder is written to a temporary sibling and renamed.
         """
-        from .bundle import save_bundle
-
         with self._lock:
             save_bundle(self, save_directory, adapters=adapters)
 
@@ -699,8 +701,6 @@ class AutoSwitchModel(nn.Module):
         create_pr: bool = False,
     ) -> str:
         """Upload the bundle (see :meth:`save_pretrained`) to ``repo_id``, with a model card; returns the commit URL."""
-        from .bundle import push_bundle
-
         with self._lock:
             return push_bundle(
                 self, repo_id, adapters=adapters, token=token, private=private, revision=revision,
@@ -730,8 +730,7 @@ class AutoSwitchModel(nn.Module):
                 self._bank, self.config.metric, self.config.ood_quantile, self.config.ood_scale
             )
         self._num_labels, self._base_num_labels = _head_label_counts(self._slots, self.model)
-        can_generate = getattr(self.inner, "can_generate", None)
-        self._can_generate = bool(callable(can_generate) and can_generate())
+        self._can_generate = isinstance(self.inner, PreTrainedModel) and self.inner.can_generate()
 
 
 def _make_spec(inner: nn.Module, config: AutoSwitchConfig) -> FeatureSpec:
@@ -765,6 +764,8 @@ def _attach(base: nn.Module, sources: dict[str, AdapterSource], token: str | Non
     try:
         for name, source in sources.items():
             kwargs = source.hub_kwargs() | ({"token": token} if token else {})
+            if not source.is_local:
+                kwargs = hub_download_kwargs(kwargs)
             if model is None:
                 model = PeftModel.from_pretrained(base, source.location, adapter_name=name, **kwargs)
             else:
@@ -782,7 +783,7 @@ def _attach(base: nn.Module, sources: dict[str, AdapterSource], token: str | Non
 
 def _head_label_counts(slots: ModelSlots, model: PeftModel) -> tuple[dict[str, int], int | None]:
     """For sequence classification: ``{task: label count of its head}`` and the base head's label count."""
-    task_type = getattr(model.peft_config[next(iter(model.peft_config))], "task_type", None)
+    task_type = next(iter(model.peft_config.values())).task_type
     if getattr(task_type, "value", task_type) != "SEQ_CLS":
         return {}, None
     counts: dict[str, int] = {}

@@ -5,22 +5,27 @@ signs of the ``k`` kept entries in position order. :func:`encode` turns it into 
 "blob"; :func:`decode` turns the blob back into ``(mask, positive)`` bit-exactly. The scale is not part of
 the blob (it is one float or one float per row and is stored next to it).
 
-Blob layout (all integers little-endian)::
+Blob layout, format version 2 (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"TSWB"
     4       1     format version (FORMAT_VERSION)
     5       1     encoding id (Encoding)
-    6       8     numel n (uint64)
-    14      8     kept k (uint64)
-    22      ...   payload
+    6       1     value bits b: bits per kept value (1: the sign, T-Switch)
+    7       8     numel n (uint64)
+    15      8     kept k (uint64)
+    23      ...   payload
+
+Version 1 blobs have no value-bits byte (22-byte header, b = 1); they are still read.
 
 Payloads, each a single LSB-first bit stream (see :mod:`switch_adapter.codec.bitpack`) padded with zero bits
-to a whole byte; ``s`` is ``k`` bits of signs of the kept entries (1 = positive):
+to a whole byte; ``s`` is ``k * b`` bits of kept values in position order. With ``b = 1`` they are the signs of
+the kept entries (1 = positive); wider values are reserved for units whose kept magnitudes carry more than one bit,
+and this version of the library refuses them with a clear message:
 
-* ``BITMAP``: ``n`` mask bits then ``s``. Size ``n + k`` bits.
+* ``BITMAP``: ``n`` mask bits then ``s``. Size ``n + k b`` bits.
 * ``POSITIONS``: one byte ``L`` then the Elias-Fano stream of the kept positions
-  (:mod:`switch_adapter.codec.elias_fano`) then ``s``. Size ``8 + k (L + 1) + ((n - k) >> L) + k`` bits.
+  (:mod:`switch_adapter.codec.elias_fano`) then ``s``. Size ``8 + k (L + 1) + ((n - k) >> L) + k b`` bits.
 * ``COMPLEMENT``: like ``POSITIONS`` but Elias-Fano codes the ``n - k`` positions that are *not* kept
   (cheaper when the density is above about one half).
 
@@ -45,11 +50,14 @@ from switch_adapter.codec import elias_fano
 from switch_adapter.codec.bitpack import pack_bits, unpack_bits
 from switch_adapter.errors import CodecError
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
 MAGIC: bytes = b"TSWB"
-_HEADER_STRUCT = struct.Struct("<4sBBQQ")
-#: Size of the fixed header in bytes.
+_HEADER_STRUCTS = {1: struct.Struct("<4sBBQQ"), 2: struct.Struct("<4sBBBQQ")}
+_HEADER_STRUCT = _HEADER_STRUCTS[FORMAT_VERSION]
+#: Size of the fixed header (of the current version) in bytes.
 HEADER_BYTES: int = _HEADER_STRUCT.size
+#: Bits per kept value this version reads and writes (the sign).
+VALUE_BITS: int = 1
 _LOW_BITS_BYTES = 1  # the Elias-Fano encodings store L in one byte right after the header
 _REPAIR_HINT = "re-save or re-download the adapter file"
 
@@ -73,6 +81,7 @@ class Header:
     encoding: Encoding
     numel: int
     kept: int
+    value_bits: int = VALUE_BITS
 
 
 def entropy_bound_bits(numel: int, kept: int) -> float:
@@ -133,7 +142,7 @@ def encode(mask: torch.Tensor, positive: torch.Tensor, encoding: Encoding | None
         )
     sizes = encoded_sizes_for_counts(numel, kept)
     encoding = _choose(sizes) if encoding is None else Encoding(encoding)
-    header = _HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION, int(encoding), numel, kept)
+    header = _HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION, int(encoding), VALUE_BITS, numel, kept)
     if encoding == Encoding.BITMAP:
         prefix = header
         stream = torch.cat([mask, positive])
@@ -164,19 +173,34 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
             "stored in the adapter file."
         )
     length = blob.numel()
-    if length < HEADER_BYTES:
+    if length < 5:
         raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {HEADER_BYTES})")
-    head = bytes(blob[: HEADER_BYTES + _LOW_BITS_BYTES].cpu().tolist())
-    magic, version, encoding_id, numel, kept = _HEADER_STRUCT.unpack(head[:HEADER_BYTES])
-    if magic != MAGIC:
-        raise _corrupt(f"is corrupt or not a switch blob (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
+    start_bytes = bytes(blob[:5].cpu().tolist())
+    if start_bytes[:4] != MAGIC:
+        raise _corrupt(f"is corrupt or not a switch blob (magic {start_bytes[:4]!r}, expected {MAGIC!r})")
+    version = start_bytes[4]
+    if version not in _HEADER_STRUCTS:
         if version > FORMAT_VERSION:
             raise CodecError(
-                f"switch blob has format version {version}, but this switch_adapter reads only version "
+                f"switch blob has format version {version}, but this switch_adapter reads versions up to "
                 f"{FORMAT_VERSION}; upgrade switch-adapter to load this adapter."
             )
-        raise _corrupt(f"has invalid format version {version} (expected {FORMAT_VERSION}); it is corrupt")
+        raise _corrupt(f"has invalid format version {version}; it is corrupt")
+    layout = _HEADER_STRUCTS[version]
+    header_bytes = layout.size
+    if length < header_bytes:
+        raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {header_bytes})")
+    head = bytes(blob[: header_bytes + _LOW_BITS_BYTES].cpu().tolist())
+    if version == 1:
+        _, _, encoding_id, numel, kept = layout.unpack(head[:header_bytes])
+        value_bits = VALUE_BITS
+    else:
+        _, _, encoding_id, value_bits, numel, kept = layout.unpack(head[:header_bytes])
+        if value_bits != VALUE_BITS:
+            raise CodecError(
+                f"switch blob stores kept values of {value_bits} bits; this switch_adapter reads {VALUE_BITS}-bit "
+                "(sign) switches only. Upgrade switch-adapter to load this adapter."
+            )
     try:
         encoding = Encoding(encoding_id)
     except ValueError:
@@ -187,15 +211,15 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
         ) from None
     if kept > numel:
         raise _corrupt(f"is corrupt (header says {kept} kept entries out of {numel})")
-    header = Header(version=version, encoding=encoding, numel=numel, kept=kept)
+    header = Header(version=version, encoding=encoding, numel=numel, kept=kept, value_bits=value_bits)
     if encoding == Encoding.BITMAP:
-        low_bits, start = 0, HEADER_BYTES
+        low_bits, start = 0, header_bytes
         payload_bits = numel + kept
     else:
-        minimum = HEADER_BYTES + _LOW_BITS_BYTES
+        minimum = header_bytes + _LOW_BITS_BYTES
         if length < minimum:
             raise _corrupt(f"is truncated or corrupt (expected {minimum} bytes or more, got {length})")
-        low_bits, start = head[HEADER_BYTES], HEADER_BYTES + _LOW_BITS_BYTES
+        low_bits, start = head[header_bytes], header_bytes + _LOW_BITS_BYTES
         if low_bits > elias_fano.MAX_LOW_BITS:
             raise _corrupt(f"is corrupt (Elias-Fano low-bit width {low_bits} > {elias_fano.MAX_LOW_BITS})")
         count = kept if encoding == Encoding.POSITIONS else numel - kept

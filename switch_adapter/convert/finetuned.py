@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
+from .._staging import check_output_dir
 from ..codec import sass
+from ..format import layout_entry, storage_summary
 from ..tswitch.config import TSwitchConfig
-from ..tswitch.layer import unit_layout_entry
-from ..tswitch.model_card import storage_summary
 from .skeleton import (
     Skeleton,
     SwitchPlan,
@@ -28,7 +28,7 @@ from .skeleton import (
 )
 from .sources import ModelLike, SafetensorsSource, TensorSource, open_checkpoint
 from .summary import ConversionSummary, SkippedTensor
-from .writer import check_output_dir, write_adapter
+from .writer import write_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def convert_finetuned(
     """
     start = time.perf_counter()
     config = _copy_config(config)
-    output_dir = check_output_dir(output_dir, overwrite)
+    output_dir = check_output_dir(output_dir, overwrite, [base, finetuned])
     with contextlib.ExitStack() as stack:
         base_src = stack.enter_context(open_checkpoint(base, role="base", revision=base_revision, token=token))
         tuned_src = stack.enter_context(open_checkpoint(finetuned, role="fine-tuned", revision=revision, token=token))
@@ -363,13 +363,13 @@ class _Work:
                 "or a broken file). Nothing was written."
             ) from None
         del tau
-        return layout_entry(switch, density)
+        return encoded_entry(switch, density)
 
 
-def layout_entry(switch, density: float) -> dict:
+def encoded_entry(switch, density: float) -> dict:
     """The ``unit_layout`` entry of a switch, with its encoded blob and scale under ``"_tensors"``."""
     blob = sass.encode(switch.mask, switch.positive)
-    entry = unit_layout_entry(switch.shape, blob, int(switch.scale.numel()))
+    entry = layout_entry(switch.shape, blob, int(switch.scale.numel()))
     return {**entry, "density": density, "_tensors": (blob, switch.scale.to(torch.float32))}
 
 

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 from transformers.pytorch_utils import Conv1D
 
+from .._staging import check_output_dir
 from ..codec import sass
+from ..format import KEY_PREFIX
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .finetuned import _copy_config, layout_entry, make_summary, record_base
+from .finetuned import _copy_config, encoded_entry, make_summary, record_base
 from .skeleton import (
-    PEFT_PREFIX,
     Skeleton,
     automatic_heads,
     build_skeleton,
@@ -46,7 +47,7 @@ from .skeleton import (
 )
 from .sources import AdapterFiles, ModelLike, open_adapter, open_config
 from .summary import SkippedTensor
-from .writer import check_output_dir, write_adapter
+from .writer import write_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def group_lora_tensors(
     heads: dict[str, str] = {}
     skipped: list[tuple[str, str]] = []
     for key in adapter.tensors.info():
-        relative = key.removeprefix(PEFT_PREFIX)
+        relative = key.removeprefix(KEY_PREFIX)
         if ".lora_magnitude_vector" in relative:
             raise ValueError(f"The {adapter.description} holds DoRA magnitudes ({key}); DoRA is not supported.")
         match = _LORA_KEY.match(relative)
@@ -299,7 +300,7 @@ def convert_lora(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     config = _copy_config(config)
-    output_dir = check_output_dir(output_dir, overwrite)
+    output_dir = check_output_dir(output_dir, overwrite, [base, lora])
     adapter = open_adapter(lora, revision=revision, token=token)
     with adapter.tensors:
         settings = read_lora_settings(adapter.config, adapter.description)
@@ -405,7 +406,7 @@ def _module_switches(deltas: LoraDeltas, name: str, config: TSwitchConfig, mode:
     delta = deltas.product(name, a, b, scaling)
     results = []
     if torch.count_nonzero(delta):
-        results.append(("weight", layout_entry(config.binarize(delta, name, "weight"), density)))
+        results.append(("weight", encoded_entry(config.binarize(delta, name, "weight"), density)))
     else:
         state.unchanged += 1
     bias = deltas.bias_delta(name)
@@ -413,7 +414,7 @@ def _module_switches(deltas: LoraDeltas, name: str, config: TSwitchConfig, mode:
         state.tensors_read += 1
         _check_finite(bias, deltas.modules[name].keys["bias"], description)
         if torch.count_nonzero(bias):
-            results.append(("bias", layout_entry(config.binarize(bias, name, "bias"), density)))
+            results.append(("bias", encoded_entry(config.binarize(bias, name, "bias"), density)))
         else:
             state.unchanged += 1
     return results

@@ -24,13 +24,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._model_sources import TASK_AUTO_CLASSES
+from ..format import KEY_PREFIX, parse_key
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.layer import TSwitchLayer
 from .sources import TensorSource
 
 logger = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 
 _CLASS_SUFFIX_TASKS = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -106,13 +106,14 @@ class SwitchPlan:
         switch_keys: dict[tuple[str, str], list[str]] = {}
         head_keys: dict[str, tuple[str, str]] = {}
         for key in self.saved_keys:
-            relative = key.removeprefix(PEFT_PREFIX)
-            module_name, marker, attr = relative.partition(".tswitch_")
-            if marker:
-                param_name, _, kind = attr.rpartition("_")
-                slot = switch_keys.setdefault((module_name, param_name), ["", ""])
-                slot[0 if kind == "code" else 1] = key
+            parsed = parse_key(key)
+            if parsed is not None:
+                unit, part = parsed
+                if part != "checksum":  # checksums are computed from code and scale when the file is written
+                    slot = switch_keys.setdefault((unit.module, unit.param), ["", ""])
+                    slot[0 if part == "code" else 1] = key
                 continue
+            relative = key.removeprefix(KEY_PREFIX)
             wrapper = next((w for w in self.heads if relative.startswith(w + ".")), None)
             if wrapper is None:
                 raise RuntimeError(f"Unexpected key {key} in the adapter peft would save; please report this.")
@@ -124,7 +125,7 @@ class SwitchPlan:
         return {
             key: torch.zeros(shape, dtype=dtype)
             for key, (shape, dtype) in self.saved_keys.items()
-            if ".tswitch_" in key
+            if parse_key(key) is not None
         }
 
 

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .._model_sources import local_folder
+from .._model_sources import from_hub, local_folder
+from ..errors import AdapterNotFoundError
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -89,7 +90,9 @@ class SafetensorsSource(TensorSource):
         self._offsets: dict[str, tuple[int, int]] = {}  # key -> (absolute start, byte count)
         for path in self.files:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{description}: the weights file {path} is missing (an incomplete download?).")
+                raise AdapterNotFoundError(
+                    f"{description}: the weights file {path} is missing (an incomplete download?)."
+                )
             try:
                 with safe_open(path, framework="pt") as handle:
                     for key in handle.keys():
@@ -120,8 +123,8 @@ class SafetensorsSource(TensorSource):
         self._file.seek(start)
         if count and self._file.readinto(memoryview(buffer.numpy())) != count:
             raise ValueError(f"{self.description}: {info.file} is truncated ({key}); re-download or re-save it.")
-        if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian
-            return buffer.view(dtype).byteswap().reshape(info.shape)  # pragma: no cover
+        if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian: reverse each value
+            buffer = buffer.view(-1, dtype.itemsize).flip(1).reshape(-1)
         return buffer.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
@@ -202,49 +205,18 @@ def _safetensors_dtype_name(dtype: torch.dtype) -> str:
 def _hub_files(repo_id: str, filenames: list[str], *, revision: str | None, token: str | bool | None, role: str):
     """Download ``filenames`` (first one required, the others optional) from ``repo_id``; ``{name: path or None}``."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     paths: dict[str, str | None] = {}
     for index, filename in enumerate(filenames):
         try:
-            paths[filename] = hf_hub_download(repo_id, filename, revision=revision, token=token)
-        except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
-            if index == 0:
-                raise FileNotFoundError(
-                    f"The {role} {repo_id!r} is not a local folder, and {filename} could not be downloaded from the "
-                    "Hub (offline or unreachable) nor found in the Hub cache."
-                ) from None
+            paths[filename] = from_hub(
+                hf_hub_download, repo_id, role, filename=filename, revision=revision, token=token
+            )
+        except AdapterNotFoundError as error:
+            optional_and_absent = type(error.__cause__).__name__ in ("EntryNotFoundError", "LocalEntryNotFoundError")
+            if index == 0 or not optional_and_absent:
+                raise
             paths[filename] = None
-        except EntryNotFoundError:
-            if index == 0:
-                raise FileNotFoundError(
-                    f"The {role} {repo_id!r} has no {filename}"
-                    + (f" at revision {revision!r}" if revision else "")
-                    + "; is it the right repository?"
-                ) from None
-            paths[filename] = None
-        except RevisionNotFoundError:
-            raise FileNotFoundError(f"The {role} {repo_id!r} has no revision {revision!r}.") from None
-        except GatedRepoError:
-            raise PermissionError(
-                f"The {role} {repo_id!r} is gated: accept its terms on the Hub and pass token= (or set HF_TOKEN)."
-            ) from None
-        except RepositoryNotFoundError:
-            raise FileNotFoundError(
-                f"The {role} {repo_id!r} is neither a local folder nor a Hub repository you can access "
-                "(for a private repository pass token= or set HF_TOKEN)."
-            ) from None
-        except HFValidationError:
-            raise FileNotFoundError(
-                f"The {role} {repo_id!r} is neither a local folder nor a valid Hub repo id."
-            ) from None
     return paths
 
 
@@ -286,7 +258,7 @@ def open_checkpoint(
         description = f"{role} checkpoint {folder}"
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             hint = _what_is_there(folder)
-            raise FileNotFoundError(f"The {description} has no config.json{hint}.")
+            raise AdapterNotFoundError(f"The {description} has no config.json{hint}.")
         index = os.path.join(folder, WEIGHTS_INDEX_NAME)
         single = os.path.join(folder, WEIGHTS_NAME)
         if os.path.isfile(index):
@@ -294,7 +266,7 @@ def open_checkpoint(
         elif os.path.isfile(single):
             files = [single]
         else:
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"The {description} holds no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{_what_is_there(folder)}."
             )
         return SafetensorsSource(files, description, _load_config(folder, description))
@@ -357,10 +329,10 @@ def open_adapter(
         config_path = os.path.join(folder, ADAPTER_CONFIG_NAME)
         weights_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"The {description} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter folder.")
+            raise AdapterNotFoundError(f"The {description} has no {ADAPTER_CONFIG_NAME}: not a PEFT adapter folder.")
         if not os.path.isfile(weights_path):
             pickled = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"The {description} has no {ADAPTER_WEIGHTS_NAME}"
                 + (
                     " (only a pickled adapter_model.bin, which switch-adapter does not read: load it with peft and "
@@ -381,7 +353,7 @@ def open_adapter(
                 repo_id, [ADAPTER_WEIGHTS_NAME], revision=revision, token=token, role="LoRA adapter"
             )[ADAPTER_WEIGHTS_NAME]
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"The {description} has no {ADAPTER_WEIGHTS_NAME} (switch-adapter reads safetensors only)."
             ) from None
     try:
@@ -408,7 +380,7 @@ def open_config(
     if folder is not None:
         description = f"{role} model {folder}"
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            raise FileNotFoundError(f"The {description} has no config.json{_what_is_there(folder)}.")
+            raise AdapterNotFoundError(f"The {description} has no config.json{_what_is_there(folder)}.")
         return _load_config(folder, description), None, description
     repo_id = os.fspath(source)
     description = f"{role} repository {repo_id}" + (f"@{revision}" if revision else "")

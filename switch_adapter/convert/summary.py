@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..tswitch.model_card import SwitchSizeFigures
+from ..format import SizeFigures
 
 
 @dataclass
@@ -16,7 +16,7 @@ class SkippedTensor:
 
 
 @dataclass
-class ConversionSummary(SwitchSizeFigures):
+class ConversionSummary(SizeFigures):
     """Result of :func:`~switch_adapter.convert_finetuned` / :func:`~switch_adapter.convert_lora`.
 
     ``units`` / ``parameters`` / ``kept`` / ``switch_bytes`` describe the switches (codes plus fp32 scales), as

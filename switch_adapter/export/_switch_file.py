@@ -1,4 +1,4 @@
-"""Read a saved T-Switch adapter straight from its files: config, switched units, deltas, full-precision heads."""
+"""A saved T-Switch adapter (a folder or a Hub id) opened for the exports: its config and its weights file."""
 
 from __future__ import annotations
 
@@ -8,35 +8,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
-from ..codec import sass
+from .._model_sources import resolve_folder
+from ..errors import AdapterNotFoundError
+from ..format import ADAPTER_FILES, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterFile, Unit, iter_dense_deltas
 from ..tswitch.config import TSwitchConfig
-from ._paths import resolve_folder
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-
-
-@dataclass(frozen=True)
-class UnitKeys:
-    """The safetensors keys of one switched parameter (``module.param``)."""
-
-    module: str
-    param: str
-    code_key: str
-    scale_key: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.module}.{self.param}"
 
 
 @dataclass
 class SwitchFolder:
-    """A T-Switch adapter on disk: its folder, config and weights file."""
+    """A T-Switch adapter on disk: where it came from, its local folder and its config."""
 
     source: str
     folder: str
@@ -46,81 +27,34 @@ class SwitchFolder:
     def weights_path(self) -> str:
         return os.path.join(self.folder, WEIGHTS_NAME)
 
-    def units(self) -> list[UnitKeys]:
-        """Switched parameters in the order of the config's ``unit_layout`` (model order), then any others."""
-        with safe_open(self.weights_path, framework="pt") as handle:
-            keys = set(handle.keys())
-        found: dict[tuple[str, str], UnitKeys] = {}
-        for key in keys:
-            module_path, marker, attr = key.partition(".tswitch_")
-            if not marker or not attr.endswith("_code"):
-                continue
-            param = attr[: -len("_code")]
-            module = module_path.removeprefix(KEY_PREFIX)
-            scale_key = f"{module_path}.tswitch_{param}_scale"
-            if scale_key not in keys:
-                raise sass.CodecError(
-                    f"{self.weights_path} holds {key} but not {scale_key}; re-save or re-download the adapter."
-                )
-            found[(module, param)] = UnitKeys(module, param, key, scale_key)
-        ordered = [
-            found.pop((module, param))
-            for module, params in self.config.unit_layout.items()
-            for param in params
-            if (module, param) in found
-        ]
-        return ordered + [found[key] for key in sorted(found)]
+    def open(self) -> AdapterFile:
+        return AdapterFile(self.weights_path)
 
-    def shape_of(self, unit: UnitKeys, numel: int) -> list[int]:
-        """The unit's tensor shape from the config (the code only knows the number of entries)."""
-        entry = self.config.unit_layout.get(unit.module, {}).get(unit.param)
-        if entry is None:
-            return [numel]
-        shape = [int(size) for size in entry["shape"]]
-        if _prod(shape) != numel:
-            raise sass.CodecError(
-                f"{unit.code_key} holds {numel} entries but the config says shape {shape}; the adapter is corrupt."
-            )
-        return shape
+    def units(self) -> list[Unit]:
+        """Units with a switch (a non-empty code), in model order."""
+        with self.open() as file:
+            units = file.units(self.config.unit_layout)
+            return [unit for unit in units if file.shape_and_dtype(unit.key("code"))[0] != [0]]
 
-    def head_keys(self) -> list[str]:
-        """Keys of the full-precision tensors (``modules_to_save``), without the ``base_model.model.`` prefix."""
-        with safe_open(self.weights_path, framework="pt") as handle:
-            return sorted(k.removeprefix(KEY_PREFIX) for k in handle.keys() if ".tswitch_" not in k)
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """The full-precision tensors (``modules_to_save``), keyed as in the file."""
+        with self.open() as file:
+            return {KEY_PREFIX + key: file.tensor(KEY_PREFIX + key) for key in file.head_keys()}
 
-    def iter_deltas(self, device: torch.device | str = "cpu") -> Iterator[tuple[UnitKeys, torch.Tensor]]:
+    def iter_deltas(self, device: torch.device | str = "cpu") -> Iterator[tuple[Unit, torch.Tensor]]:
         """``(unit, dense fp32 delta)`` for every switched parameter, one at a time."""
-        with safe_open(self.weights_path, framework="pt") as handle:
-            for unit in self.units():
-                code = handle.get_tensor(unit.code_key)
-                scale = handle.get_tensor(unit.scale_key)
-                yield unit, self._dense(unit, code, scale, device)
-
-    def _dense(self, unit: UnitKeys, code: torch.Tensor, scale: torch.Tensor, device) -> torch.Tensor:
-        try:
-            numel, positions, positive = sass.decode_positions(code, device=device)
-        except sass.CodecError as error:
-            raise sass.CodecError(f"{unit.code_key}: {error}") from None
-        shape = self.shape_of(unit, numel)
-        scale = scale.to(device=device, dtype=torch.float32).reshape(-1)
-        values = torch.where(positive, 1.0, -1.0).to(torch.float32)
-        if scale.numel() > 1:  # one scale per row (dim 0)
-            if scale.numel() != shape[0]:
-                raise sass.CodecError(
-                    f"{unit.scale_key} holds {scale.numel()} scales for {shape[0]} rows; the adapter is corrupt."
-                )
-            values = values * scale[positions // (numel // shape[0])]
-        else:
-            values = values * scale
-        delta = torch.zeros(numel, dtype=torch.float32, device=device)
-        return delta.index_put_((positions,), values).view(shape)
+        with self.open() as file:
+            yield from iter_dense_deltas(file, self.config.unit_layout, device)
 
 
-def open_switch(path_or_repo: str | os.PathLike, *, revision: str | None = None, token=None) -> SwitchFolder:
-    """Find a T-Switch adapter (a folder or a Hub id) and read its config; the weights file is checked too.
+def open_switch(
+    path_or_repo: str | os.PathLike, *, revision: str | None = None, token=None, verify: bool = True
+) -> SwitchFolder:
+    """Find a T-Switch adapter (a folder or a Hub id) and read its config; with ``verify`` the weights file is checked
+    too (see :func:`switch_adapter.format.verify_adapter_file`).
 
-    Raises ``FileNotFoundError`` for missing files, ``ValueError`` if the folder holds another adapter type, and
-    :class:`~switch_adapter.CodecError` for a corrupt weights file.
+    Raises :class:`~switch_adapter.AdapterNotFoundError` for missing files, ``ValueError`` if the folder holds another
+    adapter type, and :class:`~switch_adapter.CodecError` for a damaged file.
     """
     source = os.fspath(path_or_repo)
     folder = resolve_folder(
@@ -128,7 +62,7 @@ def open_switch(path_or_repo: str | os.PathLike, *, revision: str | None = None,
     )
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{source} holds no {CONFIG_NAME}: it is not a saved PEFT adapter.")
+        raise AdapterNotFoundError(f"{source} holds no {CONFIG_NAME}: it is not a saved PEFT adapter.")
     with open(config_path, encoding="utf-8") as handle:
         try:
             raw = json.load(handle)
@@ -139,13 +73,11 @@ def open_switch(path_or_repo: str | os.PathLike, *, revision: str | None = None,
         hint = " Convert a LoRA first: switch-adapter convert-lora." if peft_type == "LORA" else ""
         raise ValueError(f"{source} is a {peft_type or 'non-PEFT'} adapter, not a T-Switch adapter.{hint}")
     if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        raise FileNotFoundError(f"{source} holds no {WEIGHTS_NAME} (T-Switch adapters are stored as safetensors only).")
-    config = TSwitchConfig.from_pretrained(folder)  # also validates the weights file against the layout
+        raise AdapterNotFoundError(
+            f"{source} holds no {WEIGHTS_NAME} (T-Switch adapters are stored as safetensors only)."
+        )
+    if verify:
+        config = TSwitchConfig.from_pretrained(folder)
+    else:
+        config = TSwitchConfig.from_peft_type(**raw)
     return SwitchFolder(source=source, folder=folder, config=config)
-
-
-def _prod(shape) -> int:
-    result = 1
-    for size in shape:
-        result *= int(size)
-    return result

@@ -7,9 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from safetensors import safe_open
-
 from ..codec import sass
+from ..format import CHECKSUMS_SINCE, KEY_PREFIX, SizeFigures, find_layout_entry, stored_unit_bytes
 from ._switch_file import open_switch
 
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "I64": "int64"}
@@ -17,8 +16,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I16"
 
 
 @dataclass
-class UnitReport:
-    """One switched parameter (``module.param``). Sizes in bytes; ``bytes`` = code + scales."""
+class UnitReport(SizeFigures):
+    """One switched parameter (``module.param``). Sizes in bytes; ``bytes`` = code + scales + checksum.
+    ``checksum`` is ``"ok"``, ``"mismatch"`` or ``"absent"`` (format version 1)."""
 
     name: str
     shape: list[int]
@@ -27,19 +27,21 @@ class UnitReport:
     encoding: str
     code_bytes: int
     scale_bytes: int
+    checksum_bytes: int
     bound_bytes: float
+    checksum: str = "ok"
 
     @property
     def bytes(self) -> int:
-        return self.code_bytes + self.scale_bytes
+        return self.code_bytes + self.scale_bytes + self.checksum_bytes
 
     @property
-    def density(self) -> float:
-        return self.kept / self.numel if self.numel else 0.0
+    def parameters(self) -> int:
+        return self.numel
 
     @property
-    def bits_per_parameter(self) -> float:
-        return 8.0 * self.bytes / self.numel if self.numel else 0.0
+    def switch_bytes(self) -> int:
+        return self.bytes
 
     @property
     def fp32_bytes(self) -> int:
@@ -49,21 +51,9 @@ class UnitReport:
     def fp16_bytes(self) -> int:
         return 2 * self.numel
 
-    @property
-    def vs_bound(self) -> float:
-        """Stored size over the entropy bound ``n H(k/n) + k`` bits (1.0 = at the bound)."""
-        return self.bytes / self.bound_bytes if self.bound_bytes else math.inf
-
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values.update(
-            bytes=self.bytes,
-            density=self.density,
-            bits_per_parameter=self.bits_per_parameter,
-            fp32_bytes=self.fp32_bytes,
-            fp16_bytes=self.fp16_bytes,
-            vs_bound=self.vs_bound if math.isfinite(self.vs_bound) else None,
-        )
+        values = self.as_dict()
+        values.update(bytes=self.bytes, fp32_bytes=self.fp32_bytes, fp16_bytes=self.fp16_bytes)
         return values
 
 
@@ -78,8 +68,10 @@ class TensorReport:
 
 
 @dataclass
-class InspectionReport:
-    """Per-unit and total storage of a T-Switch adapter. ``to_table()`` for people, ``to_dict()`` for JSON."""
+class InspectionReport(SizeFigures):
+    """Per-unit and total storage of a T-Switch adapter, and any damage found in its file. ``to_table()`` for people,
+    ``to_dict()`` for JSON. ``unchanged`` names targeted tensors without a switch (the fine-tune left them as they
+    were); ``problems`` lists damaged units (checksum mismatch, corrupt code...), empty for a sound file."""
 
     source: str
     base_model: str | None
@@ -89,11 +81,21 @@ class InspectionReport:
     file_bytes: int
     units: list[UnitReport] = field(default_factory=list)
     full_precision: list[TensorReport] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problems)
 
     # -- totals over the switched units -------------------------------------------------------------
     @property
     def numel(self) -> int:
         return sum(u.numel for u in self.units)
+
+    @property
+    def parameters(self) -> int:
+        return self.numel
 
     @property
     def kept(self) -> int:
@@ -111,26 +113,6 @@ class InspectionReport:
     def full_precision_bytes(self) -> int:
         return sum(t.bytes for t in self.full_precision)
 
-    @property
-    def density(self) -> float:
-        return self.kept / self.numel if self.numel else 0.0
-
-    @property
-    def bits_per_parameter(self) -> float:
-        return 8.0 * self.switch_bytes / self.numel if self.numel else 0.0
-
-    @property
-    def fraction_of_fp32(self) -> float:
-        return self.switch_bytes / (4.0 * self.numel) if self.numel else 0.0
-
-    @property
-    def fraction_of_fp16(self) -> float:
-        return self.switch_bytes / (2.0 * self.numel) if self.numel else 0.0
-
-    @property
-    def vs_bound(self) -> float:
-        return self.switch_bytes / self.bound_bytes if self.bound_bytes else math.inf
-
     def totals(self) -> dict[str, Any]:
         return {
             "units": len(self.units),
@@ -145,6 +127,7 @@ class InspectionReport:
             "fraction_of_fp16": self.fraction_of_fp16,
             "bound_bytes": self.bound_bytes,
             "vs_bound": self.vs_bound if math.isfinite(self.vs_bound) else None,
+            "unchanged_tensors": len(self.unchanged),
             "full_precision_tensors": len(self.full_precision),
             "full_precision_bytes": self.full_precision_bytes,
             "file_bytes": self.file_bytes,
@@ -160,7 +143,9 @@ class InspectionReport:
             "format_version": self.format_version,
             "totals": self.totals(),
             "units": [u.to_dict() for u in self.units],
+            "unchanged": list(self.unchanged),
             "full_precision": [asdict(t) for t in self.full_precision],
+            "problems": list(self.problems),
         }
 
     def to_table(self) -> str:
@@ -229,6 +214,15 @@ class InspectionReport:
             f"{self.vs_bound:.3f}x the entropy bound ({self.bound_bytes:,.0f} bytes)",
             f"adapter_model.safetensors: {self.file_bytes:,} bytes",
         ]
+        if self.unchanged:
+            lines.append(f"targeted tensors without a switch (unchanged by the fine-tune): {len(self.unchanged)}")
+        checked = "checksums verified" if self.format_version >= CHECKSUMS_SINCE else "format 1: no checksums"
+        if self.problems:
+            lines += ["", f"DAMAGED: {len(self.problems)} problem(s) ({checked}):"]
+            lines += [f"  {problem}" for problem in self.problems]
+            lines.append("Re-save the adapter with save_pretrained or download it again.")
+        else:
+            lines.append(f"file sound ({checked})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -239,50 +233,50 @@ def inspect_adapter(
     path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> InspectionReport:
     """Per-unit storage of a T-Switch adapter (a folder or a Hub id): shape, entries, kept entries, density,
-    encoding, bits per parameter, bytes vs fp32 / fp16 and vs the entropy bound, plus totals.
+    encoding, bits per parameter, bytes vs fp32 / fp16 and vs the entropy bound, totals, and the damage found.
 
     Sizes come from the safetensors file (each code's header and length, each scale's dtype), not from the config.
-    Raises ``FileNotFoundError`` for missing files, ``ValueError`` for another adapter type and
-    :class:`~switch_adapter.CodecError` for a corrupt file.
+    Damaged units (checksum mismatch, corrupt code, wrong sizes) are listed in ``report.problems`` instead of raising.
+    Raises :class:`~switch_adapter.AdapterNotFoundError` for missing files, ``ValueError`` for another adapter type
+    and :class:`~switch_adapter.CodecError` for a file that is not readable safetensors.
     """
-    switch = open_switch(path_or_repo, revision=revision, token=token)
+    switch = open_switch(path_or_repo, revision=revision, token=token, verify=False)
     config = switch.config
-    units, full_precision = [], []
-    with safe_open(switch.weights_path, framework="pt") as handle:
-        for unit in switch.units():
-            code = handle.get_tensor(unit.code_key)
-            try:
-                header = sass.read_header(code)
-            except sass.CodecError as error:
-                raise sass.CodecError(f"{unit.code_key}: {error}") from None
-            scale = handle.get_slice(unit.scale_key)
-            scale_bytes = math.prod(scale.get_shape()) * _DTYPE_BYTES.get(scale.get_dtype(), 4)
-            units.append(
-                UnitReport(
-                    name=unit.name,
-                    shape=switch.shape_of(unit, header.numel),
-                    numel=header.numel,
-                    kept=header.kept,
-                    encoding=header.encoding.name.lower(),
-                    code_bytes=int(code.numel()),
-                    scale_bytes=int(scale_bytes),
-                    bound_bytes=sass.entropy_bound_bits(header.numel, header.kept) / 8.0,
-                )
-            )
-        for name in switch.head_keys():
-            tensor = handle.get_slice("base_model.model." + name)
-            shape = [int(s) for s in tensor.get_shape()]
-            dtype = tensor.get_dtype()
-            size = math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
-            full_precision.append(TensorReport(name, shape, _DTYPE_NAMES.get(dtype, dtype.lower()), size))
-    task_type = config.task_type.value if hasattr(config.task_type, "value") else config.task_type
-    return InspectionReport(
+    report = InspectionReport(
         source=switch.source,
         base_model=config.base_model_name_or_path,
-        task_type=task_type,
+        task_type=config.task_type.value if hasattr(config.task_type, "value") else config.task_type,
         scale_granularity=config.scale_granularity,
         format_version=config.format_version,
         file_bytes=os.path.getsize(switch.weights_path),
-        units=units,
-        full_precision=full_precision,
     )
+    checksum_bytes = stored_unit_bytes(0, 0, config.format_version)
+    with switch.open() as file:
+        for status in file.check(config.unit_layout, config.format_version):
+            name = status.unit.name
+            report.problems.extend(f"{name}: {problem}" for problem in status.problems)
+            if status.problems or status.numel is None:
+                if not status.problems and not status.has_switch:
+                    report.unchanged.append(name)
+                continue
+            entry = find_layout_entry(config.unit_layout, status.unit.module) or {}
+            shape = entry.get(status.unit.param, {}).get("shape", [status.numel])
+            report.units.append(
+                UnitReport(
+                    name=name,
+                    shape=[int(size) for size in shape],
+                    numel=status.numel,
+                    kept=status.kept,
+                    encoding=status.encoding,
+                    code_bytes=status.code_bytes,
+                    scale_bytes=status.scale_bytes,
+                    checksum_bytes=checksum_bytes,
+                    bound_bytes=sass.entropy_bound_bits(status.numel, status.kept) / 8.0,
+                    checksum=status.checksum,
+                )
+            )
+        for name in file.head_keys():
+            shape, dtype = file.shape_and_dtype(KEY_PREFIX + name)
+            size = math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+            report.full_precision.append(TensorReport(name, shape, _DTYPE_NAMES.get(dtype, dtype.lower()), size))
+    return report

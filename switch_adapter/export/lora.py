@@ -15,10 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .._staging import atomic_output_dir, check_output_dir
+from ..format import KEY_PREFIX
 from ..tswitch.layer import is_norm_layer
 from ._base_model import build_base_skeleton, load_base_model, task_type_name
-from ._paths import atomic_output_dir, check_output_dir
-from ._switch_file import KEY_PREFIX, SwitchFolder, open_switch
+from ._switch_file import SwitchFolder, open_switch
 
 logger = logging.getLogger(__name__)
 
@@ -327,11 +328,7 @@ class _LoraBuilder:
                 self.report.exact_units.remove(f"{name}.bias")
                 self.report.exact_norm_sq -= float(torch.linalg.vector_norm(bias)) ** 2
                 self._drop(f"{name}.bias", "bias of a module without a weight delta", bias)
-        head_keys = self.switch.head_keys()
-        if head_keys:
-            with _open(self.switch) as handle:
-                for key in head_keys:
-                    self.tensors[KEY_PREFIX + key] = handle.get_tensor(KEY_PREFIX + key)
+        self.tensors.update(self.switch.head_tensors())
         if not self.targets:
             raise ValueError(
                 f"{self.switch.source} has no weight that a LoRA can carry (Linear, Embedding, Conv1D, Conv2d); "
@@ -356,12 +353,6 @@ class _LoraBuilder:
         )
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         return tensors, config
-
-
-def _open(switch: SwitchFolder):
-    from safetensors import safe_open
-
-    return safe_open(switch.weights_path, framework="pt")
 
 
 def _factorize(matrix: torch.Tensor, rank: int, dtype: torch.dtype, method: str):

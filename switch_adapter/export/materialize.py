@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._staging import atomic_output_dir, check_output_dir
 from ..tswitch.layer import SWITCHABLE_PARAMETERS, SwitchedModule
 from ._base_model import copy_tokenizer_files, load_base_model, task_type_name
-from ._paths import atomic_output_dir, check_output_dir
 from ._switch_file import SwitchFolder, open_switch
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.binarize import BinarySwitch
+from ..format import storage_summary
 from .config import TSwitchConfig
 from .layer import TSwitchLayer
-from .model import _discard_adapter, resize_module_parameters
+from .model import _discard_adapter, filling_switches, resize_module_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,12 @@ def from_finetuned(
 
     is_new = not isinstance(base_model, PeftModel)
     original_state = (base_model.get_base_model() if not is_new else base_model).state_dict()
-    if is_new:
-        model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    else:
-        model = base_model
-        model.add_adapter(adapter_name, config)
+    with filling_switches():
+        if is_new:
+            model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        else:
+            model = base_model
+            model.add_adapter(adapter_name, config)
     inner = model.get_base_model()
     try:
         switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)
@@ -215,22 +217,14 @@ def _warn_uncovered(
 
 
 def _log_summary(config: TSwitchConfig, adapter_name: str) -> None:
-    numel = kept = code_bytes = 0
-    for params in config.unit_layout.values():
-        for entry in params.values():
-            count = 1
-            for size in entry["shape"]:
-                count *= size
-            numel += count
-            kept += entry["kept"]
-            code_bytes += entry["code_bytes"] + 4 * entry["scales"]
-    if numel:
+    summary = storage_summary(config)
+    if summary.parameters:
         logger.info(
             "T-Switch %r: %d tensors, %d parameters, %.2f%% kept, %.3f bits/parameter (%.2f%% of fp32).",
             adapter_name,
-            sum(len(p) for p in config.unit_layout.values()),
-            numel,
-            100.0 * kept / numel,
-            8.0 * code_bytes / numel,
-            100.0 * code_bytes / (4.0 * numel),
+            summary.units,
+            summary.parameters,
+            100.0 * summary.density,
+            summary.bits_per_parameter,
+            100.0 * summary.fraction_of_fp32,
         )

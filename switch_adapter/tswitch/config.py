@@ -10,8 +10,11 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._model_sources import hub_download_kwargs, local_folder
 from ..codec.binarize import SCALE_GRANULARITIES, SCALE_RULES, BinarySwitch, binarize
-from ..codec.sass import FORMAT_VERSION
+from ..errors import AdapterNotFoundError
+from ..format import FORMAT_VERSION, MODEL_CARD_NAME, locate_weights_file, verify_adapter_file
+from .model_card import write_model_card
 
 ALL_SUPPORTED_SHORTHAND = "all"
 
@@ -59,7 +62,8 @@ class TSwitchConfig(PeftConfig):
         modules_to_save: Modules stored in full precision with the adapter, e.g. task heads. Their shapes may differ
             from the base model's (another number of labels); ``modules_to_save_shapes`` records them.
         layers_to_transform / layers_pattern: As in LoRA: restrict the switch to some layer indices.
-        format_version: Version of the on-disk switch encoding.
+        format_version: Version of the file format (see ``switch_adapter.format``); 2 adds a checksum per switch.
+            Set when an adapter is created or loaded, not by hand.
         unit_layout: Filled in when switches are created: for every switched module and parameter the tensor
             shape, the encoded size in bytes, the number of scales, the density and the number of kept entries.
             Loaders use it to allocate the content-dependent buffers before reading the file.
@@ -97,7 +101,7 @@ class TSwitchConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (as in LoRA)."}
     )
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "On-disk switch encoding version."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "File format version (2: with checksums)."})
     unit_layout: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=dict,
         metadata={"help": "Per module and parameter: shape, code bytes, scales (generated)."},
@@ -135,23 +139,34 @@ class TSwitchConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config like any PEFT config, and check the adapter file next to it before anything uses it.
 
-        A truncated or corrupt ``adapter_model.safetensors`` raises :class:`~switch_adapter.CodecError` here, so
-        ``PeftModel.from_pretrained`` and ``load_adapter`` fail before they modify the model.
+        A truncated, corrupt or tampered ``adapter_model.safetensors`` raises :class:`~switch_adapter.CodecError`
+        here, so ``PeftModel.from_pretrained`` and ``load_adapter`` fail before they modify the model. A name that is
+        neither a folder nor a reachable Hub repository raises :class:`~switch_adapter.AdapterNotFoundError` at once.
         """
-        from .validation import resolve_weights_file, validate_adapter_file
-
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = resolve_weights_file(str(pretrained_model_name_or_path), subfolder, kwargs)
+        name = str(pretrained_model_name_or_path)
+        is_local = local_folder(name, "T-Switch adapter") is not None
+        if not is_local:
+            kwargs = hub_download_kwargs(kwargs)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            if is_local:
+                raise
+            raise AdapterNotFoundError(
+                f"The T-Switch adapter {name!r} is not a local folder, and its adapter_config.json could not be "
+                f"fetched from the Hub ({error}). Check the path or repository id, the revision and the token; offline "
+                "(HF_HUB_OFFLINE=1, or no network), only repositories already in the Hub cache can be used."
+            ) from error
+        weights = locate_weights_file(name, subfolder, kwargs)
         if weights is not None:
-            validate_adapter_file(weights, config.unit_layout)
+            verify_adapter_file(weights, config.unit_layout, config.format_version)
+        config._weights_file = weights  # not a field (never saved): lets the tuner check head shapes before loading
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save the config like any PEFT config, and add the T-Switch section to the folder's model card."""
         super().save_pretrained(save_directory, **kwargs)
-        if self.unit_layout and os.path.exists(os.path.join(save_directory, "README.md")):
-            from .model_card import write_model_card
-
+        if self.unit_layout and os.path.exists(os.path.join(save_directory, MODEL_CARD_NAME)):
             write_model_card(save_directory, self)
 
     def binarize(self, task_vector, module_name: str, param_name: str = "weight") -> BinarySwitch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..codec import sass
 from ..codec.binarize import BinarySwitch
+from ..errors import CodecError
+from ..format import attribute, kept_values, layout_entry, unit_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +48,23 @@ def switched_parameter_names(module: nn.Module, switch_bias: bool) -> tuple[str,
     return tuple(names)
 
 
-def unit_layout_entry(shape: Sequence[int], blob: torch.Tensor, scales: int) -> dict:
-    """The ``unit_layout`` entry of an encoded switch: shape, code bytes, scale count, kept entries, encoding."""
-    header = sass.read_header(blob)
-    return {
-        "shape": list(shape),
-        "code_bytes": int(blob.numel()),
-        "scales": scales,
-        "kept": int(header.kept),
-        "encoding": header.encoding.name.lower(),
-    }
-
-
 class TSwitchLayer(BaseTunerLayer):
     """State of the switches of one base layer, per adapter and per switched parameter.
 
-    Persistent (saved) per adapter: ``tswitch_<param>_code`` (the encoded switch, uint8) and
-    ``tswitch_<param>_scale`` (float). The decoded kept positions and signs are cached in memory, keyed by the code
-    buffer's identity, so it follows loads and device moves.
+    Persistent (saved) per adapter: ``tswitch_<param>_code`` (the encoded switch, uint8), ``tswitch_<param>_scale``
+    (float, trainable) and, from format version 2, ``tswitch_<param>_checksum`` (refreshed whenever a state dict is
+    taken, so a saved file always carries the checksum of what it holds; see :mod:`switch_adapter.format`). The
+    decoded kept positions and signs are cached in memory, keyed by the code buffer's identity, so the cache follows
+    loads and device moves.
     """
 
     adapter_layer_names = ("tswitch_weight_scale", "tswitch_bias_scale")
-    other_param_names = ("tswitch_weight_code", "tswitch_bias_code")
+    other_param_names = (
+        "tswitch_weight_code",
+        "tswitch_bias_code",
+        "tswitch_weight_checksum",
+        "tswitch_bias_checksum",
+    )
     tswitch_module_name: str = ""  # set by the tuner, for error messages
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -76,16 +73,30 @@ class TSwitchLayer(BaseTunerLayer):
         self.tswitch_bias_scale = nn.ParameterDict({})
         self.tswitch_weight_code = BufferDict({}, persistent=True)
         self.tswitch_bias_code = BufferDict({}, persistent=True)
+        self.tswitch_weight_checksum = BufferDict({}, persistent=True)
+        self.tswitch_bias_checksum = BufferDict({}, persistent=True)
         self._sparse_cache: dict[tuple[str, str], tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
 
     def _codes(self, param_name: str) -> BufferDict:
-        return getattr(self, f"tswitch_{param_name}_code")
+        return getattr(self, attribute(param_name, "code"))
 
     def _scales(self, param_name: str) -> nn.ParameterDict:
-        return getattr(self, f"tswitch_{param_name}_scale")
+        return getattr(self, attribute(param_name, "scale"))
+
+    def _checksums(self, param_name: str) -> BufferDict:
+        return getattr(self, attribute(param_name, "checksum"))
+
+    def refresh_checksums(self) -> None:
+        """Recompute the checksum of every switch of this layer from its code and scale."""
+        for param_name in SWITCHABLE_PARAMETERS:
+            checksums = self._checksums(param_name)
+            for adapter_name in list(checksums.keys()):
+                code, scale = self._codes(param_name)[adapter_name], self._scales(param_name)[adapter_name]
+                if not (code.is_meta or scale.is_meta):  # a skeleton on the meta device holds no data yet
+                    checksums[adapter_name].copy_(unit_checksum(code, scale))
 
     def update_layer(
         self,
@@ -93,8 +104,10 @@ class TSwitchLayer(BaseTunerLayer):
         param_layout: dict[str, dict],
         param_names: tuple[str, ...],
         inference_mode: bool,
+        with_checksums: bool = True,
     ) -> None:
-        """Allocate the adapter's buffers: sized from ``param_layout`` (a loaded switch) or empty (a no-op switch)."""
+        """Allocate the adapter's buffers: sized from ``param_layout`` (a loaded switch) or empty (a no-op switch).
+        ``with_checksums`` is False for adapters of format version 1, whose files have none."""
         base = self.get_base_layer()
         for param_name in param_names:
             entry = param_layout.get(param_name)
@@ -107,6 +120,8 @@ class TSwitchLayer(BaseTunerLayer):
                 )
             self._codes(param_name)[adapter_name] = torch.zeros(code_bytes, dtype=torch.uint8)
             self._scales(param_name)[adapter_name] = nn.Parameter(torch.zeros(scales))
+            if with_checksums:
+                self._checksums(param_name)[adapter_name] = torch.zeros(4, dtype=torch.uint8)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -121,7 +136,7 @@ class TSwitchLayer(BaseTunerLayer):
             switch.scale.to(device=device, dtype=old_scale.dtype), requires_grad=old_scale.requires_grad
         )
         self._sparse_cache.pop((adapter_name, param_name), None)
-        return unit_layout_entry(switch.shape, blob, int(switch.scale.numel()))
+        return layout_entry(switch.shape, blob, int(switch.scale.numel()))
 
     def switch_slots(self, adapter_name: str) -> list[str]:
         """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty)."""
@@ -139,9 +154,9 @@ class TSwitchLayer(BaseTunerLayer):
             return cached[1]
         try:
             _, positions, positive = sass.decode_positions(code, device=code.device)
-        except sass.CodecError as error:
+        except CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
-            raise sass.CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
+            raise CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
         signs = torch.where(positive, 1, -1).to(torch.int8)
         self._sparse_cache[(adapter_name, param_name)] = (key, (positions, signs))
         return positions, signs
@@ -149,11 +164,8 @@ class TSwitchLayer(BaseTunerLayer):
     def _kept_values(self, adapter_name: str, param_name: str, like: torch.Tensor):
         """Positions of the kept entries and their values ``sign * scale`` in the dtype/device of ``like``."""
         positions, signs = self._sparse(adapter_name, param_name)
-        positions, signs = positions.to(like.device), signs.to(like.device)
-        scale = self._scales(param_name)[adapter_name].to(device=like.device, dtype=like.dtype)
-        if scale.numel() > 1:  # one scale per output row
-            scale = scale[positions // (like.numel() // like.shape[0])]
-        return positions, signs.to(like.dtype) * scale
+        positions, signs = positions.to(like.device), signs.to(device=like.device, dtype=like.dtype)
+        return positions, kept_values(positions, signs, self._scales(param_name)[adapter_name], like.numel())
 
     def _has_switch(self, adapter_name: str, param_name: str) -> bool:
         codes = self._codes(param_name)
@@ -200,6 +212,10 @@ class TSwitchLayer(BaseTunerLayer):
             return self._add_deltas(param_name, value.detach(), weights)
 
 
+def _refresh_checksums_hook(module: TSwitchLayer, prefix: str, keep_vars: bool) -> None:
+    module.refresh_checksums()
+
+
 class SwitchedModule(nn.Module, TSwitchLayer):
     """A base layer (Linear, Embedding, Conv1D, Conv2d or a norm layer) with T-Switch adapters.
 
@@ -214,12 +230,14 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         param_layout: dict[str, dict],
         param_names: tuple[str, ...],
         inference_mode: bool = False,
+        with_checksums: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         TSwitchLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, param_layout, param_names, inference_mode=inference_mode)
+        self.update_layer(adapter_name, param_layout, param_names, inference_mode, with_checksums)
+        self.register_state_dict_pre_hook(_refresh_checksums_hook)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas of ``adapter_names`` (default: the active adapters) to the base layer's parameters."""

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
 import logging
+import os
 import re
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Literal
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import ModulesToSaveWrapper, merge_utils
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..codec import sass
-from ..errors import LayoutMismatchError
+from ..errors import CodecError, LayoutMismatchError
+from ..format import (
+    CHECKSUMS_SINCE,
+    KEY_PREFIX,
+    Unit,
+    check_unit,
+    find_layout_entry,
+    locate_weights_file,
+    parse_key,
+    verify_adapter_file,
+)
 from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import (
     SwitchedModule,
@@ -25,20 +42,6 @@ from .layer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def find_layout_entry(layout: dict[str, dict], module_name: str) -> dict | None:
-    """The layout entry of ``module_name``, also when the adapter was made on a model with another head class.
-
-    ``bert.encoder.layer.0.attention.self.query`` (saved from ``BertForSequenceClassification``) matches the module
-    ``encoder.layer.0.attention.self.query`` of a ``BertModel`` and vice versa.
-    """
-    if module_name in layout:
-        return layout[module_name]
-    for key, entry in layout.items():
-        if key.endswith("." + module_name) or module_name.endswith("." + key):
-            return entry
-    return None
 
 
 def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
@@ -89,6 +92,14 @@ class TSwitchModel(BaseTuner):
 
     Use it through PEFT: ``get_peft_model(model, TSwitchConfig(...))``, ``PeftModel.from_pretrained(model, path)``,
     or :func:`switch_adapter.from_finetuned` to build switches from a fine-tuned model.
+
+    What training a switch means: the keep-masks and signs are fixed when a switch is built from a task vector
+    (``from_finetuned``, ``convert_finetuned``); only the scales (one per tensor, or per row) and the
+    ``modules_to_save`` (task heads) are trainable parameters. ``get_peft_model(model, TSwitchConfig())`` therefore
+    creates an *empty* switch: no masks, zero scales that have no effect, so only ``modules_to_save`` can learn. It
+    logs a warning saying so unless ``inference_mode=True`` (an empty placeholder to load or fill later).
+
+    ``add_weighted_adapter`` combines switches into a new switch, with peft's argument conventions.
     """
 
     prefix: str = "tswitch_"
@@ -127,10 +138,12 @@ class TSwitchModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config: TSwitchConfig = self.peft_config[adapter_name]
+        _verify_file_transformers_is_loading(config)  # before anything is modified
         resolved = self._resolve_target_modules(model, config)
         if resolved is not None:
             self._resolved_targets[id(config)] = resolved
         self._check_layout_fits(model, config)  # before anything is modified
+        self._warn_if_empty_trainable(model, config, adapter_name)
         super().inject_adapter(
             model,
             adapter_name,
@@ -142,6 +155,25 @@ class TSwitchModel(BaseTuner):
         self._follow_tied_embedding(model)
         if isinstance(model, PreTrainedModel):
             model.add_model_tags(["t-switch", "switch-adapter"])
+
+    @staticmethod
+    def _warn_if_empty_trainable(model: nn.Module, config: TSwitchConfig, adapter_name: str) -> None:
+        """Say what training an empty switch can and cannot do (see the class docstring)."""
+        if config.unit_layout or config.inference_mode or _FILLING_SWITCHES.get():
+            return
+        if any(param.is_meta for param in model.parameters()):
+            return  # a meta skeleton (converters plan the file layout with one), never trained
+        heads = f" and {sorted(config.modules_to_save)}" if config.modules_to_save else ""
+        logger.warning(
+            "T-Switch adapter %r was created empty. A switch learns only its scales and modules_to_save in "
+            "training: its keep-masks and signs are fixed when it is built from a task vector, and an empty switch "
+            "has none, so its zero scales have no effect and only the modules_to_save%s can learn. Build a switch "
+            "from a fine-tuned model with switch_adapter.from_finetuned(base, finetuned, config) or "
+            "switch_adapter.convert_finetuned(...); pass TSwitchConfig(inference_mode=True) for an empty "
+            "placeholder.",
+            adapter_name,
+            heads,
+        )
 
     # -- target resolution -------------------------------------------------------------------------------
 
@@ -182,11 +214,10 @@ class TSwitchModel(BaseTuner):
     @staticmethod
     def _check_layout_fits(model: nn.Module, config: TSwitchConfig) -> None:
         """Raise :class:`LayoutMismatchError` naming the module if a saved switch does not fit ``model``."""
-        if not config.unit_layout:
-            return
         modules = dict(model.named_modules())
-        problems = []
-        for layout_key, params in config.unit_layout.items():
+        problems: list[str] = []
+        head_fix = _check_saved_heads(model, modules, config, problems)
+        for layout_key, params in (config.unit_layout or {}).items():
             matches = [
                 name
                 for name in modules
@@ -213,9 +244,9 @@ class TSwitchModel(BaseTuner):
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             )
             base = config.base_model_name_or_path or "the base model it was created from"
+            fix = head_fix or f"Load it onto {base} (same architecture and sizes)"
             raise LayoutMismatchError(
-                f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n"
-                f"Load it onto {base} (same architecture and sizes); nothing was modified."
+                f"This T-Switch adapter does not fit {type(model).__name__}:\n  {shown}\n{fix}; nothing was modified."
             )
 
     # -- module creation -------------------------------------------------------------------------------
@@ -239,11 +270,12 @@ class TSwitchModel(BaseTuner):
             )
         param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
         layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
+        with_checksums = peft_config.format_version >= CHECKSUMS_SINCE
         if isinstance(target, TSwitchLayer):
-            target.update_layer(adapter_name, layout, param_names, inference_mode=peft_config.inference_mode)
+            target.update_layer(adapter_name, layout, param_names, peft_config.inference_mode, with_checksums)
             return
         new_module = SwitchedModule(
-            target, adapter_name, layout, param_names, inference_mode=peft_config.inference_mode
+            target, adapter_name, layout, param_names, peft_config.inference_mode, with_checksums
         )
         new_module.tswitch_module_name = current_key
         if adapter_name not in self.active_adapters:
@@ -278,37 +310,357 @@ class TSwitchModel(BaseTuner):
                 continue
             resize_module_parameters(wrapper.modules_to_save[adapter_name], shapes)
 
+    # -- combining switches ----------------------------------------------------------------------------
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear",
+        density: float | None = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+    ) -> None:
+        """Add a new T-Switch adapter ``adapter_name`` that combines the switches of ``adapters``, as peft's LoRA
+        ``add_weighted_adapter`` does for LoRA. Reach it as ``peft_model.add_weighted_adapter(...)``.
+
+        For every switched tensor, the dense deltas ``scale * mask * sign`` of the adapters are combined with peft's
+        merge utilities (``linear``: ``sum_i weights[i] * delta_i``, i.e. task arithmetic; ``ties``, ``dare_linear``,
+        ``dare_ties``, ``magnitude_prune``: peft's functions of those names, pruning at ``density``), and the result
+        is binarized into a new switch with the first adapter's config (``density``, ``density_pattern``, scale
+        settings). The new adapter is an ordinary T-Switch adapter: it can be activated, merged, saved and reloaded.
+        It is not activated.
+
+        Args:
+            adapters: Names of the T-Switch adapters to combine. They must share their targets (``target_modules``,
+                ``exclude_modules``, ``switch_bias``, ``switch_norms``, ``layers_to_transform``, ``modules_to_save``,
+                ``task_type``).
+            weights: One weight per adapter; negative weights subtract (task negation).
+            adapter_name: Name of the new adapter; must not exist yet.
+            combination_type: ``linear`` (default), ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``.
+                LoRA's SVD and ``cat`` types do not apply to switches.
+            density: Keep ratio of the new switch (and the pruning density of ``ties`` / ``dare_*`` /
+                ``magnitude_prune``), in (0, 1]. Default: the adapters' density, which must then be the same for all
+                (also their ``density_pattern``).
+            majority_sign_method: ``total`` or ``frequency``, for ``ties`` and ``dare_ties``.
+
+        Heads (``modules_to_save``): each adapter's head is its own copy of the module, or the base model's module
+        if it has none. If at least one adapter has a copy, the new adapter gets the weighted average
+        ``sum_i weights[i] * head_i / sum_i weights[i]``; the heads must then have the same shapes (same number of
+        labels) and the weights must not sum to 0. Otherwise a ``ValueError`` names the module.
+
+        Raises ``ValueError`` for unknown or non-T-Switch adapters, a wrong number of weights, an existing
+        ``adapter_name``, an unknown ``combination_type``, adapters with other targets or densities, and heads that
+        cannot be averaged; the model is then left unchanged.
+        """
+        config = self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, density)
+        weights = [float(weight) for weight in weights]
+        heads = self._weighted_heads(adapters, weights)  # checks the heads before anything is modified
+        if majority_sign_method not in ("total", "frequency"):
+            raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
+
+        self.peft_config[adapter_name] = config
+        try:
+            with filling_switches():
+                self.inject_adapter(self.model, adapter_name)
+            for module_name, layer in self.model.named_modules():
+                if not isinstance(layer, TSwitchLayer):
+                    continue
+                for param_name in layer.switch_slots(adapter_name):
+                    combined = self._combined_delta(
+                        layer, param_name, adapters, weights, combination_type, config.density_for(module_name),
+                        majority_sign_method,
+                    )  # fmt: skip
+                    if combined is None or not torch.count_nonzero(combined):
+                        continue
+                    switch = config.binarize(combined, module_name, param_name)
+                    entry = layer.set_switch(adapter_name, param_name, switch)
+                    entry["density"] = config.density_for(module_name)
+                    config.unit_layout.setdefault(module_name, {})[param_name] = entry
+            for module_name, wrapper, state in heads:
+                head = wrapper.modules_to_save[adapter_name]
+                shapes = {name: list(value.shape) for name, value in state.items()}
+                current = {name: list(value.shape) for name, value in head.state_dict().items()}
+                if any(current.get(name) != shape for name, shape in shapes.items()):
+                    resize_module_parameters(head, shapes)
+                    config.modules_to_save_shapes[module_name] = shapes
+                head.load_state_dict(state)
+        except Exception:
+            _discard_adapter(self.model, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            raise
+
+    def _check_weighted_adapter_args(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, density
+    ) -> TSwitchConfig:
+        """Validate ``add_weighted_adapter``'s arguments; returns the new adapter's config (not yet registered)."""
+        if isinstance(adapters, str) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}.")
+        for adapter in adapters:
+            if adapter not in self.peft_config:
+                raise ValueError(f"Adapter {adapter} does not exist. Available adapters: {sorted(self.peft_config)}.")
+            if not isinstance(self.peft_config[adapter], TSwitchConfig):
+                raise ValueError(
+                    f"Adapter {adapter} is a {self.peft_config[adapter].peft_type} adapter; add_weighted_adapter of "
+                    "T-Switch combines T-Switch adapters only."
+                )
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapters lists an adapter twice: {adapters}.")
+        if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
+            raise ValueError(
+                f"Got {len(adapters)} adapters but {len(weights) if not isinstance(weights, str) else 'no'} weights: "
+                "pass one weight per adapter."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"Adapter {adapter_name} already exists; choose another adapter_name or delete_adapter it first."
+            )
+        if combination_type not in _COMBINATION_TYPES:
+            raise ValueError(
+                f"Invalid combination_type {combination_type!r} for T-Switch adapters; choose one of "
+                f"{list(_COMBINATION_TYPES)} (LoRA's SVD and 'cat' types do not apply to switches)."
+            )
+        configs = [self.peft_config[adapter] for adapter in adapters]
+        for field_name in _STRUCTURE_FIELDS:
+            values = [_comparable(getattr(c, field_name)) for c in configs]
+            if any(value != values[0] for value in values[1:]):
+                listing = ", ".join(f"{a}: {getattr(c, field_name)!r}" for a, c in zip(adapters, configs))
+                raise ValueError(
+                    f"The adapters differ in {field_name} ({listing}); add_weighted_adapter combines adapters with the "
+                    "same targets. Rebuild them with the same settings."
+                )
+        if density is None:
+            densities = {(c.density, tuple(sorted(c.density_pattern.items()))) for c in configs}
+            if len(densities) > 1:
+                listing = ", ".join(f"{a}: {c.density}" for a, c in zip(adapters, configs))
+                raise ValueError(f"The adapters have different densities ({listing}); pass density=... explicitly.")
+            return replace(configs[0], unit_layout={}, modules_to_save_shapes={}, inference_mode=True)
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+            raise ValueError(f"density must be a number in (0, 1], got {density!r}.")
+        return replace(
+            configs[0], density=float(density), density_pattern={}, unit_layout={}, modules_to_save_shapes={},
+            inference_mode=True,
+        )  # fmt: skip
+
+    def _weighted_heads(
+        self, adapters: list[str], weights: list[float]
+    ) -> list[tuple[str, ModulesToSaveWrapper, dict[str, torch.Tensor]]]:
+        """``(module name, wrapper, averaged state)`` for every ``modules_to_save`` module that one of ``adapters``
+        has its own copy of; raises ``ValueError`` if the heads cannot be averaged (see ``add_weighted_adapter``)."""
+        out = []
+        for module_name, wrapper in self.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper) or not any(a in wrapper.modules_to_save for a in adapters):
+                continue
+            states = [
+                (wrapper.modules_to_save[a] if a in wrapper.modules_to_save else wrapper.original_module).state_dict()
+                for a in adapters
+            ]
+            shapes = [{name: list(value.shape) for name, value in state.items()} for state in states]
+            if any(s != shapes[0] for s in shapes[1:]):
+                listing = "; ".join(
+                    f"{a}: {', '.join(f'{n} {s}' for n, s in shape.items())}" for a, shape in zip(adapters, shapes)
+                )
+                raise ValueError(
+                    f"The adapters' heads {module_name!r} (modules_to_save) have different shapes ({listing}), so "
+                    "they cannot be averaged. Combine adapters whose heads have the same shapes (the same number of "
+                    "labels)."
+                )
+            total = sum(weights)
+            if abs(total) < 1e-12:
+                raise ValueError(
+                    f"The weights sum to 0, so the weighted average of the heads {module_name!r} (modules_to_save) "
+                    "is undefined. Use weights with a non-zero sum for adapters with their own heads."
+                )
+            averaged = {
+                name: sum(w * state[name].detach().float() for w, state in zip(weights, states))
+                .div(total)
+                .to(states[0][name].dtype)
+                for name in states[0]
+            }
+            out.append((module_name, wrapper, averaged))
+        return out
+
+    @staticmethod
+    def _combined_delta(
+        layer: TSwitchLayer,
+        param_name: str,
+        adapters: list[str],
+        weights: list[float],
+        combination_type: str,
+        density: float,
+        majority_sign_method: str,
+    ) -> torch.Tensor | None:
+        """The combined dense delta of ``param_name`` (float32), or None if no adapter switches it."""
+        deltas = [layer.get_delta(adapter, param_name) for adapter in adapters]
+        if all(delta is None for delta in deltas):
+            return None
+        like = next(delta for delta in deltas if delta is not None)
+        tensors = [(delta if delta is not None else torch.zeros_like(like)).float() for delta in deltas]
+        weight = torch.tensor(weights, dtype=torch.float32, device=like.device)
+        with torch.no_grad():
+            if combination_type == "linear":
+                return merge_utils.task_arithmetic(tensors, weight)
+            if combination_type == "magnitude_prune":
+                return merge_utils.magnitude_prune(tensors, weight, density)
+            if combination_type == "dare_linear":
+                return merge_utils.dare_linear(tensors, weight, density)
+            if combination_type == "ties":
+                return merge_utils.ties(tensors, weight, density, majority_sign_method)
+            return merge_utils.dare_ties(tensors, weight, density, majority_sign_method)
+
     # -- serialization hooks ---------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every switch of the state dict (checksum, header, size) before peft loads it; on a problem the
+        half-added adapter is removed again and :class:`~switch_adapter.CodecError` names the tensors."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        problems = []
+        units: dict = {}
         for key, value in remapped.items():
-            module_path, marker, attr = key.partition(".tswitch_")
-            if not marker or not attr.split(".")[0].endswith("_code"):
-                continue
-            param_name = attr.split(".")[0].removesuffix("_code")
-            if value.numel() == 0:  # no switch for this tensor (unchanged by the fine-tune)
+            parsed = parse_key(key)
+            if parsed is not None:
+                module_path = key.partition(".tswitch_")[0]
+                units.setdefault((module_path, parsed[0].param), {})[parsed[1]] = value
+        problems = []
+        for (module_path, param_name), parts in units.items():
+            unit = Unit(module_path.removeprefix(KEY_PREFIX), param_name)
+            if "code" not in parts or "scale" not in parts:
+                problems.append(f"{unit.name}: the code or the scale is missing")
                 continue
             try:
-                header = sass.read_header(value)
-                layer = model.get_submodule(module_path)
-                expected = getattr(layer.get_base_layer(), param_name).numel()
-                if header.numel != expected:
-                    problems.append(
-                        f"{module_path}.{param_name}: switch for {header.numel} entries, layer has {expected}"
-                    )
-            except (sass.CodecError, AttributeError) as error:
-                problems.append(f"{module_path}.{param_name}: {error}")
+                numel = getattr(model.get_submodule(module_path).get_base_layer(), param_name).numel()
+            except AttributeError as error:
+                problems.append(f"{unit.name}: {error}")
+                continue
+            status = check_unit(
+                unit,
+                parts["code"],
+                parts["scale"],
+                parts.get("checksum"),
+                format_version=config.format_version,
+                numel=numel,
+            )
+            problems.extend(f"{unit.name}: {problem}" for problem in status.problems)
         if problems:
             _discard_adapter(model, adapter_name)
-            raise sass.CodecError(
-                "The T-Switch adapter file does not fit or is corrupt:\n  "
+            raise CodecError(
+                "The T-Switch adapter file does not fit or is damaged:\n  "
                 + "\n  ".join(problems[:10])
                 + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
             )
         return remapped
+
+
+def _verify_file_transformers_is_loading(config: TSwitchConfig) -> None:
+    """Verify the weights file that transformers' ``PreTrainedModel.load_adapter`` is about to load.
+
+    transformers injects the adapter (this tuner) before it reads the weights with its own loader, and tells the tuner
+    nothing about the file; ``PeftModel.from_pretrained`` verifies the file in ``TSwitchConfig.from_pretrained``
+    instead. So the file is found from ``load_adapter``'s arguments on the call stack and checked here, before the
+    model is modified. Nothing happens outside that call.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "load_adapter" and "transformers" in code.co_filename.replace(os.sep, "/").split("/"):
+            arguments = frame.f_locals
+            peft_model_id = arguments.get("peft_model_id")
+            if peft_model_id is None or arguments.get("adapter_state_dict") is not None:
+                return
+            download_kwargs = dict(getattr(arguments.get("load_config"), "download_kwargs", None) or {})
+            subfolder = download_kwargs.pop("subfolder", None)
+            weights = locate_weights_file(str(peft_model_id), subfolder or None, download_kwargs)
+            if weights is not None:
+                verify_adapter_file(weights, config.unit_layout, config.format_version)
+            config._weights_file = weights  # lets the layout check compare the saved heads' shapes
+            return
+        frame = frame.f_back
+
+
+_COMBINATION_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Config fields that decide which tensors an adapter switches: combined adapters must agree on them.
+_STRUCTURE_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "switch_bias",
+    "switch_norms",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "task_type",
+)
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+_FILLING_SWITCHES: contextvars.ContextVar[bool] = contextvars.ContextVar("tswitch_filling_switches", default=False)
+
+
+@contextlib.contextmanager
+def filling_switches() -> Iterator[None]:
+    """Adapters created inside this block are filled with switches right away: no warning that they are empty."""
+    token = _FILLING_SWITCHES.set(True)
+    try:
+        yield
+    finally:
+        _FILLING_SWITCHES.reset(token)
+
+
+def _names_match(name: str, suffixes) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
+def _saved_tensor_shapes(path: str) -> dict[str, list[int]]:
+    """``{key: shape}`` of every tensor in a safetensors file, read from its header (no tensor data is loaded)."""
+    with safe_open(path, framework="pt") as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _check_saved_heads(
+    model: nn.Module, modules: dict[str, nn.Module], config: TSwitchConfig, problems: list[str]
+) -> str | None:
+    """Append a line to ``problems`` for every ``modules_to_save`` tensor of the adapter file (known when the config
+    came from ``TSwitchConfig.from_pretrained``) whose shape differs from what loading would allocate: the shape
+    recorded in ``modules_to_save_shapes``, else the base model's. Returns how to fix it, or None if all fit."""
+    path = getattr(config, "_weights_file", None)
+    if not path or not config.modules_to_save:
+        return None
+    labels = None
+    for key, saved in _saved_tensor_shapes(path).items():
+        if parse_key(key) is not None:
+            continue
+        key = key.removeprefix(KEY_PREFIX)
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head_name, rel = ".".join(parts[:cut]), ".".join(parts[cut:])
+            if head_name in modules and _names_match(head_name, config.modules_to_save):
+                break
+        else:
+            continue  # not a head of this model: peft reports the key as unexpected
+        head = modules[head_name]
+        head = head.original_module if isinstance(head, ModulesToSaveWrapper) else head
+        recorded = next((s for n, s in config.modules_to_save_shapes.items() if _names_match(head_name, [n])), {})
+        tensor = head.state_dict().get(rel)
+        expected = recorded.get(rel, list(tensor.shape) if tensor is not None else None)
+        if expected is None or list(expected) == saved:
+            continue
+        problems.append(
+            f"{key} (modules_to_save head): the adapter's tensor has shape {saved}, this model's has {list(expected)}"
+        )
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if rel.endswith("weight") and not recorded and num_labels == expected[0] and saved[0] != expected[0]:
+            labels = saved[0]
+    if not problems:
+        return None
+    if labels is not None:
+        return (
+            f"The adapter's head has {labels} labels: load it onto a base model with num_labels={labels} "
+            f"(e.g. AutoModelForSequenceClassification.from_pretrained(..., num_labels={labels})), or build a switch "
+            "for this head with from_finetuned"
+        )
+    return "Load it onto a base model whose heads have the adapter's shapes, or build a switch for this model"
 
 
 def resize_module_parameters(module: nn.Module, shapes: dict[str, list[int]]) -> None:

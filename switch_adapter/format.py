@@ -1,0 +1,455 @@
+"""The on-disk format of a T-Switch adapter, in one place.
+
+A saved adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~switch_adapter.TSwitchConfig` whose
+``unit_layout`` lists every switch), ``adapter_model.safetensors`` and a model card ``README.md``. A *unit* is one
+switched parameter (``<module>.<param>``, param ``weight`` or ``bias``); in the weights file it is stored under the
+keys ``base_model.model.<module>.tswitch_<param>_<part>``:
+
+=========== ======== =================================================================================
+part        dtype    content
+=========== ======== =================================================================================
+``code``    uint8    the switch blob (keep-mask + kept values), see :mod:`switch_adapter.codec.sass`;
+                     0 bytes for a targeted tensor the fine-tune left unchanged (no switch)
+``scale``   float    1 scale, or one per row (dim 0)
+``checksum`` uint8   4 bytes, little-endian CRC32 over the code bytes then the scale bytes as stored
+                     (format version 2 and later)
+=========== ======== =================================================================================
+
+Every other key is a full-precision tensor of ``modules_to_save`` (a task head). Format version 1 has no
+checksums; it is still read. This module owns the names, the key grammar, the layout entries, the checksums,
+the checks of a file and the size accounting; ``docs/format.md`` describes the same for readers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .codec import sass
+from .errors import CodecError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_CARD_NAME = "README.md"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME)
+KEY_PREFIX = "base_model.model."
+ATTR_PREFIX = "tswitch_"
+PARTS = ("code", "scale", "checksum")
+
+#: File format version written by this library: 2 adds a checksum per unit.
+FORMAT_VERSION = 2
+#: The first format version whose units carry checksums.
+CHECKSUMS_SINCE = 2
+CHECKSUM_BYTES = 4
+
+_REPAIR = "Re-save the adapter with save_pretrained or download it again"
+_KEY_GRAMMAR = re.compile(r"^(?P<module>.+)\.tswitch_(?P<param>[A-Za-z0-9_]+?)_(?P<part>code|scale|checksum)(\..+)?$")
+
+
+# -- key grammar ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One switched parameter: ``module`` (without ``base_model.model.``) and ``param``."""
+
+    module: str
+    param: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.param}"
+
+    def key(self, part: str, prefix: str = KEY_PREFIX) -> str:
+        """The key of ``part`` (``code``, ``scale`` or ``checksum``) in an adapter file."""
+        return f"{prefix}{self.module}.{attribute(self.param, part)}"
+
+
+def attribute(param: str, part: str) -> str:
+    """The layer attribute holding ``part`` of the switch of ``param``: ``tswitch_<param>_<part>``."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}.")
+    return f"{ATTR_PREFIX}{param}_{part}"
+
+
+def parse_key(key: str) -> tuple[Unit, str] | None:
+    """``(unit, part)`` for a switch key (in a file, or in a model's state dict with an adapter-name suffix);
+    None for any other key (a head tensor, a base weight)."""
+    match = _KEY_GRAMMAR.match(key)
+    if match is None:
+        return None
+    return Unit(match["module"].removeprefix(KEY_PREFIX), match["param"]), match["part"]
+
+
+# -- layout entries ------------------------------------------------------------------------------------------------
+
+
+def layout_entry(shape: Sequence[int], blob: torch.Tensor, scales: int) -> dict[str, Any]:
+    """The ``unit_layout`` entry of an encoded switch: shape, code bytes, scale count, kept entries, encoding."""
+    header = sass.read_header(blob)
+    return {
+        "shape": [int(size) for size in shape],
+        "code_bytes": int(blob.numel()),
+        "scales": int(scales),
+        "kept": int(header.kept),
+        "encoding": header.encoding.name.lower(),
+    }
+
+
+def find_layout_entry(layout: Mapping[str, dict], module_name: str) -> dict | None:
+    """The layout entry of ``module_name``, also when the adapter was made on a model with another head class:
+    ``bert.encoder.layer.0.attention.self.query`` matches ``encoder.layer.0.attention.self.query`` and vice versa."""
+    if module_name in layout:
+        return layout[module_name]
+    for key, entry in layout.items():
+        if key.endswith("." + module_name) or module_name.endswith("." + key):
+            return entry
+    return None
+
+
+def entry_numel(entry: Mapping[str, Any]) -> int:
+    return math.prod(int(size) for size in entry["shape"])
+
+
+# -- checksums -----------------------------------------------------------------------------------------------------
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def unit_checksum(code: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The checksum of a unit: CRC32 over the code bytes then the scale bytes, as 4 little-endian uint8."""
+    crc = zlib.crc32(_raw_bytes(scale), zlib.crc32(_raw_bytes(code)))
+    return torch.tensor(list(crc.to_bytes(CHECKSUM_BYTES, "little")), dtype=torch.uint8)
+
+
+def add_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (the content of an adapter file) with the checksum of every unit that has a code and a scale."""
+    result = dict(tensors)
+    for key in tensors:
+        parsed = parse_key(key)
+        if parsed is not None and parsed[1] == "code":
+            unit = parsed[0]
+            prefix = key[: len(key) - len(f"{unit.module}.{attribute(unit.param, 'code')}")]
+            scale_key = unit.key("scale", prefix)
+            if scale_key in tensors:
+                result[unit.key("checksum", prefix)] = unit_checksum(tensors[key], tensors[scale_key])
+    return result
+
+
+# -- size accounting -----------------------------------------------------------------------------------------------
+
+
+class SizeFigures:
+    """Figures derived from ``parameters``, ``kept``, ``switch_bytes`` and ``bound_bytes`` (for classes that hold
+    them). ``switch_bytes`` counts everything a switch stores: code, scales and checksum."""
+
+    parameters: int
+    kept: int
+    switch_bytes: int
+    bound_bytes: float
+
+    @property
+    def density(self) -> float:
+        """Kept entries over switched parameters."""
+        return self.kept / self.parameters if self.parameters else 0.0
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Bits stored per switched parameter."""
+        return 8.0 * self.switch_bytes / self.parameters if self.parameters else 0.0
+
+    @property
+    def fraction_of_fp32(self) -> float:
+        """Size of the switches over the size of the same task vector in fp32."""
+        return self.switch_bytes / (4.0 * self.parameters) if self.parameters else 0.0
+
+    @property
+    def fraction_of_fp16(self) -> float:
+        return self.switch_bytes / (2.0 * self.parameters) if self.parameters else 0.0
+
+    @property
+    def vs_bound(self) -> float:
+        """Stored size over the entropy bound ``n H(k/n) + k`` bits (1.0 = at the bound)."""
+        return self.switch_bytes / self.bound_bytes if self.bound_bytes else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        values.update(
+            density=self.density,
+            bits_per_parameter=self.bits_per_parameter,
+            fraction_of_fp32=self.fraction_of_fp32,
+            vs_bound=self.vs_bound if math.isfinite(self.vs_bound) else None,
+        )
+        return values
+
+
+@dataclass
+class StorageSummary(SizeFigures):
+    """What the switches of an adapter cost: units, switched parameters, kept entries, bytes, entropy bound."""
+
+    units: int = 0
+    parameters: int = 0
+    kept: int = 0
+    switch_bytes: int = 0
+    bound_bytes: float = 0.0
+
+    def add(self, numel: int, kept: int, stored_bytes: int) -> None:
+        self.units += 1
+        self.parameters += numel
+        self.kept += kept
+        self.switch_bytes += stored_bytes
+        self.bound_bytes += sass.entropy_bound_bits(numel, kept) / 8.0
+
+
+def stored_unit_bytes(code_bytes: int, scale_bytes: int, format_version: int = FORMAT_VERSION) -> int:
+    """Bytes a unit takes in the file: code, scales and (from version 2) the checksum."""
+    return code_bytes + scale_bytes + (CHECKSUM_BYTES if format_version >= CHECKSUMS_SINCE else 0)
+
+
+def storage_summary(config) -> StorageSummary:
+    """Sizes of the switches of an adapter, from its config's ``unit_layout`` (fp32 scales)."""
+    summary = StorageSummary()
+    for params in config.unit_layout.values():
+        for entry in params.values():
+            stored = stored_unit_bytes(entry["code_bytes"], 4 * entry["scales"], config.format_version)
+            summary.add(entry_numel(entry), entry["kept"], stored)
+    return summary
+
+
+# -- reading and checking a file -------------------------------------------------------------------------------------
+
+
+def kept_values(positions: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.Tensor:
+    """``sign * scale`` of every kept entry; a per-row scale (more than one) is indexed by the entry's row."""
+    scale = scale.to(device=signs.device, dtype=signs.dtype).reshape(-1)
+    if scale.numel() > 1:
+        scale = scale[positions // (numel // scale.numel())]
+    return signs * scale
+
+
+@dataclass
+class UnitStatus:
+    """What a check of one unit found: ``problems`` is empty for a sound unit; ``checksum`` is ``"ok"``,
+    ``"mismatch"`` or ``"absent"`` (format version 1)."""
+
+    unit: Unit
+    numel: int | None = None
+    kept: int = 0
+    encoding: str = "none"
+    code_bytes: int = 0
+    scale_bytes: int = 0
+    checksum: str = "absent"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def has_switch(self) -> bool:
+        return self.code_bytes > 0
+
+
+class AdapterFile:
+    """An ``adapter_model.safetensors`` of a T-Switch adapter, open for reading (safetensors only, never pickle).
+
+    Use as a context manager. :meth:`check` lists what is wrong with each unit; :meth:`verify` raises
+    :class:`~switch_adapter.CodecError` naming every damaged tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._handle = safe_open(self.path, framework="pt")
+        except Exception as error:  # safetensors raises its own error type for every header problem
+            raise CodecError(
+                f"{self.path} is not a readable safetensors file ({error}). It is truncated or corrupt: {_REPAIR}."
+            ) from None
+        self.keys = set(self._handle.keys())
+
+    def __enter__(self) -> AdapterFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and hasattr(handle, "__exit__"):
+            handle.__exit__(None, None, None)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+    def shape_and_dtype(self, key: str) -> tuple[list[int], str]:
+        """Shape and safetensors dtype name (``F32``, ``U8``...) of ``key``, without reading its data."""
+        view = self._handle.get_slice(key)
+        return [int(size) for size in view.get_shape()], view.get_dtype()
+
+    def units(self, unit_layout: Mapping[str, dict] | None = None) -> list[Unit]:
+        """Units with a code in the file: in the order of ``unit_layout`` (model order), then the others sorted."""
+        found = {parsed[0] for key in self.keys if (parsed := parse_key(key)) and parsed[1] == "code"}
+        ordered = []
+        for module, params in (unit_layout or {}).items():
+            for param in params:
+                unit = Unit(module, param)
+                if unit in found:
+                    ordered.append(unit)
+                    found.discard(unit)
+        return ordered + sorted(found)
+
+    def head_keys(self) -> list[str]:
+        """Keys of the full-precision tensors (``modules_to_save``), without the ``base_model.model.`` prefix."""
+        return sorted(key.removeprefix(KEY_PREFIX) for key in self.keys if parse_key(key) is None)
+
+    def check(self, unit_layout: Mapping[str, dict], format_version: int) -> list[UnitStatus]:
+        """The status of every unit of the file and of every unit the layout lists but the file lacks."""
+        statuses = [self._check_unit(unit, unit_layout, format_version) for unit in self.units(unit_layout)]
+        present = {status.unit for status in statuses}
+        for module, params in unit_layout.items():
+            for param in params:
+                unit = Unit(module, param)
+                if unit not in present:
+                    statuses.append(UnitStatus(unit, problems=["listed in the config but missing from the file"]))
+        return statuses
+
+    def verify(self, unit_layout: Mapping[str, dict], format_version: int) -> None:
+        """Raise :class:`~switch_adapter.CodecError` naming every damaged unit; return quietly otherwise."""
+        problems = [f"{s.unit.name}: {p}" for s in self.check(unit_layout, format_version) for p in s.problems]
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (
+                f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            )
+            raise CodecError(
+                f"The T-Switch adapter file {self.path} is damaged:\n  {shown}\n{_REPAIR}; nothing was loaded."
+            )
+
+    def _check_unit(self, unit: Unit, unit_layout: Mapping[str, dict], format_version: int) -> UnitStatus:
+        scale_key, checksum_key = unit.key("scale"), unit.key("checksum")
+        if scale_key not in self.keys:
+            return UnitStatus(unit, problems=[f"holds a code but no scale ({scale_key})"])
+        entry = find_layout_entry(unit_layout, unit.module)
+        return check_unit(
+            unit,
+            self.tensor(unit.key("code")),
+            self.tensor(scale_key),
+            self.tensor(checksum_key) if checksum_key in self.keys else None,
+            format_version=format_version,
+            entry=entry.get(unit.param) if entry else None,
+        )
+
+
+def check_unit(
+    unit: Unit,
+    code: torch.Tensor,
+    scale: torch.Tensor,
+    checksum: torch.Tensor | None,
+    *,
+    format_version: int,
+    entry: Mapping[str, Any] | None = None,
+    numel: int | None = None,
+) -> UnitStatus:
+    """Check one stored unit: its checksum, its code (header; for files without checksums, the whole payload), its
+    scale, and that it fits its layout ``entry`` and the ``numel`` of the parameter it switches (when given)."""
+    status = UnitStatus(unit, code_bytes=int(code.numel()), scale_bytes=int(scale.numel() * scale.element_size()))
+    if code.dtype != torch.uint8 or code.dim() != 1:
+        status.problems.append(f"the code is a {code.dtype} tensor of shape {list(code.shape)}, not 1-D uint8")
+        return status
+    if checksum is not None:
+        ok = checksum.dtype == torch.uint8 and torch.equal(checksum.reshape(-1).cpu(), unit_checksum(code, scale))
+        status.checksum = "ok" if ok else "mismatch"
+        if not ok:
+            status.problems.append("checksum mismatch: the code or the scale was changed after it was saved")
+            return status
+    elif format_version >= CHECKSUMS_SINCE:
+        status.problems.append(f"no checksum although the adapter is of format version {format_version}")
+    if not status.has_switch:
+        if entry is not None:
+            status.problems.append(f"empty, but the config lists a switch of {entry['code_bytes']} bytes")
+        return status
+    try:
+        # Without a checksum, decode the payload to find what can be found before the model is touched.
+        header = sass.read_header(code) if status.checksum == "ok" else _decoded_header(code)
+    except CodecError as error:
+        status.problems.append(str(error))
+        return status
+    status.numel, status.kept, status.encoding = header.numel, header.kept, header.encoding.name.lower()
+    if entry is not None:
+        if header.numel != entry_numel(entry):
+            status.problems.append(f"holds {header.numel} entries, the config says shape {entry['shape']}")
+        if scale.numel() != int(entry["scales"]):
+            status.problems.append(f"holds {scale.numel()} scales, the config says {entry['scales']}")
+    if numel is not None and header.numel != numel:
+        status.problems.append(f"switch for {header.numel} entries, the layer has {numel}")
+    if scale.numel() > 1 and header.numel % scale.numel():
+        status.problems.append(f"{scale.numel()} row scales do not divide {header.numel} entries")
+    if not torch.isfinite(scale.float()).all():
+        status.problems.append("the scale holds NaN or Inf")
+    return status
+
+
+def _decoded_header(code: torch.Tensor) -> sass.Header:
+    header = sass.read_header(code)
+    sass.decode_positions(code)
+    return header
+
+
+def iter_dense_deltas(
+    file: AdapterFile, unit_layout: Mapping[str, dict], device: torch.device | str = "cpu"
+) -> Iterator[tuple[Unit, torch.Tensor]]:
+    """``(unit, dense fp32 delta of the unit's shape)`` for every unit with a switch, one at a time."""
+    for unit in file.units(unit_layout):
+        code = file.tensor(unit.key("code"))
+        if code.numel() == 0:
+            continue
+        try:
+            numel, positions, positive = sass.decode_positions(code, device=device)
+        except CodecError as error:
+            raise CodecError(f"{unit.name}: {error}") from None
+        entry = find_layout_entry(unit_layout, unit.module)
+        entry = entry.get(unit.param) if entry else None
+        shape = [int(size) for size in entry["shape"]] if entry else [numel]
+        if math.prod(shape) != numel:
+            raise CodecError(f"{unit.name} holds {numel} entries but the config says shape {shape}; {_REPAIR}.")
+        signs = torch.where(positive, 1.0, -1.0).to(torch.float32)
+        values = kept_values(positions, signs, file.tensor(unit.key("scale")), numel)
+        delta = torch.zeros(numel, dtype=torch.float32, device=device)
+        yield unit, delta.index_put_((positions,), values).view(shape)
+
+
+def verify_adapter_file(path: str | os.PathLike, unit_layout: Mapping[str, dict], format_version: int) -> None:
+    """Raise :class:`~switch_adapter.CodecError` if the weights file at ``path`` is unreadable, damaged, or disagrees
+    with the config's ``unit_layout``."""
+    with AdapterFile(path) as file:
+        file.verify(unit_layout, format_version)
+
+
+def locate_weights_file(model_id: str, subfolder: str | None, hub_kwargs: Mapping[str, Any]) -> str | None:
+    """Local path of an adapter's weights file, from its folder or downloaded from the Hub; None when the adapter
+    has no safetensors weights file (peft then reports what it finds)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from ._model_sources import from_hub
+
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        path = os.path.join(folder, WEIGHTS_NAME)
+        return path if os.path.isfile(path) else None
+    allowed = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies"}
+    kwargs = {key: value for key, value in hub_kwargs.items() if key in allowed}
+    try:
+        return from_hub(
+            hf_hub_download, model_id, "T-Switch adapter", filename=WEIGHTS_NAME, subfolder=subfolder, **kwargs
+        )
+    except Exception as error:
+        if isinstance(error.__cause__, EntryNotFoundError):
+            return None
+        raise

@@ -1,0 +1,275 @@
+"""The on-disk format: key grammar, checksums (format version 2), version 1 files, damage found before the model is
+touched, inspect on unchanged and damaged units, and missing adapters failing fast."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_bert, tiny_bert_classifier, token_batch
+
+import switch_adapter
+from switch_adapter import AdapterNotFoundError, CodecError, TSwitchConfig, from_finetuned, inspect_adapter
+from switch_adapter.cli import main
+from switch_adapter.format import (
+    FORMAT_VERSION,
+    Unit,
+    parse_key,
+    storage_summary,
+    unit_checksum,
+    verify_adapter_file,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    no_layers = not any(isinstance(module, BaseTunerLayer) for module in model.modules())
+    return no_layers and after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- key grammar ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (
+            "base_model.model.encoder.layer.0.output.dense.tswitch_weight_code",
+            ("encoder.layer.0.output.dense", "weight", "code"),
+        ),
+        ("base_model.model.a.b.tswitch_bias_scale", ("a.b", "bias", "scale")),
+        (
+            "model.layers.1.mlp.up_proj.tswitch_weight_checksum.default",
+            ("model.layers.1.mlp.up_proj", "weight", "checksum"),
+        ),
+        ("base_model.model.classifier.weight", None),
+        ("base_model.model.x.tswitch_weight_other", None),
+    ],
+)
+def test_key_grammar(key, expected):
+    parsed = parse_key(key)
+    assert (parsed is None and expected is None) or (parsed[0].module, parsed[0].param, parsed[1]) == expected
+    if parsed is not None and not key.endswith(".default"):
+        assert parsed[0].key(parsed[1]) == key
+
+
+# -- format version 2: checksums ------------------------------------------------------------------------------
+
+
+def test_saved_files_carry_a_checksum_per_unit(saved_switch):
+    tensors = load_file(saved_switch / "adapter_model.safetensors")
+    config = json.loads((saved_switch / "adapter_config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION == 2
+    units = {parse_key(k)[0] for k in tensors if parse_key(k) and parse_key(k)[1] == "code"}
+    assert units and all(isinstance(u, Unit) for u in units)
+    for unit in units:
+        stored = tensors[unit.key("checksum")]
+        assert stored.dtype == torch.uint8 and torch.equal(
+            stored, unit_checksum(tensors[unit.key("code")], tensors[unit.key("scale")])
+        )
+
+
+def test_flipped_payload_bytes_are_refused_before_the_base_is_touched(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = max((k for k in tensors if k.endswith("_code")), key=lambda k: tensors[k].numel())
+    blob = tensors[key].clone()
+    blob[30:94] ^= 0xFF  # 64 payload bytes flipped: a valid-looking blob that decodes to another switch
+    tensors[key] = blob
+    save_file(tensors, path)
+    base = tiny_bert()
+    before = _state(base)
+    with pytest.raises(CodecError, match="checksum mismatch"):
+        PeftModel.from_pretrained(base, saved_switch)
+    assert _untouched(base, before)
+
+
+def test_a_flipped_scale_byte_is_refused(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("tswitch_weight_scale"))
+    raw = tensors[key].view(torch.uint8).clone()
+    raw[3] ^= 0x40  # the exponent: a scale of about 3e-4 would become about -2e4
+    tensors[key] = raw.view(torch.float32)
+    save_file(tensors, path)
+    base = tiny_bert()
+    before = _state(base)
+    with pytest.raises(CodecError, match=r"\.weight: checksum mismatch"):
+        PeftModel.from_pretrained(base, saved_switch)
+    assert _untouched(base, before)
+    report = inspect_adapter(saved_switch)
+    assert report.damaged and "checksum mismatch" in report.problems[0]
+    assert "DAMAGED" in report.to_table()
+
+
+def test_transformers_load_adapter_refuses_a_damaged_file_and_leaves_the_model_as_it_was(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("tswitch_weight_scale"))
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, path)
+    base = tiny_bert()
+    before = _state(base)
+    with pytest.raises(CodecError, match="checksum mismatch"):
+        base.load_adapter(str(saved_switch))
+    assert _untouched(base, before)
+
+
+def test_a_missing_checksum_in_a_version_2_file_is_refused(saved_switch):
+    path = saved_switch / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith("query.tswitch_weight_checksum")}
+    save_file(tensors, path)
+    with pytest.raises(CodecError, match="no checksum"):
+        TSwitchConfig.from_pretrained(str(saved_switch))
+
+
+def test_trained_scales_are_saved_with_a_fresh_checksum(saved_switch, tmp_path):
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch, is_trainable=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "tswitch_" in name and name.endswith("_scale.default"):
+                param.mul_(1.5)
+    model.save_pretrained(tmp_path / "trained")
+    verify_adapter_file(tmp_path / "trained" / "adapter_model.safetensors", model.peft_config["default"].unit_layout, 2)
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "trained")
+    torch.testing.assert_close(reloaded(**token_batch()).last_hidden_state, model(**token_batch()).last_hidden_state)
+
+
+def test_sizes_count_the_checksum(saved_switch):
+    config = TSwitchConfig.from_pretrained(str(saved_switch))
+    summary = storage_summary(config)
+    report = inspect_adapter(saved_switch)
+    assert summary.switch_bytes == report.switch_bytes
+    assert summary.switch_bytes == sum(
+        e["code_bytes"] + 4 * e["scales"] + 4 for p in config.unit_layout.values() for e in p.values()
+    )
+
+
+# -- format version 1 -----------------------------------------------------------------------------------------
+
+
+def test_version_1_files_keep_loading_and_stay_version_1(tmp_path):
+    folder = DATA / "v1_tiny_bert_switch"
+    assert json.loads((folder / "adapter_config.json").read_text())["format_version"] == 1
+    model = PeftModel.from_pretrained(tiny_bert_classifier(), folder)
+    with torch.no_grad():
+        logits = model(**token_batch()).logits
+    torch.testing.assert_close(logits, load_file(DATA / "v1_expected_logits.safetensors")["logits"])
+    report = inspect_adapter(folder)
+    assert report.format_version == 1 and not report.damaged and {u.checksum for u in report.units} == {"absent"}
+    model.save_pretrained(tmp_path)
+    assert not any(k.endswith("_checksum") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 1
+
+
+def test_version_1_payload_damage_is_found_by_decoding_before_the_model_is_touched(tmp_path):
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    for name in ("adapter_config.json", "README.md"):
+        (folder / name).write_bytes((DATA / "v1_tiny_bert_switch" / name).read_bytes())
+    tensors = load_file(DATA / "v1_tiny_bert_switch" / "adapter_model.safetensors")
+    key = max((k for k in tensors if k.endswith("_code")), key=lambda k: tensors[k].numel())
+    blob = tensors[key].clone()
+    blob[-1] = 0xFF  # nonzero padding bits / an inconsistent stream
+    tensors[key] = blob
+    save_file(tensors, folder / "adapter_model.safetensors")
+    base = tiny_bert_classifier()
+    before = _state(base)
+    with pytest.raises(CodecError, match="corrupt"):
+        PeftModel.from_pretrained(base, folder)
+    assert _untouched(base, before)
+
+
+# -- a targeted tensor the fine-tune left unchanged -------------------------------------------------------------
+
+
+def test_inspect_and_cli_accept_a_switch_with_unchanged_tensors(tmp_path, capsys):
+    base = tiny_bert()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.encoder.layer[0].attention.self.query.weight.add_(0.01)
+    model = from_finetuned(copy.deepcopy(base), tuned, TSwitchConfig(target_modules="all-linear"), progress=False)
+    model.save_pretrained(tmp_path)
+    report = inspect_adapter(tmp_path)
+    assert not report.damaged and [u.name for u in report.units] == ["encoder.layer.0.attention.self.query.weight"]
+    assert len(report.unchanged) > 5
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "without a switch" in capsys.readouterr().out
+    PeftModel.from_pretrained(tiny_bert(), tmp_path)  # loads as before
+
+
+def test_cli_inspect_exits_non_zero_on_damage(saved_switch, capsys):
+    path = saved_switch / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("_code") and tensors[k].numel())
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, path)
+    assert main(["inspect", str(saved_switch), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"]
+
+
+# -- missing adapters fail fast -----------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_a_missing_adapter_name_fails_at_once_without_hub_retries(tmp_path, offline):
+    script = (
+        "import sys, torch, switch_adapter\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_models import tiny_bert\n"
+        "calls = (\n"
+        "    lambda: switch_adapter.TSwitchConfig.from_pretrained('my-switch-typo'),\n"
+        "    lambda: switch_adapter.inspect_adapter('my-switch-typo'),\n"
+        "    lambda: switch_adapter.AutoSwitchModel.from_pretrained(\n"
+        "        tiny_bert(), adapters={'a': 'my-switch-typo'},\n"
+        "        query_sets={'a': torch.ones(2, 4, dtype=torch.long)}),\n"
+        "    lambda: switch_adapter.AutoSwitchModel.from_pretrained('my-router-typo', base_model=tiny_bert()),\n"
+        ")\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except switch_adapter.AdapterNotFoundError as error:\n"
+        "        print('NOT FOUND:', str(error).splitlines()[0])\n"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",  # nothing listens: the Hub is unreachable
+        "HF_HUB_OFFLINE": offline,
+        "HF_HOME": str(tmp_path),
+    }
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("NOT FOUND:") for line in lines), result.stdout
+    assert ["'my-switch-typo'" in line for line in lines] == [True, True, True, False] and "'my-router-typo'" in lines[
+        3
+    ]
+    assert "Retrying" not in result.stderr  # huggingface_hub's backoff (about 23 s) was not entered
+
+
+def test_errors_share_one_base_and_the_builtins_callers_catch():
+    assert issubclass(CodecError, ValueError) and issubclass(AdapterNotFoundError, FileNotFoundError)
+    for name in ("CodecError", "LayoutMismatchError", "AdapterNotFoundError", "OutputExistsError"):
+        assert issubclass(getattr(switch_adapter, name), switch_adapter.SwitchAdapterError)
