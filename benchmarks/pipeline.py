@@ -46,7 +46,7 @@ DEFAULT_TASKS = (
     "wordnet_supersense",
 )
 QUICK_TASKS = ("sms_spam", "trec", "movie_sentiment")
-DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
+DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 1.0)
 HEAD_PREFIX = "classifier."
 
 
