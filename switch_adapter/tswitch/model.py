@@ -9,12 +9,11 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Literal
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import ModulesToSaveWrapper, merge_utils
+from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from safetensors import safe_open
 from torch import nn
@@ -31,6 +30,7 @@ from ..format import (
     parse_key,
     verify_adapter_file,
 )
+from . import combine
 from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import (
     SwitchedModule,
@@ -353,9 +353,9 @@ class TSwitchModel(BaseTuner):
         ``adapter_name``, an unknown ``combination_type``, adapters with other targets or densities, and heads that
         cannot be averaged; the model is then left unchanged.
         """
-        config = self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, density)
+        config = combine.check_arguments(self.peft_config, adapters, weights, adapter_name, combination_type, density)
         weights = [float(weight) for weight in weights]
-        heads = self._weighted_heads(adapters, weights)  # checks the heads before anything is modified
+        heads = combine.weighted_heads(self.model, adapters, weights)  # checks the heads before anything is modified
         if majority_sign_method not in ("total", "frequency"):
             raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
 
@@ -367,7 +367,7 @@ class TSwitchModel(BaseTuner):
                 if not isinstance(layer, TSwitchLayer):
                     continue
                 for param_name in layer.switch_slots(adapter_name):
-                    combined = self._combined_delta(
+                    combined = combine.combined_delta(
                         layer, param_name, adapters, weights, combination_type, config.density_for(module_name),
                         majority_sign_method,
                     )  # fmt: skip
@@ -389,124 +389,6 @@ class TSwitchModel(BaseTuner):
             _discard_adapter(self.model, adapter_name)
             self.peft_config.pop(adapter_name, None)
             raise
-
-    def _check_weighted_adapter_args(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, density
-    ) -> TSwitchConfig:
-        """Validate ``add_weighted_adapter``'s arguments; returns the new adapter's config (not yet registered)."""
-        if isinstance(adapters, str) or not adapters:
-            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}.")
-        for adapter in adapters:
-            if adapter not in self.peft_config:
-                raise ValueError(f"Adapter {adapter} does not exist. Available adapters: {sorted(self.peft_config)}.")
-            if not isinstance(self.peft_config[adapter], TSwitchConfig):
-                raise ValueError(
-                    f"Adapter {adapter} is a {self.peft_config[adapter].peft_type} adapter; add_weighted_adapter of "
-                    "T-Switch combines T-Switch adapters only."
-                )
-        if len(set(adapters)) != len(adapters):
-            raise ValueError(f"adapters lists an adapter twice: {adapters}.")
-        if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
-            raise ValueError(
-                f"Got {len(adapters)} adapters but {len(weights) if not isinstance(weights, str) else 'no'} weights: "
-                "pass one weight per adapter."
-            )
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter {adapter_name} already exists; choose another adapter_name or delete_adapter it first."
-            )
-        if combination_type not in _COMBINATION_TYPES:
-            raise ValueError(
-                f"Invalid combination_type {combination_type!r} for T-Switch adapters; choose one of "
-                f"{list(_COMBINATION_TYPES)} (LoRA's SVD and 'cat' types do not apply to switches)."
-            )
-        configs = [self.peft_config[adapter] for adapter in adapters]
-        for field_name in _STRUCTURE_FIELDS:
-            values = [_comparable(getattr(c, field_name)) for c in configs]
-            if any(value != values[0] for value in values[1:]):
-                listing = ", ".join(f"{a}: {getattr(c, field_name)!r}" for a, c in zip(adapters, configs))
-                raise ValueError(
-                    f"The adapters differ in {field_name} ({listing}); add_weighted_adapter combines adapters with the "
-                    "same targets. Rebuild them with the same settings."
-                )
-        if density is None:
-            densities = {(c.density, tuple(sorted(c.density_pattern.items()))) for c in configs}
-            if len(densities) > 1:
-                listing = ", ".join(f"{a}: {c.density}" for a, c in zip(adapters, configs))
-                raise ValueError(f"The adapters have different densities ({listing}); pass density=... explicitly.")
-            return replace(configs[0], unit_layout={}, modules_to_save_shapes={}, inference_mode=True)
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-            raise ValueError(f"density must be a number in (0, 1], got {density!r}.")
-        return replace(
-            configs[0], density=float(density), density_pattern={}, unit_layout={}, modules_to_save_shapes={},
-            inference_mode=True,
-        )  # fmt: skip
-
-    def _weighted_heads(
-        self, adapters: list[str], weights: list[float]
-    ) -> list[tuple[str, ModulesToSaveWrapper, dict[str, torch.Tensor]]]:
-        """``(module name, wrapper, averaged state)`` for every ``modules_to_save`` module that one of ``adapters``
-        has its own copy of; raises ``ValueError`` if the heads cannot be averaged (see ``add_weighted_adapter``)."""
-        out = []
-        for module_name, wrapper in self.model.named_modules():
-            if not isinstance(wrapper, ModulesToSaveWrapper) or not any(a in wrapper.modules_to_save for a in adapters):
-                continue
-            states = [
-                (wrapper.modules_to_save[a] if a in wrapper.modules_to_save else wrapper.original_module).state_dict()
-                for a in adapters
-            ]
-            shapes = [{name: list(value.shape) for name, value in state.items()} for state in states]
-            if any(s != shapes[0] for s in shapes[1:]):
-                listing = "; ".join(
-                    f"{a}: {', '.join(f'{n} {s}' for n, s in shape.items())}" for a, shape in zip(adapters, shapes)
-                )
-                raise ValueError(
-                    f"The adapters' heads {module_name!r} (modules_to_save) have different shapes ({listing}), so "
-                    "they cannot be averaged. Combine adapters whose heads have the same shapes (the same number of "
-                    "labels)."
-                )
-            total = sum(weights)
-            if abs(total) < 1e-12:
-                raise ValueError(
-                    f"The weights sum to 0, so the weighted average of the heads {module_name!r} (modules_to_save) "
-                    "is undefined. Use weights with a non-zero sum for adapters with their own heads."
-                )
-            averaged = {
-                name: sum(w * state[name].detach().float() for w, state in zip(weights, states))
-                .div(total)
-                .to(states[0][name].dtype)
-                for name in states[0]
-            }
-            out.append((module_name, wrapper, averaged))
-        return out
-
-    @staticmethod
-    def _combined_delta(
-        layer: TSwitchLayer,
-        param_name: str,
-        adapters: list[str],
-        weights: list[float],
-        combination_type: str,
-        density: float,
-        majority_sign_method: str,
-    ) -> torch.Tensor | None:
-        """The combined dense delta of ``param_name`` (float32), or None if no adapter switches it."""
-        deltas = [layer.get_delta(adapter, param_name) for adapter in adapters]
-        if all(delta is None for delta in deltas):
-            return None
-        like = next(delta for delta in deltas if delta is not None)
-        tensors = [(delta if delta is not None else torch.zeros_like(like)).float() for delta in deltas]
-        weight = torch.tensor(weights, dtype=torch.float32, device=like.device)
-        with torch.no_grad():
-            if combination_type == "linear":
-                return merge_utils.task_arithmetic(tensors, weight)
-            if combination_type == "magnitude_prune":
-                return merge_utils.magnitude_prune(tensors, weight, density)
-            if combination_type == "dare_linear":
-                return merge_utils.dare_linear(tensors, weight, density)
-            if combination_type == "ties":
-                return merge_utils.ties(tensors, weight, density, majority_sign_method)
-            return merge_utils.dare_ties(tensors, weight, density, majority_sign_method)
 
     # -- serialization hooks ---------------------------------------------------------------------------
 
@@ -575,24 +457,6 @@ def _verify_file_transformers_is_loading(config: TSwitchConfig) -> None:
             config._weights_file = weights  # lets the layout check compare the saved heads' shapes
             return
         frame = frame.f_back
-
-
-_COMBINATION_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-# Config fields that decide which tensors an adapter switches: combined adapters must agree on them.
-_STRUCTURE_FIELDS = (
-    "target_modules",
-    "exclude_modules",
-    "switch_bias",
-    "switch_norms",
-    "layers_to_transform",
-    "layers_pattern",
-    "modules_to_save",
-    "task_type",
-)
-
-
-def _comparable(value):
-    return sorted(value) if isinstance(value, (set, list, tuple)) else value
 
 
 _FILLING_SWITCHES: contextvars.ContextVar[bool] = contextvars.ContextVar("tswitch_filling_switches", default=False)
