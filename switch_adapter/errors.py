@@ -51,7 +51,7 @@ def hub_failure(
         )
     if kind == "RevisionNotFoundError":
         return AdapterNotFoundError(f"The {what} {name!r} has no revision {revision!r}.")
-    if kind == "EntryNotFoundError" or kind == "RemoteEntryNotFoundError":
+    if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
         missing = filename or "the file asked for"
         return AdapterNotFoundError(f"The {what} {name!r} has no {missing}{at_revision}; is it the right repository?")
     if kind == "RepositoryNotFoundError":

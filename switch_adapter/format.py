@@ -184,7 +184,8 @@ class SizeFigures:
         return self.switch_bytes / self.bound_bytes if self.bound_bytes else math.inf
 
     def as_dict(self) -> dict[str, Any]:
-        values = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        """The fields (of the dataclass using this mixin) and the derived figures."""
+        values = asdict(self)
         values.update(
             density=self.density,
             bits_per_parameter=self.bits_per_parameter,

@@ -15,7 +15,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -23,6 +22,7 @@ from ..errors import CodecError, LayoutMismatchError
 from ..format import (
     CHECKSUMS_SINCE,
     KEY_PREFIX,
+    AdapterFile,
     Unit,
     check_unit,
     find_layout_entry,
@@ -84,7 +84,7 @@ def _is_excluded(exclude_modules, name: str) -> bool:
         return False
     if isinstance(exclude_modules, str):
         return re.fullmatch(exclude_modules, name) is not None
-    return any(name == m or name.endswith("." + m) for m in exclude_modules)
+    return _names_match(name, exclude_modules)
 
 
 class TSwitchModel(BaseTuner):
@@ -476,12 +476,6 @@ def _names_match(name: str, suffixes) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
 
 
-def _saved_tensor_shapes(path: str) -> dict[str, list[int]]:
-    """``{key: shape}`` of every tensor in a safetensors file, read from its header (no tensor data is loaded)."""
-    with safe_open(path, framework="pt") as handle:
-        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-
-
 def _check_saved_heads(
     model: nn.Module, modules: dict[str, nn.Module], config: TSwitchConfig, problems: list[str]
 ) -> str | None:
@@ -492,9 +486,9 @@ def _check_saved_heads(
     if not path or not config.modules_to_save:
         return None
     labels = None
-    for key, saved in _saved_tensor_shapes(path).items():
-        if parse_key(key) is not None:
-            continue
+    with AdapterFile(path) as file:  # shapes from the header only: no tensor data is read
+        saved_shapes = {KEY_PREFIX + key: file.shape_and_dtype(KEY_PREFIX + key)[0] for key in file.head_keys()}
+    for key, saved in saved_shapes.items():
         key = key.removeprefix(KEY_PREFIX)
         parts = key.split(".")
         for cut in range(len(parts) - 1, 0, -1):
