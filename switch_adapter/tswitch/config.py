@@ -68,6 +68,9 @@ class TSwitchConfig(PeftConfig):
             shape, the encoded size in bytes, the number of scales, the density and the number of kept entries.
             Loaders use it to allocate the content-dependent buffers before reading the file.
         modules_to_save_shapes: Parameter shapes of ``modules_to_save`` entries that differ from the base model's.
+        flexswitch: For a switch learned by :func:`switch_adapter.flexswitch`: what was asked and what was reached
+            (``budget``, ``budget_bytes``, ``file_bytes``, ``bits_per_parameter``, ``fraction_of_fp32``, ``steps``,
+            ``loss``, ``final_loss``, ``examples``, ``seed``). ``None`` for a switch made by binarization.
     """
 
     target_modules: list[str] | str | None = field(
@@ -109,6 +112,9 @@ class TSwitchConfig(PeftConfig):
     modules_to_save_shapes: dict[str, dict[str, list[int]]] = field(
         default_factory=dict,
         metadata={"help": "Shapes of modules_to_save parameters that differ from the base."},
+    )
+    flexswitch: dict[str, Any] | None = field(
+        default=None, metadata={"help": "FlexSwitch training record: budget asked and reached (generated)."}
     )
 
     def __post_init__(self) -> None:
