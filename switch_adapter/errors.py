@@ -34,6 +34,14 @@ class UnsupportedModelError(SwitchAdapterError, TypeError):
     """A module or checkpoint layout that switch-adapter cannot handle."""
 
 
+class BudgetError(SwitchAdapterError, ValueError):
+    """A storage budget that no switch of this model can meet (the message says which sizes are reachable)."""
+
+
+class TrainingError(SwitchAdapterError, RuntimeError):
+    """Learning a switch failed (e.g. the loss became NaN); nothing was saved and the base model is unchanged."""
+
+
 class HubAccessError(SwitchAdapterError, PermissionError):
     """A Hub repository exists but this token may not read it (gated or private)."""
 

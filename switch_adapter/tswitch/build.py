@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Union
 
 import torch
@@ -75,41 +76,70 @@ def from_finetuned(
     finetuned_state = _state_of(finetuned) if finetuned is not None else None
     vectors = dict(task_vectors) if task_vectors is not None else None
 
+    original_state = (base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model).state_dict()
+    with switch_adapter_for(base_model, config, adapter_name) as model:
+        inner = model.get_base_model()
+        switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)
+        heads = head_updates(inner, adapter_name, finetuned_state)
+    store_switches(model, adapter_name, switches, heads)
+    if finetuned_state is not None:
+        _warn_uncovered(original_state, finetuned_state, model.peft_config[adapter_name], [h[0] for h in heads])
+    _log_summary(model.peft_config[adapter_name], adapter_name)
+    return model
+
+
+@contextlib.contextmanager
+def switch_adapter_for(base_model: nn.Module, config: TSwitchConfig, adapter_name: str) -> Iterator[PeftModel]:
+    """A ``PeftModel`` with an empty switch adapter ``adapter_name`` on ``base_model`` (a new one, or ``base_model``
+    itself if it is a ``PeftModel``). If the block raises, the adapter is removed again and the base model is left as
+    it was."""
     is_new = not isinstance(base_model, PeftModel)
-    original_state = (base_model.get_base_model() if not is_new else base_model).state_dict()
     with filling_switches():
         if is_new:
             model = get_peft_model(base_model, config, adapter_name=adapter_name)
         else:
             model = base_model
             model.add_adapter(adapter_name, config)
-    inner = model.get_base_model()
     try:
-        switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)
-        head_updates = _head_updates(inner, adapter_name, finetuned, finetuned_state)
-    except Exception:
+        yield model
+    except BaseException:
         if is_new:
             model.unload()
         else:
             _discard_adapter(model, adapter_name)
         raise
 
+
+def switch_units(inner: nn.Module, adapter_name: str) -> list[tuple[str, TSwitchLayer, str]]:
+    """``(module name, layer, parameter name)`` of every parameter ``adapter_name`` may switch, in model order."""
+    return [
+        (module_name, layer, param_name)
+        for module_name, layer in inner.named_modules()
+        if isinstance(layer, TSwitchLayer)
+        for param_name in layer.switch_slots(adapter_name)
+    ]
+
+
+def store_switches(
+    model: PeftModel,
+    adapter_name: str,
+    switches: list[tuple[str, TSwitchLayer, str, BinarySwitch]],
+    heads: list = (),
+) -> None:
+    """Put ``switches`` into their layers and the adapter config's ``unit_layout``, and the fine-tuned heads into the
+    adapter's ``modules_to_save`` copies; then make the adapter active."""
     config = model.peft_config[adapter_name]
     config.unit_layout = {}
     for module_name, layer, param_name, switch in switches:
         entry = layer.set_switch(adapter_name, param_name, switch)
-        entry["density"] = config.density_for(module_name)
+        entry["density"] = switch.kept / max(switch.numel, 1) if config.flexswitch else config.density_for(module_name)
         config.unit_layout.setdefault(module_name, {})[param_name] = entry
-    for module_name, wrapper_copy, state, shapes in head_updates:
+    for module_name, wrapper_copy, state, shapes in heads:
         if shapes:
             resize_module_parameters(wrapper_copy, shapes)
             config.modules_to_save_shapes[module_name] = shapes
         wrapper_copy.load_state_dict(state)
     model.set_adapter(adapter_name)
-    if finetuned_state is not None:
-        _warn_uncovered(original_state, finetuned_state, config, [h[0] for h in head_updates])
-    _log_summary(config, adapter_name)
-    return model
 
 
 def _compute_switches(
@@ -120,11 +150,7 @@ def _compute_switches(
     vectors: dict[str, torch.Tensor] | None,
     progress: bool,
 ) -> list[tuple[str, TSwitchLayer, str, BinarySwitch]]:
-    jobs = []
-    for module_name, layer in inner.named_modules():
-        if isinstance(layer, TSwitchLayer):
-            for param_name in layer.switch_slots(adapter_name):
-                jobs.append((module_name, layer, param_name))
+    jobs = switch_units(inner, adapter_name)
     problems, switches = [], []
     for module_name, layer, param_name in tqdm(jobs, desc="Binarizing task vectors", disable=not progress):
         key = f"{module_name}.{param_name}"
@@ -158,7 +184,7 @@ def _compute_switches(
     return switches
 
 
-def _head_updates(inner: nn.Module, adapter_name: str, finetuned: StateLike | None, finetuned_state):
+def head_updates(inner: nn.Module, adapter_name: str, finetuned_state: Mapping[str, torch.Tensor] | None) -> list:
     """For every ``modules_to_save`` wrapper: the fine-tuned state to load into this adapter's copy."""
     updates = []
     if finetuned_state is None:

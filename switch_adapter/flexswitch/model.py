@@ -1,0 +1,471 @@
+"""``flexswitch()``: learn a switch whose units differ in density and bit-width, under a storage budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..codec import sass
+from ..errors import BudgetError, TrainingError
+from ..format import Unit, add_checksums
+
+try:
+    from ..format import required_format_version
+except ImportError:  # pragma: no cover - until the multi-bit format lands
+
+    def required_format_version(layout):
+        return 2
+
+
+from ..tswitch.build import _lookup, head_updates, store_switches, switch_adapter_for, switch_units
+from ..tswitch.config import TSwitchConfig
+from .config import FlexSwitchConfig
+from .distill import Target, distillation_loss, make_target, resolve_loss
+from .examples import Batch, move_batch, prepare_batches
+from .sources import FineTune, load_base, open_finetune
+from .unit import LearnableUnit, quota
+
+logger = logging.getLogger(__name__)
+_SIZE_TOLERANCE = 0.05  # the saved file lies in [1 - tolerance, 1] x the budget
+_CHECK_EVERY = 25
+
+
+def flexswitch(
+    base: nn.Module | str | os.PathLike,
+    finetuned: nn.Module | str | os.PathLike,
+    examples: Any,
+    config: FlexSwitchConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+) -> PeftModel:
+    """Learn a FlexSwitch: per switched tensor a keep count, a bit-width from ``config.bit_widths`` and a scale, by
+    distilling the fine-tuned model on ``examples`` under ``config.budget``.
+
+    Args:
+        base: The pre-trained model, or its folder / Hub id (loaded with the fine-tune's class).
+        finetuned: The fine-tuned model, a folder or Hub id of a full fine-tune, or a LoRA adapter (folder or Hub id)
+            made on ``base``.
+        examples: About 100 inputs of the task: a list of strings (or chats), a ``datasets.Dataset``, a dict of
+            tokenized tensors, a tensor of inputs, or a ``DataLoader`` (for image and other non-text models).
+        config: Budget, bit-widths, steps, ... (default ``FlexSwitchConfig()``: 0.5% of fp32).
+        tokenizer: Needed for text examples.
+        adapter_name: Name of the adapter in the returned model.
+        progress: Show a progress bar (loss and estimated size).
+        revision / base_revision / token: Hub revision of ``finetuned`` / ``base``, Hub token.
+
+    Returns:
+        A ``PeftModel`` holding a T-Switch adapter (format version 3 when a unit has more than one bit); save it with
+        ``save_pretrained`` and load it with ``PeftModel.from_pretrained`` like any adapter.
+
+    Raises :class:`~switch_adapter.BudgetError` for a budget no switch of this model meets (with the reachable sizes),
+    :class:`~switch_adapter.TrainingError` if the loss becomes NaN, ``ValueError`` / ``TypeError`` for unusable
+    examples or models. On any error the base model is left as it was.
+    """
+    config = dataclasses.replace(config) if config is not None else FlexSwitchConfig()
+    torch.manual_seed(config.seed)
+    finetuned_folder = None
+    if isinstance(finetuned, (str, os.PathLike)):
+        from .sources import _folder
+
+        finetuned_folder = _folder(finetuned, "fine-tuned model or LoRA adapter", revision, token)
+        finetuned = finetuned_folder
+    base_model = load_base(base, finetuned_folder, revision=base_revision, token=token)
+    if tokenizer is None and _holds_text(examples):
+        tokenizer = _try_tokenizer(base_model, base)
+    batches = prepare_batches(
+        examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length, text_column=config.text_column
+    )
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+    with open_finetune(base_model, finetuned, revision=revision, token=token) as tune:
+        loss_kind, targets = _teacher_targets(tune.teacher, batches, config, accelerator.device)
+        tswitch_config = _switch_config(config, tune, base)
+    original_device = next(base_model.parameters()).device
+    with switch_adapter_for(base_model, tswitch_config, adapter_name) as model:
+        inner = model.get_base_model()
+        heads = head_updates(inner, adapter_name, tune.heads if tune.is_lora else tune.state)
+        store_switches(model, adapter_name, [], heads)
+        vectors = _task_vectors(inner, adapter_name, tune)
+        del tune
+        run = _Run(model, adapter_name, vectors, config, accelerator)
+        run.train(batches, targets, loss_kind, progress)
+        run.finish()
+        model.to(original_device)
+    return model
+
+
+def _holds_text(examples: Any) -> bool:
+    return isinstance(examples, (list, tuple)) or (
+        hasattr(examples, "column_names") and "input_ids" not in examples.column_names
+    )
+
+
+def _try_tokenizer(model: nn.Module, base: Any) -> Any:
+    """The tokenizer saved with the base model's folder, or None (then text examples fail with a clear message)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(base) if isinstance(base, (str, os.PathLike)) else None
+    path = path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # a folder without tokenizer files
+        return None
+
+
+def _switch_config(config: FlexSwitchConfig, tune: FineTune, base: Any) -> TSwitchConfig:
+    return TSwitchConfig(
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        modules_to_save=config.modules_to_save if config.modules_to_save is not None else tune.modules_to_save,
+        switch_bias=config.switch_bias,
+        switch_norms=config.switch_norms,
+        task_type=config.task_type or tune.task_type,
+        base_model_name_or_path=os.fspath(base) if isinstance(base, (str, os.PathLike)) else None,
+        flexswitch={"budget": str(config.budget)},
+    )
+
+
+@torch.no_grad()
+def _teacher_targets(
+    teacher: nn.Module, batches: list[Batch], config: FlexSwitchConfig, device: torch.device
+) -> tuple[str, list[Target]]:
+    """The fine-tuned model's outputs on every batch (computed once), and the loss they call for."""
+    was_training = teacher.training
+    original = next(teacher.parameters()).device
+    teacher.eval().to(device)
+    targets, loss_kind = [], config.loss
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="Teacher outputs", disable=len(batches) < 8)):
+            args, kwargs = move_batch(batch, device)
+            try:
+                output = teacher(*args, **kwargs)
+            except Exception as error:
+                if index:
+                    raise
+                raise ValueError(
+                    f"The fine-tuned model cannot run on the examples ({type(error).__name__}: {error}). Pass "
+                    "examples of the kind the model takes: text with the model's tokenizer, or tensors / a DataLoader "
+                    "for other models."
+                ) from error
+            loss_kind = resolve_loss(loss_kind, output)
+            targets.append(make_target((args, kwargs), output, loss_kind, config.distill_temperature))
+    finally:
+        teacher.train(was_training).to(original)
+    return loss_kind, targets
+
+
+def _task_vectors(inner: nn.Module, adapter_name: str, tune: FineTune) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(module, param): fine-tuned - base}`` for every switchable parameter the fine-tune changed."""
+    vectors, problems = {}, []
+    for module_name, layer, param_name in switch_units(inner, adapter_name):
+        key = f"{module_name}.{param_name}"
+        base_param = getattr(layer.get_base_layer(), param_name).detach()
+        if tune.is_lora:
+            tau = _lookup(tune.deltas, key)
+            if tau is None:
+                continue
+        else:
+            tuned = _lookup(tune.state, key)
+            if tuned is None:
+                problems.append(f"{key}: missing from the fine-tuned model")
+                continue
+            if tuned.shape != base_param.shape:
+                problems.append(f"{key}: fine-tuned shape {list(tuned.shape)} != base {list(base_param.shape)}")
+                continue
+            tau = tuned.detach().float().to(base_param.device) - base_param.float()
+        if tau.shape != base_param.shape:
+            problems.append(f"{key}: task vector shape {list(tau.shape)} != base {list(base_param.shape)}")
+        elif not torch.isfinite(tau).all():
+            problems.append(f"{key}: the task vector holds NaN or Inf")
+        elif torch.count_nonzero(tau):
+            vectors[(module_name, param_name)] = tau.float()
+    if problems:
+        raise ValueError(
+            "The fine-tuned weights do not fit the base model:\n  "
+            + "\n  ".join(problems[:10])
+            + ("\n  ..." if len(problems) > 10 else "")
+            + "\nBoth must have the same architecture and sizes; nothing was modified."
+        )
+    if not vectors:
+        raise ValueError("The fine-tuned model does not differ from the base in any switched tensor: nothing to learn.")
+    return vectors
+
+
+class _Student(nn.Module):
+    """The base model whose switched parameters are ``base + learned delta`` (a functional call, so the base model's
+    parameters are never modified)."""
+
+    def __init__(self, model: nn.Module, units: list[LearnableUnit], parameter_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.units = nn.ModuleList(units)
+        self.parameter_names = parameter_names
+
+    def forward(self, batch: Batch, temperature: float) -> tuple[Any, torch.Tensor]:
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        overrides, bits = {}, []
+        for unit, name in zip(self.units, self.parameter_names):
+            values, unit_bits = unit(temperature)
+            base = parameters[name]
+            weight = base.detach().float().reshape(-1).index_add(0, unit.index, values)
+            overrides[name] = weight.view(base.shape).to(base.dtype)
+            bits.append(unit_bits)
+        args, kwargs = batch
+        output = torch.func.functional_call(self.model, overrides, args, kwargs, tie_weights=True, strict=False)
+        return output, torch.stack(bits).sum()
+
+
+class _Run:
+    """One FlexSwitch optimisation: units, budget, training loop, export."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        adapter_name: str,
+        vectors: dict[tuple[str, str], torch.Tensor],
+        config: FlexSwitchConfig,
+        accelerator: Any,
+    ) -> None:
+        self.model, self.adapter_name, self.config, self.accelerator = model, adapter_name, config, accelerator
+        inner = model.get_base_model()
+        self.layers = {name: module for name, module in inner.named_modules()}
+        self.keys = list(vectors)
+        self.parameters_count = sum(v.numel() for v in vectors.values())
+        self.template = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+        self.budget_bytes = config.parsed_budget.target_bytes(self.parameters_count)
+        self._check_budget(vectors)
+        density = config.init_density or self._uniform_density(vectors)
+        fraction = config.candidate_fraction or min(1.0, max(0.2, 4 * density))
+        self.units = [
+            LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
+            for m, p in tqdm(self.keys, desc="Preparing units", disable=len(self.keys) < 50)
+        ]
+        names = [self._parameter_name(inner, m, p) for m, p in self.keys]
+        self.init_density = density
+        self.student = _Student(inner, self.units, names)
+        self.steps_run, self.initial_loss, self.final_loss = 0, float("nan"), float("nan")
+        self.loss_kind = config.loss
+
+    # -- sizes -------------------------------------------------------------------------------------------------------
+    def file_bytes(self, code_bytes: Mapping[tuple[str, str], int]) -> int:
+        """Size of the adapter file with these code sizes (exact: safetensors of placeholders of the same shapes)."""
+        sizes = {Unit(m, p).key("code"): n for (m, p), n in code_bytes.items()}
+        placeholders = {
+            key: torch.zeros(sizes[key], dtype=torch.uint8) if key in sizes else torch.zeros_like(value)
+            for key, value in self.template.items()
+        }
+        return len(safetensors_bytes(placeholders, metadata={"format": "pt"}))
+
+    def _check_budget(self, vectors: dict[tuple[str, str], torch.Tensor]) -> None:
+        empty = {key: -(-min(sass.encoded_sizes_for_counts(v.numel(), 0).values()) // 8) for key, v in vectors.items()}
+        smallest = self.file_bytes(empty)
+        fp32 = 4 * self.parameters_count
+        budget = self.config.parsed_budget
+        if self.budget_bytes < smallest:
+            raise BudgetError(
+                f"The budget {budget.text!r} ({self.budget_bytes:,} bytes) is smaller than the smallest switch of "
+                f"this model: {smallest:,} bytes ({100 * smallest / fp32:.3f}% of fp32, "
+                f"{8 * smallest / self.parameters_count:.4f} bits per parameter) for the file's headers, "
+                f"{len(vectors)} switched tensors and the full-precision heads. Ask for more, or switch fewer tensors "
+                "(target_modules / exclude_modules)."
+            )
+        if self.budget_bytes >= fp32:
+            raise BudgetError(
+                f"The budget {budget.text!r} ({self.budget_bytes:,} bytes) is not smaller than the fp32 task vector "
+                f"of the {self.parameters_count:,} switched parameters ({fp32:,} bytes): there is nothing to compress. "
+                "Ask for less than 100% of fp32 (FlexSwitch is meant for about 0.2-3%)."
+            )
+
+    def _uniform_density(self, vectors: dict[tuple[str, str], torch.Tensor]) -> float:
+        """The largest density whose one-bit T-Switch fits the budget (bisection on exact sizes)."""
+        counts = {key: (int((v > 0).sum()), int((v < 0).sum()), v.numel()) for key, v in vectors.items()}
+
+        def size(density: float) -> int:
+            codes = {}
+            for key, (positive, negative, numel) in counts.items():
+                kept = (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
+                codes[key] = -(-min(sass.encoded_sizes_for_counts(numel, kept).values()) // 8)
+            return self.file_bytes(codes)
+
+        low, high = 1e-6, 1.0
+        if size(high) <= self.budget_bytes:
+            return high
+        for _ in range(30):
+            middle = math.sqrt(low * high)
+            low, high = (middle, high) if size(middle) <= self.budget_bytes else (low, middle)
+        return low
+
+    @staticmethod
+    def _parameter_name(inner: nn.Module, module: str, param: str) -> str:
+        layer = inner.get_submodule(module)
+        target = getattr(layer.get_base_layer(), param)
+        for name, value in inner.named_parameters(remove_duplicate=False):
+            if value is target and name.startswith(module + "."):
+                return name
+        raise RuntimeError(f"internal error: no parameter of {module} is its {param}")
+
+    def _fixed_bytes(self) -> int:
+        codes = {key: 0 for key in self.keys}
+        return self.file_bytes(codes)
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def train(self, batches: list[Batch], targets: list[Target], loss_kind: str, progress: bool) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.loss_kind = loss_kind
+        trainable = [p for unit in self.units for p in unit.parameters() if p.requires_grad]
+        for param in self.student.model.parameters():
+            param.requires_grad_(False)
+        self.student.model.eval()
+        if config.steps == 0 or not trainable:
+            return
+        groups = [
+            {"params": [u.log_kept for u in self.units if u.log_kept.requires_grad], "lr": config.lr},
+            {"params": [u.bit_logits for u in self.units if u.bit_logits.requires_grad], "lr": config.lr},
+            {"params": [u.log_step for u in self.units if u.log_step.requires_grad], "lr": config.scale_lr},
+        ]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+        student, optimizer = accelerator.prepare(self.student, optimizer)
+        fixed_bits = 8 * (self._fixed_bytes() + len(self.units) * (sass.HEADER_BYTES + 1))
+        budget_bits = 8 * self.budget_bytes
+        generator = torch.Generator().manual_seed(config.seed)
+        order: list[int] = []
+        start, end = config.gate_temperature
+        penalty = 1.0
+        history: list[float] = []
+        bar = tqdm(total=config.steps, desc="FlexSwitch", disable=not progress)
+        for step in range(config.steps):
+            if not order:
+                order = torch.randperm(len(batches), generator=generator).tolist()
+            index = order.pop()
+            temperature = start * (end / start) ** (step / max(config.steps - 1, 1))
+            with accelerator.accumulate(student):
+                output, unit_bits = student(move_batch(batches[index], accelerator.device), temperature)
+                distill = distillation_loss(output, targets[index], config.distill_temperature)
+                over = (fixed_bits + unit_bits) / budget_bits - 1.0
+                loss = distill + penalty * torch.relu(over)
+                if not torch.isfinite(loss):
+                    raise self._nan_error(step, distill)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            excess = float(over)
+            penalty = min(penalty * 1.1, 1e4) if excess > 0 else max(penalty * 0.97, 1e-3)
+            value = float(distill)
+            if step == 0:
+                self.initial_loss = value
+            history.append(value)
+            self.steps_run = step + 1
+            size = (fixed_bits + float(unit_bits)) / 8
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", size=f"{size / 1e6:.3f}MB", budget=f"{size / self.budget_bytes:.0%}")
+            if self._converged(step, history, excess):
+                logger.info("FlexSwitch stopped at step %d: the size and the loss converged.", step + 1)
+                break
+        bar.close()
+        window = history[-min(len(history), 20) :]
+        self.final_loss = sum(window) / len(window)
+        self.student = accelerator.unwrap_model(student)
+
+    def _converged(self, step: int, history: list[float], excess: float) -> bool:
+        if step + 1 < max(100, self.config.steps // 2) or (step + 1) % _CHECK_EVERY or not -0.03 < excess <= 0.01:
+            return False
+        recent, before = history[-50:], history[-100:-50]
+        return sum(recent) / len(recent) > 0.99 * sum(before) / len(before)
+
+    def _nan_error(self, step: int, distill: torch.Tensor) -> TrainingError:
+        broken = [u.name for u in self.units if not all(torch.isfinite(p).all() for p in u.parameters())]
+        where = f"; non-finite parameters in {', '.join(broken[:5])}" if broken else ""
+        what = "distillation loss" if not torch.isfinite(distill) else "size penalty"
+        return TrainingError(
+            f"The {what} became NaN or Inf at step {step + 1}{where}. Lower lr / scale_lr, check that the examples "
+            "and the fine-tuned model give finite outputs, or try mixed_precision='no'. Nothing was saved and the base "
+            "model is unchanged."
+        )
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def _sizes(self, shift: float) -> int:
+        return self.file_bytes({key: unit.exact_bytes(shift) for key, unit in zip(self.keys, self.units)})
+
+    def _fit_shift(self) -> float:
+        """The kept-count scaling (log) that puts the file closest below the budget."""
+        if self._sizes(0.0) <= self.budget_bytes and self._sizes(0.0) >= (1 - _SIZE_TOLERANCE) * self.budget_bytes:
+            return 0.0
+        low, high = -30.0, 10.0
+        if self._sizes(high) <= self.budget_bytes:
+            return high
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self._sizes(middle) <= self.budget_bytes else (low, middle)
+        return low
+
+    def finish(self) -> None:
+        """Store the learned switches in the adapter and check the file's size against the budget."""
+        shift = self._fit_shift()
+        switches = []
+        for (module, param), unit in zip(self.keys, self.units):
+            unit.to("cpu")
+            switches.append((module, self.layers[module], param, unit.export(shift)))
+        config = self.model.peft_config[self.adapter_name]
+        store_switches(self.model, self.adapter_name, switches)
+        config.format_version = required_format_version(config.unit_layout)
+        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+        state = add_checksums({k: v.detach().cpu().contiguous() for k, v in state.items() if "_checksum" not in k})
+        file_bytes = len(safetensors_bytes(state, metadata={"format": "pt"}))
+        if file_bytes > self.budget_bytes:
+            raise BudgetError(
+                f"The learned switch takes {file_bytes:,} bytes, more than the budget of {self.budget_bytes:,} bytes; "
+                "ask for a slightly larger budget."
+            )
+        if file_bytes < (1 - _SIZE_TOLERANCE) * self.budget_bytes:
+            logger.warning(
+                "The learned switch takes %s bytes, less than the budget of %s: its units cannot use more (raise "
+                "candidate_fraction or allow more bit-widths to spend it).",
+                f"{file_bytes:,}",
+                f"{self.budget_bytes:,}",
+            )
+        kept = sum(int(s.kept) for *_, s in switches)
+        config.flexswitch = {
+            "budget": str(self.config.budget),
+            "budget_bytes": self.budget_bytes,
+            "file_bytes": file_bytes,
+            "bits_per_parameter": 8 * file_bytes / self.parameters_count,
+            "fraction_of_fp32": file_bytes / (4 * self.parameters_count),
+            "density": kept / self.parameters_count,
+            "init_density": self.init_density,
+            "bit_widths": list(self.config.bit_widths),
+            "steps": self.steps_run,
+            "loss": self.loss_kind,
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+            "seed": self.config.seed,
+        }
+        logger.info(
+            "FlexSwitch %r: %s bytes (%.3f%% of fp32, budget %s bytes), density %.4f, %d steps.",
+            self.adapter_name,
+            f"{file_bytes:,}",
+            100 * file_bytes / (4 * self.parameters_count),
+            f"{self.budget_bytes:,}",
+            kept / self.parameters_count,
+            self.steps_run,
+        )
