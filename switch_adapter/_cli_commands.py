@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -73,6 +74,11 @@ def inspect(args: argparse.Namespace) -> int:
 
     report = inspect_adapter(args.adapter, revision=args.revision, token=args.token)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
+    if args.plot:
+        from .export.plot import plot_units
+
+        path = plot_units(report, args.plot, title=f"{report.source}: density and bit-width per unit")
+        print(f"Wrote the per-unit plot to {path}", file=sys.stderr)  # stderr: stdout may be JSON
     return 1 if report.damaged else 0
 
 

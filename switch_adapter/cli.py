@@ -45,7 +45,8 @@ examples:
     "inspect": """\
 examples:
   switch-adapter inspect my-switch
-  switch-adapter inspect you/my-switch --revision main --json > my-switch.json""",
+  switch-adapter inspect you/my-switch --revision main --json > my-switch.json
+  switch-adapter inspect my-switch --plot units.png   # density and bit-width per unit (needs matplotlib)""",
     "merge": """\
 examples:
   switch-adapter merge ./base-model my-switch -o merged-model
@@ -176,10 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(lora)
     lora.set_defaults(func=commands.convert_lora)
 
-    inspect = command("inspect", "Show per-unit density, encoding, bits per parameter and bytes of a T-Switch adapter.")
+    inspect = command(
+        "inspect", "Show per-unit density, value bits, encoding, bits per parameter and bytes of a T-Switch adapter."
+    )
     inspect.add_argument("adapter", help=f"the T-Switch adapter: {MODEL_HELP}")
     inspect.add_argument("--revision", help="Hub revision of the adapter")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument(
+        "--plot",
+        metavar="PNG",
+        help='also write a plot of the density and bit-width of every unit (needs pip install "switch-adapter[plot]")',
+    )
     _common(inspect, progress=False)
     inspect.set_defaults(func=commands.inspect)
 

@@ -16,8 +16,10 @@ part        dtype    content
 =========== ======== =================================================================================
 
 Every other key is a full-precision tensor of ``modules_to_save`` (a task head). Format version 1 has no
-checksums; it is still read. This module owns the names, the key grammar, the layout entries, the checksums,
-the checks of a file and the size accounting; ``docs/format.md`` describes the same for readers.
+checksums; it is still read. Format version 3 files hold units with more than one value bit (FlexSwitch) and/or the
+grouped-COO encoding; a file with neither (any T-Switch) is written as version 2, which older readers load. This
+module owns the names, the key grammar, the layout entries, the checksums, the checks of a file and the size
+accounting; ``docs/format.md`` describes the same for readers.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ KEY_PREFIX = "base_model.model."
 ATTR_PREFIX = "tswitch_"
 PARTS = ("code", "scale", "checksum")
 
-#: File format version written by this library: 2 adds a checksum per unit.
-FORMAT_VERSION = 2
+#: Newest file format version this library reads and writes: 2 adds a checksum per unit, 3 units with value bits
+#: above 1 and/or the grouped-COO encoding.
+FORMAT_VERSION = 3
+#: The version of a file whose units all have 1 value bit and no grouped COO (a T-Switch): older readers load it.
+PLAIN_FORMAT_VERSION = 2
+#: The first format version whose units may carry more than one value bit or use grouped COO.
+MULTIBIT_SINCE = 3
 #: The first format version whose units carry checksums.
 CHECKSUMS_SINCE = 2
 CHECKSUM_BYTES = 4
@@ -93,15 +100,33 @@ def parse_key(key: str) -> tuple[Unit, str] | None:
 
 
 def layout_entry(shape: Sequence[int], blob: torch.Tensor, scales: int) -> dict[str, Any]:
-    """The ``unit_layout`` entry of an encoded switch: shape, code bytes, scale count, kept entries, encoding."""
+    """The ``unit_layout`` entry of an encoded switch: shape, code bytes, scale count, kept entries, value bits and
+    encoding (lower-case name), the last three read from the blob's header."""
     header = sass.read_header(blob)
     return {
         "shape": [int(size) for size in shape],
         "code_bytes": int(blob.numel()),
         "scales": int(scales),
         "kept": int(header.kept),
+        "value_bits": int(header.value_bits),
         "encoding": header.encoding.name.lower(),
     }
+
+
+def entry_value_bits(entry: Mapping[str, Any]) -> int:
+    """The value bits of a layout entry (1 for entries written before value bits were recorded)."""
+    return int(entry.get("value_bits", sass.VALUE_BITS))
+
+
+def required_format_version(unit_layout: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> int:
+    """The file format version an adapter with this ``unit_layout`` needs: 3 if a unit has more than one value bit
+    or uses grouped COO, else 2 (readable by switch-adapter versions that predate multi-bit units)."""
+    grouped = sass.Encoding.GROUPED_COO.name.lower()
+    for params in unit_layout.values():
+        for entry in params.values():
+            if entry_value_bits(entry) > 1 or entry.get("encoding") == grouped:
+                return MULTIBIT_SINCE
+    return PLAIN_FORMAT_VERSION
 
 
 def find_layout_entry(layout: Mapping[str, dict], module_name: str) -> dict | None:
@@ -158,6 +183,8 @@ class SizeFigures:
     kept: int
     switch_bytes: int
     bound_bytes: float
+    #: Value bits summed over the kept entries (``sum k * b``); 0 where not recorded (then every unit has 1 bit).
+    value_bits_kept: int
 
     @property
     def density(self) -> float:
@@ -180,8 +207,13 @@ class SizeFigures:
 
     @property
     def vs_bound(self) -> float:
-        """Stored size over the entropy bound ``n H(k/n) + k`` bits (1.0 = at the bound)."""
+        """Stored size over the entropy bound ``n H(k/n) + k b`` bits (1.0 = at the bound)."""
         return self.switch_bytes / self.bound_bytes if self.bound_bytes else math.inf
+
+    @property
+    def mean_value_bits(self) -> float:
+        """Value bits per kept entry, averaged over the kept entries (1.0 for a T-Switch)."""
+        return max(1.0, self.value_bits_kept / self.kept) if self.kept else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         """The fields (of the dataclass using this mixin) and the derived figures."""
@@ -191,6 +223,7 @@ class SizeFigures:
             bits_per_parameter=self.bits_per_parameter,
             fraction_of_fp32=self.fraction_of_fp32,
             vs_bound=self.vs_bound if math.isfinite(self.vs_bound) else None,
+            mean_value_bits=self.mean_value_bits,
         )
         return values
 
@@ -204,13 +237,15 @@ class StorageSummary(SizeFigures):
     kept: int = 0
     switch_bytes: int = 0
     bound_bytes: float = 0.0
+    value_bits_kept: int = 0
 
-    def add(self, numel: int, kept: int, stored_bytes: int) -> None:
+    def add(self, numel: int, kept: int, stored_bytes: int, value_bits: int = sass.VALUE_BITS) -> None:
         self.units += 1
         self.parameters += numel
         self.kept += kept
         self.switch_bytes += stored_bytes
-        self.bound_bytes += sass.entropy_bound_bits(numel, kept) / 8.0
+        self.value_bits_kept += kept * value_bits
+        self.bound_bytes += sass.entropy_bound_bits(numel, kept, value_bits) / 8.0
 
 
 def stored_unit_bytes(code_bytes: int, scale_bytes: int, format_version: int = FORMAT_VERSION) -> int:
@@ -224,19 +259,29 @@ def storage_summary(config) -> StorageSummary:
     for params in config.unit_layout.values():
         for entry in params.values():
             stored = stored_unit_bytes(entry["code_bytes"], 4 * entry["scales"], config.format_version)
-            summary.add(entry_numel(entry), entry["kept"], stored)
+            summary.add(entry_numel(entry), entry["kept"], stored, entry_value_bits(entry))
     return summary
 
 
 # -- reading and checking a file -------------------------------------------------------------------------------------
 
 
-def kept_values(positions: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.Tensor:
-    """``sign * scale`` of every kept entry; a per-row scale (more than one) is indexed by the entry's row."""
-    scale = scale.to(device=signs.device, dtype=signs.dtype).reshape(-1)
+def kept_values(
+    positions: torch.Tensor,
+    multipliers: torch.Tensor,
+    scale: torch.Tensor,
+    numel: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``multiplier * scale`` of every kept entry (``sign * scale`` for 1-bit units); a per-row scale (more than one)
+    is indexed by the entry's row. The result has ``dtype``, else the dtype of floating ``multipliers``, else float32
+    (integer multipliers, e.g. the int16 of :func:`switch_adapter.codec.sass.decode_values`)."""
+    if dtype is None:
+        dtype = multipliers.dtype if multipliers.is_floating_point() else torch.float32
+    scale = scale.to(device=multipliers.device, dtype=dtype).reshape(-1)
     if scale.numel() > 1:
         scale = scale[positions // (numel // scale.numel())]
-    return signs * scale
+    return multipliers.to(dtype) * scale
 
 
 @dataclass
@@ -247,6 +292,7 @@ class UnitStatus:
     unit: Unit
     numel: int | None = None
     kept: int = 0
+    value_bits: int = 1
     encoding: str = "none"
     code_bytes: int = 0
     scale_bytes: int = 0
@@ -382,7 +428,14 @@ def check_unit(
         status.problems.append(str(error))
         return status
     status.numel, status.kept, status.encoding = header.numel, header.kept, header.encoding.name.lower()
+    status.value_bits = header.value_bits
+    if header.value_bits not in sass.VALUE_BITS_CHOICES:  # the codec refuses these already; kept as a contract
+        status.problems.append(f"stores {header.value_bits}-bit values; valid value bits are {sass.VALUE_BITS_CHOICES}")
     if entry is not None:
+        if entry_value_bits(entry) != header.value_bits:
+            status.problems.append(
+                f"stores {header.value_bits}-bit values, the config says {entry_value_bits(entry)} value bits"
+            )
         if header.numel != entry_numel(entry):
             status.problems.append(f"holds {header.numel} entries, the config says shape {entry['shape']}")
         if scale.numel() != int(entry["scales"]):
@@ -411,7 +464,7 @@ def iter_dense_deltas(
         if code.numel() == 0:
             continue
         try:
-            numel, positions, positive = sass.decode_positions(code, device=device)
+            numel, positions, multipliers, _ = sass.decode_values(code, device=device)
         except CodecError as error:
             raise CodecError(f"{unit.name}: {error}") from None
         entry = find_layout_entry(unit_layout, unit.module)
@@ -419,8 +472,7 @@ def iter_dense_deltas(
         shape = [int(size) for size in entry["shape"]] if entry else [numel]
         if math.prod(shape) != numel:
             raise CodecError(f"{unit.name} holds {numel} entries but the config says shape {shape}; {_REPAIR}.")
-        signs = torch.where(positive, 1.0, -1.0).to(torch.float32)
-        values = kept_values(positions, signs, file.tensor(unit.key("scale")), numel)
+        values = kept_values(positions, multipliers, file.tensor(unit.key("scale")), numel, torch.float32)
         delta = torch.zeros(numel, dtype=torch.float32, device=device)
         yield unit, delta.index_put_((positions,), values).view(shape)
 

@@ -85,3 +85,17 @@ def saved_switch(tmp_path):
     model = from_finetuned(copy.deepcopy(base), finetune_copy(base), TSwitchConfig(density=0.2), progress=False)
     model.save_pretrained(tmp_path)
     return tmp_path
+
+
+@pytest.fixture()
+def multibit_switch(saved_switch):
+    """``saved_switch`` with the ``MULTIBIT_UNITS`` replaced by multi-bit units (4, 8 and 2 value bits), saved in
+    ``saved_switch / "multibit"``. Returns ``(folder, {(module, param): BinarySwitch})``."""
+    from peft import PeftModel
+    from tiny_models import multibit_switches, tiny_bert
+
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch)
+    switches = multibit_switches(model)
+    folder = saved_switch / "multibit"
+    model.save_pretrained(folder)
+    return folder, switches

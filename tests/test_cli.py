@@ -207,3 +207,64 @@ def test_switch_options_take_their_defaults_from_the_config(command, capsys):
     assert (config.scale_rule, config.keep_ties, config.density) == ("rms", True, DEFAULT_DENSITY)
     config = switch_config(parser.parse_args([command, "base", "tuned", "-o", "out", "--no-keep-ties"]))
     assert config.keep_ties is False and config.scale_rule == TSwitchConfig().scale_rule == "norm"
+
+
+# -- inspect of multi-bit units: value bits, encodings, plots ----------------------------------------------------
+
+
+def test_inspect_json_shows_density_value_bits_encoding_and_bytes(multibit_switch, capsys):
+    folder, switches = multibit_switch
+    assert main(["inspect", str(folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    units = {unit["name"]: unit for unit in data["units"]}
+    for (module, param), switch in switches.items():
+        unit = units[f"{module}.{param}"]
+        assert unit["value_bits"] == switch.value_bits and unit["kept"] == switch.kept
+        assert unit["density"] == pytest.approx(switch.kept / switch.numel)
+        assert unit["encoding"] in {"bitmap", "positions", "complement", "grouped_coo"} and unit["bytes"] > 0
+    assert {unit["value_bits"] for unit in data["units"]} == {1, 2, 4, 8}
+    assert data["format_version"] == 3 and data["totals"]["mean_value_bits"] > 1
+    assert main(["inspect", str(folder)]) == 0
+    table = capsys.readouterr().out
+    assert "value bits" in table and "value bits: " in table  # the column and the mean (shown when above 1)
+
+
+def test_inspect_plot_writes_a_png(multibit_switch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder, _ = multibit_switch
+    target = tmp_path / "units.png"
+    assert main(["inspect", str(folder), "--json", "--plot", str(target)]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays JSON; the note goes to stderr
+    assert "units.png" in captured.err
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 5_000
+
+
+def test_plot_units_takes_reports_statuses_and_json(multibit_switch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from switch_adapter import inspect_adapter
+    from switch_adapter.export.plot import layer_groups, plot_units, unit_points
+    from switch_adapter.format import AdapterFile
+
+    folder, _ = multibit_switch
+    report = inspect_adapter(folder)
+    config = TSwitchConfig.from_pretrained(str(folder))
+    with AdapterFile(folder / "adapter_model.safetensors") as file:
+        statuses = file.check(config.unit_layout, config.format_version)
+    expected = unit_points(report)
+    assert len(expected) == len(report.units) and {p.value_bits for p in expected} == {1, 2, 4, 8}
+    assert unit_points(statuses) == expected and unit_points(report.to_dict()) == expected
+    assert plot_units(statuses, tmp_path / "from_statuses.png") == str(tmp_path / "from_statuses.png")
+    assert (tmp_path / "from_statuses.png").stat().st_size > 5_000
+    labels = [label for label, _, _ in layer_groups([p.name for p in expected])]
+    assert labels[:3] == ["embeddings", "0", "1"] and labels[-1] == "pooler"
+    with pytest.raises(ValueError, match="no switched unit"):
+        plot_units([], tmp_path / "empty.png")
+
+
+def test_inspect_plot_without_matplotlib_names_the_extra(saved_switch, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["inspect", str(saved_switch), "--plot", str(tmp_path / "units.png")]) == 1
+    assert 'pip install "switch-adapter[plot]"' in capsys.readouterr().err
+    assert not (tmp_path / "units.png").exists()

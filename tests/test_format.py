@@ -16,19 +16,25 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_bert, tiny_bert_classifier, token_batch
+from tiny_models import multibit_switches, tiny_bert, tiny_bert_classifier, token_batch
 
 import switch_adapter
 from switch_adapter import AdapterNotFoundError, CodecError, TSwitchConfig, from_finetuned, inspect_adapter
 from switch_adapter.cli import main
+from switch_adapter.codec import sass
 from switch_adapter.format import (
     FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
+    AdapterFile,
     Unit,
+    iter_dense_deltas,
     parse_key,
+    required_format_version,
     storage_summary,
     unit_checksum,
     verify_adapter_file,
 )
+from switch_adapter.tswitch.model_card import card_section
 
 DATA = Path(__file__).parent / "data"
 
@@ -75,9 +81,12 @@ def test_key_grammar(key, expected):
 def test_saved_files_carry_a_checksum_per_unit(saved_switch):
     tensors = load_file(saved_switch / "adapter_model.safetensors")
     config = json.loads((saved_switch / "adapter_config.json").read_text())
-    assert config["format_version"] == FORMAT_VERSION == 2
+    assert config["format_version"] == PLAIN_FORMAT_VERSION == 2 and FORMAT_VERSION == 3
     units = {parse_key(k)[0] for k in tensors if parse_key(k) and parse_key(k)[1] == "code"}
     assert units and all(isinstance(u, Unit) for u in units)
+    entries = [entry for params in config["unit_layout"].values() for entry in params.values()]
+    assert {entry["value_bits"] for entry in entries} == {1} and "grouped_coo" not in {e["encoding"] for e in entries}
+    assert {int(tensors[unit.key("code")][4]) for unit in units} == {2}  # blob version 2: older readers load it
     for unit in units:
         stored = tensors[unit.key("checksum")]
         assert stored.dtype == torch.uint8 and torch.equal(
@@ -273,3 +282,129 @@ def test_errors_share_one_base_and_the_builtins_callers_catch():
     assert issubclass(CodecError, ValueError) and issubclass(AdapterNotFoundError, FileNotFoundError)
     for name in ("CodecError", "LayoutMismatchError", "AdapterNotFoundError", "OutputExistsError"):
         assert issubclass(getattr(switch_adapter, name), switch_adapter.SwitchAdapterError)
+
+
+# -- format version 3: multi-bit units ------------------------------------------------------------------------------
+
+
+def test_required_format_version():
+    plain = {"a": {"weight": {"value_bits": 1, "encoding": "positions"}, "bias": {"encoding": "bitmap"}}}
+    assert required_format_version({}) == required_format_version(plain) == PLAIN_FORMAT_VERSION == 2
+    assert required_format_version({**plain, "b": {"weight": {"value_bits": 4, "encoding": "bitmap"}}}) == 3
+    assert required_format_version({"b": {"weight": {"value_bits": 1, "encoding": "grouped_coo"}}}) == 3
+
+
+def _dense(switch) -> torch.Tensor:
+    """``scale * multipliers`` at the kept positions, built here independently of the library."""
+    dense = torch.zeros(switch.numel)
+    dense[switch.mask] = switch.multipliers.to(torch.float32)
+    return dense.view(switch.shape) * switch.scale
+
+
+def test_multibit_units_save_reload_and_merge_exactly(multibit_switch):
+    folder, switches = multibit_switch
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION == 3
+    for (module, param), switch in switches.items():
+        entry = config["unit_layout"][module][param]
+        assert (entry["value_bits"], entry["kept"]) == (switch.value_bits, switch.kept)
+    others = [e for m, ps in config["unit_layout"].items() for p, e in ps.items() if (m, p) not in switches]
+    assert others and {entry["value_bits"] for entry in others} == {1}
+
+    base = tiny_bert()
+    model = PeftModel.from_pretrained(copy.deepcopy(base), folder)  # a fresh load
+    for (module, param), switch in switches.items():
+        assert torch.equal(model.get_base_model().get_submodule(module).get_delta("default", param), _dense(switch))
+    with torch.no_grad():
+        unmerged = model(**token_batch()).last_hidden_state
+    merged = model.merge_and_unload()
+    for (module, param), switch in switches.items():
+        expected = getattr(base.get_submodule(module), param) + _dense(switch)
+        assert torch.equal(getattr(merged.get_submodule(module), param), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**token_batch()).last_hidden_state, unmerged)
+
+
+def test_dense_deltas_of_multibit_units(multibit_switch):
+    folder, switches = multibit_switch
+    config = TSwitchConfig.from_pretrained(str(folder))
+    with AdapterFile(folder / "adapter_model.safetensors") as file:
+        deltas = dict(iter_dense_deltas(file, config.unit_layout))
+    for (module, param), switch in switches.items():
+        assert torch.equal(deltas[Unit(module, param)], _dense(switch))
+
+
+def test_older_readers_refuse_version_3_with_an_upgrade_message(multibit_switch, monkeypatch):
+    folder, _ = multibit_switch
+    tensors = load_file(folder / "adapter_model.safetensors")
+    code = tensors["base_model.model.encoder.layer.0.attention.self.query.tswitch_weight_code"]
+    assert int(code[4]) == 3 and int(code[6]) == 4  # blob version 3, 4 value bits
+    # What a reader of versions up to 2 does, simulated with this library's own checks set to version 2:
+    monkeypatch.setattr("switch_adapter.tswitch.config.FORMAT_VERSION", 2)
+    with pytest.raises(ValueError, match="format version 3.*Upgrade it"):
+        TSwitchConfig.from_pretrained(str(folder))
+    monkeypatch.setattr(sass, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(sass, "_HEADER_STRUCTS", {v: sass._HEADER_STRUCTS[v] for v in (1, 2)})
+    with pytest.raises(CodecError, match="format version 3.*upgrade switch-adapter"):
+        sass.decode(code)
+
+
+def test_a_layout_disagreeing_with_the_value_bits_is_refused(multibit_switch):
+    folder, _ = multibit_switch
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["unit_layout"]["encoder.layer.0.attention.self.query"]["weight"]["value_bits"] = 2
+    path.write_text(json.dumps(config))
+    with pytest.raises(CodecError, match="stores 4-bit values, the config says 2 value bits"):
+        TSwitchConfig.from_pretrained(str(folder))
+
+
+def test_saving_raises_the_format_version_to_what_the_units_need(saved_switch, tmp_path):
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch)
+    switches = multibit_switches(model)
+    model.peft_config["default"].format_version = 2  # a trainer that forgot to set it
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["format_version"] == 3
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "out")
+    module, param = next(iter(switches))
+    delta = reloaded.get_base_model().get_submodule(module).get_delta("default", param)
+    assert torch.equal(delta, _dense(switches[(module, param)]))
+
+
+def test_sizes_and_inspect_of_multibit_units(multibit_switch):
+    folder, switches = multibit_switch
+    config = TSwitchConfig.from_pretrained(str(folder))
+    summary = storage_summary(config)
+    report = inspect_adapter(folder)
+    assert not report.damaged and summary.switch_bytes == report.switch_bytes
+    assert summary.mean_value_bits == pytest.approx(report.mean_value_bits) and report.mean_value_bits > 1
+    assert summary.bound_bytes == pytest.approx(report.bound_bytes)
+    bits = {unit.name: unit.value_bits for unit in report.units}
+    for (module, param), switch in switches.items():
+        assert bits[f"{module}.{param}"] == switch.value_bits
+    assert set(bits.values()) == {1, 2, 4, 8}
+    expected_mean = sum(u.kept * u.value_bits for u in report.units) / report.kept
+    assert report.to_dict()["totals"]["mean_value_bits"] == pytest.approx(expected_mean)
+    table = report.to_table()
+    assert "value bits" in table.splitlines()[3] and "value bits: " in table
+    assert "value bits (mean per kept entry)" in (folder / "README.md").read_text()
+
+
+def test_plain_switch_shows_no_mean_value_bits(saved_switch):
+    assert "value bits: " not in inspect_adapter(saved_switch).to_table()
+    config = TSwitchConfig.from_pretrained(str(saved_switch))
+    assert "value bits" not in card_section(config) and "## T-Switch adapter" in card_section(config)
+
+
+def test_model_card_of_a_flexswitch(multibit_switch):
+    folder, _ = multibit_switch
+    config = TSwitchConfig.from_pretrained(str(folder))
+    config.flexswitch = {"budget": "0.5 bits/param", "budget_bytes": 12_000, "file_bytes": 11_500, "steps": 500,
+                         "examples": 100, "final_loss": 0.01234, "seed": 0}  # fmt: skip
+    text = card_section(config)
+    assert "## FlexSwitch adapter" in text and "learned per-unit sparsity and bit-width" in text
+    assert "| budget asked | 0.5 bits/param (12,000 bytes) |" in text
+    assert "| file size reached | 11,500 bytes |" in text and "500 steps, 100 examples" in text
+    assert "value bits (mean per kept entry)" in text
+    config.flexswitch = {"file_bytes": 10}  # any key may be missing
+    assert "| file size reached | 10 bytes |" in card_section(config)

@@ -76,3 +76,33 @@ def token_batch(vocab_size: int = 100, batch: int = 3, length: int = 7, seed: in
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, -2:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+MULTIBIT_UNITS = {  # unit -> (value bits, density) of the multi-bit units of the `multibit_switch` fixture
+    ("encoder.layer.0.attention.self.query", "weight"): (4, 0.1),
+    ("encoder.layer.1.output.dense", "weight"): (8, 0.02),
+    ("encoder.layer.0.attention.self.key", "bias"): (2, 0.5),
+}
+
+
+def multibit_switches(model, adapter_name: str = "default", seed: int = 0) -> dict:
+    """Put the ``MULTIBIT_UNITS`` switches (random masks and levels, scale 0.01) into the layers of the PeftModel
+    ``model`` with ``layer.set_switch``, and update its config's ``unit_layout`` and ``format_version`` as a
+    trainer does. Returns ``{(module, param): BinarySwitch}``."""
+    from switch_adapter import BinarySwitch
+    from switch_adapter.format import required_format_version
+
+    config = model.peft_config[adapter_name]
+    generator = torch.Generator().manual_seed(seed)
+    switches = {}
+    for (module_name, param_name), (value_bits, density) in MULTIBIT_UNITS.items():
+        layer = model.get_base_model().get_submodule(module_name)
+        shape = getattr(layer.get_base_layer(), param_name).shape
+        mask = torch.rand(shape.numel(), generator=generator) < density
+        levels = torch.randint(0, 1 << value_bits, (int(mask.sum()),), generator=generator, dtype=torch.uint8)
+        switch = BinarySwitch.from_levels(mask, levels, torch.tensor([0.01]), shape, value_bits)
+        entry = layer.set_switch(adapter_name, param_name, switch)
+        config.unit_layout.setdefault(module_name, {})[param_name] = {**entry, "density": density}
+        switches[(module_name, param_name)] = switch
+    config.format_version = required_format_version(config.unit_layout)
+    return switches

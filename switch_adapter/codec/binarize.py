@@ -19,7 +19,9 @@ the kept entries, ``||S_A * tau|| / ||S_A * S_P||``. On MiniLM fine-tunes "norm"
 at low densities and as much at high ones (``python -m benchmarks.density_sweep``; figures at ``DEFAULT_DENSITY`` in
 ``switch_adapter/tswitch/config.py``).
 
-Reconstruction is ``tau_hat = scale * mask * sign``.
+Reconstruction is ``tau_hat = scale * mask * sign``. A :class:`BinarySwitch` can also hold multi-bit units (FlexSwitch):
+``value_bits`` in 1, 2, 4, 8 and one level ``u`` per kept entry, whose value is ``scale * (2u - (2**b - 1))``; a
+T-Switch is the case ``value_bits=1``, where the level is the sign bit.
 """
 
 from __future__ import annotations
@@ -28,23 +30,54 @@ from dataclasses import dataclass
 
 import torch
 
+from .sass import check_value_bits, level_multipliers
+
 SCALE_GRANULARITIES = ("tensor", "row")
 SCALE_RULES = ("rms", "norm")
 
 
 @dataclass
 class BinarySwitch:
-    """A binarized task-vector tensor.
+    """A switch of one task-vector tensor: keep-mask, values of the kept entries and scale.
 
     ``mask`` is a flat bool tensor over all ``numel`` positions (row-major), ``positive`` is a flat bool tensor
-    holding the sign of each kept entry in position order (``True`` for +1), and ``scale`` is a float32 tensor
-    of shape ``(1,)`` (tensor granularity) or ``(shape[0],)`` (row granularity).
+    holding the sign of each kept entry in position order (``True`` for a positive value), and ``scale`` is a float32
+    tensor of shape ``(1,)`` (tensor granularity) or ``(shape[0],)`` (row granularity).
+
+    ``value_bits`` (1, 2, 4 or 8) is the number of bits per kept value. ``levels`` is None for 1 bit (``positive``
+    then holds the levels: the sign bit) or a uint8 tensor with one level ``u`` in ``[0, 2**b - 1]`` per kept entry,
+    in position order; then ``positive`` must equal ``levels >= 2**(b - 1)`` (:meth:`from_levels` derives it). A
+    kept entry's value is ``scale * (2u - (2**b - 1))`` (see :attr:`multipliers`).
     """
 
     mask: torch.Tensor
     positive: torch.Tensor
     scale: torch.Tensor
     shape: torch.Size
+    value_bits: int = 1
+    levels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_value_bits(self.value_bits)
+        if self.levels is None and self.value_bits != 1:
+            raise ValueError(f"a switch with value_bits={self.value_bits} needs levels (uint8, one per kept entry).")
+        if self.levels is not None and (self.levels.dtype != torch.uint8 or self.levels.numel() != self.kept):
+            raise ValueError(
+                f"levels must be a uint8 tensor with one level per kept entry ({self.kept}), got a "
+                f"{self.levels.dtype} tensor of {self.levels.numel()} entries."
+            )
+
+    @classmethod
+    def from_levels(
+        cls, mask: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, shape: torch.Size, value_bits: int
+    ) -> BinarySwitch:
+        """A switch from its mask, uint8 ``levels`` (one per kept entry) and scale; ``positive`` is derived. With
+        ``value_bits=1`` the levels become ``positive`` and ``levels`` stays None (a plain T-Switch)."""
+        check_value_bits(value_bits)
+        levels = levels.reshape(-1).to(torch.uint8)
+        positive = levels >= 1 << (value_bits - 1)
+        kept_levels = None if value_bits == 1 else levels
+        return cls(mask=mask, positive=positive, scale=scale, shape=shape, value_bits=value_bits, levels=kept_levels)
 
     @property
     def numel(self) -> int:
@@ -54,12 +87,19 @@ class BinarySwitch:
     def kept(self) -> int:
         return self.positive.numel()
 
+    @property
+    def multipliers(self) -> torch.Tensor:
+        """The odd integer ``2u - (2**b - 1)`` of every kept entry (int16; ``+-1`` for 1 bit): value = scale * it."""
+        levels = self.positive if self.levels is None else self.levels
+        return level_multipliers(levels, self.value_bits)
+
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Return ``scale * mask * sign`` as a dense tensor of ``shape``."""
-        ternary = torch.zeros(self.numel, dtype=dtype, device=self.mask.device)
-        ternary[self.mask] = self.positive.to(dtype) * 2 - 1
-        ternary = ternary.view(self.shape)
-        return ternary * broadcast_scale(self.scale.to(device=ternary.device, dtype=dtype), self.shape)
+        """Return ``scale * multipliers`` at the kept positions (``scale * mask * sign`` for 1 bit) as a dense tensor
+        of ``shape``."""
+        values = torch.zeros(self.numel, dtype=dtype, device=self.mask.device)
+        values[self.mask] = self.multipliers.to(device=values.device, dtype=dtype)
+        values = values.view(self.shape)
+        return values * broadcast_scale(self.scale.to(device=values.device, dtype=dtype), self.shape)
 
 
 def broadcast_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

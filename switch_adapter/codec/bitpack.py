@@ -38,3 +38,25 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
         return torch.from_numpy(bits.view(np.bool_))
     bits = torch.bitwise_right_shift(packed.reshape(-1, 1), _shifts(packed.device)) & 1
     return bits.reshape(-1)[:count].bool()
+
+
+def pack_fields(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat bool stream of ``width``-bit fields, LSB first, one per entry of the non-negative integer ``values``.
+
+    Shifts run in the dtype of ``values`` (uint8 levels stay one byte per bit), so ``width`` must not exceed its
+    bit size. Entries wider than ``width`` bits lose their high bits; callers check ranges first.
+    """
+    values = values.reshape(-1)
+    if width == 0 or values.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=values.device)
+    shifts = torch.arange(width, dtype=values.dtype, device=values.device)
+    return ((values.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(-1)
+
+
+def unpack_fields(bits: torch.Tensor, count: int, width: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_fields`: ``count`` fields of ``width`` bits from the bool stream ``bits`` (exactly
+    ``count * width`` long), as ``dtype`` integers."""
+    if count == 0 or width == 0:
+        return torch.zeros(count, dtype=dtype, device=bits.device)
+    shifts = torch.arange(width, dtype=dtype, device=bits.device)
+    return (bits.reshape(count, width).to(dtype) << shifts).sum(dim=1, dtype=dtype)

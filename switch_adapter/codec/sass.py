@@ -1,38 +1,45 @@
-"""SASS, the sparsity-aware storage strategy: the on-disk codec of one switch (mask + signs of kept entries).
+"""SASS, the sparsity-aware storage strategy: the on-disk codec of one switch (keep-mask + values of kept entries).
 
-A switch for a tensor with ``n`` entries is a flat keep-mask over the ``n`` positions (row-major) and the
-signs of the ``k`` kept entries in position order. :func:`encode` turns it into a self-describing uint8
-"blob"; :func:`decode` turns the blob back into ``(mask, positive)`` bit-exactly. The scale is not part of
-the blob (it is one float or one float per row and is stored next to it).
+A switch for a tensor with ``n`` entries is a flat keep-mask over the ``n`` positions (row-major) and one value per
+kept entry (``k`` of them), in position order. A unit with ``b`` value bits (``b`` in 1, 2, 4, 8) stores per kept
+entry an unsigned level ``u`` in ``[0, 2**b - 1]`` whose value is ``scale * (2u - (2**b - 1))``: the odd multiples
+of the scale of the zero-free mid-rise quantiser with step ``2 * scale``. With ``b = 1`` the level is the sign bit
+(1: ``+scale``, 0: ``-scale``), which is what T-Switch stores. :func:`encode` turns a switch into a self-describing
+uint8 "blob"; :func:`decode` turns it back bit-exactly. The scale is not part of the blob (it is one float or one
+float per row and is stored next to it).
 
-Blob layout, format version 2 (all integers little-endian)::
+Blob layout (all integers little-endian), the same 23-byte header for versions 2 and 3::
 
     offset  size  field
     0       4     magic b"TSWB"
-    4       1     format version (FORMAT_VERSION)
+    4       1     blob format version: 2, or 3 when b > 1 or the encoding is GROUPED_COO
     5       1     encoding id (Encoding)
-    6       1     value bits b: bits per kept value (1: the sign, T-Switch)
+    6       1     value bits b: bits per kept value, 1, 2, 4 or 8 (1: the sign, T-Switch)
     7       8     numel n (uint64)
     15      8     kept k (uint64)
     23      ...   payload
 
-Version 1 blobs have no value-bits byte (22-byte header, b = 1); they are still read.
+Version 1 blobs have no value-bits byte (22-byte header, b = 1); they are still read. A plain T-Switch blob (b = 1,
+encoding 0-2) carries version 2, so readers that know only versions 1 and 2 keep reading it; a blob with wider
+values or grouped COO carries version 3, and those readers answer "upgrade switch-adapter".
 
-Payloads, each a single LSB-first bit stream (see :mod:`switch_adapter.codec.bitpack`) padded with zero bits
-to a whole byte; ``s`` is ``k * b`` bits of kept values in position order. With ``b = 1`` they are the signs of
-the kept entries (1 = positive); wider values are reserved for units whose kept magnitudes carry more than one bit,
-and this version of the library refuses them with a clear message:
+Payloads, each a single LSB-first bit stream (see :mod:`switch_adapter.codec.bitpack`) padded with zero bits to a
+whole byte; ``s`` is the ``k * b`` value bits: each kept entry's level as a ``b``-bit field, LSB first, in position
+order (for ``b = 1`` the signs, 1 = positive):
 
-* ``BITMAP``: ``n`` mask bits then ``s``. Size ``n + k b`` bits.
-* ``POSITIONS``: one byte ``L`` then the Elias-Fano stream of the kept positions
+* ``BITMAP`` (0): ``n`` mask bits then ``s``. Size ``n + k b`` bits.
+* ``POSITIONS`` (1): one byte ``L`` then the Elias-Fano stream of the kept positions
   (:mod:`switch_adapter.codec.elias_fano`) then ``s``. Size ``8 + k (L + 1) + ((n - k) >> L) + k b`` bits.
-* ``COMPLEMENT``: like ``POSITIONS`` but Elias-Fano codes the ``n - k`` positions that are *not* kept
+* ``COMPLEMENT`` (2): like ``POSITIONS`` but Elias-Fano codes the ``n - k`` positions that are *not* kept
   (cheaper when the density is above about one half).
+* ``GROUPED_COO`` (3, version 3): one byte ``j`` in 1..16, then per group of ``g = 2**j`` positions a ``j + 1``-bit
+  count, then per kept entry its ``j``-bit offset in its group (:mod:`switch_adapter.codec.grouped_coo`), then
+  ``s``. Size ``8 + ceil(n / g) (j + 1) + k j + k b`` bits.
 
-With ``encoding=None`` :func:`encode` picks the candidate with the smallest exact size, computed in closed
-form by :func:`encoded_sizes_bits`. For random masks of density 0.01 to 0.5 the chosen encoding stays within
-about 1.09x of the entropy bound ``n H(k/n) + k`` (:func:`entropy_bound_bits`); ``benchmarks/storage.py``
-measures it.
+With ``encoding=None`` :func:`encode` picks the candidate with the smallest exact size (ties to the lowest id),
+computed in closed form by :func:`encoded_sizes_bits`. The value bits cost the same in every encoding, so the choice
+depends on ``n`` and ``k`` only. For random masks of density 0.01 to 0.5 the chosen encoding stays within about
+1.09x of the entropy bound ``n H(k/n) + k b`` (:func:`entropy_bound_bits`); ``benchmarks/storage.py`` measures it.
 
 Everything runs with torch ops on the device of the inputs; only the header is parsed on the CPU.
 """
@@ -46,19 +53,25 @@ from dataclasses import dataclass
 
 import torch
 
-from switch_adapter.codec import elias_fano
-from switch_adapter.codec.bitpack import pack_bits, unpack_bits
+from switch_adapter.codec import elias_fano, grouped_coo
+from switch_adapter.codec.bitpack import pack_bits, pack_fields, unpack_bits, unpack_fields
 from switch_adapter.errors import CodecError
 
-FORMAT_VERSION: int = 2
+#: Newest blob format version this module reads and writes.
+FORMAT_VERSION: int = 3
+#: The version of a plain blob (1-bit values, encodings 0-2): what older readers understand.
+PLAIN_VERSION: int = 2
 MAGIC: bytes = b"TSWB"
-_HEADER_STRUCTS = {1: struct.Struct("<4sBBQQ"), 2: struct.Struct("<4sBBBQQ")}
-_HEADER_STRUCT = _HEADER_STRUCTS[FORMAT_VERSION]
-#: Size of the fixed header (of the current version) in bytes.
+_V2_STRUCT = struct.Struct("<4sBBBQQ")
+_HEADER_STRUCTS = {1: struct.Struct("<4sBBQQ"), 2: _V2_STRUCT, 3: _V2_STRUCT}
+_HEADER_STRUCT = _V2_STRUCT
+#: Size of the fixed header (versions 2 and 3) in bytes.
 HEADER_BYTES: int = _HEADER_STRUCT.size
-#: Bits per kept value this version reads and writes (the sign).
+#: Bits per kept value of a T-Switch (the sign); the default of every function here.
 VALUE_BITS: int = 1
-_LOW_BITS_BYTES = 1  # the Elias-Fano encodings store L in one byte right after the header
+#: Bits per kept value a blob may carry.
+VALUE_BITS_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
+_PARAM_BYTES = 1  # POSITIONS / COMPLEMENT store L, GROUPED_COO stores j, in one byte right after the header
 _REPAIR_HINT = "re-save or re-download the adapter file"
 
 
@@ -66,11 +79,13 @@ class Encoding(enum.IntEnum):
     """Payload encodings. The ids are stored in files: never renumber, only append."""
 
     BITMAP = 0
-    """Mask bitmap over all n positions + packed signs of kept entries (n + k bits + header)."""
+    """Mask bitmap over all n positions + packed values of kept entries (n + k b bits + header)."""
     POSITIONS = 1
-    """Sorted kept positions, Elias-Fano coded, + packed signs of kept entries."""
+    """Sorted kept positions, Elias-Fano coded, + packed values of kept entries."""
     COMPLEMENT = 2
-    """Sorted positions of the NOT-kept entries, Elias-Fano coded, + packed signs of kept entries."""
+    """Sorted positions of the NOT-kept entries, Elias-Fano coded, + packed values of kept entries."""
+    GROUPED_COO = 3
+    """Per group of 2**j positions a count, per kept entry its offset in the group, + packed values (version 3)."""
 
 
 @dataclass(frozen=True)
@@ -84,86 +99,160 @@ class Header:
     value_bits: int = VALUE_BITS
 
 
-def entropy_bound_bits(numel: int, kept: int) -> float:
-    """Information-theoretic size of a random switch: ``n H(k/n) + k`` bits (mask entropy + sign bits)."""
+def blob_version(encoding: Encoding, value_bits: int) -> int:
+    """The version a blob carries: 3 when it needs it (``value_bits > 1`` or GROUPED_COO), else 2."""
+    return FORMAT_VERSION if value_bits > 1 or encoding == Encoding.GROUPED_COO else PLAIN_VERSION
+
+
+def check_value_bits(value_bits: int) -> int:
+    """``value_bits`` if it is one of :data:`VALUE_BITS_CHOICES`; :class:`CodecError` naming the valid ones."""
+    if isinstance(value_bits, bool) or value_bits not in VALUE_BITS_CHOICES:
+        valid = ", ".join(str(bits) for bits in VALUE_BITS_CHOICES)
+        raise CodecError(f"value bits must be one of {valid}, got {value_bits!r}.")
+    return int(value_bits)
+
+
+def level_multipliers(levels: torch.Tensor, value_bits: int) -> torch.Tensor:
+    """The odd integer ``2u - (2**b - 1)`` of every level ``u`` (int16): the value of a kept entry in scales."""
+    return levels.to(torch.int16) * 2 - ((1 << value_bits) - 1)
+
+
+def entropy_bound_bits(numel: int, kept: int, value_bits: int = VALUE_BITS) -> float:
+    """Information-theoretic size of a random switch: ``n H(k/n) + k b`` bits (mask entropy + value bits)."""
     if numel < 0 or not 0 <= kept <= numel:
         raise ValueError(f"need 0 <= kept <= numel, got numel={numel}, kept={kept}.")
+    values = float(kept * value_bits)
     if kept in (0, numel):
-        return float(kept)
+        return values
     density = kept / numel
     entropy = -density * math.log2(density) - (1.0 - density) * math.log2(1.0 - density)
-    return numel * entropy + kept
+    return numel * entropy + values
 
 
-def encoded_sizes_for_counts(numel: int, kept: int) -> dict[Encoding, int]:
-    """Exact blob size in bits (header + payload, before byte padding) of each encoding, given n and k."""
+def _position_bits(encoding: Encoding, numel: int, kept: int) -> int:
+    """Exact bits of the position part of a payload (parameter byte included), with the writer's best parameter."""
+    if encoding == Encoding.BITMAP:
+        return numel
+    if encoding == Encoding.GROUPED_COO:
+        group_bits = grouped_coo.best_group_bits(numel, kept)
+        return _PARAM_BYTES * 8 + grouped_coo.stream_bits(numel, kept, group_bits)
+    count = kept if encoding == Encoding.POSITIONS else numel - kept
+    return _PARAM_BYTES * 8 + elias_fano.stream_bits(numel, count, elias_fano.best_low_bits(numel, count))
+
+
+def encoded_sizes_for_counts(numel: int, kept: int, value_bits: int = VALUE_BITS) -> dict[Encoding, int]:
+    """Exact blob size in bits (header + payload, before byte padding) of each encoding, given n, k and b."""
     if numel < 0 or not 0 <= kept <= numel:
         raise ValueError(f"need 0 <= kept <= numel, got numel={numel}, kept={kept}.")
-    header = HEADER_BYTES * 8
-    sizes = {Encoding.BITMAP: header + numel + kept}
-    for encoding, count in ((Encoding.POSITIONS, kept), (Encoding.COMPLEMENT, numel - kept)):
-        low_bits = elias_fano.best_low_bits(numel, count)
-        stream = elias_fano.stream_bits(numel, count, low_bits)
-        sizes[encoding] = header + _LOW_BITS_BYTES * 8 + stream + kept
-    return sizes
+    check_value_bits(value_bits)
+    fixed = HEADER_BYTES * 8 + kept * value_bits
+    return {encoding: fixed + _position_bits(encoding, numel, kept) for encoding in Encoding}
 
 
-def encoded_sizes_bits(mask: torch.Tensor) -> dict[Encoding, int]:
+def encoded_sizes_bits(mask: torch.Tensor, value_bits: int = VALUE_BITS) -> dict[Encoding, int]:
     """Exact blob size in bits (header + payload, before byte padding) of every encoding for ``mask``.
 
-    Closed-form from ``n = mask.numel()`` and ``k = count_nonzero(mask)``; nothing is encoded. The blob
-    written by :func:`encode` is ``ceil(size / 8)`` bytes long.
+    Closed-form from ``n = mask.numel()``, ``k = count_nonzero(mask)`` and ``b = value_bits``; nothing is encoded.
+    The blob written by :func:`encode` is ``ceil(size / 8)`` bytes long.
     """
-    return encoded_sizes_for_counts(mask.numel(), int(torch.count_nonzero(mask)))
+    return encoded_sizes_for_counts(mask.numel(), int(torch.count_nonzero(mask)), value_bits)
 
 
 def _choose(sizes: dict[Encoding, int]) -> Encoding:
     return min(sizes, key=lambda encoding: (sizes[encoding], int(encoding)))
 
 
-def encode(mask: torch.Tensor, positive: torch.Tensor, encoding: Encoding | None = None) -> torch.Tensor:
+def _value_stream(
+    kept: int, positive: torch.Tensor | None, levels: torch.Tensor | None, value_bits: int, device: torch.device
+) -> torch.Tensor:
+    """The ``k * b`` value bits of a switch, after checking ``positive`` / ``levels`` (``ValueError`` if malformed)."""
+    if positive is not None:
+        if positive.dtype != torch.bool:
+            raise ValueError(f"positive must be a bool tensor, got {positive.dtype}.")
+        positive = positive.reshape(-1).to(device)
+        if positive.numel() != kept:
+            raise ValueError(
+                f"positive must hold one sign per kept entry: the mask keeps {kept} entries but positive has "
+                f"{positive.numel()}."
+            )
+    if levels is None:
+        if value_bits != 1:
+            raise ValueError(f"value_bits={value_bits} needs levels: one uint8 level per kept entry.")
+        if positive is None:
+            raise ValueError("encode needs positive (the signs) or levels.")
+        return positive
+    if levels.dtype != torch.uint8:
+        raise ValueError(f"levels must be a uint8 tensor, got {levels.dtype}.")
+    levels = levels.reshape(-1).to(device)
+    if levels.numel() != kept:
+        raise ValueError(
+            f"levels must hold one level per kept entry: the mask keeps {kept}, levels has {levels.numel()}."
+        )
+    if kept and int(levels.max()) >= 1 << value_bits:
+        raise ValueError(f"levels must be below 2**{value_bits} = {1 << value_bits}, got {int(levels.max())}.")
+    if positive is not None and not torch.equal(positive, levels >= 1 << (value_bits - 1)):
+        raise ValueError(f"positive disagrees with levels: it must equal levels >= {1 << (value_bits - 1)}.")
+    return pack_fields(levels, value_bits)
+
+
+def _position_stream(mask: torch.Tensor, encoding: Encoding, kept: int) -> tuple[bytes, torch.Tensor]:
+    """The parameter byte (empty for BITMAP) and the position bit stream of ``mask`` in ``encoding``."""
+    numel = mask.numel()
+    if encoding == Encoding.BITMAP:
+        return b"", mask
+    if encoding == Encoding.GROUPED_COO:
+        group_bits = grouped_coo.best_group_bits(numel, kept)
+        positions = torch.nonzero(mask).reshape(-1)
+        return bytes([group_bits]), grouped_coo.encode(positions, numel, group_bits)
+    coded = mask if encoding == Encoding.POSITIONS else ~mask
+    count = kept if encoding == Encoding.POSITIONS else numel - kept
+    low_bits = elias_fano.best_low_bits(numel, count)
+    positions = torch.nonzero(coded).reshape(-1)
+    return bytes([low_bits]), elias_fano.encode(positions, numel, low_bits)
+
+
+def encode(
+    mask: torch.Tensor,
+    positive: torch.Tensor | None,
+    encoding: Encoding | None = None,
+    *,
+    value_bits: int = VALUE_BITS,
+    levels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Encode a switch into a blob: a 1-D uint8 CPU tensor (header, then payload; see the module docstring).
 
-    ``mask`` is a bool tensor over all ``n`` positions (flattened row-major if it is not 1-D); ``positive`` is
-    a bool tensor with one entry per kept position (``k == mask.sum()``), in position order. ``encoding=None``
-    picks the smallest candidate of :func:`encoded_sizes_bits` (ties go to the lowest id). The output is
-    deterministic: the same input gives the same bytes. Raises ``ValueError`` on malformed inputs.
+    ``mask`` is a bool tensor over all ``n`` positions (flattened row-major if it is not 1-D). The values of the
+    ``k == mask.sum()`` kept entries, in position order, are ``positive`` (bool signs) for ``value_bits=1``, or
+    ``levels`` (uint8, each below ``2**value_bits``) for any ``value_bits`` in 1, 2, 4, 8; when both are given,
+    ``positive`` must equal ``levels >= 2**(value_bits - 1)``. ``encoding=None`` picks the smallest candidate of
+    :func:`encoded_sizes_bits` (ties go to the lowest id). The output is deterministic. Raises ``ValueError`` on
+    malformed inputs and :class:`CodecError` (a ``ValueError``) for value bits outside 1, 2, 4, 8.
     """
-    if mask.dtype != torch.bool or positive.dtype != torch.bool:
-        raise ValueError(f"mask and positive must be bool tensors, got {mask.dtype} and {positive.dtype}.")
+    check_value_bits(value_bits)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}.")
     mask = mask.reshape(-1)
-    positive = positive.reshape(-1).to(mask.device)
-    numel = mask.numel()
     kept = int(torch.count_nonzero(mask))
-    if positive.numel() != kept:
-        raise ValueError(
-            f"positive must hold one sign per kept entry: the mask keeps {kept} entries but positive has "
-            f"{positive.numel()}."
-        )
-    sizes = encoded_sizes_for_counts(numel, kept)
+    values = _value_stream(kept, positive, levels, value_bits, mask.device)
+    sizes = encoded_sizes_for_counts(mask.numel(), kept, value_bits)
     encoding = _choose(sizes) if encoding is None else Encoding(encoding)
-    header = _HEADER_STRUCT.pack(MAGIC, FORMAT_VERSION, int(encoding), VALUE_BITS, numel, kept)
-    if encoding == Encoding.BITMAP:
-        prefix = header
-        stream = torch.cat([mask, positive])
-    else:
-        coded = mask if encoding == Encoding.POSITIONS else ~mask
-        count = kept if encoding == Encoding.POSITIONS else numel - kept
-        low_bits = elias_fano.best_low_bits(numel, count)
-        positions = torch.nonzero(coded).reshape(-1)
-        prefix = header + bytes([low_bits])
-        stream = torch.cat([elias_fano.encode(positions, numel, low_bits), positive])
-    blob = torch.cat([torch.tensor(list(prefix), dtype=torch.uint8), pack_bits(stream).cpu()])
+    version = blob_version(encoding, value_bits)
+    header = _HEADER_STRUCT.pack(MAGIC, version, int(encoding), value_bits, mask.numel(), kept)
+    parameter, positions = _position_stream(mask, encoding, kept)
+    prefix = torch.tensor(list(header + parameter), dtype=torch.uint8)
+    blob = torch.cat([prefix, pack_bits(torch.cat([positions, values])).cpu()])
     assert blob.numel() == -(-sizes[encoding] // 8), "internal error: blob size differs from the prediction"
     return blob
+
+
+# -- decoding --------------------------------------------------------------------------------------------------------
 
 
 def _corrupt(message: str) -> CodecError:
     return CodecError(f"switch blob {message}; {_REPAIR_HINT}.")
 
 
-def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
-    """Validate ``blob``; return (header, L or 0, payload start offset, payload bit count without padding)."""
+def _check_blob_type(blob: object) -> None:
     if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
         described = (
             f"{blob.dtype} tensor of shape {tuple(blob.shape)}" if isinstance(blob, torch.Tensor) else type(blob)
@@ -172,6 +261,10 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
             f"a switch blob must be a 1-D uint8 tensor, got a {described}; pass the tensor exactly as it was "
             "stored in the adapter file."
         )
+
+
+def _read_version(blob: torch.Tensor) -> int:
+    """The version byte, after checking the length and the magic."""
     length = blob.numel()
     if length < 5:
         raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {HEADER_BYTES})")
@@ -186,21 +279,10 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
                 f"{FORMAT_VERSION}; upgrade switch-adapter to load this adapter."
             )
         raise _corrupt(f"has invalid format version {version}; it is corrupt")
-    layout = _HEADER_STRUCTS[version]
-    header_bytes = layout.size
-    if length < header_bytes:
-        raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {header_bytes})")
-    head = bytes(blob[: header_bytes + _LOW_BITS_BYTES].cpu().tolist())
-    if version == 1:
-        _, _, encoding_id, numel, kept = layout.unpack(head[:header_bytes])
-        value_bits = VALUE_BITS
-    else:
-        _, _, encoding_id, value_bits, numel, kept = layout.unpack(head[:header_bytes])
-        if value_bits != VALUE_BITS:
-            raise CodecError(
-                f"switch blob stores kept values of {value_bits} bits; this switch_adapter reads {VALUE_BITS}-bit "
-                "(sign) switches only. Upgrade switch-adapter to load this adapter."
-            )
+    return version
+
+
+def _read_encoding(encoding_id: int, version: int) -> Encoding:
     try:
         encoding = Encoding(encoding_id)
     except ValueError:
@@ -209,76 +291,161 @@ def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
             f"switch blob uses unknown encoding id {encoding_id} (known: {known}); it was written by a newer "
             f"switch-adapter (upgrade it) or it is corrupt ({_REPAIR_HINT})."
         ) from None
+    if encoding == Encoding.GROUPED_COO and version < FORMAT_VERSION:
+        raise _corrupt(f"is corrupt (version {version} with encoding {encoding.name}, which needs version 3)")
+    return encoding
+
+
+def _read_value_bits(value_bits: int, version: int) -> int:
+    if value_bits not in VALUE_BITS_CHOICES:
+        valid = ", ".join(str(bits) for bits in VALUE_BITS_CHOICES)
+        raise CodecError(
+            f"switch blob stores kept values of {value_bits} bits; valid value bits are {valid}. It is corrupt "
+            f"({_REPAIR_HINT}) or was written by a newer switch-adapter (upgrade it)."
+        )
+    if value_bits > 1 and version < FORMAT_VERSION:
+        raise _corrupt(f"is corrupt (version {version} with {value_bits}-bit values, which need version 3)")
+    return value_bits
+
+
+def _read_header(blob: torch.Tensor) -> tuple[Header, int]:
+    """The validated header of ``blob`` and its size in bytes."""
+    version = _read_version(blob)
+    layout = _HEADER_STRUCTS[version]
+    if blob.numel() < layout.size:
+        raise _corrupt(f"is truncated or corrupt (only {blob.numel()} bytes, the header needs {layout.size})")
+    fields = layout.unpack(bytes(blob[: layout.size].cpu().tolist()))
+    if version == 1:
+        _, _, encoding_id, numel, kept = fields
+        value_bits = VALUE_BITS
+    else:
+        _, _, encoding_id, value_bits, numel, kept = fields
+    encoding = _read_encoding(encoding_id, version)
+    value_bits = _read_value_bits(value_bits, version)
     if kept > numel:
         raise _corrupt(f"is corrupt (header says {kept} kept entries out of {numel})")
-    header = Header(version=version, encoding=encoding, numel=numel, kept=kept, value_bits=value_bits)
-    if encoding == Encoding.BITMAP:
-        low_bits, start = 0, header_bytes
-        payload_bits = numel + kept
-    else:
-        minimum = header_bytes + _LOW_BITS_BYTES
-        if length < minimum:
-            raise _corrupt(f"is truncated or corrupt (expected {minimum} bytes or more, got {length})")
-        low_bits, start = head[header_bytes], header_bytes + _LOW_BITS_BYTES
-        if low_bits > elias_fano.MAX_LOW_BITS:
-            raise _corrupt(f"is corrupt (Elias-Fano low-bit width {low_bits} > {elias_fano.MAX_LOW_BITS})")
-        count = kept if encoding == Encoding.POSITIONS else numel - kept
-        payload_bits = elias_fano.stream_bits(numel, count, low_bits) + kept
+    return Header(version=version, encoding=encoding, numel=numel, kept=kept, value_bits=value_bits), layout.size
+
+
+def _read_parameter(blob: torch.Tensor, header: Header, header_bytes: int) -> int:
+    """The parameter byte after the header (L or j; 0 for BITMAP), checked against its range."""
+    if header.encoding == Encoding.BITMAP:
+        return 0
+    minimum = header_bytes + _PARAM_BYTES
+    if blob.numel() < minimum:
+        raise _corrupt(f"is truncated or corrupt (expected {minimum} bytes or more, got {blob.numel()})")
+    parameter = int(blob[header_bytes])
+    if header.encoding == Encoding.GROUPED_COO:
+        if not grouped_coo.MIN_GROUP_BITS <= parameter <= grouped_coo.MAX_GROUP_BITS:
+            raise _corrupt(
+                f"is corrupt (grouped COO group bits {parameter} outside "
+                f"[{grouped_coo.MIN_GROUP_BITS}, {grouped_coo.MAX_GROUP_BITS}])"
+            )
+    elif parameter > elias_fano.MAX_LOW_BITS:
+        raise _corrupt(f"is corrupt (Elias-Fano low-bit width {parameter} > {elias_fano.MAX_LOW_BITS})")
+    return parameter
+
+
+def _position_stream_bits(header: Header, parameter: int) -> int:
+    """Bits of the position part of the payload (after the parameter byte) for the blob's own parameter."""
+    numel, kept = header.numel, header.kept
+    if header.encoding == Encoding.BITMAP:
+        return numel
+    if header.encoding == Encoding.GROUPED_COO:
+        return grouped_coo.stream_bits(numel, kept, parameter)
+    count = kept if header.encoding == Encoding.POSITIONS else numel - kept
+    return elias_fano.stream_bits(numel, count, parameter)
+
+
+def _parse(blob: torch.Tensor) -> tuple[Header, int, int, int]:
+    """Validate ``blob``; return (header, parameter byte or 0, payload start offset, payload bits without padding)."""
+    _check_blob_type(blob)
+    header, header_bytes = _read_header(blob)
+    parameter = _read_parameter(blob, header, header_bytes)
+    start = header_bytes + (0 if header.encoding == Encoding.BITMAP else _PARAM_BYTES)
+    payload_bits = _position_stream_bits(header, parameter) + header.kept * header.value_bits
     expected = start + -(-payload_bits // 8)
-    if length != expected:
-        raise _corrupt(f"for this unit is truncated or corrupt (expected {expected} bytes, got {length})")
-    return header, low_bits, start, payload_bits
+    if blob.numel() != expected:
+        raise _corrupt(f"for this unit is truncated or corrupt (expected {expected} bytes, got {blob.numel()})")
+    return header, parameter, start, payload_bits
 
 
 def read_header(blob: torch.Tensor) -> Header:
-    """Parse and validate the header of ``blob``: magic, version, encoding id, ``kept <= numel`` and that the
-    blob length is exactly what the header implies. Raises :class:`CodecError` with the reason otherwise."""
+    """Parse and validate the header of ``blob``: magic, version, encoding id, value bits, ``kept <= numel`` and
+    that the blob length is exactly what the header implies. Raises :class:`CodecError` with the reason otherwise."""
     return _parse(blob)[0]
 
 
-def decode_positions(
-    blob: torch.Tensor, device: torch.device | str | None = None
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(numel, positions, positive)``: the sorted int64 positions of the kept entries and their signs.
+def _decode_positions(header: Header, parameter: int, bits: torch.Tensor) -> torch.Tensor:
+    """Sorted int64 kept positions from the position part ``bits`` of a payload (``CodecError`` if inconsistent)."""
+    numel, kept = header.numel, header.kept
+    if header.encoding == Encoding.BITMAP:
+        positions = torch.nonzero(bits).reshape(-1)
+        if positions.numel() != kept:
+            raise _corrupt(f"is corrupt (the bitmap keeps {positions.numel()} entries, the header says {kept})")
+        return positions
+    complement = header.encoding == Encoding.COMPLEMENT
+    try:
+        if header.encoding == Encoding.GROUPED_COO:
+            return grouped_coo.decode(bits, numel, kept, parameter)
+        positions = elias_fano.decode(bits, numel, numel - kept if complement else kept, parameter)
+    except ValueError as error:
+        raise _corrupt(f"is corrupt ({error})") from None
+    if complement:
+        mask = torch.ones(numel, dtype=torch.bool, device=bits.device)
+        mask[positions] = False
+        positions = torch.nonzero(mask).reshape(-1)
+    return positions
 
-    For the Elias-Fano encodings the work is proportional to the kept entries, not to ``numel``. Raises
-    :class:`CodecError` like :func:`decode`.
-    """
-    header, low_bits, start, payload_bits = _parse(blob)
+
+def _decode(blob: torch.Tensor, device: torch.device | str | None) -> tuple[Header, torch.Tensor, torch.Tensor]:
+    """``(header, positions, value bits)``: the decoded positions and the raw ``k * b`` value bit stream."""
+    header, parameter, start, payload_bits = _parse(blob)
     target = blob.device if device is None else torch.device(device)
     payload = blob[start:].to(target)
     bits = unpack_bits(payload, payload.numel() * 8)
     if payload_bits < bits.numel() and bool(bits[payload_bits:].any()):
         raise _corrupt("is corrupt (nonzero padding bits after the payload)")
-    numel, kept = header.numel, header.kept
-    signs_at = payload_bits - kept
-    positive = bits[signs_at:payload_bits].clone()
-    if header.encoding == Encoding.BITMAP:
-        positions = torch.nonzero(bits[:numel]).reshape(-1)
-        if positions.numel() != kept:
-            raise _corrupt(f"is corrupt (the bitmap keeps {positions.numel()} entries, the header says {kept})")
-        return numel, positions, positive
-    complement = header.encoding == Encoding.COMPLEMENT
-    count = numel - kept if complement else kept
-    try:
-        positions = elias_fano.decode(bits[:signs_at], numel, count, low_bits)
-    except ValueError as error:
-        raise _corrupt(f"is corrupt ({error})") from None
-    if complement:
-        mask = torch.ones(numel, dtype=torch.bool, device=target)
-        mask[positions] = False
-        positions = torch.nonzero(mask).reshape(-1)
-    return numel, positions, positive
+    values_at = payload_bits - header.kept * header.value_bits
+    positions = _decode_positions(header, parameter, bits[:values_at])
+    return header, positions, bits[values_at:payload_bits].clone()
+
+
+def decode_positions(
+    blob: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(numel, positions, levels)``: the sorted int64 positions of the kept entries and their levels.
+
+    For a 1-bit blob ``levels`` is the bool ``positive`` (the signs, ``True`` for +1), exactly as before multi-bit
+    units existed; for ``b > 1`` it is a uint8 tensor of levels in ``[0, 2**b - 1]``. For the sparse encodings the
+    work is proportional to the kept entries, not to ``numel``. Raises :class:`CodecError` like :func:`decode`.
+    """
+    header, positions, value_bits = _decode(blob, device)
+    if header.value_bits == 1:
+        return header.numel, positions, value_bits
+    return header.numel, positions, unpack_fields(value_bits, header.kept, header.value_bits, torch.uint8)
+
+
+def decode_values(
+    blob: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """``(numel, positions, multipliers, value_bits)``: the kept positions (int64) and the odd integer of each kept
+    entry (int16, ``2u - (2**b - 1)``; ``+-1`` for a 1-bit blob), so that a kept entry's value is
+    ``scale * multiplier``. Raises :class:`CodecError` like :func:`decode`."""
+    header, positions, value_bits = _decode(blob, device)
+    levels = unpack_fields(value_bits, header.kept, header.value_bits, torch.uint8)
+    return header.numel, positions, level_multipliers(levels, header.value_bits), header.value_bits
 
 
 def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`encode`: ``(mask, positive)``, flat bool tensors of ``numel`` and ``kept`` entries.
+    """Inverse of :func:`encode`: ``(mask, levels)``, a flat bool mask of ``numel`` entries and the ``kept`` levels as
+    :func:`decode_positions` returns them (bool signs for a 1-bit blob, uint8 levels otherwise).
 
     The payload is decoded on ``device`` (default: the blob's device). Raises :class:`CodecError` if the blob
-    is truncated, too long, corrupt (inconsistent payload, nonzero padding bits), of an unknown format version
-    or of an unknown encoding.
+    is truncated, too long, corrupt (inconsistent payload, nonzero padding bits), of an unknown format version,
+    of an unknown encoding or of value bits outside 1, 2, 4, 8.
     """
-    numel, positions, positive = decode_positions(blob, device)
-    mask = torch.zeros(numel, dtype=torch.bool, device=positive.device)
+    numel, positions, levels = decode_positions(blob, device)
+    mask = torch.zeros(numel, dtype=torch.bool, device=levels.device)
     mask[positions] = True
-    return mask, positive
+    return mask, levels

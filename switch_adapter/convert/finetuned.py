@@ -366,9 +366,14 @@ class _Work:
         return encoded_entry(switch, density)
 
 
+def encode_switch(switch) -> torch.Tensor:
+    """The SASS blob of a :class:`~switch_adapter.codec.binarize.BinarySwitch`, with its value bits and levels."""
+    return sass.encode(switch.mask, switch.positive, value_bits=switch.value_bits, levels=switch.levels)
+
+
 def encoded_entry(switch, density: float) -> dict:
     """The ``unit_layout`` entry of a switch, with its encoded blob and scale under ``"_tensors"``."""
-    blob = sass.encode(switch.mask, switch.positive)
+    blob = encode_switch(switch)
     entry = layout_entry(switch.shape, blob, int(switch.scale.numel()))
     return {**entry, "density": density, "_tensors": (blob, switch.scale.to(torch.float32))}
 
@@ -385,6 +390,7 @@ def make_summary(
         kept=storage.kept,
         switch_bytes=storage.switch_bytes,
         bound_bytes=storage.bound_bytes,
+        value_bits_kept=storage.value_bits_kept,
         tensors_read=work.tensors_read,
         unchanged=work.unchanged,
         heads=sorted(work.plan.heads) if work.head_bytes else [],

@@ -33,10 +33,9 @@ from transformers import AutoModel
 from transformers.pytorch_utils import Conv1D
 
 from .._staging import check_output_dir
-from ..codec import sass
 from ..format import KEY_PREFIX
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .finetuned import _copy_config, encoded_entry, make_summary, record_base
+from .finetuned import _copy_config, encode_switch, encoded_entry, make_summary, record_base
 from .skeleton import (
     Skeleton,
     automatic_heads,
@@ -401,7 +400,7 @@ def _module_switches(deltas: LoraDeltas, name: str, config: TSwitchConfig, mode:
         a_switch = config.binarize(a, name, "lora_A")
         b_switch = config.binarize(b, name, "lora_B")
         for switch in (a_switch, b_switch):
-            state.factor_bytes += sass.encode(switch.mask, switch.positive).numel() + 4 * switch.scale.numel()
+            state.factor_bytes += encode_switch(switch).numel() + 4 * switch.scale.numel()
         a, b = a_switch.to_dense(), b_switch.to_dense()
     delta = deltas.product(name, a, b, scaling)
     results = []

@@ -33,6 +33,7 @@ class ConversionSummary(SizeFigures):
     kept: int
     switch_bytes: int
     bound_bytes: float
+    value_bits_kept: int = 0
     tensors_read: int = 0
     unchanged: int = 0
     heads: list[str] = field(default_factory=list)
@@ -51,6 +52,8 @@ class ConversionSummary(SizeFigures):
             f"  switch size        {self.switch_bytes:,} bytes = {self.bits_per_parameter:.3f} bits/parameter = "
             f"{100 * self.fraction_of_fp32:.2f}% of fp32 (entropy bound {self.bound_bytes:,.0f} bytes)",
         ]
+        if self.mean_value_bits > 1:
+            lines.append(f"  value bits         {self.mean_value_bits:.2f} per kept entry (mean)")
         if self.factor_bytes is not None:
             lines.append(f"  binarized factors  {self.factor_bytes:,} bytes (what the low-rank form alone would take)")
         if self.heads:

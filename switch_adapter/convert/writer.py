@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from .._staging import atomic_output_dir
-from ..format import WEIGHTS_NAME, add_checksums, verify_adapter_file
+from ..format import WEIGHTS_NAME, add_checksums, required_format_version, verify_adapter_file
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.model_card import write_model_card
 
@@ -25,9 +25,11 @@ def write_adapter(
 
     The files are written to a temporary folder next to the output, verified (checksums, every code's header
     against ``config.unit_layout``), and the folder is renamed into place; see
-    :func:`~switch_adapter._staging.atomic_output_dir`. ``model_class`` (the class the adapter is made for) goes into
-    ``auto_mapping`` when the config has no ``task_type``, as ``PeftModel.save_pretrained`` does.
+    :func:`~switch_adapter._staging.atomic_output_dir`. ``config.format_version`` is set to what the units need
+    (:func:`~switch_adapter.format.required_format_version`). ``model_class`` (the class the adapter is made for)
+    goes into ``auto_mapping`` when the config has no ``task_type``, as ``PeftModel.save_pretrained`` does.
     """
+    config.format_version = required_format_version(config.unit_layout)
     with atomic_output_dir(output_dir, overwrite) as work:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         stored = add_checksums({key: value.detach().contiguous() for key, value in tensors.items()})

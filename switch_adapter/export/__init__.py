@@ -3,6 +3,7 @@
 from .inspect import InspectionReport, TensorReport, UnitReport, inspect_adapter
 from .lora import DroppedUnit, LoraExportReport, LoraModuleReport, to_lora
 from .materialize import materialize
+from .plot import plot_units
 
 __all__ = [
     "DroppedUnit",
@@ -13,5 +14,6 @@ __all__ = [
     "UnitReport",
     "inspect_adapter",
     "materialize",
+    "plot_units",
     "to_lora",
 ]

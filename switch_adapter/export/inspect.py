@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +20,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I16"
 @dataclass
 class UnitReport(SizeFigures):
     """One switched parameter (``module.param``). Sizes in bytes; ``bytes`` = code + scales + checksum.
-    ``checksum`` is ``"ok"``, ``"mismatch"`` or ``"absent"`` (format version 1)."""
+    ``checksum`` is ``"ok"``, ``"mismatch"`` or ``"absent"`` (format version 1); ``value_bits`` is the number of bits
+    per kept value (1 for a T-Switch; 2, 4 or 8 in a FlexSwitch)."""
 
     name: str
     shape: list[int]
@@ -30,6 +33,11 @@ class UnitReport(SizeFigures):
     checksum_bytes: int
     bound_bytes: float
     checksum: str = "ok"
+    value_bits: int = 1
+
+    @property
+    def value_bits_kept(self) -> int:
+        return self.kept * self.value_bits
 
     @property
     def bytes(self) -> int:
@@ -110,6 +118,10 @@ class InspectionReport(SizeFigures):
         return sum(u.bound_bytes for u in self.units)
 
     @property
+    def value_bits_kept(self) -> int:
+        return sum(u.value_bits_kept for u in self.units)
+
+    @property
     def full_precision_bytes(self) -> int:
         return sum(t.bytes for t in self.full_precision)
 
@@ -119,6 +131,7 @@ class InspectionReport(SizeFigures):
             "numel": self.numel,
             "kept": self.kept,
             "density": self.density,
+            "mean_value_bits": self.mean_value_bits,
             "switch_bytes": self.switch_bytes,
             "bits_per_parameter": self.bits_per_parameter,
             "fp32_bytes": 4 * self.numel,
@@ -150,8 +163,8 @@ class InspectionReport(SizeFigures):
 
     def to_table(self) -> str:
         """An aligned text table: one row per unit, then the totals and the full-precision tensors."""
-        header = ["unit", "shape", "params", "kept", "density", "encoding", "bits/param", "bytes", "%fp32", "%fp16"]
-        header.append("x bound")
+        header = ["unit", "shape", "params", "kept", "density", "value bits", "encoding", "bits/param", "bytes"]
+        header += ["%fp32", "%fp16", "x bound"]
         rows = [
             [
                 u.name,
@@ -159,6 +172,7 @@ class InspectionReport(SizeFigures):
                 f"{u.numel:,}",
                 f"{u.kept:,}",
                 f"{u.density:.4f}",
+                str(u.value_bits),
                 u.encoding,
                 f"{u.bits_per_parameter:.3f}",
                 f"{u.bytes:,}",
@@ -174,6 +188,7 @@ class InspectionReport(SizeFigures):
             f"{self.numel:,}",
             f"{self.kept:,}",
             f"{self.density:.4f}",
+            _bits_text(self.mean_value_bits),
             "",
             f"{self.bits_per_parameter:.3f}",
             f"{self.switch_bytes:,}",
@@ -181,14 +196,7 @@ class InspectionReport(SizeFigures):
             f"{100 * self.fraction_of_fp16:.2f}",
             f"{self.vs_bound:.3f}",
         ]
-        widths = [max(len(row[i]) for row in [header, total, *rows]) for i in range(len(header))]
-
-        def line(cells: list[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            middle = [cells[1].rjust(widths[1])] + [c.rjust(w) for c, w in zip(cells[2:5], widths[2:5])]
-            rest = [cells[5].ljust(widths[5])] + [c.rjust(w) for c, w in zip(cells[6:], widths[6:])]
-            return "  ".join([first, *middle, *rest]).rstrip()
-
+        line = _aligned_line([max(len(row[i]) for row in [header, total, *rows]) for i in range(len(header))])
         rule = "-" * len(line(header))
         lines = [
             f"T-Switch adapter: {self.source}",
@@ -214,6 +222,8 @@ class InspectionReport(SizeFigures):
             f"{self.vs_bound:.3f}x the entropy bound ({self.bound_bytes:,.0f} bytes)",
             f"adapter_model.safetensors: {self.file_bytes:,} bytes",
         ]
+        if self.mean_value_bits > 1:
+            lines.append(f"value bits: {self.mean_value_bits:.2f} per kept entry on average ({self._bits_census()})")
         if self.unchanged:
             lines.append(f"targeted tensors without a switch (unchanged by the fine-tune): {len(self.unchanged)}")
         checked = "checksums verified" if self.format_version >= CHECKSUMS_SINCE else "format 1: no checksums"
@@ -228,12 +238,33 @@ class InspectionReport(SizeFigures):
     def __str__(self) -> str:
         return self.to_table()
 
+    def _bits_census(self) -> str:
+        """``"12 units of 1 bit, 3 of 4 bits"``: how many units have each bit-width."""
+        counts = Counter(u.value_bits for u in self.units)
+        parts = [f"{counts[bits]} of {bits} bit{'s' if bits > 1 else ''}" for bits in sorted(counts)]
+        return "units: " + ", ".join(parts)
+
+
+def _bits_text(bits: float) -> str:
+    return f"{bits:.0f}" if float(bits).is_integer() else f"{bits:.2f}"
+
+
+def _aligned_line(widths: list[int]) -> Callable[[list[str]], str]:
+    """A formatter of table rows: the unit name and the encoding left-aligned, every other column right-aligned."""
+    left = {0, 6}
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(padded).rstrip()
+
+    return line
+
 
 def inspect_adapter(
     path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> InspectionReport:
-    """Per-unit storage of a T-Switch adapter (a folder or a Hub id): shape, entries, kept entries, density,
-    encoding, bits per parameter, bytes vs fp32 / fp16 and vs the entropy bound, totals, and the damage found.
+    """Per-unit storage of a T-Switch adapter (a folder or a Hub id): shape, entries, kept entries, density, value
+    bits, encoding, bits per parameter, bytes vs fp32 / fp16 and vs the entropy bound, totals, and the damage found.
 
     Sizes come from the safetensors file (each code's header and length, each scale's dtype), not from the config.
     Damaged units (checksum mismatch, corrupt code, wrong sizes) are listed in ``report.problems`` instead of raising.
@@ -271,8 +302,9 @@ def inspect_adapter(
                     code_bytes=status.code_bytes,
                     scale_bytes=status.scale_bytes,
                     checksum_bytes=checksum_bytes,
-                    bound_bytes=sass.entropy_bound_bits(status.numel, status.kept) / 8.0,
+                    bound_bytes=sass.entropy_bound_bits(status.numel, status.kept, status.value_bits) / 8.0,
                     checksum=status.checksum,
+                    value_bits=status.value_bits,
                 )
             )
         for name in file.head_keys():

@@ -74,12 +74,12 @@ def check_arguments(
         if len(densities) > 1:
             listing = ", ".join(f"{a}: {c.density}" for a, c in zip(adapters, configs))
             raise ValueError(f"The adapters have different densities ({listing}); pass density=... explicitly.")
-        return replace(configs[0], unit_layout={}, modules_to_save_shapes={}, inference_mode=True)
+        return replace(configs[0], unit_layout={}, modules_to_save_shapes={}, flexswitch=None, inference_mode=True)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}.")
     return replace(
         configs[0], density=float(density), density_pattern={}, unit_layout={}, modules_to_save_shapes={},
-        inference_mode=True,
+        flexswitch=None, inference_mode=True,
     )  # fmt: skip
 
 

@@ -13,7 +13,15 @@ from peft.utils import PeftType
 from .._model_sources import hub_download_kwargs, local_folder
 from ..codec.binarize import SCALE_GRANULARITIES, SCALE_RULES, BinarySwitch, binarize
 from ..errors import AdapterNotFoundError
-from ..format import FORMAT_VERSION, MODEL_CARD_NAME, locate_weights_file, verify_adapter_file
+from ..format import (
+    CHECKSUMS_SINCE,
+    FORMAT_VERSION,
+    MODEL_CARD_NAME,
+    PLAIN_FORMAT_VERSION,
+    locate_weights_file,
+    required_format_version,
+    verify_adapter_file,
+)
 from .model_card import write_model_card
 
 ALL_SUPPORTED_SHORTHAND = "all"
@@ -62,10 +70,13 @@ class TSwitchConfig(PeftConfig):
         modules_to_save: Modules stored in full precision with the adapter, e.g. task heads. Their shapes may differ
             from the base model's (another number of labels); ``modules_to_save_shapes`` records them.
         layers_to_transform / layers_pattern: As in LoRA: restrict the switch to some layer indices.
-        format_version: Version of the file format (see ``switch_adapter.format``); 2 adds a checksum per switch.
-            Set when an adapter is created or loaded, not by hand.
+        format_version: Version of the file format (see ``switch_adapter.format``); 2 adds a checksum per switch, 3
+            units with more than one value bit or grouped COO (FlexSwitch). Set when an adapter is created or loaded
+            (:func:`switch_adapter.format.required_format_version`), not by hand; saving raises it to what the
+            ``unit_layout`` needs.
         unit_layout: Filled in when switches are created: for every switched module and parameter the tensor
-            shape, the encoded size in bytes, the number of scales, the density and the number of kept entries.
+            shape, the encoded size in bytes, the number of scales, the density, the number of kept entries, the
+            value bits and the encoding.
             Loaders use it to allocate the content-dependent buffers before reading the file.
         modules_to_save_shapes: Parameter shapes of ``modules_to_save`` entries that differ from the base model's.
         flexswitch: For a switch learned by :func:`switch_adapter.flexswitch`: what was asked and what was reached
@@ -104,7 +115,10 @@ class TSwitchConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (as in LoRA)."}
     )
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "File format version (2: with checksums)."})
+    format_version: int = field(
+        default=PLAIN_FORMAT_VERSION,
+        metadata={"help": "File format version (2: with checksums; 3: multi-bit units or grouped COO)."},
+    )
     unit_layout: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=dict,
         metadata={"help": "Per module and parameter: shape, code bytes, scales (generated)."},
@@ -170,7 +184,11 @@ class TSwitchConfig(PeftConfig):
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save the config like any PEFT config, and add the T-Switch section to the folder's model card."""
+        """Save the config like any PEFT config, and add the T-Switch section to the folder's model card. A format
+        version below what ``unit_layout`` needs (multi-bit units, grouped COO) is raised first; version 1 adapters
+        (no checksums) stay at 1."""
+        if self.format_version >= CHECKSUMS_SINCE:
+            self.format_version = max(self.format_version, required_format_version(self.unit_layout))
         super().save_pretrained(save_directory, **kwargs)
         if self.unit_layout and os.path.exists(os.path.join(save_directory, MODEL_CARD_NAME)):
             write_model_card(save_directory, self)

@@ -1,4 +1,8 @@
-"""T-Switch tuner layer: wraps one base layer and adds ``scale * mask * sign`` to its weight (and bias)."""
+"""T-Switch tuner layer: wraps one base layer and adds ``scale * mask * multiplier`` to its weight (and bias).
+
+The multiplier of a kept entry is its sign for a 1-bit unit (T-Switch) and the odd integer ``2u - (2**b - 1)`` of its
+level ``u`` for a ``b``-bit unit (FlexSwitch); see :mod:`switch_adapter.codec.sass`.
+"""
 
 from __future__ import annotations
 
@@ -54,8 +58,8 @@ class TSwitchLayer(BaseTunerLayer):
     Persistent (saved) per adapter: ``tswitch_<param>_code`` (the encoded switch, uint8), ``tswitch_<param>_scale``
     (float, trainable) and, from format version 2, ``tswitch_<param>_checksum`` (refreshed whenever a state dict is
     taken, so a saved file always carries the checksum of what it holds; see :mod:`switch_adapter.format`). The
-    decoded kept positions and signs are cached in memory, keyed by the code buffer's identity, so the cache follows
-    loads and device moves.
+    decoded kept positions and multipliers are cached in memory, keyed by the code buffer's identity, so the cache
+    follows loads and device moves.
     """
 
     adapter_layer_names = ("tswitch_weight_scale", "tswitch_bias_scale")
@@ -126,10 +130,13 @@ class TSwitchLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_switch(self, adapter_name: str, param_name: str, switch: BinarySwitch) -> dict[str, Any]:
-        """Store ``switch`` for ``param_name`` of this layer; returns its layout entry for the adapter config."""
+        """Store ``switch`` (any value bits) for ``param_name`` of this layer; returns its layout entry for the adapter
+        config. Whoever collects the entries into ``config.unit_layout`` sets ``config.format_version`` to
+        :func:`switch_adapter.format.required_format_version` of the layout."""
         codes, scales = self._codes(param_name), self._scales(param_name)
         device = getattr(self.get_base_layer(), param_name).device
-        blob = sass.encode(switch.mask.cpu(), switch.positive.cpu())
+        levels = None if switch.levels is None else switch.levels.cpu()
+        blob = sass.encode(switch.mask.cpu(), switch.positive.cpu(), value_bits=switch.value_bits, levels=levels)
         codes[adapter_name] = blob.to(device)
         old_scale = scales[adapter_name]
         scales[adapter_name] = nn.Parameter(
@@ -143,7 +150,8 @@ class TSwitchLayer(BaseTunerLayer):
         return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)]
 
     def _sparse(self, adapter_name: str, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, signs)`` of the kept entries (int64 flat positions, int8 +-1), decoded once per code buffer.
+        """``(positions, multipliers)`` of the kept entries (int64 flat positions, int16 odd integers: +-1 for a 1-bit
+        unit), decoded once per code buffer.
 
         Work and memory are proportional to the kept entries, not to the size of the weight.
         """
@@ -153,26 +161,26 @@ class TSwitchLayer(BaseTunerLayer):
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            _, positions, positive = sass.decode_positions(code, device=code.device)
+            _, positions, multipliers, _ = sass.decode_values(code, device=code.device)
         except CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
             raise CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
-        signs = torch.where(positive, 1, -1).to(torch.int8)
-        self._sparse_cache[(adapter_name, param_name)] = (key, (positions, signs))
-        return positions, signs
+        self._sparse_cache[(adapter_name, param_name)] = (key, (positions, multipliers))
+        return positions, multipliers
 
     def _kept_values(self, adapter_name: str, param_name: str, like: torch.Tensor):
-        """Positions of the kept entries and their values ``sign * scale`` in the dtype/device of ``like``."""
-        positions, signs = self._sparse(adapter_name, param_name)
-        positions, signs = positions.to(like.device), signs.to(device=like.device, dtype=like.dtype)
-        return positions, kept_values(positions, signs, self._scales(param_name)[adapter_name], like.numel())
+        """Positions of the kept entries and their values ``multiplier * scale`` in the dtype/device of ``like``."""
+        positions, multipliers = self._sparse(adapter_name, param_name)
+        positions, multipliers = positions.to(like.device), multipliers.to(like.device)
+        scale = self._scales(param_name)[adapter_name]
+        return positions, kept_values(positions, multipliers, scale, like.numel(), like.dtype)
 
     def _has_switch(self, adapter_name: str, param_name: str) -> bool:
         codes = self._codes(param_name)
         return adapter_name in codes and codes[adapter_name].numel() > 0
 
     def get_delta(self, adapter_name: str, param_name: str) -> torch.Tensor | None:
-        """The dense ``scale * mask * sign`` for one parameter, in its dtype and on its device; None if empty."""
+        """The dense ``scale * mask * multiplier`` for one parameter, in its dtype and on its device; None if empty."""
         if not self._has_switch(adapter_name, param_name):
             return None
         param = getattr(self.get_base_layer(), param_name)

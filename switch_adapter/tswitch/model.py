@@ -28,6 +28,7 @@ from ..format import (
     find_layout_entry,
     locate_weights_file,
     parse_key,
+    required_format_version,
     verify_adapter_file,
 )
 from . import combine
@@ -377,6 +378,8 @@ class TSwitchModel(BaseTuner):
                     entry = layer.set_switch(adapter_name, param_name, switch)
                     entry["density"] = config.density_for(module_name)
                     config.unit_layout.setdefault(module_name, {})[param_name] = entry
+            if config.format_version >= CHECKSUMS_SINCE:  # 1-bit switches: readable by older versions again
+                config.format_version = required_format_version(config.unit_layout)
             for module_name, wrapper, state in heads:
                 head = wrapper.modules_to_save[adapter_name]
                 shapes = {name: list(value.shape) for name, value in state.items()}

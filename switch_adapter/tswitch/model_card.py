@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -14,36 +14,96 @@ if TYPE_CHECKING:
     from .config import TSwitchConfig
 
 CARD_TAGS = ("t-switch", "switch-adapter")
+FLEXSWITCH_TAG = "flexswitch"
 _SECTION_START = "<!-- switch-adapter:start -->"
 _SECTION_END = "<!-- switch-adapter:end -->"
 
 
+def _flexswitch_rows(record: dict[str, Any]) -> list[str]:
+    """Table rows of a FlexSwitch training record: the budget asked, the size reached, and how it was trained. Any
+    key may be missing."""
+    rows = []
+    budget, budget_bytes = record.get("budget"), record.get("budget_bytes")
+    if budget_bytes is not None:
+        asked = f"{int(budget_bytes):,} bytes" if budget is None else f"{budget} ({int(budget_bytes):,} bytes)"
+        rows.append(f"| budget asked | {asked} |")
+    elif budget is not None:
+        rows.append(f"| budget asked | {budget} |")
+    reached = []
+    if record.get("file_bytes") is not None:
+        reached.append(f"{int(record['file_bytes']):,} bytes")
+    if record.get("bits_per_parameter") is not None:
+        reached.append(f"{float(record['bits_per_parameter']):.3f} bits per parameter")
+    if record.get("fraction_of_fp32") is not None:
+        reached.append(f"{100 * float(record['fraction_of_fp32']):.2f}% of fp32")
+    if reached:
+        rows.append(f"| file size reached | {', '.join(reached)} |")
+    training = [f"{record['steps']} steps"] if record.get("steps") is not None else []
+    if record.get("examples") is not None:
+        training.append(f"{record['examples']} examples")
+    if record.get("loss") is not None:
+        training.append(f"loss {record['loss']}")
+    if record.get("final_loss") is not None:
+        training.append(f"final loss {float(record['final_loss']):.4g}")
+    if record.get("seed") is not None:
+        training.append(f"seed {record['seed']}")
+    if training:
+        rows.append(f"| training | {', '.join(training)} |")
+    return rows
+
+
+def _description(config: TSwitchConfig, mean_value_bits: float) -> tuple[str, str]:
+    """The section title and the sentence saying what the adapter is."""
+    library = "[switch-adapter](https://pypi.org/project/switch-adapter/)"
+    if config.flexswitch:
+        return "## FlexSwitch adapter", (
+            f"A task vector compressed with {library} as a FlexSwitch, with learned per-unit sparsity and bit-width: "
+            "for every switched weight tensor a keep-mask, the quantised values of the kept entries (1, 2, 4 or 8 "
+            "bits per value, learned per tensor) and one scale."
+        )
+    values = "the values (signs, or levels of 2 to 8 bits)" if mean_value_bits > 1 else "the signs"
+    return "## T-Switch adapter", (
+        f"A task vector compressed with {library}: for every switched weight tensor a binary keep-mask, {values} of "
+        "the kept entries and one scale."
+    )
+
+
 def card_section(config: TSwitchConfig, repo_id: str | None = None) -> str:
-    """The markdown section describing the switch, with a loading snippet."""
+    """The markdown section describing the switch, with a loading snippet; for a FlexSwitch (``config.flexswitch``)
+    also the budget asked and the file size reached."""
     summary = storage_summary(config)
     base = config.base_model_name_or_path or "<base model id or path>"
     adapter = repo_id or "<this repository id or folder>"
     task_type = config.task_type.value if hasattr(config.task_type, "value") else config.task_type
     auto_class = TASK_AUTO_CLASSES.get(str(task_type), "AutoModel")
-    densities = sorted({config.density, *config.density_pattern.values()})
-    density_text = ", ".join(f"{d:g}" for d in densities)
+    title, description = _description(config, summary.mean_value_bits)
+    if config.flexswitch:
+        density_row = f"| density (learned per tensor) | {summary.density:.4f} overall |"
+    else:
+        densities = sorted({config.density, *config.density_pattern.values()})
+        density_text = ", ".join(f"{d:g}" for d in densities)
+        density_row = f"| density (keep ratio per sign) | {density_text} (measured: {summary.density:.4f}) |"
+    value_bits = [] if summary.mean_value_bits <= 1 else [
+        f"| value bits (mean per kept entry) | {summary.mean_value_bits:.2f} |"
+    ]  # fmt: skip
     return "\n".join(
         [
             _SECTION_START,
-            "## T-Switch adapter",
+            title,
             "",
-            "A task vector compressed with [switch-adapter](https://pypi.org/project/switch-adapter/): for every "
-            "switched weight tensor a binary keep-mask, the signs of the kept entries and one scale.",
+            description,
             "",
             "| | |",
             "|---|---|",
             f"| base model | `{base}` |",
-            f"| density (keep ratio per sign) | {density_text} (measured: {summary.density:.4f}) |",
+            density_row,
+            *value_bits,
             f"| switched tensors / parameters | {summary.units} / {summary.parameters:,} |",
             f"| size of the switches | {summary.switch_bytes:,} bytes |",
             f"| bits per parameter | {summary.bits_per_parameter:.3f} |",
             f"| size vs fp32 task vector | {100 * summary.fraction_of_fp32:.2f}% |",
             f"| scale granularity | {config.scale_granularity} |",
+            *(_flexswitch_rows(config.flexswitch) if config.flexswitch else []),
             "",
             "### Load it",
             "",
@@ -68,7 +128,8 @@ def write_model_card(folder: str, config: TSwitchConfig, repo_id: str | None = N
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
     tags = list(card.data.get("tags") or [])
-    card.data["tags"] = tags + [tag for tag in CARD_TAGS if tag not in tags]
+    wanted = CARD_TAGS + (FLEXSWITCH_TAG,) if config.flexswitch else CARD_TAGS
+    card.data["tags"] = tags + [tag for tag in wanted if tag not in tags]
     if config.base_model_name_or_path:
         card.data["base_model"] = config.base_model_name_or_path
     text = card.text
