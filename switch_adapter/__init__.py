@@ -9,13 +9,16 @@ from .codec.binarize import BinarySwitch, binarize
 from .convert import ConversionSummary, convert_finetuned, convert_lora
 from .errors import (
     AdapterNotFoundError,
+    BudgetError,
     CodecError,
     LayoutMismatchError,
     OutputExistsError,
     SwitchAdapterError,
+    TrainingError,
     UnsupportedModelError,
 )
 from .export import InspectionReport, LoraExportReport, inspect_adapter, materialize, to_lora
+from .flexswitch import FlexSwitchConfig, flexswitch
 from .format import StorageSummary, storage_summary
 from .hub import push_to_hub
 from .tswitch import DEFAULT_DENSITY, TSwitchConfig, TSwitchModel
@@ -29,6 +32,10 @@ __all__ = [
     "SwitchAdapterError",
     "UnsupportedModelError",
     "AutoSwitchConfig",
+    "BudgetError",
+    "FlexSwitchConfig",
+    "TrainingError",
+    "flexswitch",
     "AutoSwitchModel",
     "DEFAULT_DENSITY",
     "BinarySwitch",

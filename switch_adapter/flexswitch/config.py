@@ -92,7 +92,7 @@ class FlexSwitchConfig:
 
     budget: float | str = "0.5%"
     bit_widths: tuple[int, ...] = BIT_WIDTHS
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16
     max_length: int = 128
     loss: Literal["auto", "kl", "mse"] = "auto"

@@ -18,16 +18,7 @@ from tqdm.auto import tqdm
 
 from ..codec import sass
 from ..errors import BudgetError, TrainingError
-from ..format import Unit, add_checksums
-
-try:
-    from ..format import required_format_version
-except ImportError:  # pragma: no cover - until the multi-bit format lands
-
-    def required_format_version(layout):
-        return 2
-
-
+from ..format import Unit, add_checksums, required_format_version
 from ..tswitch.build import _lookup, head_updates, store_switches, switch_adapter_for, switch_units
 from ..tswitch.config import TSwitchConfig
 from .config import FlexSwitchConfig
@@ -221,14 +212,14 @@ class _Student(nn.Module):
         self.model = model
         self.units = nn.ModuleList(units)
         self.parameter_names = parameter_names
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        self._bases = [parameters[name] for name in parameter_names]  # the same objects after .to(device)
 
     def forward(self, batch: Batch, temperature: float) -> tuple[Any, torch.Tensor]:
-        parameters = dict(self.model.named_parameters(remove_duplicate=False))
         overrides, bits = {}, []
-        for unit, name in zip(self.units, self.parameter_names):
-            values, unit_bits = unit(temperature)
-            base = parameters[name]
-            weight = base.detach().float().reshape(-1).index_add(0, unit.index, values)
+        for unit, name, base in zip(self.units, self.parameter_names, self._bases):
+            index, values, unit_bits = unit(temperature)
+            weight = base.detach().float().reshape(-1).index_add(0, index, values)
             overrides[name] = weight.view(base.shape).to(base.dtype)
             bits.append(unit_bits)
         args, kwargs = batch
@@ -369,7 +360,7 @@ class _Run:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            excess = float(over)
+            excess = float(over.detach())
             penalty = min(penalty * 1.1, 1e4) if excess > 0 else max(penalty * 0.97, 1e-3)
             value = float(distill)
             if step == 0:

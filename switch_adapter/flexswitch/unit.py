@@ -26,6 +26,7 @@ from ..codec.binarize import BinarySwitch
 
 _STEP_GRID = torch.linspace(0.2, 1.6, 29)
 _GRID_SAMPLE = 16384  # kept values used to choose a starting step
+_WINDOW = 8.0  # candidates up to exp(8 T) x the kept count get the gate's gradient; beyond it is below 1e-3
 
 
 def quota(count: int, density: float) -> int:
@@ -131,45 +132,51 @@ class LearnableUnit(nn.Module):
         counts = torch.round(torch.exp(self.log_kept.detach().cpu() + shift)).clamp(min=0.0)
         return [int(min(count, size)) for count, size in zip(counts.tolist(), self.sizes)]
 
+    def _prefixes(self, tensor: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The first ``lengths[s]`` entries of each sign's block of a candidate-aligned tensor."""
+        return torch.cat([tensor[: lengths[0]], tensor[self.sizes[0] : self.sizes[0] + lengths[1]]])
+
     def _kept(self, tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The kept entries of a candidate-aligned tensor: the two rank prefixes."""
-        return torch.cat([tensor[: counts[0]], tensor[self.sizes[0] : self.sizes[0] + counts[1]]])
-
-    def _spread(self, kept: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Inverse of :meth:`_kept`: zeros at the candidates that are not kept."""
-        zeros = kept.new_zeros
-        parts = [
-            kept[: counts[0]],
-            zeros(self.sizes[0] - counts[0]),
-            kept[counts[0] :],
-            zeros(self.sizes[1] - counts[1]),
-        ]
-        return torch.cat(parts)
+        return self._prefixes(tensor, counts)
 
     def chosen_bits(self) -> int:
         return self.bit_widths[int(self.bit_logits.detach().argmax())]
 
-    def forward(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(positions, values, estimated bits)``: the values to add at those flat positions (a window of candidates
+        around the thresholds, where the gate's gradient is not negligible) and the unit's estimated size."""
         counts = self._counts(0.0)
-        hard = self._spread(self.values.new_ones(sum(counts)), counts)
-        thresholds = torch.cat([self.log_kept[0].expand(self.sizes[0]), self.log_kept[1].expand(self.sizes[1])])
-        gate = torch.sigmoid((thresholds - self.log_rank) / temperature)
+        reach = torch.exp(self.log_kept.detach().cpu() + _WINDOW * temperature).tolist()
+        windows = [min(size, max(count, math.ceil(r)) + 1) for size, count, r in zip(self.sizes, counts, reach)]
+        index = self._prefixes(self.index, windows)
+        raw = self._prefixes(self.values, windows)
+        hard = torch.cat([(torch.arange(w, device=raw.device) < c) for w, c in zip(windows, counts)]).to(raw.dtype)
+        thresholds = torch.cat([self.log_kept[0].expand(windows[0]), self.log_kept[1].expand(windows[1])])
+        gate = torch.sigmoid((thresholds - self._prefixes(self.log_rank, windows)) / temperature)
         mask = hard + gate - gate.detach()
         steps = torch.exp(self.log_step)
         chosen = int(self.bit_logits.detach().argmax())
-        values = quantize(self.values, steps[chosen], self.bit_widths[chosen])
+        values = quantize(raw, steps[chosen], self.bit_widths[chosen])
         soft = torch.softmax(self.bit_logits, dim=0)
         if self.bit_logits.requires_grad:  # straight-through gradient of the choice, from the kept entries
-            kept = self._kept(self.values, counts)
+            kept = torch.cat([raw[: counts[0]], raw[windows[0] : windows[0] + counts[1]]])
             choice = sum(
                 (soft[i] - soft[i].detach()) * quantize(kept, steps[i].detach(), b)
                 for i, b in enumerate(self.bit_widths)
             )
-            values = values + self._spread(choice, counts)
+            zeros = choice.new_zeros
+            spread = [
+                choice[: counts[0]],
+                zeros(windows[0] - counts[0]),
+                choice[counts[0] :],
+                zeros(windows[1] - counts[1]),
+            ]
+            values = values + torch.cat(spread)
         count = sum(counts) + (torch.exp(self.log_kept) - torch.exp(self.log_kept).detach()).sum()
         widths = torch.tensor(self.bit_widths, dtype=soft.dtype, device=soft.device)
         bits = self.bit_widths[chosen] + ((soft - soft.detach()) * widths).sum()
-        return mask * values, position_bits(float(self.numel), count) + count * bits
+        return index, mask * values, position_bits(float(self.numel), count) + count * bits
 
     @torch.no_grad()
     def exact_bytes(self, shift: float = 0.0) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.binarize import BinarySwitch
-from ..format import storage_summary
+from ..format import required_format_version, storage_summary
 from .config import TSwitchConfig
 from .layer import TSwitchLayer
 from .model import _discard_adapter, filling_switches, resize_module_parameters
@@ -134,6 +134,7 @@ def store_switches(
         entry = layer.set_switch(adapter_name, param_name, switch)
         entry["density"] = switch.kept / max(switch.numel, 1) if config.flexswitch else config.density_for(module_name)
         config.unit_layout.setdefault(module_name, {})[param_name] = entry
+    config.format_version = required_format_version(config.unit_layout)
     for module_name, wrapper_copy, state, shapes in heads:
         if shapes:
             resize_module_parameters(wrapper_copy, shapes)
