@@ -146,3 +146,92 @@ def push(args: argparse.Namespace) -> int:
     )
     print(f"Pushed {args.folder} to {args.repo_id}: {url}")
     return 0
+
+
+def flex_config(args: argparse.Namespace):
+    """A ``FlexSwitchConfig`` from the ``flex`` options; unset options keep the config's defaults."""
+    from .flexswitch import FlexSwitchConfig
+
+    values = {}
+    for name in ("budget", "steps", "batch_size", "max_length", "loss", "seed", "task_type", "text_column"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.bit_widths is not None:
+        values["bit_widths"] = tuple(args.bit_widths)
+    targets = _split(args.target_modules)
+    if targets is not None:
+        values["target_modules"] = targets[0] if targets in (["all"], ["all-linear"]) else targets
+    for name in ("exclude_modules", "modules_to_save"):
+        if getattr(args, name) is not None:
+            values[name] = _split(getattr(args, name))
+    return FlexSwitchConfig(**values)
+
+
+def flex(args: argparse.Namespace) -> int:
+    import time
+    from collections import Counter
+
+    from ._staging import atomic_output_dir, check_output_dir
+    from .export._base_model import copy_tokenizer_files
+    from .flexswitch import flexswitch, load_examples
+    from .format import WEIGHTS_NAME, entry_numel, entry_value_bits
+
+    if args.limit < 0:
+        raise ValueError(f"--limit must be 0 (all examples) or more, got {args.limit}.")
+    start = time.perf_counter()
+    inputs = [args.base, args.finetuned, args.examples]
+    check_output_dir(args.output, args.overwrite, inputs)  # fail now, not after the training
+    config = flex_config(args)
+    examples = load_examples(args.examples, column=args.text_column, split=args.split, limit=args.limit or None)
+    model = flexswitch(
+        args.base,
+        args.finetuned,
+        examples,
+        config,
+        progress=not args.quiet,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        token=args.token,
+    )
+    with atomic_output_dir(args.output, args.overwrite, inputs) as work:
+        model.save_pretrained(work)
+        copy_tokenizer_files(args.base, work, revision=args.base_revision, token=args.token)
+        plotted = _plot_units(work)
+    output = os.path.abspath(args.output)
+    adapter_config = model.peft_config["default"]
+    record = adapter_config.flexswitch or {}
+    entries = [entry for units in adapter_config.unit_layout.values() for entry in units.values()]
+    parameters = sum(entry_numel(entry) for entry in entries)
+    file_bytes = os.path.getsize(os.path.join(output, WEIGHTS_NAME))
+    histogram = Counter(entry_value_bits(entry) for entry in entries)
+    nan = float("nan")
+    lines = [
+        f"FlexSwitch written to {output} ({time.perf_counter() - start:.1f} s)",
+        f"  file size          {file_bytes:,} bytes = {100 * file_bytes / (4 * max(parameters, 1)):.3f}% of fp32 "
+        f"({len(entries)} switched tensors, {parameters:,} parameters)",
+        f"  budget             {record.get('budget', config.budget)} = {record.get('budget_bytes', 0):,} bytes",
+        f"  density            {record.get('density', nan):.4f} (started at {record.get('init_density', nan):.4f})",
+        "  value bits         " + ", ".join(f"{n} tensors x {b} bit" for b, n in sorted(histogram.items())),
+        f"  steps              {record.get('steps', 0)} ({record.get('loss', config.loss)} loss "
+        f"{record.get('initial_loss', nan):.4g} -> {record.get('final_loss', nan):.4g})",
+    ]
+    if plotted:
+        lines.append(f"  plot               {os.path.join(output, 'units.png')}")
+    print("\n".join(lines))
+    return 0
+
+
+def _plot_units(folder: str) -> bool:
+    """Write ``units.png`` (density and bit-width per unit) into ``folder``; without matplotlib, log one line and
+    write nothing."""
+    import logging
+
+    from .export.inspect import inspect_adapter
+    from .export.plot import plot_units
+
+    try:
+        plot_units(inspect_adapter(folder), os.path.join(folder, "units.png"), title="FlexSwitch: density and bits")
+    except ImportError as error:
+        logging.getLogger(__name__).info("No units.png: %s", error)
+        return False
+    return True

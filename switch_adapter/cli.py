@@ -1,4 +1,4 @@
-"""The ``switch-adapter`` command line: convert, convert-lora, inspect, merge, export-lora, push.
+"""The ``switch-adapter`` command line: convert, convert-lora, flex, inspect, merge, export-lora, push.
 
 Run ``switch-adapter --help`` (or ``python -m switch_adapter.cli --help``) for the commands and examples. Errors end
 with a non-zero exit code and a message on stderr; ``--debug`` shows the traceback instead.
@@ -22,6 +22,7 @@ EXAMPLES = {
 examples:
   switch-adapter convert ./base-model ./finetuned-model -o my-switch --density 0.05
   switch-adapter convert-lora HuggingFaceTB/SmolLM2-135M-Instruct you/smollm2-lora -o smollm2-switch
+  switch-adapter flex ./base-model ./finetuned-model --examples task.txt --budget 0.5% -o my-flexswitch
   switch-adapter inspect my-switch
   switch-adapter merge ./base-model my-switch -o merged-model
   switch-adapter export-lora my-switch --base ./base-model -o my-switch-lora --rank 32
@@ -42,6 +43,20 @@ examples:
   switch-adapter convert-lora HuggingFaceTB/SmolLM2-135M-Instruct you/smollm2-lora -o smollm2-switch \\
       --mode factors --density 0.1
   switch-adapter convert-lora ./other-base ./my-lora -o my-switch --force   # LoRA made on another base""",
+    "flex": """\
+examples:
+  switch-adapter flex ./bert-base ./bert-finetuned-sst2 --examples sst2.txt --budget 0.5% -o sst2-flex \\
+      --modules-to-save classifier
+  switch-adapter flex HuggingFaceTB/SmolLM2-135M you/smollm2-lora --examples prompts.jsonl --budget 2MB \\
+      -o smollm2-flex --bit-widths 1 2 4 --steps 300
+  switch-adapter flex ./base-model ./finetuned-model --examples you/my-dataset --split validation \\
+      --text-column sentence --limit 200 -o my-flex
+
+Learns per tensor a density, a bit-width and a scale by distilling the fine-tune (a full fine-tune or a LoRA
+adapter) on the examples: a text file (one per line), JSONL or CSV (--text-column, default text), a folder saved
+with datasets' save_to_disk, or a Hub dataset id. The output is a T-Switch adapter folder (load it with
+PeftModel.from_pretrained) with the base's tokenizer files and units.png (density and bits per tensor; needs
+matplotlib).""",
     "inspect": """\
 examples:
   switch-adapter inspect my-switch
@@ -94,6 +109,13 @@ def _config_default(name: str):
     return TSwitchConfig.__dataclass_fields__[name].default
 
 
+def _flex_default(name: str):
+    """The default of ``FlexSwitchConfig.<name>``."""
+    from .flexswitch.config import FlexSwitchConfig
+
+    return FlexSwitchConfig.__dataclass_fields__[name].default
+
+
 def _switch_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("switch configuration (TSwitchConfig; unset options keep its defaults)")
     group.add_argument(
@@ -136,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert fine-tunes and LoRA adapters to T-Switch adapters, inspect them, merge them into a "
-        "base model, export them as LoRA, and push them to the Hub.",
+        description="Convert fine-tunes and LoRA adapters to T-Switch adapters (or learn FlexSwitches under a "
+        "storage budget), inspect them, merge them into a base model, export them as LoRA, and push them to the Hub.",
         epilog=EXAMPLES[None],
         formatter_class=_formatter,
     )
@@ -176,6 +198,64 @@ def build_parser() -> argparse.ArgumentParser:
     _switch_config_options(lora)
     _common(lora)
     lora.set_defaults(func=commands.convert_lora)
+
+    flex = command(
+        "flex", "Learn a FlexSwitch: per tensor a density, bit-width and scale under a storage budget (distillation)."
+    )
+    flex.add_argument("base", help=f"the pre-trained model: {MODEL_HELP}")
+    flex.add_argument("finetuned", help=f"the full fine-tune or LoRA adapter made on the base: {MODEL_HELP}")
+    flex.add_argument(
+        "--examples",
+        required=True,
+        metavar="SOURCE",
+        help="about 100 inputs of the task: a .txt (one per line), .jsonl or .csv file, a datasets save_to_disk "
+        "folder, or a Hub dataset id",
+    )
+    _output(flex, "adapter")
+    flex.add_argument("--revision", help="Hub revision of the fine-tuned model or LoRA adapter")
+    flex.add_argument("--base-revision", help="Hub revision of the base model")
+    data = flex.add_argument_group("calibration examples")
+    data.add_argument("--text-column", metavar="COL", help="column holding the text (JSONL, CSV, datasets)")
+    data.add_argument("--split", default="train", help="dataset split of a datasets folder or Hub id (default train)")
+    data.add_argument("--limit", type=int, default=100, help="use at most this many examples; 0: all (default 100)")
+    training = flex.add_argument_group("training (FlexSwitchConfig; unset options keep its defaults)")
+    training.add_argument(
+        "--budget",
+        help="size of the adapter file: bits per parameter ('0.16'), percent of fp32 ('0.5%%') or a file size ('2MB') "
+        f"(default {_flex_default('budget').replace('%', '%%')})",
+    )
+    training.add_argument(
+        "--bit-widths",
+        nargs="+",
+        type=int,
+        choices=(1, 2, 4, 8),
+        metavar="BITS",
+        help="candidate bits per kept value, from 1 2 4 8 (default: all four)",
+    )
+    training.add_argument("--steps", type=int, help=f"optimisation steps (default {_flex_default('steps')})")
+    training.add_argument("--batch-size", type=int, help=f"examples per step (default {_flex_default('batch_size')})")
+    training.add_argument(
+        "--max-length", type=int, help=f"tokens per text example (default {_flex_default('max_length')})"
+    )
+    training.add_argument(
+        "--loss",
+        choices=("auto", "kl", "mse"),
+        help="kl on logits, mse on outputs, or auto: kl when the model returns logits (default auto)",
+    )
+    training.add_argument("--seed", type=int, help=f"seed (default {_flex_default('seed')})")
+    training.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="NAME",
+        help="modules to switch: name suffixes (space or comma separated), 'all-linear', or 'all' (default)",
+    )
+    training.add_argument("--exclude-modules", nargs="+", metavar="NAME", help="modules not to switch")
+    training.add_argument(
+        "--modules-to-save", nargs="+", metavar="NAME", help="modules kept in full precision, e.g. classifier"
+    )
+    training.add_argument("--task-type", choices=TASK_TYPES, help="PEFT task type, e.g. SEQ_CLS or CAUSAL_LM")
+    _common(flex)
+    flex.set_defaults(func=commands.flex)
 
     inspect = command(
         "inspect", "Show per-unit density, value bits, encoding, bits per parameter and bytes of a T-Switch adapter."

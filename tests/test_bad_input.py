@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from tiny_models import finetune_copy, tiny_bert, token_batch
+from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, token_batch
 
 from switch_adapter import CodecError, LayoutMismatchError, TSwitchConfig, from_finetuned
 from switch_adapter.codec import sass
@@ -81,6 +81,22 @@ def test_nan_in_the_fine_tuned_model_leaves_the_base_untouched():
     with pytest.raises(ValueError, match=r"encoder\.layer\.1\.output\.dense\.weight.*NaN/Inf"):
         from_finetuned(base, tuned, TSwitchConfig(), progress=False)
     assert not _has_adapter_layers(base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_an_error_after_the_heads_were_stored_leaves_the_base_head():
+    from switch_adapter.tswitch.build import head_updates, store_switches, switch_adapter_for
+
+    base = tiny_bert_classifier()
+    tuned = finetune_copy(base)  # its classifier differs from the base's
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    config = TSwitchConfig(task_type="SEQ_CLS", modules_to_save=["classifier"])
+    with pytest.raises(RuntimeError, match="stop"):
+        with switch_adapter_for(base, config, "default") as model:
+            heads = head_updates(model.get_base_model(), "default", tuned.state_dict())
+            store_switches(model, "default", [], heads)  # as FlexSwitch does before it trains
+            raise RuntimeError("stop")
+    assert not _has_adapter_layers(base) and type(base.classifier) is torch.nn.Linear
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from switch_adapter import TSwitchConfig, from_finetuned
 from switch_adapter.cli import main
 
-COMMANDS = ("convert", "convert-lora", "inspect", "merge", "export-lora", "push")
+COMMANDS = ("convert", "convert-lora", "flex", "inspect", "merge", "export-lora", "push")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

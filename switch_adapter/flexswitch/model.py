@@ -356,7 +356,7 @@ class _Run:
                 over = (fixed_bits + unit_bits) / budget_bits - 1.0
                 loss = distill + penalty * torch.relu(over)
                 if not torch.isfinite(loss):
-                    raise self._nan_error(step, distill)
+                    raise self._nan_error(step, distill, temperature)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -384,9 +384,13 @@ class _Run:
         recent, before = history[-50:], history[-100:-50]
         return sum(recent) / len(recent) > 0.99 * sum(before) / len(before)
 
-    def _nan_error(self, step: int, distill: torch.Tensor) -> TrainingError:
-        broken = [u.name for u in self.units if not all(torch.isfinite(p).all() for p in u.parameters())]
-        where = f"; non-finite parameters in {', '.join(broken[:5])}" if broken else ""
+    @torch.no_grad()
+    def _nan_error(self, step: int, distill: torch.Tensor, temperature: float) -> TrainingError:
+        def finite(unit: LearnableUnit) -> bool:  # its parameters, and the values and size they give
+            return all(torch.isfinite(t).all() for t in (*unit.parameters(), *unit(temperature)[1:]))
+
+        broken = [u.name for u in self.units if not finite(u)]
+        where = f"; non-finite parameters or values in {', '.join(broken[:5])}" if broken else ""
         what = "distillation loss" if not torch.isfinite(distill) else "size penalty"
         return TrainingError(
             f"The {what} became NaN or Inf at step {step + 1}{where}. Lower lr / scale_lr, check that the examples "
@@ -399,7 +403,9 @@ class _Run:
         return self.file_bytes({key: unit.exact_bytes(shift) for key, unit in zip(self.keys, self.units)})
 
     def _fit_shift(self) -> float:
-        """The kept-count scaling (log) that puts the file closest below the budget."""
+        """The kept-count scaling (log) that puts the file closest below the budget (none for a frozen density)."""
+        if "density" in self.config.freeze:
+            return 0.0
         if self._sizes(0.0) <= self.budget_bytes and self._sizes(0.0) >= (1 - _SIZE_TOLERANCE) * self.budget_bytes:
             return 0.0
         low, high = -30.0, 10.0

@@ -105,10 +105,11 @@ class LearnableUnit(nn.Module):
         )
         norm = float(flat.norm())
         kept_values = self._kept(self.values, self._counts(0.0))
-        self.log_step = nn.Parameter(
-            torch.log(torch.tensor([self._initial_step(b, kept_values, norm) for b in bit_widths])),
-            requires_grad="scale" not in freeze,
-        )
+        initial = [self._initial_step(b, kept_values, norm) for b in bit_widths]
+        if bit_widths[0] == 1 and kept_values.numel() and norm:  # T-Switch's "norm" scale, bit-exact as binarize has it
+            initial[0] = 2.0 * float(torch.sqrt(flat.square().sum() / kept_values.numel()))
+        self.initial_steps = initial  # exported as is when the scale is frozen (exp(log(step)) is not exact)
+        self.log_step = nn.Parameter(torch.log(torch.tensor(initial)), requires_grad="scale" not in freeze)
 
     @staticmethod
     def _initial_step(bits: int, kept: torch.Tensor, norm: float) -> float:
@@ -192,7 +193,10 @@ class LearnableUnit(nn.Module):
         order = torch.argsort(positions)
         positions, kept_values = positions[order], self._kept(self.values, counts).cpu()[order]
         bits = self.chosen_bits()
-        step = float(torch.exp(self.log_step.detach()[self.bit_widths.index(bits)]))
+        index = self.bit_widths.index(bits)
+        step = self.initial_steps[index]
+        if self.log_step.requires_grad:
+            step = float(torch.exp(self.log_step.detach()[index]))
         mask = torch.zeros(self.numel, dtype=torch.bool)
         mask[positions] = True
         levels = levels_of(kept_values, step, bits)

@@ -104,10 +104,21 @@ def switch_adapter_for(base_model: nn.Module, config: TSwitchConfig, adapter_nam
         yield model
     except BaseException:
         if is_new:
+            _put_back_original_modules(model)
             model.unload()
         else:
             _discard_adapter(model, adapter_name)
         raise
+
+
+def _put_back_original_modules(model: PeftModel) -> None:
+    """Replace every ``modules_to_save`` wrapper by the module it wraps: peft's ``unload()`` would leave the adapter's
+    copy (the fine-tuned head) in the base model instead."""
+    inner = model.get_base_model()
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent) if parent else inner, child, module.original_module)
 
 
 def switch_units(inner: nn.Module, adapter_name: str) -> list[tuple[str, TSwitchLayer, str]]:
