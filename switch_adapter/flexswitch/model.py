@@ -98,6 +98,7 @@ def flexswitch(
         vectors = _task_vectors(inner, adapter_name, tune)
         del tune
         run = _Run(model, adapter_name, vectors, config, accelerator)
+        del vectors  # the units hold the candidates they need
         run.train(batches, targets, loss_kind, progress)
         run.finish()
         model.to(original_device)
@@ -348,7 +349,7 @@ class _Run:
         for step in range(config.steps):
             if not order:
                 order = torch.randperm(len(batches), generator=generator).tolist()
-            index = order.pop()
+            index = (order.pop() + accelerator.process_index) % len(batches)  # several processes: other batches
             temperature = start * (end / start) ** (step / max(config.steps - 1, 1))
             with accelerator.accumulate(student):
                 output, unit_bits = student(move_batch(batches[index], accelerator.device), temperature)
@@ -362,7 +363,7 @@ class _Run:
                 optimizer.zero_grad()
             excess = float(over.detach())
             penalty = min(penalty * 1.1, 1e4) if excess > 0 else max(penalty * 0.97, 1e-3)
-            value = float(distill)
+            value = float(distill.detach())
             if step == 0:
                 self.initial_loss = value
             history.append(value)
