@@ -121,7 +121,8 @@ class LearnableUnit(nn.Module):
         sample = kept[:: max(1, kept.numel() // _GRID_SAMPLE)]
         reference = float(sample.abs().max()) / 2 ** (bits - 1)
         errors = [
-            float((quantize(sample, torch.tensor(reference * f), bits) - sample).pow(2).sum()) for f in _STEP_GRID
+            float((quantize(sample, torch.tensor(reference * float(f)), bits) - sample).pow(2).sum())
+            for f in _STEP_GRID
         ]
         step = reference * float(_STEP_GRID[int(torch.tensor(errors).argmin())])
         quantised_norm = float(quantize(kept, torch.tensor(step), bits).norm())
