@@ -61,6 +61,9 @@ class BenchConfig:
         densities: T-Switch densities for the task-id-given rows (and the switches Auto-Switch routes between).
         scale_rule: ``TSwitchConfig.scale_rule`` of those switches: ``"norm"`` (keeps each tensor's task-vector norm;
             the better rule at low densities) or ``"rms"`` (the reference: RMS of the kept entries).
+        flexswitch_budgets: Budgets (``FlexSwitchConfig.budget``) of the FlexSwitch rows with the task id given, each a
+            switch per task learned from the first ``flexswitch_examples`` training texts; ``()`` skips them.
+        flexswitch_steps: ``FlexSwitchConfig.steps`` of those rows (None: the library default).
         reference_densities: Extra task-id-given rows with the reference's ``"rms"`` scale (none when
             ``scale_rule`` is already ``"rms"``).
         autoswitch_density: Density of the switches Auto-Switch routes between; None: the largest of ``densities``
@@ -93,6 +96,9 @@ class BenchConfig:
     densities: tuple[float, ...] = DEFAULT_DENSITIES
     scale_rule: str = "norm"
     reference_densities: tuple[float, ...] = (0.05, 0.2)
+    flexswitch_budgets: tuple[str, ...] = ("0.25%", "0.5%", "1%")
+    flexswitch_steps: int | None = None
+    flexswitch_examples: int = 100
     autoswitch_density: float | None = None
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
@@ -135,6 +141,8 @@ def quick_config(**overrides: Any) -> BenchConfig:
         max_test=100,
         densities=(0.05, 0.2, 1.0),
         reference_densities=(0.05,),
+        flexswitch_budgets=("1%",),
+        flexswitch_steps=40,
         merge_scalings=(0.3, 0.5, 1.0),
         ties_scalings=(0.8, 1.5),
         name="quick",
@@ -501,6 +509,38 @@ class Benchmark:
         gc.collect()
         return row
 
+    def run_flexswitch(self, budget: str) -> Row:
+        """FlexSwitch adapters of every task at ``budget``, learned from each task's first training texts."""
+        from switch_adapter import FlexSwitchConfig, flexswitch
+
+        folder = self.artifacts / f"flexswitch_{budget.replace('%', 'pct')}"
+        artifacts.remove(folder)
+        start, records = time.perf_counter(), {}
+        for adapter, task, finetuned in zip(self.adapters, self.suite, self.models):
+            settings = {"steps": self.config.flexswitch_steps} if self.config.flexswitch_steps else {}
+            config = FlexSwitchConfig(
+                budget=budget, task_type="SEQ_CLS", modules_to_save=["classifier"], seed=self.config.seed, **settings
+            )
+            examples = list(task.train["text"][: self.config.flexswitch_examples])
+            task_start = time.perf_counter()
+            base = self._fresh_base()
+            model = flexswitch(base, finetuned, examples, config, tokenizer=self.tokenizer, progress=False)
+            record = dict(model.peft_config["default"].flexswitch, seconds=round(time.perf_counter() - task_start, 1))
+            records[adapter] = record
+            model.save_pretrained(str(folder / adapter))
+            del model
+        build = time.perf_counter() - start
+        model = self.load_switches(folder)
+        predictor = evaluate.peft_oracle_predictor(model, self.adapters)
+        result = self._evaluate(predictor, f"Evaluate: FlexSwitch {budget}")
+        storage = artifacts.bytes_on_disk([folder])
+        params = {"budget": budget, "steps": self.config.flexswitch_steps, "per_task": records}
+        row = self._add_row("flexswitch", f"FlexSwitch, task id given (budget {budget} of fp32 per task)", result,
+                            storage, build, params=params, files=[self._relative(folder)])  # fmt: skip
+        del model
+        gc.collect()
+        return row
+
     def choose_autoswitch_density(self) -> float:
         if self.config.autoswitch_density is not None:
             return self.config.autoswitch_density
@@ -663,6 +703,7 @@ class Benchmark:
             steps += [
                 (f"T-Switch d={d:g} (rms)", lambda d=d: self.run_tswitch(d, "rms")) for d in cfg.reference_densities
             ]
+        steps += [(f"FlexSwitch {b}", lambda b=b: self.run_flexswitch(b)) for b in cfg.flexswitch_budgets]
         steps += [("Auto-Switch", self.run_autoswitch), ("time reference again", self.reference_pass)]
         with tqdm(total=len(steps), desc="Benchmark", disable=not self.progress, position=0) as bar:
             for name, step in steps:

@@ -23,6 +23,7 @@ STYLE = {  # method -> (marker, colour, legend label)
     "emr": ("X", "#d62728", "EMR-merging (task id)"),
     "tswitch": ("o", "#2ca02c", "T-Switch (task id), densities"),
     "tswitch_rms": ("o", "#98df8a", "T-Switch (task id), reference rms scale"),
+    "flexswitch": ("s", "#006400", "FlexSwitch (task id), budgets"),
     "autoswitch": ("^", "#ff7f0e", "Auto-Switch routed (top-1)"),
     "autoswitch_soft": ("h", "#ffbb78", "Auto-Switch routed (soft weights)"),
     "autoswitch_default_features": ("v", "#bcbd22", "Auto-Switch routed (top-1, default features)"),
@@ -109,6 +110,7 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"- T-Switch with task id >= 99.5% of individual: best {oracle['pct_of_individual']:.2f}% "
             f"({oracle['label']}, {oracle['storage_pct_fp32']:.3f}% of fp32) -> {'met' if ok else 'missed'}"
         )
+    out.extend(_flexswitch_targets(rows))
     emr = best("emr")
     if emr:
         cheap = [
@@ -204,7 +206,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
             if y != row["mean"]:
                 ax.annotate(f"{row['mean']:.2f} (off scale)", (x, y), textcoords="offset points",
                             xytext=(6, 2), fontsize=7, color=colour)  # fmt: skip
-        line = "-" if method.startswith("tswitch") else ""
+        line = "-" if method.startswith(("tswitch", "flexswitch")) else ""
         if method == "tswitch":
             label = f"T-Switch (task id), {chosen[0]['params'].get('scale_rule', 'rms')} scale"
         ax.plot(xs, ys, marker=marker, linestyle=line, color=colour, label=label, markersize=8 if marker != "*" else 13)
@@ -249,3 +251,33 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     _atomic_write(out / "benchmark.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     _atomic_write(out / "benchmark.md", markdown(report, png.name if png else None).encode())
     return outputs
+
+
+def _flexswitch_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The FlexSwitch targets: >= 99.5% of individual at <= 0.5% of fp32, and on or above the T-Switch front."""
+    flex = [row for row in rows if row["method"] == "flexswitch"]
+    tswitch = [row for row in rows if row["method"] in ("tswitch", "tswitch_rms")]
+    if not flex:
+        return []
+    out = []
+    cheap = [row for row in flex if row["storage_pct_fp32"] <= 0.5]
+    if cheap:
+        best = max(cheap, key=lambda row: row["mean"])
+        ok = best["pct_of_individual"] >= 99.5
+        out.append(
+            f"- FlexSwitch with task id >= 99.5% of individual at <= 0.5% of fp32: {best['pct_of_individual']:.2f}% "
+            f"at {best['storage_pct_fp32']:.3f}% ({best['label']}) -> {'met' if ok else 'missed'}"
+        )
+    for row in sorted(flex, key=lambda r: r["storage_bytes"]):
+        rivals = [other for other in tswitch if other["storage_bytes"] <= row["storage_bytes"]]
+        if not rivals:
+            out.append(f"- {row['label']}: no T-Switch row of the same or smaller size to compare with")
+            continue
+        rival = max(rivals, key=lambda r: r["mean"])
+        ok = row["mean"] >= rival["mean"]
+        out.append(
+            f"- {row['label']} ({row['mean']:.4f}, {_size(row['storage_bytes'])}) vs the best T-Switch row of the same "
+            f"or smaller size ({rival['label']}: {rival['mean']:.4f}, {_size(rival['storage_bytes'])}) -> "
+            f"{'on or above the front' if ok else 'below the front'}"
+        )
+    return out

@@ -16,7 +16,14 @@ from peft import PeftModel
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, tiny_llama
 from transformers.generation.streamers import BaseStreamer
 
-from switch_adapter import AutoSwitchConfig, AutoSwitchModel, TSwitchConfig, from_finetuned
+from switch_adapter import (
+    AutoSwitchConfig,
+    AutoSwitchModel,
+    FlexSwitchConfig,
+    TSwitchConfig,
+    flexswitch,
+    from_finetuned,
+)
 from switch_adapter.autoswitch import (
     AdapterMismatchError,
     BundleError,
@@ -228,6 +235,34 @@ def _assert_samples_match_reference(router, batch, make_base, switches, output_o
             got = got[:length]
         torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=ATOL, atol=ATOL)
     return outputs, routing
+
+
+@pytest.fixture(scope="module")
+def flex_bert_switches(tmp_path_factory):
+    """FlexSwitch adapters with 2- and 4-bit units (learned for a few steps on each task's inputs)."""
+    folder, paths = tmp_path_factory.mktemp("flex"), {}
+    for t, name in enumerate(TASKS):
+        base = tiny_bert()
+        tuned = finetune_copy(base, seed=t + 1, noise=0.05)
+        config = FlexSwitchConfig(budget="60%", bit_widths=(2, 4), steps=3, seed=t)
+        model = flexswitch(base, tuned, {"input_ids": task_ids(t, 8)}, config, progress=False)
+        model.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.mark.parametrize("execution", ["compose", "delta"])
+def test_mixed_batch_forward_with_multibit_flexswitch_adapters(flex_bert_switches, execution):
+    router = make_router(tiny_bert, flex_bert_switches, mode="soft", k=6, feature_layer=0, execution=execution)
+    batch = mixed_batch()
+    _assert_samples_match_reference(router, batch, tiny_bert, flex_bert_switches, lambda out: out.last_hidden_state)
+    bits = {
+        entry["value_bits"]
+        for path in flex_bert_switches.values()
+        for params in TSwitchConfig.from_pretrained(path).unit_layout.values()
+        for entry in params.values()
+    }
+    assert bits - {1} and bits <= {2, 4}
 
 
 @pytest.mark.parametrize("execution", ["compose", "delta"])

@@ -321,6 +321,8 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
         max_test=16,
         densities=(0.1, 1.0),
         reference_densities=(0.1,),
+        flexswitch_budgets=("20%",),
+        flexswitch_steps=2,
         merge_scalings=(0.5, 1.0),
         ties_scalings=(1.0,),
         query_examples=10,
@@ -367,7 +369,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
         "pre-trained", "individual", "task_arithmetic", "ties", "ties_per_tensor", "dare", "emr",
-        "tswitch", "tswitch", "tswitch_rms", "autoswitch", "autoswitch_soft", "autoswitch_batch",
+        "tswitch", "tswitch", "tswitch_rms", "flexswitch", "autoswitch", "autoswitch_soft", "autoswitch_batch",
         "autoswitch_batch_single", "autoswitch_default_features",
     ]  # fmt: skip
     for row in report["rows"]:
@@ -408,6 +410,11 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert reference["params"]["scale_rule"] == "rms"
     configs = [json.loads(p.read_text()) for p in (out / reference["files"][0]).rglob("adapter_config.json")]
     assert {c["scale_rule"] for c in configs} == {"rms"}
+    flex = next(row for row in report["rows"] if row["method"] == "flexswitch")
+    for record in flex["params"]["per_task"].values():  # every task's switch fits its budget
+        assert 0.95 * record["budget_bytes"] <= record["file_bytes"] <= record["budget_bytes"]
+    flex_configs = [json.loads(p.read_text()) for p in (out / flex["files"][0]).rglob("adapter_config.json")]
+    assert len(flex_configs) == 2 and all(c["flexswitch"]["budget"] == "20%" for c in flex_configs)
     emr = next(row for row in report["rows"] if row["method"] == "emr")
     assert set(emr["params"]["rescalers"]) == {"alpha", "beta"}
     assert (out / "artifacts" / "emr" / "masks.safetensors").exists()

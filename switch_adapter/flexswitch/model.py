@@ -95,9 +95,9 @@ def flexswitch(
         inner = model.get_base_model()
         heads = head_updates(inner, adapter_name, tune.heads if tune.is_lora else tune.state)
         store_switches(model, adapter_name, [], heads)
-        vectors = _task_vectors(inner, adapter_name, tune)
-        del tune
+        vectors = _TaskVectors(inner, adapter_name, tune)
         run = _Run(model, adapter_name, vectors, config, accelerator)
+        del vectors, tune  # the units hold the candidates they need; the fine-tuned model can go
         run.train(batches, targets, loss_kind, progress)
         run.finish()
         model.to(original_device)
@@ -166,41 +166,58 @@ def _teacher_targets(
     return loss_kind, targets
 
 
-def _task_vectors(inner: nn.Module, adapter_name: str, tune: FineTune) -> dict[tuple[str, str], torch.Tensor]:
-    """``{(module, param): fine-tuned - base}`` for every switchable parameter the fine-tune changed."""
-    vectors, problems = {}, []
-    for module_name, layer, param_name in switch_units(inner, adapter_name):
-        key = f"{module_name}.{param_name}"
-        base_param = getattr(layer.get_base_layer(), param_name).detach()
-        if tune.is_lora:
-            tau = _lookup(tune.deltas, key)
+class _TaskVectors:
+    """The task vectors of the switchable parameters the fine-tune changed, computed on demand one at a time (so that
+    only one is in memory besides the models); ``counts[key]`` is ``(positive, negative, numel)``."""
+
+    def __init__(self, inner: nn.Module, adapter_name: str, tune: FineTune) -> None:
+        self.tune = tune
+        self.layers: dict[tuple[str, str], nn.Module] = {}
+        self.counts: dict[tuple[str, str], tuple[int, int, int]] = {}
+        problems = []
+        for module_name, layer, param_name in switch_units(inner, adapter_name):
+            key = (module_name, param_name)
+            self.layers[key] = layer
+            try:
+                tau = self[key]
+            except ValueError as error:
+                problems.append(str(error))
+                continue
+            if tau is not None and torch.count_nonzero(tau):
+                self.counts[key] = (int((tau > 0).sum()), int((tau < 0).sum()), tau.numel())
+        if problems:
+            raise ValueError(
+                "The fine-tuned weights do not fit the base model:\n  "
+                + "\n  ".join(problems[:10])
+                + ("\n  ..." if len(problems) > 10 else "")
+                + "\nBoth must have the same architecture and sizes; nothing was modified."
+            )
+        if not self.counts:
+            raise ValueError(
+                "The fine-tuned model does not differ from the base in any switched tensor: nothing to learn."
+            )
+
+    def __getitem__(self, key: tuple[str, str]) -> torch.Tensor | None:
+        """``fine-tuned - base`` in float32, None if the fine-tune does not touch it (a LoRA's other modules)."""
+        module_name, param_name = key
+        name = f"{module_name}.{param_name}"
+        base_param = getattr(self.layers[key].get_base_layer(), param_name).detach()
+        if self.tune.is_lora:
+            tau = _lookup(self.tune.deltas, name)
             if tau is None:
-                continue
+                return None
         else:
-            tuned = _lookup(tune.state, key)
+            tuned = _lookup(self.tune.state, name)
             if tuned is None:
-                problems.append(f"{key}: missing from the fine-tuned model")
-                continue
+                raise ValueError(f"{name}: missing from the fine-tuned model")
             if tuned.shape != base_param.shape:
-                problems.append(f"{key}: fine-tuned shape {list(tuned.shape)} != base {list(base_param.shape)}")
-                continue
+                raise ValueError(f"{name}: fine-tuned shape {list(tuned.shape)} != base {list(base_param.shape)}")
             tau = tuned.detach().float().to(base_param.device) - base_param.float()
         if tau.shape != base_param.shape:
-            problems.append(f"{key}: task vector shape {list(tau.shape)} != base {list(base_param.shape)}")
-        elif not torch.isfinite(tau).all():
-            problems.append(f"{key}: the task vector holds NaN or Inf")
-        elif torch.count_nonzero(tau):
-            vectors[(module_name, param_name)] = tau.float()
-    if problems:
-        raise ValueError(
-            "The fine-tuned weights do not fit the base model:\n  "
-            + "\n  ".join(problems[:10])
-            + ("\n  ..." if len(problems) > 10 else "")
-            + "\nBoth must have the same architecture and sizes; nothing was modified."
-        )
-    if not vectors:
-        raise ValueError("The fine-tuned model does not differ from the base in any switched tensor: nothing to learn.")
-    return vectors
+            raise ValueError(f"{name}: task vector shape {list(tau.shape)} != base {list(base_param.shape)}")
+        if not torch.isfinite(tau).all():
+            raise ValueError(f"{name}: the task vector holds NaN or Inf")
+        return tau.float()
 
 
 class _Student(nn.Module):
@@ -234,19 +251,19 @@ class _Run:
         self,
         model: PeftModel,
         adapter_name: str,
-        vectors: dict[tuple[str, str], torch.Tensor],
+        vectors: _TaskVectors,
         config: FlexSwitchConfig,
         accelerator: Any,
     ) -> None:
         self.model, self.adapter_name, self.config, self.accelerator = model, adapter_name, config, accelerator
         inner = model.get_base_model()
         self.layers = {name: module for name, module in inner.named_modules()}
-        self.keys = list(vectors)
-        self.parameters_count = sum(v.numel() for v in vectors.values())
+        self.keys = list(vectors.counts)
+        self.parameters_count = sum(numel for _, _, numel in vectors.counts.values())
         self.template = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
         self.budget_bytes = config.parsed_budget.target_bytes(self.parameters_count)
-        self._check_budget(vectors)
-        density = config.init_density or self._uniform_density(vectors)
+        self._check_budget(vectors.counts)
+        density = config.init_density or self._uniform_density(vectors.counts)
         fraction = config.candidate_fraction or min(1.0, max(0.2, 4 * density))
         self.units = [
             LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
@@ -268,8 +285,8 @@ class _Run:
         }
         return len(safetensors_bytes(placeholders, metadata={"format": "pt"}))
 
-    def _check_budget(self, vectors: dict[tuple[str, str], torch.Tensor]) -> None:
-        empty = {key: -(-min(sass.encoded_sizes_for_counts(v.numel(), 0).values()) // 8) for key, v in vectors.items()}
+    def _check_budget(self, counts: dict[tuple[str, str], tuple[int, int, int]]) -> None:
+        empty = {key: -(-min(sass.encoded_sizes_for_counts(n, 0).values()) // 8) for key, (_, _, n) in counts.items()}
         smallest = self.file_bytes(empty)
         fp32 = 4 * self.parameters_count
         budget = self.config.parsed_budget
@@ -278,7 +295,7 @@ class _Run:
                 f"The budget {budget.text!r} ({self.budget_bytes:,} bytes) is smaller than the smallest switch of "
                 f"this model: {smallest:,} bytes ({100 * smallest / fp32:.3f}% of fp32, "
                 f"{8 * smallest / self.parameters_count:.4f} bits per parameter) for the file's headers, "
-                f"{len(vectors)} switched tensors and the full-precision heads. Ask for more, or switch fewer tensors "
+                f"{len(counts)} switched tensors and the full-precision heads. Ask for more, or switch fewer tensors "
                 "(target_modules / exclude_modules)."
             )
         if self.budget_bytes >= fp32:
@@ -288,9 +305,8 @@ class _Run:
                 "Ask for less than 100% of fp32 (FlexSwitch is meant for about 0.2-3%)."
             )
 
-    def _uniform_density(self, vectors: dict[tuple[str, str], torch.Tensor]) -> float:
+    def _uniform_density(self, counts: dict[tuple[str, str], tuple[int, int, int]]) -> float:
         """The largest density whose one-bit T-Switch fits the budget (bisection on exact sizes)."""
-        counts = {key: (int((v > 0).sum()), int((v < 0).sum()), v.numel()) for key, v in vectors.items()}
 
         def size(density: float) -> int:
             codes = {}
@@ -348,7 +364,7 @@ class _Run:
         for step in range(config.steps):
             if not order:
                 order = torch.randperm(len(batches), generator=generator).tolist()
-            index = order.pop()
+            index = (order.pop() + accelerator.process_index) % len(batches)  # several processes: other batches
             temperature = start * (end / start) ** (step / max(config.steps - 1, 1))
             with accelerator.accumulate(student):
                 output, unit_bits = student(move_batch(batches[index], accelerator.device), temperature)
@@ -362,12 +378,12 @@ class _Run:
                 optimizer.zero_grad()
             excess = float(over.detach())
             penalty = min(penalty * 1.1, 1e4) if excess > 0 else max(penalty * 0.97, 1e-3)
-            value = float(distill)
+            value = float(distill.detach())
             if step == 0:
                 self.initial_loss = value
             history.append(value)
             self.steps_run = step + 1
-            size = (fixed_bits + float(unit_bits)) / 8
+            size = (fixed_bits + float(unit_bits.detach())) / 8
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", size=f"{size / 1e6:.3f}MB", budget=f"{size / self.budget_bytes:.0%}")
             if self._converged(step, history, excess):

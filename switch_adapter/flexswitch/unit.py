@@ -92,10 +92,10 @@ class LearnableUnit(nn.Module):
             sizes.append(limit)
             quotas.append(kept)
         self.sizes = tuple(sizes)
-        self.register_buffer("index", torch.cat(blocks), persistent=False)
+        index = torch.cat(blocks)
+        small = self.numel < 2**31  # int32 positions halve the memory of the candidates
+        self.register_buffer("index", index.to(torch.int32) if small else index, persistent=False)
         self.register_buffer("values", flat[self.index], persistent=False)
-        ranks = torch.cat([torch.arange(size, dtype=torch.float32) for size in sizes])
-        self.register_buffer("log_rank", torch.log1p(ranks), persistent=False)
         self.register_buffer("candidates", torch.tensor(sizes, dtype=torch.float32), persistent=False)
         log_kept = torch.log(torch.tensor([max(q, 1) for q in quotas], dtype=torch.float32))
         self.log_kept = nn.Parameter(log_kept, requires_grad="density" not in freeze)
@@ -122,7 +122,8 @@ class LearnableUnit(nn.Module):
         sample = kept[:: max(1, kept.numel() // _GRID_SAMPLE)]
         reference = float(sample.abs().max()) / 2 ** (bits - 1)
         errors = [
-            float((quantize(sample, torch.tensor(reference * f), bits) - sample).pow(2).sum()) for f in _STEP_GRID
+            float((quantize(sample, torch.tensor(reference * float(f)), bits) - sample).pow(2).sum())
+            for f in _STEP_GRID
         ]
         step = reference * float(_STEP_GRID[int(torch.tensor(errors).argmin())])
         quantised_norm = float(quantize(kept, torch.tensor(step), bits).norm())
@@ -154,7 +155,8 @@ class LearnableUnit(nn.Module):
         raw = self._prefixes(self.values, windows)
         hard = torch.cat([(torch.arange(w, device=raw.device) < c) for w, c in zip(windows, counts)]).to(raw.dtype)
         thresholds = torch.cat([self.log_kept[0].expand(windows[0]), self.log_kept[1].expand(windows[1])])
-        gate = torch.sigmoid((thresholds - self._prefixes(self.log_rank, windows)) / temperature)
+        log_rank = torch.cat([torch.log1p(torch.arange(w, device=raw.device, dtype=raw.dtype)) for w in windows])
+        gate = torch.sigmoid((thresholds - log_rank) / temperature)
         mask = hard + gate - gate.detach()
         steps = torch.exp(self.log_step)
         chosen = int(self.bit_logits.detach().argmax())
@@ -189,7 +191,7 @@ class LearnableUnit(nn.Module):
     def export(self, shift: float = 0.0) -> BinarySwitch:
         """The learned switch, with the kept counts scaled by ``exp(shift)`` (used to meet the budget exactly)."""
         counts = self._counts(shift)
-        positions = self._kept(self.index, counts).cpu()
+        positions = self._kept(self.index, counts).cpu().long()
         order = torch.argsort(positions)
         positions, kept_values = positions[order], self._kept(self.values, counts).cpu()[order]
         bits = self.chosen_bits()
