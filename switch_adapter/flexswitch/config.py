@@ -82,7 +82,8 @@ class FlexSwitchConfig:
         freeze: What not to learn, any of ``"density"``, ``"bits"``, ``"scale"``. With ``bit_widths=(1,)`` and
             ``freeze=("density", "scale")`` the result is the T-Switch of ``init_density``.
         target_modules, exclude_modules, modules_to_save, switch_bias, switch_norms, task_type: As in
-            :class:`~switch_adapter.TSwitchConfig`.
+            :class:`~switch_adapter.TSwitchConfig`. For a LoRA fine-tune, ``"all"`` (the default) means the LoRA's
+            modules, and ``modules_to_save`` defaults to the LoRA's.
         text_column: Column of a ``datasets.Dataset`` that holds the text (default: ``"text"`` or its only string
             column).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``, passed to ``accelerate``.

@@ -125,8 +125,11 @@ def _try_tokenizer(model: nn.Module, base: Any) -> Any:
 
 
 def _switch_config(config: FlexSwitchConfig, tune: FineTune, base: Any) -> TSwitchConfig:
+    targets = config.target_modules
+    if tune.is_lora and targets == "all":  # only the LoRA's modules change: no empty slots for the others
+        targets = sorted({key.rsplit(".", 1)[0] for key in tune.deltas})
     return TSwitchConfig(
-        target_modules=config.target_modules,
+        target_modules=targets,
         exclude_modules=config.exclude_modules,
         modules_to_save=config.modules_to_save if config.modules_to_save is not None else tune.modules_to_save,
         switch_bias=config.switch_bias,
