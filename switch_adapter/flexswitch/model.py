@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,17 +16,17 @@ from tqdm.auto import tqdm
 
 from ..codec import sass
 from ..errors import BudgetError, TrainingError
-from ..format import Unit, add_checksums, required_format_version
+from ..format import add_checksums, required_format_version
 from ..tswitch.build import _lookup, head_updates, store_switches, switch_adapter_for, switch_units
 from ..tswitch.config import TSwitchConfig
+from .budget import SIZE_TOLERANCE, FileSize, check_budget, fit_shift, uniform_density
 from .config import FlexSwitchConfig
 from .distill import Target, distillation_loss, make_target, resolve_loss
 from .examples import Batch, move_batch, prepare_batches
 from .sources import FineTune, load_base, open_finetune
-from .unit import LearnableUnit, quota
+from .unit import LearnableUnit
 
 logger = logging.getLogger(__name__)
-_SIZE_TOLERANCE = 0.05  # the saved file lies in [1 - tolerance, 1] x the budget
 _CHECK_EVERY = 25
 
 
@@ -263,10 +261,10 @@ class _Run:
         self.layers = {name: module for name, module in inner.named_modules()}
         self.keys = list(vectors.counts)
         self.parameters_count = sum(numel for _, _, numel in vectors.counts.values())
-        self.template = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+        self.file_size = FileSize(get_peft_model_state_dict(model, adapter_name=adapter_name))
         self.budget_bytes = config.parsed_budget.target_bytes(self.parameters_count)
-        self._check_budget(vectors.counts)
-        density = config.init_density or self._uniform_density(vectors.counts)
+        check_budget(config.parsed_budget, self.budget_bytes, self.file_size, vectors.counts)
+        density = config.init_density or uniform_density(self.file_size, vectors.counts, self.budget_bytes)
         fraction = config.candidate_fraction or min(1.0, max(0.2, 4 * density))
         self.units = [
             LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
@@ -278,54 +276,6 @@ class _Run:
         self.steps_run, self.initial_loss, self.final_loss = 0, float("nan"), float("nan")
         self.loss_kind = config.loss
 
-    # -- sizes -------------------------------------------------------------------------------------------------------
-    def file_bytes(self, code_bytes: Mapping[tuple[str, str], int]) -> int:
-        """Size of the adapter file with these code sizes (exact: safetensors of placeholders of the same shapes)."""
-        sizes = {Unit(m, p).key("code"): n for (m, p), n in code_bytes.items()}
-        placeholders = {
-            key: torch.zeros(sizes[key], dtype=torch.uint8) if key in sizes else torch.zeros_like(value)
-            for key, value in self.template.items()
-        }
-        return len(safetensors_bytes(placeholders, metadata={"format": "pt"}))
-
-    def _check_budget(self, counts: dict[tuple[str, str], tuple[int, int, int]]) -> None:
-        empty = {key: -(-min(sass.encoded_sizes_for_counts(n, 0).values()) // 8) for key, (_, _, n) in counts.items()}
-        smallest = self.file_bytes(empty)
-        fp32 = 4 * self.parameters_count
-        budget = self.config.parsed_budget
-        if self.budget_bytes < smallest:
-            raise BudgetError(
-                f"The budget {budget.text!r} ({self.budget_bytes:,} bytes) is smaller than the smallest switch of "
-                f"this model: {smallest:,} bytes ({100 * smallest / fp32:.3f}% of fp32, "
-                f"{8 * smallest / self.parameters_count:.4f} bits per parameter) for the file's headers, "
-                f"{len(counts)} switched tensors and the full-precision heads. Ask for more, or switch fewer tensors "
-                "(target_modules / exclude_modules)."
-            )
-        if self.budget_bytes >= fp32:
-            raise BudgetError(
-                f"The budget {budget.text!r} ({self.budget_bytes:,} bytes) is not smaller than the fp32 task vector "
-                f"of the {self.parameters_count:,} switched parameters ({fp32:,} bytes): there is nothing to compress. "
-                "Ask for less than 100% of fp32 (FlexSwitch is meant for about 0.2-3%)."
-            )
-
-    def _uniform_density(self, counts: dict[tuple[str, str], tuple[int, int, int]]) -> float:
-        """The largest density whose one-bit T-Switch fits the budget (bisection on exact sizes)."""
-
-        def size(density: float) -> int:
-            codes = {}
-            for key, (positive, negative, numel) in counts.items():
-                kept = (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
-                codes[key] = -(-min(sass.encoded_sizes_for_counts(numel, kept).values()) // 8)
-            return self.file_bytes(codes)
-
-        low, high = 1e-6, 1.0
-        if size(high) <= self.budget_bytes:
-            return high
-        for _ in range(30):
-            middle = math.sqrt(low * high)
-            low, high = (middle, high) if size(middle) <= self.budget_bytes else (low, middle)
-        return low
-
     @staticmethod
     def _parameter_name(inner: nn.Module, module: str, param: str) -> str:
         layer = inner.get_submodule(module)
@@ -334,10 +284,6 @@ class _Run:
             if value is target and name.startswith(module + "."):
                 return name
         raise RuntimeError(f"internal error: no parameter of {module} is its {param}")
-
-    def _fixed_bytes(self) -> int:
-        codes = {key: 0 for key in self.keys}
-        return self.file_bytes(codes)
 
     # -- training ----------------------------------------------------------------------------------------------------
     def train(self, batches: list[Batch], targets: list[Target], loss_kind: str, progress: bool) -> None:
@@ -356,7 +302,7 @@ class _Run:
         ]
         optimizer = torch.optim.Adam([g for g in groups if g["params"]])
         student, optimizer = accelerator.prepare(self.student, optimizer)
-        fixed_bits = 8 * (self._fixed_bytes() + len(self.units) * (sass.HEADER_BYTES + 1))
+        fixed_bits = 8 * (self.file_size(dict.fromkeys(self.keys, 0)) + len(self.units) * (sass.HEADER_BYTES + 1))
         budget_bits = 8 * self.budget_bytes
         generator = torch.Generator().manual_seed(config.seed)
         order: list[int] = []
@@ -418,26 +364,14 @@ class _Run:
         )
 
     # -- export ------------------------------------------------------------------------------------------------------
-    def _sizes(self, shift: float) -> int:
-        return self.file_bytes({key: unit.exact_bytes(shift) for key, unit in zip(self.keys, self.units)})
-
-    def _fit_shift(self) -> float:
-        """The kept-count scaling (log) that puts the file closest below the budget (none for a frozen density)."""
-        if "density" in self.config.freeze:
-            return 0.0
-        if self._sizes(0.0) <= self.budget_bytes and self._sizes(0.0) >= (1 - _SIZE_TOLERANCE) * self.budget_bytes:
-            return 0.0
-        low, high = -30.0, 10.0
-        if self._sizes(high) <= self.budget_bytes:
-            return high
-        for _ in range(40):
-            middle = (low + high) / 2
-            low, high = (middle, high) if self._sizes(middle) <= self.budget_bytes else (low, middle)
-        return low
+    def _file_bytes_at(self, shift: float) -> int:
+        return self.file_size({key: unit.exact_bytes(shift) for key, unit in zip(self.keys, self.units)})
 
     def finish(self) -> None:
         """Store the learned switches in the adapter and check the file's size against the budget."""
-        shift = self._fit_shift()
+        shift = 0.0
+        if "density" not in self.config.freeze:  # a frozen density stays as it is (over the budget: BudgetError)
+            shift = fit_shift(self._file_bytes_at, self.budget_bytes)
         switches = []
         for (module, param), unit in zip(self.keys, self.units):
             unit.to("cpu")
@@ -453,7 +387,7 @@ class _Run:
                 f"The learned switch takes {file_bytes:,} bytes, more than the budget of {self.budget_bytes:,} bytes; "
                 "ask for a slightly larger budget."
             )
-        if file_bytes < (1 - _SIZE_TOLERANCE) * self.budget_bytes:
+        if file_bytes < (1 - SIZE_TOLERANCE) * self.budget_bytes:
             logger.warning(
                 "The learned switch takes %s bytes, less than the budget of %s: its units cannot use more (raise "
                 "candidate_fraction or allow more bit-widths to spend it).",
