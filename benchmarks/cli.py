@@ -40,6 +40,21 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _budgets(text: str) -> tuple[str, ...]:
+    """Comma-separated FlexSwitch budgets (e.g. ``0.25%,1%``); ``none`` for no FlexSwitch rows."""
+    if text.strip().lower() == "none":
+        return ()
+    from switch_adapter.flexswitch import parse_budget
+
+    budgets = tuple(part.strip() for part in text.split(",") if part.strip())
+    for budget in budgets:
+        try:
+            parse_budget(budget)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return budgets
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = []
     for part in text.split(","):
@@ -62,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", metavar="DIR", help="fine-tune cache (default ~/.cache/switch_adapter/bench)")
     parser.add_argument("--model", metavar="DIR", help="a BERT-family model folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--densities", type=_floats, metavar="D,...", help="T-Switch densities, e.g. 0.05,0.2,1")
+    parser.add_argument(
+        "--flexswitch-budgets",
+        type=_budgets,
+        metavar="B,...",
+        help="FlexSwitch budgets, e.g. 0.25%%,0.5%%,1%% (the default); none: no FlexSwitch rows",
+    )
     parser.add_argument("--autoswitch-density", type=float, metavar="D", help="density of the routed switches")
     parser.add_argument(
         "--scale-rule", choices=("rms", "norm"), help="T-Switch scale rule (default norm; rms is the reference)"
@@ -92,6 +113,7 @@ def bench_config(args: argparse.Namespace):
         "cache_dir": args.cache_dir,
         "model": args.model,
         "densities": args.densities,
+        "flexswitch_budgets": args.flexswitch_budgets,
         "scale_rule": args.scale_rule,
         "autoswitch_density": args.autoswitch_density,
         "max_train": args.max_train,

@@ -493,8 +493,8 @@ def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(tasks.TASKS, name, lambda seed=0, name=name: _tiny_task(name, seed))
     out = tmp_path / "cli-out"
     argv = ["--quick", "--model", tiny_model_dir, "--tasks", "alpha,beta", "--densities", "0.2",
-            "--max-train", "32", "--max-test", "8", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
-            "-q"]  # fmt: skip
+            "--flexswitch-budgets", "none", "--max-train", "32", "--max-test", "8", "--out", str(out),
+            "--cache-dir", str(tmp_path / "c"), "-q"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "T-Switch, task id given (d=0.2, norm scale)" in printed and "Wrote" in printed
