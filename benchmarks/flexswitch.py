@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
@@ -151,7 +152,8 @@ def measure_flexswitch(context: dict, budget: str, settings: FlexSettings) -> di
     kwargs = {} if settings.steps is None else {"steps": settings.steps}
     config = FlexSwitchConfig(budget=budget, modules_to_save=["classifier"], task_type="SEQ_CLS", **kwargs)
     base = load_classifier(context["model_path"], context["num_labels"])
-    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         model = flexswitch(
             base,
@@ -165,7 +167,8 @@ def measure_flexswitch(context: dict, budget: str, settings: FlexSettings) -> di
         seconds = time.perf_counter() - start
         logger.error("%s FlexSwitch %s failed after %.1f s: %s", context["task"], budget, seconds, error)
         return {"budget": budget, "error": f"{type(error).__name__}: {error}", "seconds": round(seconds, 2)}
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    load = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     model.eval()
     in_memory = task_accuracy(evaluate.peft_oracle_predictor(model, ["default"]), context["stream"], context["task"])
     accuracy, size = reloaded_accuracy(
@@ -183,6 +186,8 @@ def measure_flexswitch(context: dict, budget: str, settings: FlexSettings) -> di
         "pct_of_fp32": 100 * size / (4 * summary["switched_params"]),
         "seconds": round(seconds, 2),
         "finetune_ratio": seconds / context["finetune_seconds"],
+        "cpu_seconds": round(cpu_seconds, 2),  # CPU time of this process (all threads)
+        "load_average": load,  # 1-minute load average of the machine before and after the call (2 cores)
         "flexswitch": record,
         **summary,
         "unit_layout": [
@@ -399,6 +404,7 @@ def summarise(runs: list[dict], settings: FlexSettings) -> list[dict]:
                 "seconds": _mean([m["seconds"] for m in ms]),
                 "finetune_ratio": _mean([m["finetune_ratio"] for m in ms]),
                 "max_seconds": max(m["seconds"] for m in ms),
+                "cpu_seconds": _mean([m.get("cpu_seconds", float("nan")) for m in ms]),
                 "bits_units": _sum_dicts([m["bits_units"] for m in ms]),
                 "bits_kept": _sum_dicts([m["bits_kept"] for m in ms]),
             }
@@ -681,7 +687,9 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "",
         "Size: bytes of `adapter_model.safetensors` per task (fp32 head included), mean over tasks; % of fp32: over "
         "the fp32 task vector of the switched tensors (4 bytes x switched parameters). Time: wall time of the "
-        "`flexswitch` call (teacher pass, training, export), and its ratio to the task's fine-tuning time.",
+        "`flexswitch` call (teacher pass, training, export), and its ratio to the task's fine-tuning time (the cached "
+        "fine-tune's own wall time). The machine is shared: the per-task table also gives the call's CPU time and the "
+        "1-minute load average before and after it (above 2 on 2 cores, the call was slowed down by other jobs).",
         "",
     ]
     if not report["complete"]:
@@ -775,8 +783,8 @@ def _flex_details(report: dict, tasks: list[str]) -> list[str]:
         "within 5% below it.",
         "",
         "| task | budget | accuracy | in memory | file | budget bytes | % of fp32 | density | bits | steps "
-        "| initial -> final loss | time | fine-tune | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|",
+        "| initial -> final loss | time | CPU s | load avg. | fine-tune | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for task in tasks:
         for budget in budgets:
@@ -791,6 +799,7 @@ def _flex_details(report: dict, tasks: list[str]) -> list[str]:
                 f"{m['file_bytes']:,} | {fx.get('budget_bytes', 0):,} | {m['pct_of_fp32']:.3f} | "
                 f"{m['density']:.4f} | {bits} | {fx.get('steps')} | {_f(fx.get('initial_loss'), '.4g')} -> "
                 f"{_f(fx.get('final_loss'), '.4g')} | {m['seconds']:.0f} s | "
+                f"{_f(m.get('cpu_seconds'), '.0f')} | {_load(m.get('load_average'))} | "
                 f"{runs[task]['finetune']['seconds']:.0f} s | {m['finetune_ratio']:.2f} |"
             )
     flex_rows = [r for r in report["rows"] if r["method"] == "flexswitch"]
@@ -801,6 +810,10 @@ def _flex_details(report: dict, tasks: list[str]) -> list[str]:
         kept = ", ".join(f"{b} bit: {100 * n / total:.1f}%" for b, n in r["bits_kept"].items())
         lines.append(f"- {r['budget']}: units {units}; kept entries {kept}.")
     return lines
+
+
+def _load(load: dict | None) -> str:
+    return f"{load['before']:.1f} -> {load['after']:.1f}" if load else "-"
 
 
 def _breakdown_lines(table: dict) -> list[str]:
