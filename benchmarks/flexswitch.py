@@ -27,6 +27,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -485,6 +486,40 @@ def target(rows: list[dict]) -> dict:
     }
 
 
+def checks(runs: list[dict], settings: FlexSettings) -> dict:
+    """Sanity checks over every FlexSwitch measurement: the budget met (the file within 5% below it), failures,
+    NaN losses or accuracies, saved-and-reloaded accuracy equal to the in-memory one, and per task whether FlexSwitch
+    is at least as accurate as every T-Switch of that task with a file no larger."""
+    measured = [(r, b, r["flexswitch"][b]) for r in runs for b in settings.budgets if b in r["flexswitch"]]
+    ok = [(r, b, m) for r, b, m in measured if "error" not in m]
+    missed = [
+        f"{r['task']} {b}: {m['file_bytes']:,} B for a budget of {m['flexswitch']['budget_bytes']:,} B"
+        for r, b, m in ok
+        if not 0.95 * m["flexswitch"]["budget_bytes"] <= m["file_bytes"] <= m["flexswitch"]["budget_bytes"]
+    ]
+    nan = [
+        f"{r['task']} {b}"
+        for r, b, m in ok
+        if any(v != v for v in (m["accuracy"], m["flexswitch"].get("initial_loss"), m["flexswitch"].get("final_loss")))
+    ]
+    reload = [f"{r['task']} {b}" for r, b, m in ok if abs(m["accuracy"] - m["accuracy_in_memory"]) > 1e-9]
+    below = []
+    for r, b, m in ok:
+        smaller = [(d, t) for d, t in r["tswitch"].items() if t["file_bytes"] <= m["file_bytes"]]
+        if smaller:
+            d, t = max(smaller, key=lambda dt: dt[1]["accuracy"])
+            if t["accuracy"] > m["accuracy"]:
+                below.append(f"{r['task']} {b}: {m['accuracy']:.4f} < T-Switch d={d} {t['accuracy']:.4f}")
+    return {
+        "flexswitch_calls": len(measured),
+        "failed": [f"{r['task']} {b}: {m['error']}" for r, b, m in measured if "error" in m],
+        "budget_missed": missed,
+        "nan": nan,
+        "reload_differs": reload,
+        "below_tswitch_per_task": below,
+    }
+
+
 # -- per-unit breakdown ------------------------------------------------------------------------------
 
 UNIT_TYPES = (
@@ -660,6 +695,7 @@ def build_report(
         "front": front(rows) if rows else [],
         "target": target(rows) if rows else {},
         "breakdown": breakdown(done, budget) if done else {},
+        "checks": checks(runs, settings),
         "runs": runs,
         "seconds": round(seconds, 1),
         "environment": software,
@@ -749,6 +785,18 @@ def markdown(report: dict, plot_name: str | None) -> str:
                 f"(budget {worst['budget']}); mean {_mean([r['seconds'] for r in flex_rows]):.0f} s, "
                 f"{_mean([r['finetune_ratio'] for r in flex_rows]):.2f} x the fine-tuning time."
             )
+        c = report.get("checks")
+        if c:
+            lines += ["", "## Checks", "", f"Over {c['flexswitch_calls']} FlexSwitch calls:", ""]
+            for key, what in (
+                ("failed", "calls that failed"),
+                ("budget_missed", "files outside [95%, 100%] of the budget"),
+                ("nan", "NaN losses or accuracies"),
+                ("reload_differs", "saved-and-reloaded accuracy different from the in-memory model's"),
+                ("below_tswitch_per_task", "tasks where a T-Switch with a file no larger is more accurate"),
+            ):
+                found = c[key]
+                lines.append(f"- {what}: " + ("none" if not found else f"**{len(found)}**: " + "; ".join(found)))
         tasks = list(rows[0]["per_task"])
         lines += [
             "",
@@ -946,6 +994,29 @@ def write_report(report: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(report, drawn.name if drawn else None))
 
 
+def rewrite_report(out: Path) -> dict:
+    """Rebuild the summaries, ``.md`` and ``.png`` of ``<out>.json`` from its measurements (``--report-only``); the
+    command, runtime and environment of the run that measured them are kept."""
+    earlier = json.loads(out.with_suffix(".json").read_text())
+    known = {f.name for f in dataclasses.fields(FlexSettings)}
+    values = {k: v for k, v in earlier["settings"].items() if k in known}
+    values["model"] = None if values.get("model", "").startswith("all-MiniLM-L6-v2 (") else values.get("model")
+    for key in ("tasks", "budgets", "densities"):
+        values[key] = tuple(values[key])
+    settings = FlexSettings(**values)
+    report = build_report(
+        earlier["runs"],
+        settings,
+        None,
+        earlier["environment"],
+        earlier["seconds"],
+        earlier["settings"]["flexswitch_config"],
+    )
+    report["command"] = earlier["command"]
+    write_report(report, out)
+    return report
+
+
 def resumed_runs(path: Path, settings: FlexSettings) -> list[dict]:
     """The (possibly partial) runs of an earlier result file measured with the same settings; none otherwise."""
     if not path.exists():
@@ -1001,6 +1072,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS), help="output path without suffix; .json, .md, .png are written")
     parser.add_argument("--resume", action="store_true", help="keep the measurements of an existing --out file")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the .md and .png of an existing --out file, measuring nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -1031,13 +1107,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model=args.model,
     )
     defaults = {k: v for k, v in asdict(FlexSwitchConfig()).items() if not k.startswith("_")}
+    out = Path(args.out)
+    out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+    if args.report_only:
+        return rewrite_report(out)
     start = time.perf_counter()
     software = environment()  # before the run: the commit whose code measures
     model_path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    out = Path(args.out)
-    out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = {run["task"]: run for run in (resumed_runs(out.with_suffix(".json"), settings) if args.resume else [])}
     ordered = lambda: [runs[t] for t in settings.tasks if t in runs]  # noqa: E731
