@@ -81,6 +81,9 @@ def classifier_switches(tmp_path_factory):
 
 
 def make_router(make_base, switches, **config) -> AutoSwitchModel:
+    """A router over the synthetic tasks; the plain Euclidean metric unless ``metric`` is given (the execution
+    tests build soft compositions from its geometry)."""
+    config.setdefault("metric", "euclidean")
     return AutoSwitchModel.from_pretrained(
         make_base(), adapters=switches, query_sets=query_sets(), config=AutoSwitchConfig(**config), progress=False
     )

@@ -3,7 +3,8 @@
 Layout::
 
     autoswitch_config.json       router config, tasks (with adapter locations), feature spec, base model, radius
-    query_features.safetensors   "features" (fp16 [examples, hidden]) and "task_ids" (int64 [examples])
+    query_features.safetensors   "features" (fp16 [examples, hidden]), "task_ids" (int64 [examples]) and, with
+                                 the learned metric, "projection" (fp32 [rank, hidden], the fitted L)
     adapters/<task>/             each adapter as PEFT saves it (unless stored as a Hub reference)
     tokenizer/                   the router's tokenizer, if it has one
     README.md                    model card (Hub only)
@@ -28,12 +29,15 @@ from .._staging import atomic_output_dir
 from ..errors import SwitchAdapterError
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
+from .metric import LearnedMetric
+from .selection import FeatureChoice, choice_from_dict
 from .sources import AdapterMismatchError, AdapterSource
 
 BUNDLE_CONFIG = "autoswitch_config.json"
 FEATURES_FILE = "query_features.safetensors"
 BUNDLE_FORMAT = "switch-adapter/auto-switch"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: the routing metric in use, and the learned projection
+LEARNED_SINCE = 2
 
 
 class BundleError(SwitchAdapterError, FileNotFoundError):
@@ -60,6 +64,15 @@ class Router(Protocol):
     def radius(self) -> float: ...
 
     @property
+    def metric(self) -> str: ...
+
+    @property
+    def learned_metric(self) -> LearnedMetric | None: ...
+
+    @property
+    def feature_choice(self) -> FeatureChoice | None: ...
+
+    @property
     def inner(self) -> torch.nn.Module: ...
 
     def adapter_source(self, task: str) -> AdapterSource | None: ...
@@ -73,6 +86,15 @@ class BundleContents:
     query_sets: list[tuple[str, QueryFeatures]]
     config: AutoSwitchConfig
     folder: Path
+    metric: str | None = None
+    learned: LearnedMetric | None = None
+    choice: FeatureChoice | None = None
+
+    def routing_for(self, config: AutoSwitchConfig) -> dict[str, Any]:
+        """``build_index`` arguments restoring the stored metric, unless ``config`` names another one."""
+        if self.metric is None or config.metric not in ("auto", self.metric):
+            return {}
+        return {"metric": self.metric, "learned": self.learned, "choice": self.choice}
 
     def load_tokenizer(self) -> Any:
         """The bundle's tokenizer, or None if it has none."""
@@ -110,14 +132,23 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
         bank = torch.cat([query[task].features for task in router.tasks]).to(torch.float16).contiguous()
         task_ids = torch.cat([torch.full((len(query[t]),), i, dtype=torch.long) for i, t in enumerate(router.tasks)])
         metadata = {"spec": json.dumps(router.feature_spec.to_dict()), "tasks": json.dumps(router.tasks)}
-        save_file({"features": bank, "task_ids": task_ids}, str(work / FEATURES_FILE), metadata=metadata)
+        tensors = {"features": bank, "task_ids": task_ids}
+        learned, choice = router.learned_metric, router.feature_choice
+        if learned is not None:
+            tensors["projection"] = learned.projection.float().contiguous().cpu()
+        save_file(tensors, str(work / FEATURES_FILE), metadata=metadata)
         inner = router.inner
         description = {
             "format": BUNDLE_FORMAT,
-            "format_version": BUNDLE_VERSION,
+            "format_version": LEARNED_SINCE if learned is not None else 1,
             "config": router.config.to_dict(),
             "tasks": tasks,
             "features": router.feature_spec.to_dict(),
+            "routing": {
+                "metric": router.metric,
+                "learned": learned.describe() if learned is not None else None,
+                "choice": choice.describe() if choice is not None else None,
+            },
             "base_model": {
                 "name_or_path": getattr(inner, "name_or_path", "") or "",
                 "class": type(inner).__name__,
@@ -209,12 +240,28 @@ def read_bundle(
         metadata = handle.metadata() or {}
         bank = handle.get_tensor("features")
         task_ids = handle.get_tensor("task_ids")
+        projection = handle.get_tensor("projection") if "projection" in handle.keys() else None
     spec = FeatureSpec.from_dict(description["features"])
     if "spec" in metadata:
         spec.check_matches(FeatureSpec.from_dict(json.loads(metadata["spec"])), f"{FEATURES_FILE} of {bundle}")
     names = [entry["name"] for entry in description["tasks"]]
     query = [(name, QueryFeatures(bank[task_ids == i], spec)) for i, name in enumerate(names)]
-    return BundleContents(sources, query, AutoSwitchConfig.from_dict(description["config"]), folder)
+    routing = description.get("routing") or {}
+    learned = None
+    if routing.get("metric") == "learned":
+        record = routing.get("learned") or {}
+        if projection is None or not record:
+            raise BundleError(
+                f"The bundle {bundle} routes with a learned metric but holds no projection in {FEATURES_FILE}: "
+                "re-save it with save_pretrained."
+            )
+        learned = LearnedMetric(
+            projection, record["objective"], list(record["tasks"]), list(record["examples_per_task"])
+        )
+        learned.check_feature_size(int(bank.shape[1]), f"the bundle {bundle}")
+    choice = choice_from_dict(routing["choice"]) if routing.get("choice") else None
+    config = AutoSwitchConfig.from_dict(description["config"])
+    return BundleContents(sources, query, config, folder, routing.get("metric"), learned, choice)
 
 
 def push_bundle(
@@ -253,6 +300,22 @@ def model_card(router: Router, repo_id: str) -> str:
     spec = router.feature_spec
     query = router.query_features
     rows = "\n".join(f"| {task} | {len(query[task])} |" for task in router.tasks)
+    metric = f"{router.metric} distance"
+    learned, choice = router.learned_metric, router.feature_choice
+    if learned is not None:
+        how = {"lda": "a shrinkage Fisher discriminant (scikit-learn LinearDiscriminantAnalysis)",
+               "nca": "neighbourhood components analysis (scikit-learn)"}[learned.objective]  # fmt: skip
+        metric = (
+            f"Euclidean distance in a learned rank-{learned.rank} projection of the features, fitted with {how} on "
+            f"the query sets' task labels ({sum(learned.examples)} examples)"
+        )
+    chosen = ""
+    if choice is not None:
+        chosen = (
+            f"\nLayer and metric were chosen at build time from the query sets alone: {choice.folds}-fold "
+            f"cross-validated routing accuracy {choice.accuracy:.3f}, the shallowest layer within "
+            f"{choice.tolerance:g} of the best.\n"
+        )
     return f"""---
 library_name: switch-adapter
 tags:
@@ -265,8 +328,8 @@ tags:
 
 {len(router.tasks)} T-Switch adapters on `{base}`, routed per sample by k-nearest-neighbour retrieval over query
 features of the base model (layer {spec.layer} of {spec.num_layers}, {spec.pooling} pooling; k={config.k},
-{config.metric} distance, mode `{config.mode}`).
-
+{metric}; mode `{config.mode}`).
+{chosen}
 | task | query examples |
 |---|---|
 {rows}

@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-METRICS = ("euclidean", "cosine")
+METRICS = ("auto", "learned", "cosine", "euclidean")
+OBJECTIVES = ("lda", "nca")
 MODES = ("soft", "top1", "batch")
 POOLINGS = ("mean", "first", "last")
 EXECUTIONS = ("auto", "compose", "delta")
 
-# Chosen with benchmarks/routing.py on all-MiniLM-L6-v2 and 8 real text domains: see the README, section Auto-Switch.
+# The depth used when feature_layer=None, and when too few query examples leave nothing to choose from.
 DEFAULT_FEATURE_DEPTH = 1 / 6
 DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
 
@@ -23,15 +24,28 @@ class AutoSwitchConfig:
 
     Args:
         k: Neighbours retrieved per input among all query features (the reference uses 10 for ViT, 5 for RoBERTa).
-        metric: ``"euclidean"`` (the reference) or ``"cosine"``.
+        metric: ``"learned"``: Euclidean distance after a projection ``z = L f`` fitted on the query sets' task
+            labels (Auto-FlexSwitch's learned metric; refitted when tasks are added or removed; a router with one
+            task uses ``"cosine"`` until a second is added). ``"euclidean"`` (the reference) or ``"cosine"``: no
+            fitting. ``"auto"`` (default): the one of the three with the best cross-validated routing accuracy on
+            the query sets, chosen at build time together with the feature layer (see ``router.feature_choice``).
+        metric_rank: Rank ``r`` of the learned projection (at most the feature size; ``"lda"`` also caps it at
+            ``tasks - 1``).
+        metric_objective: How ``L`` is fitted: ``"lda"`` (default; shrinkage Fisher discriminant, closed form) or
+            ``"nca"`` (neighbourhood components analysis, the paper's objective; slower, any rank).
         mode: ``"soft"``: per sample ``base + sum_t w_t * switch_t`` with ``w_t`` the share of the k neighbours
             from task t (the reference's composition); ``"top1"``: only the most represented task (ties: the task
             of the nearest neighbour); ``"batch"``: the soft weights averaged over the batch, one composition for
             all samples (the reference's batch behaviour, for comparison).
         feature_layer: Index into the base model's ``output_hidden_states`` (0 = embedding output, ``-1`` or the
-            number of layers = last layer). ``None``: ``round(feature_depth * number of layers)``, at least 1.
-        feature_depth: Relative depth used when ``feature_layer`` is None. The forward pass stops at that layer,
-            so routing costs about that fraction of one base forward.
+            number of layers = last layer). ``"auto"`` (default): chosen at build time from the query sets: the
+            shallowest (cheapest) candidate layer whose cross-validated routing accuracy is within
+            ``layer_tolerance`` of the best. ``None``: ``round(feature_depth * number of layers)``, at least 1.
+        feature_depth: Relative depth used when ``feature_layer`` is None (or ``"auto"`` with fewer than two
+            query examples per task). The forward pass stops at the feature layer, so routing costs about that
+            fraction of one base forward.
+        layer_tolerance: Cross-validated routing accuracy a cheaper layer may give up against the best one when
+            ``feature_layer="auto"``.
         pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token (for
             decoder LMs; left and right padding both work).
         examples_per_task: Query examples kept per task (a seeded random subset when a query set is larger).
@@ -59,15 +73,22 @@ class AutoSwitchConfig:
         feature_batch_size: Batch size when computing query-set features.
         max_length: Truncation length when the router tokenizes text (None: the tokenizer's maximum).
         text_column: Column holding the text when a query set is a ``datasets.Dataset``.
+        chat_template: Apply the tokenizer's chat template to text given as plain strings, both query examples and
+            inputs (each string becomes one user turn, with the generation prompt), so that raw texts and the
+            prompts a chat model sees are featurised alike. Chats (lists of ``{"role", "content"}`` messages) are
+            always templated.
     """
 
     k: int = 10
-    metric: Literal["euclidean", "cosine"] = "euclidean"
+    metric: Literal["auto", "learned", "cosine", "euclidean"] = "auto"
+    metric_rank: int = 32
+    metric_objective: Literal["lda", "nca"] = "lda"
     mode: Literal["soft", "top1", "batch"] = "top1"
-    feature_layer: int | None = None
+    feature_layer: int | Literal["auto"] | None = "auto"
     feature_depth: float = DEFAULT_FEATURE_DEPTH
+    layer_tolerance: float = 0.005
     pooling: Literal["mean", "first", "last"] = "mean"
-    examples_per_task: int = 100
+    examples_per_task: int = 300
     seed: int = 0
     ood_fallback: bool = True
     ood_quantile: float = 0.99
@@ -79,6 +100,7 @@ class AutoSwitchConfig:
     feature_batch_size: int = 32
     max_length: int | None = None
     text_column: str = "text"
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -88,12 +110,20 @@ class AutoSwitchConfig:
             fail("k", "a positive integer (number of neighbours, e.g. 10)")
         if self.metric not in METRICS:
             fail("metric", f"one of {METRICS}")
+        if not _is_int(self.metric_rank) or self.metric_rank < 1:
+            fail("metric_rank", "a positive integer (rank of the learned projection, e.g. 32)")
+        if self.metric_objective not in OBJECTIVES:
+            fail("metric_objective", f"one of {OBJECTIVES}")
+        if not isinstance(self.layer_tolerance, (int, float)) or not 0.0 <= self.layer_tolerance <= 1.0:
+            fail("layer_tolerance", "a number in [0, 1]")
+        if not isinstance(self.chat_template, bool):
+            fail("chat_template", "True or False")
         if self.mode not in MODES:
             fail("mode", f"one of {MODES}")
         if self.pooling not in POOLINGS:
             fail("pooling", f"one of {POOLINGS}")
-        if self.feature_layer is not None and not _is_int(self.feature_layer):
-            fail("feature_layer", "an integer index into output_hidden_states, or None")
+        if self.feature_layer is not None and self.feature_layer != "auto" and not _is_int(self.feature_layer):
+            fail("feature_layer", "an integer index into output_hidden_states, 'auto' or None")
         if not isinstance(self.feature_depth, (int, float)) or not 0.0 <= self.feature_depth <= 1.0:
             fail("feature_depth", "a number in [0, 1]")
         if not _is_int(self.examples_per_task) or self.examples_per_task < 1:
@@ -118,8 +148,9 @@ class AutoSwitchConfig:
             fail("max_length", "a positive integer or None")
 
     def resolve_feature_layer(self, num_layers: int) -> int:
-        """The ``output_hidden_states`` index in ``[0, num_layers]`` this config selects for a model."""
-        if self.feature_layer is None:
+        """The ``output_hidden_states`` index in ``[0, num_layers]`` this config selects for a model (for
+        ``"auto"``: the fallback depth used when nothing can be chosen)."""
+        if self.feature_layer is None or self.feature_layer == "auto":
             return min(num_layers, max(1, round(self.feature_depth * num_layers)))
         layer = self.feature_layer + num_layers + 1 if self.feature_layer < 0 else self.feature_layer
         if not 0 <= layer <= num_layers:

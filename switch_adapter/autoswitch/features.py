@@ -159,8 +159,13 @@ class FeatureExtractor:
         # Decoder LMs get padding-aware position ids, as in generate (left padding gives the same features).
         self.padding_aware_positions = isinstance(model, PreTrainedModel) and model.can_generate()
 
-    @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled fp32 features ``[B, hidden]`` at ``spec.layer``."""
+        return self.extract(batch, [self.spec.layer])[self.spec.layer]
+
+    @torch.no_grad()
+    def extract(self, batch: Mapping[str, torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Pooled fp32 features at each of ``layers`` from one forward pass, stopped at the deepest one."""
         inputs = {key: batch[key] for key in FEATURE_INPUT_KEYS if batch.get(key) is not None}
         if "input_ids" not in inputs:
             raise ValueError("Routing needs input_ids (and attention_mask for padded batches).")
@@ -171,27 +176,34 @@ class FeatureExtractor:
         if self.padding_aware_positions:
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             extra["use_cache"] = False
-        if self.spec.layer >= len(self.layers):
-            hidden = self.model(**inputs, **extra, output_hidden_states=True).hidden_states[self.spec.layer]
-            return pool(hidden, mask, self.spec.pooling)
-        captured: list[torch.Tensor] = []
+        wanted = sorted(set(layers))
+        if wanted[-1] >= len(self.layers):
+            hidden = self.model(**inputs, **extra, output_hidden_states=True).hidden_states
+            return {layer: pool(hidden[layer], mask, self.spec.pooling) for layer in wanted}
+        captured: dict[int, torch.Tensor] = {}
+        deepest = wanted[-1]
 
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _StopForward
+        def capture_at(layer: int):
+            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[layer] = args[0] if args else kwargs["hidden_states"]
+                if layer == deepest:
+                    raise _StopForward
 
-        handle = self.layers[self.spec.layer].register_forward_pre_hook(capture, with_kwargs=True)
+            return capture
+
+        handles = [
+            self.layers[layer].register_forward_pre_hook(capture_at(layer), with_kwargs=True) for layer in wanted
+        ]
         try:
             self.model(**inputs, **extra)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(
-                f"The forward pass of {type(self.model).__name__} never reached layer {self.spec.layer}."
-            )
-        return pool(captured[0], mask, self.spec.pooling)
+            for handle in handles:
+                handle.remove()
+        if deepest not in captured:
+            raise RuntimeError(f"The forward pass of {type(self.model).__name__} never reached layer {deepest}.")
+        return {layer: pool(captured[layer], mask, self.spec.pooling) for layer in wanted}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -203,7 +215,53 @@ def _device_of(model: nn.Module) -> torch.device:
 # -- inputs ----------------------------------------------------------------------------------------------
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int | None, padding_side: str | None = None) -> dict:
+def is_chat(item: Any) -> bool:
+    """A chat: a non-empty list of ``{"role": ..., "content": ...}`` messages."""
+    return (
+        isinstance(item, (list, tuple))
+        and bool(item)
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in item)
+    )
+
+
+def is_text_batch(items: Any) -> bool:
+    """A string, a chat, or a non-empty list of strings and chats."""
+    if isinstance(items, str) or is_chat(items):
+        return True
+    return (
+        isinstance(items, (list, tuple))
+        and bool(items)
+        and all(isinstance(item, str) or is_chat(item) for item in items)
+    )
+
+
+def format_texts(items: Any, tokenizer: Any, chat_template: bool) -> tuple[list[str], bool]:
+    """``(texts, templated)``: strings and chats as the router tokenizes them. Chats always, and strings when
+    ``chat_template`` is set (as one user turn), go through the tokenizer's chat template with the generation
+    prompt; ``templated`` says whether any did (their special tokens are then part of the text)."""
+    if isinstance(items, str) or is_chat(items):
+        items = [items]
+    if not any(is_chat(item) for item in items) and not chat_template:
+        return list(items), False
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "Chat inputs (or AutoSwitchConfig(chat_template=True)) need a tokenizer with a chat template; this "
+            "tokenizer has none. Pass plain strings, or set tokenizer.chat_template."
+        )
+    texts = []
+    for item in items:
+        chat = item if is_chat(item) else [{"role": "user", "content": item}]
+        texts.append(tokenizer.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True))
+    return texts, True
+
+
+def tokenize(
+    texts: Sequence[Any],
+    tokenizer: Any,
+    max_length: int | None,
+    padding_side: str | None = None,
+    chat_template: bool = False,
+) -> dict:
     if tokenizer is None:
         raise ValueError("Text inputs need a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...).")
     if tokenizer.pad_token is None:
@@ -211,7 +269,10 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int | None, paddi
             "The tokenizer has no pad token, so a batch of texts cannot be padded. Set one, e.g. "
             "tokenizer.pad_token = tokenizer.eos_token."
         )
+    texts, templated = format_texts(texts, tokenizer, chat_template)
     kwargs: dict[str, Any] = {"padding": True, "truncation": True, "return_tensors": "pt"}
+    if templated:
+        kwargs["add_special_tokens"] = False  # the template holds them
     if max_length is not None:
         kwargs["max_length"] = max_length
     if padding_side is not None:
@@ -221,13 +282,17 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int | None, paddi
 
 
 def to_model_inputs(
-    inputs: Any, tokenizer: Any = None, max_length: int | None = None, padding_side: str | None = None
+    inputs: Any,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    padding_side: str | None = None,
+    chat_template: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A dict of batch tensors from a string, a list of strings, a tensor of token ids or a dict/BatchEncoding."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(item, str) for item in inputs):
-        return tokenize(inputs, tokenizer, max_length, padding_side)
+    """A dict of batch tensors from strings or chats (one or a list), a tensor of token ids or a dict /
+    BatchEncoding."""
+    if is_text_batch(inputs):
+        return tokenize(inputs if isinstance(inputs, (list, tuple)) and not is_chat(inputs) else [inputs],
+                        tokenizer, max_length, padding_side, chat_template)  # fmt: skip
     if isinstance(inputs, torch.Tensor):
         ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -237,8 +302,8 @@ def to_model_inputs(
             out = {key: value.unsqueeze(0) for key, value in out.items()}
         return out
     raise TypeError(
-        f"Unsupported inputs of type {type(inputs).__name__}: pass a list of strings (with a tokenizer), a tensor "
-        "of token ids, or a dict / BatchEncoding with input_ids and attention_mask."
+        f"Unsupported inputs of type {type(inputs).__name__}: pass a list of strings or chats (with a tokenizer), a "
+        "tensor of token ids, or a dict / BatchEncoding with input_ids and attention_mask."
     )
 
 
@@ -292,16 +357,18 @@ def example_batches(
                 f"The query set of task {task!r} (a Dataset with columns {chosen.column_names}) has no "
                 f"{config.text_column!r} column: set AutoSwitchConfig.text_column, or give an input_ids column."
             )
-    if isinstance(examples, str):
+    if isinstance(examples, str) or is_chat(examples):
         examples = [examples]
     if isinstance(examples, (list, tuple)):
         if not examples:
             raise empty()
-        if not all(isinstance(item, str) for item in examples):
-            raise TypeError(f"The query set of task {task!r} is a list, but not of strings.")
+        if not is_text_batch(examples):
+            raise TypeError(f"The query set of task {task!r} is a list, but not of strings or chats.")
         texts = [examples[i] for i in _select(len(examples), limit, config.seed)]
+        format_texts(texts[:1], tokenizer, config.chat_template)  # fail now, not in the generator
         return len(texts), (
-            tokenize(texts[i : i + size], tokenizer, config.max_length) for i in range(0, len(texts), size)
+            tokenize(texts[i : i + size], tokenizer, config.max_length, chat_template=config.chat_template)
+            for i in range(0, len(texts), size)
         )
     if isinstance(examples, torch.Tensor):
         examples = {"input_ids": examples}
@@ -326,12 +393,28 @@ def compute_query_features(
     extractor: FeatureExtractor, examples: Any, tokenizer: Any, config: Any, task: str, progress: bool = True
 ) -> QueryFeatures:
     """Features (fp16, on CPU) of a task's query examples."""
+    layer = extractor.spec.layer
+    return QueryFeatures(layer_features(extractor, examples, tokenizer, config, task, [layer], progress)[layer],
+                         extractor.spec)  # fmt: skip
+
+
+def layer_features(
+    extractor: FeatureExtractor,
+    examples: Any,
+    tokenizer: Any,
+    config: Any,
+    task: str,
+    layers: Sequence[int],
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """``{layer: fp16 CPU features [examples, hidden]}`` of a task's query examples, one forward pass per batch."""
     count, batches = example_batches(examples, tokenizer, config, task)
-    parts = []
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = (count + config.feature_batch_size - 1) // config.feature_batch_size
     for batch in tqdm(batches, total=total, desc=f"Query features ({task})", disable=not progress or total < 4):
-        parts.append(extractor(batch).to(device="cpu", dtype=torch.float16))
-    features = torch.cat(parts)
-    if not torch.isfinite(features).all():
+        for layer, values in extractor.extract(batch, layers).items():
+            parts[layer].append(values.to(device="cpu", dtype=torch.float16))
+    features = {layer: torch.cat(values) for layer, values in parts.items()}
+    if not all(torch.isfinite(values).all() for values in features.values()):
         raise ValueError(f"The query features of task {task!r} hold NaN/Inf (overflow at fp16?).")
-    return QueryFeatures(features, extractor.spec)
+    return features

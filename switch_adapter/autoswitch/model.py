@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,6 @@ from .._model_sources import hub_download_kwargs
 from ..errors import AdapterNotFoundError, LayoutMismatchError, SwitchAdapterError
 from ..tswitch.config import TSwitchConfig
 from ..tswitch.model import TSwitchModel
-from . import knn
 from .bundle import push_bundle, read_bundle, save_bundle
 from .compose import (
     CacheInfo,
@@ -50,10 +50,14 @@ from .features import (
     base_fingerprint,
     compute_query_features,
     find_layer_stack,
+    layer_features,
     num_hidden_layers,
     to_model_inputs,
 )
+from .index import RoutingIndex, build_index, can_choose, choose
+from .metric import LearnedMetric
 from .routing import RoutingResult, route_features
+from .selection import FeatureChoice, candidate_layers
 from .sources import AdapterMismatchError, AdapterSource
 
 logger = logging.getLogger(__name__)
@@ -188,6 +192,9 @@ class AutoSwitchModel(nn.Module):
         *,
         tokenizer: Any = None,
         sources: Mapping[str, AdapterSource | None] | None = None,
+        metric: str | None = None,
+        learned: LearnedMetric | None = None,
+        choice: FeatureChoice | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -202,7 +209,7 @@ class AutoSwitchModel(nn.Module):
         self._extractor = FeatureExtractor(self.inner, spec)
         self._disable_adapters()
         self.eval()
-        self._refresh()
+        self._refresh(build_index(self._query, config, metric=metric, learned=learned, choice=choice))
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -249,7 +256,7 @@ class AutoSwitchModel(nn.Module):
             return cls._build(
                 base_model, contents.sources, contents.query_sets, config or contents.config,
                 tokenizer=tokenizer if tokenizer is not None else contents.load_tokenizer(), token=token,
-                check_base_model=check_base_model, progress=progress,
+                check_base_model=check_base_model, progress=progress, stored=contents,
             )  # fmt: skip
         if not isinstance(model_or_bundle, nn.Module):
             raise TypeError(
@@ -273,6 +280,7 @@ class AutoSwitchModel(nn.Module):
         token: str | None,
         check_base_model: bool,
         progress: bool,
+        stored: Any = None,
     ) -> AutoSwitchModel:
         existing = list(base.peft_config) if isinstance(base, PeftModel) else []
         if isinstance(base, PeftModel):
@@ -309,12 +317,21 @@ class AutoSwitchModel(nn.Module):
         spec = _make_spec(inner, config)
         context = base.disable_adapter() if isinstance(base, PeftModel) else nullcontext()
         with context:
-            extractor = FeatureExtractor(inner, spec)
-            features = {
-                name: _query_features(extractor, query[name], tokenizer, config, name, progress) for name in tasks
-            }
+            features, choice, spec = _initial_features(inner, spec, query, tasks, tokenizer, config, progress)
+            if stored is not None:  # a bundle: its metric and projection, unless the config names another metric
+                index = build_index(features, config, **stored.routing_for(config))
+            else:
+                index = build_index(features, config, metric=choice.metric if choice else None, choice=choice)
+        if choice is not None:
+            logger.info(
+                "Auto-Switch routing features: layer %d of %d, %s metric (cross-validated routing accuracy %.3f on "
+                "the query sets).", choice.layer, spec.num_layers, choice.metric, choice.accuracy,
+            )  # fmt: skip
         model = _attach(base, sources, token)
-        return cls(model, features, config, spec, tokenizer=tokenizer, sources=sources)
+        return cls(
+            model, features, config, spec, tokenizer=tokenizer, sources=sources, metric=index.metric,
+            learned=index.learned, choice=index.choice,
+        )  # fmt: skip
 
     # -- tasks ---------------------------------------------------------------------------------------------
 
@@ -335,9 +352,31 @@ class AutoSwitchModel(nn.Module):
 
     @property
     def radius(self) -> float:
-        """The out-of-distribution radius in use (calibrated on the query sets unless ``config.ood_radius``)."""
+        """The out-of-distribution radius in use (calibrated on the query sets unless ``config.ood_radius``), in
+        the space of :attr:`metric`."""
         with self._lock:
-            return self._radius
+            return self._index.radius
+
+    @property
+    def metric(self) -> str:
+        """The routing metric in use: ``"learned"``, ``"cosine"`` or ``"euclidean"`` (``config.metric="auto"``
+        resolves to one of them at build time)."""
+        with self._lock:
+            return self._index.metric
+
+    @property
+    def learned_metric(self) -> LearnedMetric | None:
+        """The fitted projection ``L`` (``learned_metric.projection``, ``[rank, feature size]``) when
+        :attr:`metric` is ``"learned"``."""
+        with self._lock:
+            return self._index.learned
+
+    @property
+    def feature_choice(self) -> FeatureChoice | None:
+        """How the feature layer and metric were chosen from the query sets (every candidate's cross-validated
+        routing accuracy), or None when both were configured."""
+        with self._lock:
+            return self._index.choice
 
     @property
     def query_features(self) -> dict[str, QueryFeatures]:
@@ -377,12 +416,13 @@ class AutoSwitchModel(nn.Module):
             check_adapter_fits(name, adapter_config, source.location, self.inner, base_id, check_base_model)
             _check_same_base({**self._peft_configs(), name: adapter_config}, check_base_model)
             features = _query_features(self._extractor, examples, self.tokenizer, self.config, name, progress)
+            index = self._reindex({**self._query, name: features})
             kwargs = source.hub_kwargs() | ({"token": token} if token else {})
             self.model.load_adapter(source.location, adapter_name=name, **kwargs)
             self._query[name] = features
             self._sources[name] = source
             self._disable_adapters()
-            self._refresh()
+            self._refresh(index)
 
     def remove_task(self, name: str) -> None:
         """Detach task ``name``: its adapter, query features and cached compositions."""
@@ -391,13 +431,14 @@ class AutoSwitchModel(nn.Module):
                 raise KeyError(f"No task {name!r}; the router's tasks are {self.tasks}.")
             if len(self._query) == 1:
                 raise ValueError("Cannot remove the last task: a router needs at least one.")
+            index = self._reindex({task: q for task, q in self._query.items() if task != name})
             self.model.delete_adapter(name)
             del self._query[name]
             self._sources.pop(name, None)
             self._cache.discard_task(name)
             self._deltas.discard_task(name)
             self._disable_adapters()
-            self._refresh()
+            self._refresh(index)
 
     def compute_query_features(self, examples: Any, *, task: str = "query", progress: bool = True) -> QueryFeatures:
         """Features of ``examples`` as this router computes them (to store, or to pass as a query set)."""
@@ -421,9 +462,11 @@ class AutoSwitchModel(nn.Module):
             return self._route(self._inputs(inputs, kwargs))
 
     def _route(self, batch: Mapping[str, torch.Tensor]) -> RoutingResult:
+        index = self._index
         routing = route_features(
-            self._extractor(batch), self._bank, self._bank_tasks, self.tasks, self.config, self._radius
-        )
+            index.project(self._extractor(batch)), index.bank, index.bank_tasks, index.tasks, self.config,
+            index.radius, index.distance, index.metric,
+        )  # fmt: skip
         if self._num_labels:
             routing.num_labels = [self._num_labels.get(task, self._base_num_labels) for task in routing.top_task]
         return routing
@@ -606,7 +649,7 @@ class AutoSwitchModel(nn.Module):
             raise ValueError("Pass the inputs once: positionally or as input_ids=, not both.")
         if isinstance(inputs, torch.Tensor) and "attention_mask" in kwargs:
             inputs = {"input_ids": inputs, "attention_mask": kwargs.pop("attention_mask")}
-        batch = to_model_inputs(inputs, self.tokenizer, self.config.max_length, padding_side)
+        batch = to_model_inputs(inputs, self.tokenizer, self.config.max_length, padding_side, self.config.chat_template)
         if isinstance(inputs, Mapping):
             batch = {**{k: v for k, v in inputs.items() if k not in batch}, **batch}
         if keep_extra:
@@ -715,20 +758,15 @@ class AutoSwitchModel(nn.Module):
     def _disable_adapters(self) -> None:
         self.model.base_model.disable_adapter_layers()
 
-    def _refresh(self) -> None:
-        """Rebuild what depends on the set of tasks: slots, query bank, radius, head label counts."""
+    def _reindex(self, query: Mapping[str, QueryFeatures]) -> RoutingIndex:
+        """The index for a changed set of tasks: the learned metric refitted, ``"auto"`` re-chosen at the layer."""
+        metric = None if self.config.metric in ("auto", "learned") else self.config.metric
+        return build_index(query, self.config, metric=metric)
+
+    def _refresh(self, index: RoutingIndex) -> None:
+        """Install ``index`` and rebuild what depends on the set of tasks: slots and head label counts."""
         self._slots = ModelSlots(self.inner)
-        names = self.tasks
-        self._bank = torch.cat([self._query[name].features for name in names])
-        self._bank_tasks = torch.cat(
-            [torch.full((len(self._query[name]),), i, dtype=torch.long) for i, name in enumerate(names)]
-        )
-        if self.config.ood_radius is not None:
-            self._radius = float(self.config.ood_radius)
-        else:
-            self._radius = knn.calibrate_radius(
-                self._bank, self.config.metric, self.config.ood_quantile, self.config.ood_scale
-            )
+        self._index = index
         self._num_labels, self._base_num_labels = _head_label_counts(self._slots, self.model)
         self._can_generate = isinstance(self.inner, PreTrainedModel) and self.inner.can_generate()
 
@@ -742,6 +780,46 @@ def _make_spec(inner: nn.Module, config: AutoSwitchConfig) -> FeatureSpec:
     return FeatureSpec(
         config.resolve_feature_layer(layers), config.pooling, layers, int(hidden), base_fingerprint(inner)
     )
+
+
+def _initial_features(
+    inner: nn.Module,
+    spec: FeatureSpec,
+    query: Mapping[str, Any],
+    tasks: list[str],
+    tokenizer: Any,
+    config: AutoSwitchConfig,
+    progress: bool,
+) -> tuple[dict[str, QueryFeatures], FeatureChoice | None, FeatureSpec]:
+    """Query features of every task, and with ``feature_layer="auto"`` the layer (and metric) chosen from them.
+
+    Precomputed :class:`QueryFeatures` fix the layer: theirs. Otherwise every candidate layer's features come from
+    one forward pass per batch, and :func:`~switch_adapter.autoswitch.index.choose` picks.
+    """
+    given = [q for q in query.values() if isinstance(q, QueryFeatures)]
+    if config.feature_layer != "auto" or given or len(tasks) < 2:
+        if config.feature_layer == "auto" and given:
+            spec = dataclasses.replace(spec, layer=given[0].spec.layer)
+        extractor = FeatureExtractor(inner, spec)
+        features = {name: _query_features(extractor, query[name], tokenizer, config, name, progress) for name in tasks}
+        return features, None, spec
+    layers = sorted(set(candidate_layers(spec.num_layers)) | {spec.layer})
+    extractor = FeatureExtractor(inner, spec)
+    per_task = {
+        name: layer_features(extractor, query[name], tokenizer, config, name, layers, progress) for name in tasks
+    }
+    counts = {name: int(per_task[name][spec.layer].shape[0]) for name in tasks}
+    if not can_choose(counts):
+        logger.warning(
+            "feature_layer='auto' needs at least two query examples per task to compare layers; using layer %d "
+            "(feature_depth).", spec.layer,
+        )  # fmt: skip
+        return {name: QueryFeatures(per_task[name][spec.layer], spec) for name in tasks}, None, spec
+    labels = torch.cat([torch.full((counts[name],), i, dtype=torch.long) for i, name in enumerate(tasks)])
+    stacked = {layer: torch.cat([per_task[name][layer] for name in tasks]).float() for layer in layers}
+    choice = choose(stacked, labels, tasks, config)
+    spec = dataclasses.replace(spec, layer=choice.layer)
+    return {name: QueryFeatures(per_task[name][choice.layer], spec) for name in tasks}, choice, spec
 
 
 def _query_features(

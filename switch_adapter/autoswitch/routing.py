@@ -37,7 +37,9 @@ class RoutingResult:
         distances: ``[batch, k]`` float32: distances to the k nearest query examples, nearest first.
         neighbors: ``[batch, k]`` int64: the task index (into ``task_names``) of each of those neighbours.
         mode: The router's mode (``soft``, ``top1`` or ``batch``).
-        radius: The out-of-distribution radius in use (``inf``: never flagged).
+        metric: The metric the neighbours were retrieved with: ``learned`` (Euclidean after the learned
+            projection), ``cosine`` or ``euclidean``.
+        radius: The out-of-distribution radius in use (``inf``: never flagged), in the metric's space.
         num_labels: For sequence classification, the number of labels of the head each sample uses (logits are
             padded with ``-inf`` to the largest); None otherwise.
     """
@@ -50,6 +52,7 @@ class RoutingResult:
     neighbors: torch.Tensor
     mode: str
     radius: float
+    metric: str = "euclidean"
     num_labels: list[int | None] | None = None
     _groups: list[Group] | None = field(default=None, repr=False, compare=False)
 
@@ -84,17 +87,20 @@ class RoutingResult:
             self.neighbors[index],
             self.mode,
             self.radius,
+            self.metric,
             None if self.num_labels is None else [self.num_labels[i] for i in indices],
         )
 
     def to_list(self) -> list[dict[str, Any]]:
-        """One plain dict per sample: ``weights``, ``top_task``, ``ood``, ``nearest_distance`` (JSON-friendly)."""
+        """One plain dict per sample: ``weights``, ``top_task``, ``ood``, ``nearest_distance`` and ``metric``
+        (JSON-friendly)."""
         return [
             {
                 "weights": self.composition(i),
                 "top_task": self.top_task[i],
                 "ood": bool(self.ood[i]),
                 "nearest_distance": float(self.distances[i, 0]) if self.distances.shape[1] else float("nan"),
+                "metric": self.metric,
             }
             for i in range(len(self))
         ]
@@ -107,9 +113,12 @@ def route_features(
     task_names: list[str],
     config: AutoSwitchConfig,
     radius: float,
+    distance: str,
+    metric: str | None = None,
 ) -> RoutingResult:
-    """Route a batch from its features ``[B, D]`` against the query ``bank`` ``[N, D]`` (task index per row)."""
-    dist, index = knn.nearest(features, bank.to(features.device), config.k, config.metric)
+    """Route a batch from its features ``[B, D]`` against the query ``bank`` ``[N, D]`` (task index per row), both
+    in the space ``distance`` (``"euclidean"``/``"cosine"``) is measured in; ``metric`` names it in the result."""
+    dist, index = knn.nearest(features, bank.to(features.device), config.k, distance)
     neighbor_tasks = bank_tasks.to(features.device)[index]
     weights = knn.task_weights(neighbor_tasks, len(task_names))
     top = knn.top_tasks(weights, neighbor_tasks)
@@ -134,4 +143,5 @@ def route_features(
         neighbors=neighbor_tasks.cpu(),
         mode=config.mode,
         radius=float(radius),
+        metric=metric or distance,
     )

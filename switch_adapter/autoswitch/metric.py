@@ -1,0 +1,140 @@
+"""The learned routing metric: a low-rank projection ``z = L f`` fitted on the query sets' task labels.
+
+Distances between routing features are Euclidean distances between their projections. Two objectives, both from
+scikit-learn:
+
+- ``"lda"`` (default): Fisher's linear discriminant with Ledoit-Wolf shrinkage of the within-task covariance
+  (``LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto")``): closed form, a fraction of a second for
+  thousands of examples. Its rank is at most ``tasks - 1``.
+- ``"nca"``: neighbourhood components analysis (``NeighborhoodComponentsAnalysis``), the objective of the
+  Auto-FlexSwitch paper: maximises the leave-one-out probability that a point's soft neighbours share its task.
+  Any rank up to the feature size; its cost grows with the square of the number of query examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SwitchAdapterError
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("lda", "nca")
+# Fewer examples than this per task leave the within-task spread unmeasured: the fit would chase noise.
+MIN_EXAMPLES_PER_TASK = 5
+NCA_MAX_ITER = 100
+
+
+class MetricFitError(SwitchAdapterError, ValueError):
+    """The learned metric cannot be fitted (too few examples per task, a rank above the feature size) or a stored
+    projection does not fit the router's features."""
+
+
+@dataclass
+class LearnedMetric:
+    """A fitted projection ``projection`` (fp32 ``[rank, feature size]``); ``z = f @ projection.T``.
+
+    ``objective``: ``"lda"`` or ``"nca"``; ``tasks`` and ``examples``: the task names and query examples per task
+    it was fitted on.
+    """
+
+    projection: torch.Tensor
+    objective: str
+    tasks: list[str]
+    examples: list[int]
+
+    @property
+    def rank(self) -> int:
+        return int(self.projection.shape[0])
+
+    @property
+    def feature_size(self) -> int:
+        return int(self.projection.shape[1])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, rank]`` fp32 projections of ``features`` ``[B, feature size]``."""
+        projection = self.projection.to(features.device)
+        return features.float() @ projection.T
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly record: objective, rank, feature size, tasks and examples per task."""
+        return {
+            "objective": self.objective,
+            "rank": self.rank,
+            "feature_size": self.feature_size,
+            "tasks": list(self.tasks),
+            "examples_per_task": list(self.examples),
+        }
+
+    def check_feature_size(self, size: int, what: str) -> None:
+        if self.feature_size != size:
+            raise MetricFitError(
+                f"The learned projection of {what} has shape {list(self.projection.shape)}, for features of size "
+                f"{self.feature_size}, but the router's features have size {size}: it was fitted for another base "
+                "model or feature layer. Rebuild the router from the adapters and query sets (the projection is "
+                "refitted), or load the bundle onto the base model it was made for."
+            )
+
+
+def check_fit_inputs(counts: dict[str, int], feature_size: int, rank: int) -> None:
+    """Raise :class:`MetricFitError` for a rank above ``feature_size`` or a task with too few examples."""
+    if rank > feature_size:
+        raise MetricFitError(
+            f"metric_rank={rank} is larger than the routing feature size {feature_size}: a projection cannot add "
+            f"dimensions. Use AutoSwitchConfig(metric_rank=<at most {feature_size}>)."
+        )
+    few = {task: count for task, count in counts.items() if count < MIN_EXAMPLES_PER_TASK}
+    if few:
+        listing = ", ".join(f"{task}: {count}" for task, count in few.items())
+        raise MetricFitError(
+            f"The learned metric needs at least {MIN_EXAMPLES_PER_TASK} query examples per task to learn from; "
+            f"too few for {listing}. Give more examples for these tasks, or use metric='cosine' (no fitting)."
+        )
+
+
+def fit_metric(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    tasks: list[str],
+    objective: str,
+    rank: int,
+    seed: int = 0,
+    *,
+    check: bool = True,
+) -> LearnedMetric:
+    """Fit ``L`` on ``features`` ``[N, D]`` with task index ``labels`` ``[N]`` (at least two tasks).
+
+    The rank is ``min(rank, D)`` and, for ``"lda"``, at most ``len(tasks) - 1``. ``check=False`` skips the
+    examples-per-task minimum (cross-validation folds).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown metric objective {objective!r}: use one of {OBJECTIVES}.")
+    if len(tasks) < 2:
+        raise MetricFitError("A learned metric separates tasks: it needs at least two.")
+    counts = {task: int((labels == i).sum()) for i, task in enumerate(tasks)}
+    if check:
+        check_fit_inputs(counts, int(features.shape[1]), rank)
+    x = features.detach().double().cpu().numpy()
+    y = labels.detach().cpu().numpy()
+    if objective == "lda":
+        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x, y)
+        keep = min(rank, len(tasks) - 1, x.shape[1])
+        matrix = torch.from_numpy(lda.scalings_[:, :keep].T.copy())
+    else:
+        from sklearn.neighbors import NeighborhoodComponentsAnalysis
+
+        nca = NeighborhoodComponentsAnalysis(n_components=rank, random_state=seed, max_iter=NCA_MAX_ITER)
+        matrix = torch.from_numpy(nca.fit(x, y).components_.copy())
+    matrix = matrix.float()
+    if not torch.isfinite(matrix).all():
+        raise MetricFitError(
+            "Fitting the learned metric gave NaN/Inf (constant or duplicate query features?). Check the query sets, "
+            "or use metric='cosine'."
+        )
+    return LearnedMetric(matrix, objective, list(tasks), [counts[task] for task in tasks])
