@@ -16,6 +16,7 @@ EXECUTIONS = ("auto", "compose", "delta")
 # The depth used when feature_layer=None, and when too few query examples leave nothing to choose from.
 DEFAULT_FEATURE_DEPTH = 1 / 6
 DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
+DEFAULT_METRIC_RANK = 32
 
 
 @dataclass
@@ -29,8 +30,8 @@ class AutoSwitchConfig:
             task uses ``"cosine"`` until a second is added). ``"euclidean"`` (the reference) or ``"cosine"``: no
             fitting. ``"auto"`` (default): the one of the three with the best cross-validated routing accuracy on
             the query sets, chosen at build time together with the feature layer (see ``router.feature_choice``).
-        metric_rank: Rank ``r`` of the learned projection (at most the feature size; ``"lda"`` also caps it at
-            ``tasks - 1``).
+        metric_rank: Rank ``r`` of the learned projection, at most the feature size. ``None``: 32, or the feature
+            size if smaller. ``"lda"`` also caps it at ``tasks - 1``.
         metric_objective: How ``L`` is fitted: ``"lda"`` (default; shrinkage Fisher discriminant, closed form) or
             ``"nca"`` (neighbourhood components analysis, the paper's objective; slower, any rank).
         mode: ``"soft"``: per sample ``base + sum_t w_t * switch_t`` with ``w_t`` the share of the k neighbours
@@ -81,7 +82,7 @@ class AutoSwitchConfig:
 
     k: int = 10
     metric: Literal["auto", "learned", "cosine", "euclidean"] = "auto"
-    metric_rank: int = 32
+    metric_rank: int | None = None
     metric_objective: Literal["lda", "nca"] = "lda"
     mode: Literal["soft", "top1", "batch"] = "top1"
     feature_layer: int | Literal["auto"] | None = "auto"
@@ -110,7 +111,7 @@ class AutoSwitchConfig:
             fail("k", "a positive integer (number of neighbours, e.g. 10)")
         if self.metric not in METRICS:
             fail("metric", f"one of {METRICS}")
-        if not _is_int(self.metric_rank) or self.metric_rank < 1:
+        if self.metric_rank is not None and (not _is_int(self.metric_rank) or self.metric_rank < 1):
             fail("metric_rank", "a positive integer (rank of the learned projection, e.g. 32)")
         if self.metric_objective not in OBJECTIVES:
             fail("metric_objective", f"one of {OBJECTIVES}")
@@ -146,6 +147,10 @@ class AutoSwitchConfig:
             fail("feature_batch_size", "a positive integer")
         if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
             fail("max_length", "a positive integer or None")
+
+    def resolve_metric_rank(self, feature_size: int) -> int:
+        """The learned projection's rank for features of ``feature_size``."""
+        return min(DEFAULT_METRIC_RANK, feature_size) if self.metric_rank is None else self.metric_rank
 
     def resolve_feature_layer(self, num_layers: int) -> int:
         """The ``output_hidden_states`` index in ``[0, num_layers]`` this config selects for a model (for

@@ -58,7 +58,7 @@ class RoutingIndex:
 
 def check_rank(config: AutoSwitchConfig, feature_size: int) -> None:
     """A learned projection cannot have more dimensions than the features it projects."""
-    if config.metric in ("learned", "auto") and config.metric_rank > feature_size:
+    if config.metric in ("learned", "auto") and config.resolve_metric_rank(feature_size) > feature_size:
         raise MetricFitError(
             f"AutoSwitchConfig(metric_rank={config.metric_rank}) is larger than the routing feature size "
             f"{feature_size}: a projection cannot add dimensions. Use metric_rank <= {feature_size}."
@@ -81,12 +81,13 @@ def choose(
 ) -> FeatureChoice:
     """Cross-validated choice of layer (among ``features``' keys) and metric (``config.metric``, or every
     candidate for ``"auto"``)."""
-    check_rank(config, int(next(iter(features.values())).shape[1]))
+    size = int(next(iter(features.values())).shape[1])
+    check_rank(config, size)
     counts = {task: int((labels == i).sum()) for i, task in enumerate(tasks)}
     metrics = metric_candidates(config, counts) if config.metric == "auto" else [config.metric]
     return choose_features(
         features, labels, tasks, metrics, k=config.k, tolerance=config.layer_tolerance,
-        objective=config.metric_objective, rank=config.metric_rank,
+        objective=config.metric_objective, rank=config.resolve_metric_rank(size),
         folds=min(DEFAULT_FOLDS, min(counts.values())), seed=config.seed,
     )  # fmt: skip
 
@@ -127,7 +128,8 @@ def build_index(
     if metric != "learned":
         learned = None
     elif learned is None or learned.tasks != tasks or learned.examples != [counts[t] for t in tasks]:
-        learned = fit_metric(raw, labels, tasks, config.metric_objective, config.metric_rank, config.seed)
+        rank = config.resolve_metric_rank(int(raw.shape[1]))
+        learned = fit_metric(raw, labels, tasks, config.metric_objective, rank, config.seed)
     else:
         learned.check_feature_size(int(raw.shape[1]), "the stored routing metric")
     bank = learned.project(raw) if learned is not None else raw
