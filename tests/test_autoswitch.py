@@ -398,6 +398,34 @@ def test_generate_two_tasks_with_composed_weights_per_group(llama_router, single
         assert torch.equal(sequences[rows], expected), name
 
 
+@pytest.fixture(scope="module")
+def flex_llama_switches(tmp_path_factory):
+    """FlexSwitch adapters of the tiny Llama with 2- and 4-bit units."""
+    folder, paths = tmp_path_factory.mktemp("flex-llama"), {}
+    for t, name in enumerate(TASKS):
+        base = tiny_llama()
+        tuned = finetune_copy(base, seed=t + 1, noise=0.05)
+        config = FlexSwitchConfig(budget="60%", bit_widths=(2, 4), steps=3, seed=t)
+        flexswitch(base, tuned, {"input_ids": task_ids(t, 8)}, config, progress=False).save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.mark.parametrize("execution", ["compose", "delta"])
+def test_generate_with_multibit_flexswitch_adapters_equals_single_adapter_runs(flex_llama_switches, execution):
+    router = make_router(tiny_llama, flex_llama_switches, mode="top1", execution=execution)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    for rows_of_batch in ([0, 1, 2, 3, 4, 5], [0, 1, 3, 4]):  # 3 tasks; 2 tasks (grouped compositions in "auto")
+        prompts = {k: v[rows_of_batch] for k, v in _prompts().items()}
+        sequences, routing = router.generate(**prompts, return_routing=True, **settings)
+        for name in dict.fromkeys(routing.top_task):
+            rows = [i for i, top in enumerate(routing.top_task) if top == name]
+            single = PeftModel.from_pretrained(tiny_llama(), flex_llama_switches[name]).eval()
+            with torch.no_grad():
+                expected = single.generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
+            assert torch.equal(sequences[rows], expected), (name, rows_of_batch)
+
+
 def test_generate_sampling_single_task_seeded_and_mixed_logits(llama_router, single_adapter_models):
     prompts = _prompts()
     settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, do_sample=True, top_k=20)

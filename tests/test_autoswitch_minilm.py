@@ -74,3 +74,35 @@ def test_minilm_routes_real_sentences_and_runs_each_with_its_switch(tmp_path):
             with torch.no_grad():
                 expected = single(input_ids=batch["input_ids"][i : i + 1, :length]).last_hidden_state[0]
             torch.testing.assert_close(outputs.last_hidden_state[i, :length], expected, rtol=1e-4, atol=1e-4)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_chat_template_applies_to_query_sets_and_inputs_alike(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
+    adapters = {"questions": _switch(tmp_path / "q", 1), "recipes": _switch(tmp_path / "r", 2)}
+    build = lambda tok, **kw: AutoSwitchModel.from_pretrained(  # noqa: E731
+        AutoModel.from_pretrained(MODEL_PATH), adapters=adapters, tokenizer=tok, progress=False,
+        query_sets={"questions": QUESTIONS[:6], "recipes": RECIPES[:6]}, config=AutoSwitchConfig(k=3, **kw),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        build(tokenizer, chat_template=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    router = build(tokenizer, chat_template=True, feature_layer=2, metric="cosine")
+    text = QUESTIONS[6]
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
+    assert templated.startswith("[user] ") and templated.endswith("[assistant]")
+    by_hand = tokenizer([templated], add_special_tokens=False, return_tensors="pt")
+    torch.testing.assert_close(router.features(text), router.features(dict(by_hand)))
+    chat = [{"role": "user", "content": text}]
+    torch.testing.assert_close(router.features([chat]), router.features(text))
+    plain = build(tokenizer, feature_layer=2, metric="cosine")  # templates only chats, not plain strings
+    assert not torch.allclose(plain.features(text), router.features(text))
+    torch.testing.assert_close(plain.features([chat]), router.features(text))
+    routing = router.route([[{"role": "user", "content": q}] for q in (QUESTIONS[7], RECIPES[7])])
+    assert routing.top_task == ["questions", "recipes"]

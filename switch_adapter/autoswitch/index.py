@@ -12,7 +12,7 @@ from . import knn
 from .config import AutoSwitchConfig
 from .features import QueryFeatures
 from .metric import MIN_EXAMPLES_PER_TASK, LearnedMetric, MetricFitError, fit_metric
-from .selection import DEFAULT_FOLDS, FeatureChoice, choose_features
+from .selection import DEFAULT_FOLDS, FeatureChoice, choose_features, fold_of
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,28 @@ def build_index(
     distance = "euclidean" if metric == "learned" else metric
     if config.ood_radius is not None:
         radius = float(config.ood_radius)
+    elif learned is not None:
+        radius = cross_fitted_radius(raw, labels, tasks, config, learned.rank)
     else:
         radius = knn.calibrate_radius(bank, distance, config.ood_quantile, config.ood_scale)
     return RoutingIndex(tasks, metric, learned, bank, labels, radius, choice)
+
+
+def cross_fitted_radius(
+    raw: torch.Tensor, labels: torch.Tensor, tasks: list[str], config: AutoSwitchConfig, rank: int
+) -> float:
+    """OOD radius in the learned space from held-out distances: each fold is projected with ``L`` fitted on the
+    other folds and measured against them. A projection fitted on the query examples pulls each task's examples
+    together, so their own leave-one-out distances would understate how far new inputs of the same tasks land."""
+    folds = min(DEFAULT_FOLDS, min(int((labels == i).sum()) for i in range(len(tasks))))
+    if folds < 2:
+        return float("inf")
+    assigned = fold_of(labels, folds, config.seed)
+    nearest = []
+    for fold in range(folds):
+        train, held = assigned != fold, assigned == fold
+        learned = fit_metric(raw[train], labels[train], tasks, config.metric_objective, rank, config.seed, check=False)
+        nearest.append(
+            knn.distances(learned.project(raw[held]), learned.project(raw[train]), "euclidean").min(1).values
+        )
+    return float(torch.quantile(torch.cat(nearest), config.ood_quantile)) * config.ood_scale
