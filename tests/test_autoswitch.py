@@ -308,6 +308,27 @@ def test_mixed_batch_forward_is_exact_for_a_decoder_lm(llama_switches, tmp_path,
     _assert_samples_match_reference(router, batch, make, switches, lambda out: out.logits)
 
 
+def test_delta_execution_with_layers_a_task_left_unchanged(tmp_path):
+    """A targeted layer whose task vector is zero for a task has no switch for it: the sparse-delta path skips it."""
+
+    def tuned(t):
+        model = tiny_llama()
+        with torch.no_grad():  # only the first block's query projection changes
+            model.model.layers[0].self_attn.q_proj.weight.add_(0.05 * (t + 1))
+        return model
+
+    switches = _save_switches(tiny_llama, tmp_path, tuned)
+    router = make_router(tiny_llama, switches, mode="top1", execution="delta")
+    _assert_samples_match_reference(router, mixed_batch(), tiny_llama, switches, lambda out: out.logits)
+    prompts = _prompts()
+    settings = dict(max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    sequences = router.generate(**prompts, **settings)
+    single = PeftModel.from_pretrained(tiny_llama(), switches["beta"]).eval()
+    with torch.no_grad():
+        expected = single.generate(**{k: v[[1, 4]] for k, v in prompts.items()}, **settings)
+    assert torch.equal(sequences[[1, 4]], expected)
+
+
 def test_mixed_batch_forward_gpt2_conv1d_and_broadcast_position_embeddings(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -345,7 +345,7 @@ class _DeltaCall(_StandIn):
         columns = None  # x as [features, rows * tokens], contiguous: the sparse matmul's fast layout
         for target, index, weights in plan.parts(rows, x.device, dtype):
             delta = self._deltas[target]
-            if delta is None:
+            if delta is None or (delta.weight is None and delta.bias is None):  # base model, or nothing switched
                 continue
             if columns is None:
                 columns = _as_columns(x, delta)
