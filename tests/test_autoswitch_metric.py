@@ -17,7 +17,7 @@ from test_autoswitch import TASKS, mixed_batch, query_sets, task_ids
 from tiny_models import tiny_bert
 
 from switch_adapter import AutoSwitchConfig, AutoSwitchModel
-from switch_adapter.autoswitch import BundleError, FeatureSpec, QueryFeatures
+from switch_adapter.autoswitch import BundleError, FeatureSpec, QueryFeatures, knn
 from switch_adapter.autoswitch.index import build_index
 from switch_adapter.autoswitch.metric import MetricFitError, fit_metric
 from switch_adapter.autoswitch.routing import route_features
@@ -73,6 +73,30 @@ def test_fit_metric_rank_and_errors():
         fit_metric(*few, ["a", "b", "c"], "lda", rank=16)
     with pytest.raises(MetricFitError, match="at least two"):
         fit_metric(features[:20], labels[:20], ["a"], "lda", rank=16)
+
+
+def test_lda_projection_routes_as_well_as_scikit_learns_discriminant():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    generator = torch.Generator().manual_seed(0)
+    scales, shifts = torch.rand(64, generator=generator) * 3, torch.randn(4, 64, generator=generator) * 0.15
+
+    def tasks_sample(count):
+        labels = torch.arange(4).repeat_interleave(count)
+        return torch.randn(4 * count, 64, generator=generator) * scales + shifts[labels], labels
+
+    (bank, labels), (test, truth) = tasks_sample(60), tasks_sample(500)
+    ours = fit_metric(bank, labels, ["a", "b", "c", "d"], "lda", rank=32)
+    reference = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(bank.numpy(), labels.numpy())
+    theirs = torch.from_numpy(reference.scalings_[:, :3].T.copy()).float()
+
+    def accuracy(project):
+        _, index = knn.nearest(project(test), project(bank), 10, "euclidean")
+        top = knn.top_tasks(knn.task_weights(labels[index], 4), labels[index])
+        return float((top == truth).float().mean())
+
+    ours_accuracy, their_accuracy = accuracy(ours.project), accuracy(lambda x: x @ theirs.T)
+    assert ours.rank == 3 and 0.5 < their_accuracy < 0.95 and ours_accuracy >= their_accuracy - 0.01
 
 
 def test_layer_choice_takes_the_cheapest_layer_within_tolerance():

@@ -1,6 +1,7 @@
 """Auto-Switch on the real all-MiniLM-L6-v2: routing real sentences, per-sample exactness, the documented example."""
 
 import copy
+import logging
 import os
 
 import pytest
@@ -82,7 +83,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def test_chat_template_applies_to_query_sets_and_inputs_alike(tmp_path):
+def test_chat_template_applies_to_query_sets_and_inputs_alike(tmp_path, caplog):
     tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
     adapters = {"questions": _switch(tmp_path / "q", 1), "recipes": _switch(tmp_path / "r", 2)}
     build = lambda tok, **kw: AutoSwitchModel.from_pretrained(  # noqa: E731
@@ -103,6 +104,9 @@ def test_chat_template_applies_to_query_sets_and_inputs_alike(tmp_path):
     torch.testing.assert_close(router.features([chat]), router.features(text))
     plain = build(tokenizer, feature_layer=2, metric="cosine")  # templates only chats, not plain strings
     assert not torch.allclose(plain.features(text), router.features(text))
-    torch.testing.assert_close(plain.features([chat]), router.features(text))
+    assert plain.query_format == "plain" and router.query_format == "templated"
+    with caplog.at_level(logging.WARNING, logger="switch_adapter"):
+        torch.testing.assert_close(plain.features([chat]), router.features(text))
+    assert "inputs are templated text but the query sets were plain" in caplog.text
     routing = router.route([[{"role": "user", "content": q}] for q in (QUESTIONS[7], RECIPES[7])])
     assert routing.top_task == ["questions", "recipes"]

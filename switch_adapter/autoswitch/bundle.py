@@ -89,6 +89,7 @@ class BundleContents:
     metric: str | None = None
     learned: LearnedMetric | None = None
     choice: FeatureChoice | None = None
+    query_format: str | None = None
 
     def routing_for(self, config: AutoSwitchConfig) -> dict[str, Any]:
         """``build_index`` arguments restoring the stored metric, unless ``config`` names another one."""
@@ -148,6 +149,7 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
                 "metric": router.metric,
                 "learned": learned.describe() if learned is not None else None,
                 "choice": choice.describe() if choice is not None else None,
+                "query_format": getattr(router, "query_format", None),
             },
             "base_model": {
                 "name_or_path": getattr(inner, "name_or_path", "") or "",
@@ -261,7 +263,9 @@ def read_bundle(
         learned.check_feature_size(int(bank.shape[1]), f"the bundle {bundle}")
     choice = choice_from_dict(routing["choice"]) if routing.get("choice") else None
     config = AutoSwitchConfig.from_dict(description["config"])
-    return BundleContents(sources, query, config, folder, routing.get("metric"), learned, choice)
+    return BundleContents(
+        sources, query, config, folder, routing.get("metric"), learned, choice, routing.get("query_format")
+    )
 
 
 def push_bundle(
@@ -303,7 +307,7 @@ def model_card(router: Router, repo_id: str) -> str:
     metric = f"{router.metric} distance"
     learned, choice = router.learned_metric, router.feature_choice
     if learned is not None:
-        how = {"lda": "a shrinkage Fisher discriminant (scikit-learn LinearDiscriminantAnalysis)",
+        how = {"lda": "a Fisher discriminant with Ledoit-Wolf shrinkage",
                "nca": "neighbourhood components analysis (scikit-learn)"}[learned.objective]  # fmt: skip
         metric = (
             f"Euclidean distance in a learned rank-{learned.rank} projection of the features, fitted with {how} on "

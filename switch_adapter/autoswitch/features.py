@@ -235,6 +235,17 @@ def is_text_batch(items: Any) -> bool:
     )
 
 
+def text_format(items: Any, chat_template: bool, text_column: str = "text") -> str | None:
+    """``"templated"`` or ``"plain"`` for text the router tokenizes (strings, chats, a ``datasets.Dataset``'s text
+    column), None for anything else (token ids, features: the router cannot tell)."""
+    if hasattr(items, "column_names") and text_column in getattr(items, "column_names", ()) and len(items):
+        items = [items[0][text_column]]
+    if not is_text_batch(items):
+        return None
+    items = [items] if isinstance(items, str) or is_chat(items) else items
+    return "templated" if chat_template or any(is_chat(item) for item in items) else "plain"
+
+
 def format_texts(items: Any, tokenizer: Any, chat_template: bool) -> tuple[list[str], bool]:
     """``(texts, templated)``: strings and chats as the router tokenizes them. Chats always, and strings when
     ``chat_template`` is set (as one user turn), go through the tokenizer's chat template with the generation

@@ -3,9 +3,14 @@
 Distances between routing features are Euclidean distances between their projections. Two objectives, both from
 scikit-learn:
 
-- ``"lda"`` (default): Fisher's linear discriminant with Ledoit-Wolf shrinkage of the within-task covariance
-  (``LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto")``): closed form, a fraction of a second for
-  thousands of examples. Its rank is at most ``tasks - 1``.
+- ``"lda"`` (default): Fisher's linear discriminant against the prior-weighted within-task covariance with
+  Ledoit-Wolf shrinkage (``sklearn.covariance.ledoit_wolf`` on each task's standardised features, as scikit-learn's
+  ``LinearDiscriminantAnalysis(shrinkage="auto")`` computes it); directions of unit within-task variance. Not
+  scikit-learn's eigen solver itself: it solves a generalised eigenproblem of size ``features x features`` (about
+  2 s at 576 features on 2 busy cores, and the layer choice fits dozens) and takes the between-task scatter from
+  the shrunk total covariance. The exact between-task scatter has rank ``tasks - 1`` at most, so here the
+  directions come from a Cholesky factor and the SVD of a ``features x tasks`` matrix. On the MiniLM suite both
+  route the same test inputs equally well (within 0.2 points). Rank at most ``tasks - 1``.
 - ``"nca"``: neighbourhood components analysis (``NeighborhoodComponentsAnalysis``), the objective of the
   Auto-FlexSwitch paper: maximises the leave-one-out probability that a point's soft neighbours share its task.
   Any rank up to the feature size; its cost grows with the square of the number of query examples.
@@ -80,6 +85,34 @@ class LearnedMetric:
             )
 
 
+def _shrinkage_lda(x: Any, y: Any, keep: int) -> torch.Tensor:
+    """``[keep, features]`` discriminant directions, fp64: the leading generalised eigenvectors of the between-task
+    scatter against the prior-weighted, Ledoit-Wolf-shrunk within-task covariance, normalised to unit
+    within-task variance (``v^T S_w v = 1``), as scikit-learn's eigen solver returns them."""
+    import numpy as np
+    from sklearn.covariance import ledoit_wolf
+
+    classes, counts = np.unique(y, return_counts=True)
+    priors = counts / counts.sum()
+    size = x.shape[1]
+    within = np.zeros((size, size))
+    means = []
+    for cls, prior in zip(classes, priors):
+        members = x[y == cls]
+        means.append(members.mean(axis=0))
+        scale = members.std(axis=0)
+        scale[scale == 0] = 1.0
+        shrunk = ledoit_wolf((members - means[-1]) / scale)[0]
+        within += prior * (scale[:, None] * shrunk * scale[None, :])
+    means = np.stack(means)
+    centred = np.sqrt(priors)[:, None] * (means - priors @ means)  # between-task scatter = centred.T @ centred
+    within_t = torch.from_numpy(within)
+    factor = torch.linalg.cholesky(within_t + 1e-10 * within_t.diagonal().mean() * torch.eye(size, dtype=torch.float64))
+    whitened = torch.linalg.solve_triangular(factor, torch.from_numpy(centred.T.copy()), upper=False)
+    directions = torch.linalg.svd(whitened, full_matrices=False).U[:, :keep]
+    return torch.linalg.solve_triangular(factor.T, directions, upper=True).T.contiguous()
+
+
 def check_fit_inputs(counts: dict[str, int], feature_size: int, rank: int) -> None:
     """Raise :class:`MetricFitError` for a rank above ``feature_size`` or a task with too few examples."""
     if rank > feature_size:
@@ -121,11 +154,8 @@ def fit_metric(
     x = features.detach().double().cpu().numpy()
     y = labels.detach().cpu().numpy()
     if objective == "lda":
-        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x, y)
         keep = min(rank, len(tasks) - 1, x.shape[1])
-        matrix = torch.from_numpy(lda.scalings_[:, :keep].T.copy())
+        matrix = _shrinkage_lda(x, y, keep)
     else:
         from sklearn.neighbors import NeighborhoodComponentsAnalysis
 

@@ -52,6 +52,7 @@ from .features import (
     find_layer_stack,
     layer_features,
     num_hidden_layers,
+    text_format,
     to_model_inputs,
 )
 from .index import RoutingIndex, build_index, can_choose, choose
@@ -195,8 +196,11 @@ class AutoSwitchModel(nn.Module):
         metric: str | None = None,
         learned: LearnedMetric | None = None,
         choice: FeatureChoice | None = None,
+        query_format: str | None = None,
     ) -> None:
         super().__init__()
+        self._query_format = query_format  # "templated" / "plain" query texts, None when unknown
+        self._format_warned = False
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -327,10 +331,17 @@ class AutoSwitchModel(nn.Module):
                 "Auto-Switch routing features: layer %d of %d, %s metric (cross-validated routing accuracy %.3f on "
                 "the query sets).", choice.layer, spec.num_layers, choice.metric, choice.accuracy,
             )  # fmt: skip
+        formats = {text_format(query[name], config.chat_template, config.text_column) for name in tasks} - {None}
+        if len(formats) > 1:
+            logger.warning(
+                "Some query sets are chat-templated and others plain text: features of the two differ a lot, so "
+                "routing will follow the format rather than the task. Give all query sets in one format."
+            )
+        query_format = formats.pop() if len(formats) == 1 else getattr(stored, "query_format", None)
         model = _attach(base, sources, token)
         return cls(
             model, features, config, spec, tokenizer=tokenizer, sources=sources, metric=index.metric,
-            learned=index.learned, choice=index.choice,
+            learned=index.learned, choice=index.choice, query_format=query_format,
         )  # fmt: skip
 
     # -- tasks ---------------------------------------------------------------------------------------------
@@ -417,6 +428,13 @@ class AutoSwitchModel(nn.Module):
             _check_same_base({**self._peft_configs(), name: adapter_config}, check_base_model)
             features = _query_features(self._extractor, examples, self.tokenizer, self.config, name, progress)
             index = self._reindex({**self._query, name: features})
+            found = text_format(examples, self.config.chat_template, self.config.text_column)
+            if found is not None and self._query_format not in (None, found):
+                logger.warning(
+                    "The query set of task %r is %s text, the other tasks' are %s: format all query sets alike.",
+                    name, found, self._query_format,
+                )  # fmt: skip
+            self._query_format = self._query_format or found
             kwargs = source.hub_kwargs() | ({"token": token} if token else {})
             self.model.load_adapter(source.location, adapter_name=name, **kwargs)
             self._query[name] = features
@@ -649,12 +667,30 @@ class AutoSwitchModel(nn.Module):
             raise ValueError("Pass the inputs once: positionally or as input_ids=, not both.")
         if isinstance(inputs, torch.Tensor) and "attention_mask" in kwargs:
             inputs = {"input_ids": inputs, "attention_mask": kwargs.pop("attention_mask")}
+        self._check_format(inputs)
         batch = to_model_inputs(inputs, self.tokenizer, self.config.max_length, padding_side, self.config.chat_template)
         if isinstance(inputs, Mapping):
             batch = {**{k: v for k, v in inputs.items() if k not in batch}, **batch}
         if keep_extra:
             batch.update(kwargs)
         return batch
+
+    def _check_format(self, inputs: Any) -> None:
+        """Warn once when text inputs are formatted otherwise than the query sets (templated vs plain)."""
+        found = text_format(inputs, self.config.chat_template)
+        if self._format_warned or found is None or self._query_format in (None, found):
+            return
+        self._format_warned = True
+        logger.warning(
+            "These inputs are %s text but the query sets were %s: chat templates move features far apart, so "
+            "routing suffers. Format both alike: pass chats for both, or set AutoSwitchConfig(chat_template=True) "
+            "to template plain strings (see the Auto-Switch guide, 'Chat models').", found, self._query_format,
+        )  # fmt: skip
+
+    @property
+    def query_format(self) -> str | None:
+        """``"templated"`` or ``"plain"``: how the query texts were formatted (None: token ids or features)."""
+        return self._query_format
 
     # -- cache and memory -----------------------------------------------------------------------------------
 
