@@ -71,6 +71,10 @@ def test_fit_metric_rank_and_errors():
     few = torch.cat([features[:3], features[20:]]), torch.cat([labels[:3], labels[20:]])
     with pytest.raises(MetricFitError, match="at least 5 query examples per task.*too few for a: 3"):
         fit_metric(*few, ["a", "b", "c"], "lda", rank=16)
+    constant = torch.ones_like(features)
+    with pytest.raises(MetricFitError, match="no within-task spread"):
+        fit_metric(constant, labels, ["a", "b", "c"], "lda", rank=16)
+    assert cross_validated_accuracy(constant, labels, ["a", "b", "c"], "learned", k=5) == 0.0
     with pytest.raises(MetricFitError, match="at least two"):
         fit_metric(features[:20], labels[:20], ["a"], "lda", rank=16)
 

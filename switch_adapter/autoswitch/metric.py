@@ -107,7 +107,13 @@ def _shrinkage_lda(x: Any, y: Any, keep: int) -> torch.Tensor:
     means = np.stack(means)
     centred = np.sqrt(priors)[:, None] * (means - priors @ means)  # between-task scatter = centred.T @ centred
     within_t = torch.from_numpy(within)
-    factor = torch.linalg.cholesky(within_t + 1e-10 * within_t.diagonal().mean() * torch.eye(size, dtype=torch.float64))
+    spread = float(within_t.diagonal().mean())
+    factor, info = torch.linalg.cholesky_ex(within_t + 1e-10 * spread * torch.eye(size, dtype=torch.float64))
+    if not spread > 0 or int(info) != 0:
+        raise MetricFitError(
+            "The query features have no within-task spread to fit a learned metric on (constant or duplicated "
+            "features). Check the query sets (distinct examples per task), or use metric='cosine'."
+        )
     whitened = torch.linalg.solve_triangular(factor, torch.from_numpy(centred.T.copy()), upper=False)
     directions = torch.linalg.svd(whitened, full_matrices=False).U[:, :keep]
     return torch.linalg.solve_triangular(factor.T, directions, upper=True).T.contiguous()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import knn
-from .metric import fit_metric
+from .metric import MetricFitError, fit_metric
 
 PLAIN_METRICS = ("euclidean", "cosine")
 # Order of preference when candidates score the same.
@@ -102,9 +102,12 @@ def cross_validated_accuracy(
         bank, probe = features[train].float(), features[test].float()
         distance = metric
         if metric == "learned":
-            learned = fit_metric(
-                bank, labels[train], list(tasks), objective, min(rank, bank.shape[1]), seed, check=False
-            )
+            try:
+                learned = fit_metric(
+                    bank, labels[train], list(tasks), objective, min(rank, bank.shape[1]), seed, check=False
+                )
+            except MetricFitError:  # nothing to learn from at this layer: the candidate routes nothing right
+                return 0.0
             bank, probe, distance = learned.project(bank), learned.project(probe), "euclidean"
         _, index = knn.nearest(probe, bank, k, distance)
         neighbours = labels[train][index]
