@@ -288,7 +288,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(str(folder))
     torch.manual_seed(0)
     BertModel(bert_config(vocab_size=len(vocab)), add_pooling_layer=False).save_pretrained(str(folder))
     return str(folder)
