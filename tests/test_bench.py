@@ -268,10 +268,18 @@ def test_mixed_stream_mixes_tasks_and_scores_wrong_routes_as_errors():
     def misrouted(batch):  # right label, but task y's samples answered by task x's head
         return evaluate.Prediction(batch.labels.clone(), torch.zeros_like(batch.tasks), routed=True)
 
+    def unrouted_y(batch):  # task y's samples routed to no task (the base model)
+        return evaluate.Prediction(batch.labels.clone(), torch.where(batch.tasks == 1, -1, 0), routed=True)
+
     assert evaluate.evaluate(oracle, stream, progress=False).accuracy == {"x": 1.0, "y": 1.0}
+    assert evaluate.evaluate(oracle, stream, progress=False).confusion is None  # not a routed method
     result = evaluate.evaluate(misrouted, stream, progress=False)
     assert result.accuracy == {"x": 1.0, "y": 0.0}
     assert result.routing_accuracy == 0.5 and result.routing_per_task == {"x": 1.0, "y": 0.0}
+    assert result.confusion == {"tasks": ["x", "y"], "columns": ["x", "y"], "matrix": [[6, 0], [6, 0]]}
+    result = evaluate.evaluate(unrouted_y, stream, progress=False)
+    assert result.confusion["columns"] == ["x", "y", "OOD/base"]
+    assert result.confusion["matrix"] == [[6, 0, 0], [0, 0, 6]]
 
 
 # ----------------------------------------------------------------------------------------------------
