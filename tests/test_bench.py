@@ -429,7 +429,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     plain = tmp_path / "plain.txt"
     plain.write_text("")
-    pictures = ["benchmark.png"] if importlib.util.find_spec("matplotlib") else []
+    pictures = ["benchmark.png", "routing_confusion.png"] if importlib.util.find_spec("matplotlib") else []
     written = ["benchmark.md", "benchmark.json", *pictures]
     for name in written:  # written atomically, readable like any file
         assert stat.S_IMODE((Path(config.out_dir) / name).stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
@@ -464,7 +464,9 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in (out / "benchmark.md").read_text()
     text = (out / "benchmark.md").read_text()
-    assert "EMR-merging" in text and "Auto-Switch" in text and "## Targets" in text
+    assert "EMR-merging" in text and "Auto-Switch" in text and "## Targets" in text and "## Routing" in text
+    assert "- Routing accuracy >= 0.935 with the library defaults" in text and "- Auto-FlexSwitch routed" in text
+    assert "- Routing cost, route() over the test batches / a plain forward over them: learned" in text
     for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
         assert str(tmp_path) not in (out / name).read_text(), name
     assert json.loads((out / "benchmark.json").read_text())["rows"][0]["method"] == "pre-trained"
