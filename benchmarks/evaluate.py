@@ -126,16 +126,36 @@ def single_task_stream(
     return MixedStream(list(splits), batches, {name: len(splits[name]) for name in splits})
 
 
+OOD_COLUMN = "OOD/base"
+
+
 @dataclass
 class EvalResult:
-    """Accuracy per task and their mean, routing accuracy (routed methods), and the wall time of the pass."""
+    """Accuracy per task and their mean, routing accuracy and confusion (routed methods), and the wall time of the
+    pass.
+
+    ``confusion`` (routed methods): ``{"tasks": true tasks (rows), "columns": routed-to tasks, plus ``OOD/base``
+    when some sample went to no task, "matrix": counts [rows][columns]}``; each row sums to that task's samples.
+    """
 
     accuracy: dict[str, float]
     mean: float
     seconds: float
     routing_accuracy: float | None = None
     routing_per_task: dict[str, float] | None = None
+    confusion: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def confusion_record(names: Sequence[str], counts: torch.Tensor) -> dict[str, Any]:
+    """The JSON-friendly confusion of ``counts`` ``[tasks, tasks + 1]`` (last column: routed to no task, kept
+    only when used)."""
+    columns = list(names)
+    if counts[:, -1].any():
+        columns.append(OOD_COLUMN)
+    else:
+        counts = counts[:, :-1]
+    return {"tasks": list(names), "columns": columns, "matrix": [[int(v) for v in row] for row in counts.tolist()]}
 
 
 @torch.no_grad()
@@ -145,6 +165,7 @@ def evaluate(predictor: Predictor, stream: MixedStream, desc: str = "evaluate", 
     correct = torch.zeros(len(names))
     routed_right = torch.zeros(len(names))
     total = torch.zeros(len(names))
+    confusion = torch.zeros(len(names), len(names) + 1, dtype=torch.long)  # last column: routed to no task
     routed = False
     start = time.perf_counter()
     for batch in tqdm(stream.batches, desc=desc, disable=not progress, leave=False):
@@ -155,12 +176,15 @@ def evaluate(predictor: Predictor, stream: MixedStream, desc: str = "evaluate", 
         total += torch.bincount(batch.tasks, minlength=len(names)).float()
         correct += torch.bincount(batch.tasks, weights=hit.float(), minlength=len(names))
         routed_right += torch.bincount(batch.tasks, weights=right_task.float(), minlength=len(names))
+        routed_to = torch.where(prediction.tasks < 0, len(names), prediction.tasks)
+        confusion.index_put_((batch.tasks, routed_to), torch.ones_like(routed_to), accumulate=True)
     seconds = time.perf_counter() - start
     accuracy = {name: float(correct[i] / total[i]) if total[i] else float("nan") for i, name in enumerate(names)}
     result = EvalResult(accuracy, float(np.mean(list(accuracy.values()))), seconds)
     if routed:
         result.routing_per_task = {name: float(routed_right[i] / total[i]) for i, name in enumerate(names)}
         result.routing_accuracy = float(routed_right.sum() / total.sum())
+        result.confusion = confusion_record(names, confusion)
     return result
 
 
@@ -225,3 +249,28 @@ def router_predictor(router: nn.Module, task_names: Sequence[str]) -> Predictor:
         return Prediction(labels, tasks, routed=True)
 
     return predict
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routing cost
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def routing_cost(
+    route: Callable[[dict[str, torch.Tensor]], Any], forward: Callable[[dict[str, torch.Tensor]], Any], stream
+) -> dict[str, float]:
+    """Seconds of ``route(inputs)`` (routing only) and of ``forward(inputs)`` (a plain forward) over every batch of
+    ``stream``, alternating per batch so that machine load affects both alike (after one untimed call of each);
+    ``ratio`` = routing seconds / forward seconds."""
+    seconds = {"route": 0.0, "forward": 0.0}
+    route(stream.batches[0].inputs)
+    forward(stream.batches[0].inputs)
+    for batch in stream.batches:
+        for name, call in (("route", route), ("forward", forward)):
+            start = time.perf_counter()
+            call(batch.inputs)
+            seconds[name] += time.perf_counter() - start
+    ratio = seconds["route"] / seconds["forward"] if seconds["forward"] else float("nan")
+    return {"route_seconds": round(seconds["route"], 4), "forward_seconds": round(seconds["forward"], 4),
+            "ratio": round(ratio, 4)}  # fmt: skip

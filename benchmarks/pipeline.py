@@ -48,6 +48,12 @@ DEFAULT_TASKS = (
 QUICK_TASKS = ("sms_spam", "trec", "movie_sentiment")
 DEFAULT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 1.0)
 HEAD_PREFIX = "classifier."
+ROUTING_METRICS = ("euclidean", "cosine", "learned")  # the top-1 rows per metric (AutoSwitchConfig.metric)
+MODE_LABELS = {
+    "top1": "routed per sample, top-1 task",
+    "soft": "routed per sample, soft weights (the reference's composition)",
+    "batch": "one composition per batch (the reference), mixed batches",
+}
 
 
 @dataclass
@@ -68,13 +74,16 @@ class BenchConfig:
             ``scale_rule`` is already ``"rms"``).
         autoswitch_density: Density of the switches Auto-Switch routes between; None: the largest of ``densities``
             whose saved router fits ``autoswitch_budget_pct`` percent of the fp32 task vectors.
-        query_examples: Training examples per task in the Auto-Switch query set (the reference: 100).
+        query_examples: Training examples per task in the query sets of the Auto-Switch rows with features chosen on
+            validation (the reference: 100; kept for comparison with earlier results).
+        learned_query_examples: Training examples per task in the query sets of the top-1 rows per routing metric,
+            of the row with the library's defaults and of Auto-FlexSwitch (the library's default
+            ``examples_per_task``: 300).
         autoswitch_modes: Routing modes to evaluate (``AutoSwitchConfig.mode``): ``top1`` (the library's default),
             ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
             per batch; also evaluated on single-task batches, the reference's protocol).
         choose_routing_features: Choose the router's feature layer and metric on the validation split (see
-            ``benchmarks.routing_choice``) for these rows, plus one top-1 row with the library's default
-            features; False: the library's defaults for all rows.
+            ``benchmarks.routing_choice``) for the rows per routing mode; False: the library's defaults for them.
         knn_k: Neighbours retrieved per sample.
         merge_scalings / ties_scalings: Candidate scaling coefficients, chosen on the validation split.
         ties_density / dare_density: Fraction kept by TIES's trimming and DARE's random drop.
@@ -102,6 +111,7 @@ class BenchConfig:
     autoswitch_density: float | None = None
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
+    learned_query_examples: int = 300
     autoswitch_modes: tuple[str, ...] = ("top1", "soft", "batch")
     choose_routing_features: bool = True
     knn_k: int = 10
@@ -127,13 +137,16 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.autoswitch_modes must name top1/soft/batch, got {self.autoswitch_modes}.")
         if self.scale_rule not in ("rms", "norm"):
             raise ValueError(f"BenchConfig.scale_rule must be 'rms' or 'norm', got {self.scale_rule!r}.")
-        for name in ("max_train", "max_validation", "max_test", "query_examples", "knn_k", "eval_batch_size"):
+        positive = ("max_train", "max_validation", "max_test", "query_examples", "learned_query_examples", "knn_k",
+                    "eval_batch_size")  # fmt: skip
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be a positive integer, got {getattr(self, name)}.")
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
-    """The reduced suite of ``--quick``: three tasks, fewer examples, three densities, shorter scaling grids."""
+    """The reduced suite of ``--quick``: three tasks, fewer examples (100 query examples per task for every router),
+    three densities, shorter scaling grids."""
     values: dict[str, Any] = dict(
         tasks=QUICK_TASKS,
         max_train=320,
@@ -143,6 +156,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
         reference_densities=(0.05,),
         flexswitch_budgets=("1%",),
         flexswitch_steps=40,
+        learned_query_examples=100,
         merge_scalings=(0.3, 0.5, 1.0),
         ties_scalings=(0.8, 1.5),
         name="quick",
@@ -309,6 +323,10 @@ class Benchmark:
         return evaluate.evaluate(predictor, stream, desc=desc, progress=self.progress)
 
     def _add_row(self, method: str, label: str, result: evaluate.EvalResult, storage: int, build: float, **extra):
+        """Append a row; a routed result's confusion matrix goes into its ``params["confusion"]``."""
+        params = dict(extra.pop("params", {}))
+        if result.confusion is not None:
+            params["confusion"] = result.confusion
         row = Row(
             method,
             label,
@@ -319,6 +337,7 @@ class Benchmark:
             round(result.seconds, 3),
             result.routing_accuracy,
             result.routing_per_task,
+            params=params,
             **extra,
         )
         self.rows.append(row)
@@ -509,11 +528,15 @@ class Benchmark:
         gc.collect()
         return row
 
+    def flexswitch_folder(self, budget: str) -> Path:
+        """Where the FlexSwitch adapters of ``budget`` are saved (one folder per adapter inside)."""
+        return self.artifacts / f"flexswitch_{budget.replace('%', 'pct')}"
+
     def run_flexswitch(self, budget: str) -> Row:
         """FlexSwitch adapters of every task at ``budget``, learned from each task's first training texts."""
         from switch_adapter import FlexSwitchConfig, flexswitch
 
-        folder = self.artifacts / f"flexswitch_{budget.replace('%', 'pct')}"
+        folder = self.flexswitch_folder(budget)
         artifacts.remove(folder)
         start, records = time.perf_counter(), {}
         for adapter, task, finetuned in zip(self.adapters, self.suite, self.models):
@@ -560,61 +583,75 @@ class Benchmark:
         )
         return smallest
 
-    def run_autoswitch(self) -> None:
-        """Auto-Switch (``AutoSwitchModel``) over the switches at the chosen density: built, saved as a bundle, and
-        evaluated per routing mode (each extra mode loads the saved bundle with that mode)."""
-        from switch_adapter.autoswitch import AutoSwitchConfig, AutoSwitchModel
-
-        density = self.choose_autoswitch_density()
-        rule = self.config.scale_rule
-        folder = self.switch_folders.get((density, rule))
-        switch_build = 0.0
+    def autoswitch_switches(self) -> tuple[dict[str, Any], dict[str, str], float]:
+        """The T-Switch switches Auto-Switch routes between: ``({"density": ..., "scale_rule": ...}, {adapter:
+        folder}, build seconds)`` (built here only when no task-id row made them)."""
+        density, rule = self.choose_autoswitch_density(), self.config.scale_rule
+        folder, seconds = self.switch_folders.get((density, rule)), 0.0
         if folder is None:
-            folder, switch_build = self.build_switches(density, rule)
-        length = self.config.finetune.max_length
-        texts = {a: list(t.train["text"][: self.config.query_examples]) for a, t in zip(self.adapters, self.suite)}
-        queries = {}  # the splits are already shuffled: the first examples are a random choice
-        for adapter, examples in texts.items():
-            encoded = self.tokenizer(examples, padding=True, truncation=True, max_length=length, return_tensors="pt")
-            queries[adapter] = {key: encoded[key] for key in ("input_ids", "attention_mask")}
-        # The library's defaults, except: every sample is routed to a task (no out-of-distribution fallback to the
-        # base model, whose head is untrained here), and the query examples are truncated like the test inputs.
-        modes = self.config.autoswitch_modes
-        default_config = AutoSwitchConfig(
-            k=self.config.knn_k,
-            mode=modes[0],
-            examples_per_task=self.config.query_examples,
-            seed=self.config.seed,
-            ood_fallback=False,
-            max_length=length,
-        )
+            folder, seconds = self.build_switches(density, rule)
         adapters = {a: str(self.adapter_folder(folder, a)) for a in self.adapters}
-        choice = None
-        router_config = default_config
-        start = time.perf_counter()
+        return {"density": density, "scale_rule": rule}, adapters, seconds
+
+    def query_sets(self, examples: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Per adapter: its task's first ``examples`` training texts (the splits are shuffled, so a random choice),
+        tokenized and truncated like the test inputs."""
+        length, queries = self.config.finetune.max_length, {}
+        for adapter, task in zip(self.adapters, self.suite):
+            texts = list(task.train["text"][:examples])
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+            queries[adapter] = {key: encoded[key] for key in ("input_ids", "attention_mask")}
+        return queries
+
+    def router_config(self, examples: int, **settings: Any):
+        """``AutoSwitchConfig`` with the library's defaults (and ``settings``) except what the pipeline sets: k, the
+        seed, the truncation of the test inputs, ``examples_per_task=examples``, and no out-of-distribution fallback
+        (every sample is routed to a task: the base model's head is untrained here)."""
+        from switch_adapter.autoswitch import AutoSwitchConfig
+
+        return AutoSwitchConfig(k=self.config.knn_k, seed=self.config.seed, ood_fallback=False,
+                                max_length=self.config.finetune.max_length, examples_per_task=examples,
+                                **settings)  # fmt: skip
+
+    def run_autoswitch(self) -> None:
+        """Auto-Switch (``AutoSwitchModel``) over the switches at the chosen density: the rows per routing mode
+        (:meth:`run_autoswitch_modes`), then the top-1 rows of the library's defaults and of each metric
+        (:meth:`run_autoswitch_metrics`)."""
+        switch_params, adapters, switch_build = self.autoswitch_switches()
+        self.run_autoswitch_modes(switch_params, adapters, switch_build)
+        self.run_autoswitch_metrics(switch_params, adapters, switch_build)
+
+    def run_autoswitch_modes(self, switch_params: dict[str, Any], adapters: dict[str, str], switch_build: float):
+        """One row per routing mode, ``query_examples`` per task, features chosen on validation (or the library's
+        defaults): built, saved as a bundle, and evaluated (each extra mode loads the saved bundle with that mode)."""
+        from switch_adapter.autoswitch import AutoSwitchModel
+
+        examples, length = self.config.query_examples, self.config.finetune.max_length
+        density = switch_params["density"]
+        modes = self.config.autoswitch_modes
+        router_config = self.router_config(examples, mode=modes[0])
+        choice, start = None, time.perf_counter()
         if self.config.choose_routing_features:
+            texts = {a: list(t.train["text"][:examples]) for a, t in zip(self.adapters, self.suite)}
             validation = {a: list(t.validation["text"]) for a, t in zip(self.adapters, self.suite)}
             choice = routing_choice.choose_routing_features(
                 self._fresh_base().eval(), self.tokenizer, texts, validation, self.config.knn_k, length
             )
-            router_config = replace(default_config, feature_layer=choice.layer, metric=choice.metric)
+            router_config = replace(router_config, feature_layer=choice.layer, metric=choice.metric)
         choosing = time.perf_counter() - start
+        queries = self.query_sets(examples)
         router, bundle, seconds = self._saved_router(router_config, adapters, queries, f"autoswitch_d{density:g}")
         build = choosing + seconds + switch_build
         storage = artifacts.bytes_on_disk([bundle])
-        params = self._router_params(router, router_config, density, rule)
+        params = switch_params | self._router_params(router, router_config)
         if choice is not None:
             params["validation_routing_accuracy"] = choice.scores
         files = [self._relative(bundle)]
-        features = self._features_label(router, router_config, chosen=choice is not None)
+        origin = "chosen on validation" if choice is not None else None
+        features = f"{self._features_label(router, None, origin)}, {examples} query examples per task"
         single = evaluate.single_task_stream(
             {t.name: t.test for t in self.suite}, self.tokenizer, self.config.eval_batch_size, length, self.config.seed
         )
-        labels = {
-            "top1": "routed per sample, top-1 task",
-            "soft": "routed per sample, soft weights (the reference's composition)",
-            "batch": "one composition per batch (the reference), mixed batches",
-        }
         for index, mode in enumerate(modes):
             if index:
                 start = time.perf_counter()
@@ -625,7 +662,7 @@ class Benchmark:
             predictor = evaluate.router_predictor(router, self.adapters)
             result = self._evaluate(predictor, f"Evaluate: Auto-Switch {mode}")
             method = {"top1": "autoswitch", "soft": "autoswitch_soft", "batch": "autoswitch_batch"}[mode]
-            self._add_row(method, f"Auto-Switch, {labels[mode]}; features: {features} (d={density:g})", result,
+            self._add_row(method, f"Auto-Switch, {MODE_LABELS[mode]}; features: {features} (d={density:g})", result,
                           storage, build, params=params | {"mode": mode}, files=files)  # fmt: skip
             if mode == "batch":
                 result = self._evaluate(
@@ -636,20 +673,61 @@ class Benchmark:
                               params=params | {"mode": mode, "batches": "single-task"}, files=files)  # fmt: skip
             del router, predictor
             gc.collect()
-        if choice is None:
-            return
-        # Top-1 routing with the library's default features, next to the rows with features chosen on validation.
-        config = replace(default_config, mode="top1")
-        name = f"autoswitch_d{density:g}_default_features"
-        router, bundle, seconds = self._saved_router(config, adapters, queries, name)
-        result = self._evaluate(evaluate.router_predictor(router, self.adapters), "Evaluate: Auto-Switch defaults")
-        label = f"Auto-Switch, {labels['top1']}; features: {self._features_label(router, config, chosen=False)}"
-        self._add_row("autoswitch_default_features", f"{label} (d={density:g})", result,
-                      artifacts.bytes_on_disk([bundle]), seconds + switch_build,
-                      params=self._router_params(router, config, density, rule) | {"mode": "top1"},
-                      files=[self._relative(bundle)])  # fmt: skip
-        del router
+
+    def run_autoswitch_metrics(self, switch_params: dict[str, Any], adapters: dict[str, str], switch_build: float):
+        """Top-1 rows with ``learned_query_examples`` per task: the library's defaults (``autoswitch_default_features``:
+        metric and layer chosen from the query sets), then each metric (``autoswitch_<metric>``) with its own layer
+        chosen from the query sets."""
+        examples, density = self.config.learned_query_examples, switch_params["density"]
+        queries = self.query_sets(examples)
+        variants = [("autoswitch_default_features", None), *((f"autoswitch_{m}", m) for m in ROUTING_METRICS)]
+        for method, metric in variants:
+            config = self.router_config(examples, **({"metric": metric} if metric else {}))
+            bundle = f"autoswitch_d{density:g}_{metric or 'default_features'}"
+            saved = self._saved_router(config, adapters, queries, bundle)
+            label = (f"Auto-Switch, {MODE_LABELS['top1']}; features: {self._features_label(saved[0], metric)}, "
+                     f"{examples} query examples per task (d={density:g})")  # fmt: skip
+            self._routed_row(method, label, saved, config, switch_params, switch_build)
+            del saved
         gc.collect()
+
+    def run_autoflexswitch(self) -> Row | None:
+        """Auto-FlexSwitch: a router with the library's defaults (``learned_query_examples`` per task) over the
+        FlexSwitch adapters of the smallest budget that ran; None (and a note) when no budget ran."""
+        flex = [row for row in self.rows if row.method == "flexswitch"]
+        if not flex:
+            self.notes.append("No FlexSwitch budget ran (flexswitch_budgets is empty): no Auto-FlexSwitch row.")
+            return None
+        smallest = min(flex, key=lambda row: row.storage_bytes)
+        budget, folder = smallest.params["budget"], self.flexswitch_folder(smallest.params["budget"])
+        adapters = {a: str(self.adapter_folder(folder, a)) for a in self.adapters}
+        examples = self.config.learned_query_examples
+        config = self.router_config(examples)
+        saved = self._saved_router(config, adapters, self.query_sets(examples), f"auto{folder.name}")
+        router = saved[0]
+        label = (f"Auto-FlexSwitch: FlexSwitch {budget} routed per sample, {router.metric} metric (library defaults: "
+                 f"layer {router.feature_spec.layer}, {examples} query examples per task)")  # fmt: skip
+        row = self._routed_row("autoflexswitch", label, saved, config, {"budget": budget}, smallest.build_seconds)
+        del router, saved
+        gc.collect()
+        return row
+
+    def _routed_row(self, method: str, label: str, saved: tuple, config, params: dict, extra_build: float) -> Row:
+        """Evaluate the router of ``saved`` (:meth:`_saved_router`) on the mixed test batches, time its routing
+        against a plain forward (``routing_cost_ratio``), and add the row (build: the router's seconds plus
+        ``extra_build``, the seconds that made its adapters here)."""
+        router, bundle, seconds = saved
+        result = self._evaluate(evaluate.router_predictor(router, self.adapters), f"Evaluate: {method}")
+        cost = self._routing_cost(router)
+        params = {**params, **self._router_params(router, config), "router_build_seconds": round(seconds, 3),
+                  "routing_cost": cost, "routing_cost_ratio": cost["ratio"]}  # fmt: skip
+        return self._add_row(method, label, result, artifacts.bytes_on_disk([bundle]), seconds + extra_build,
+                             params=params, files=[self._relative(bundle)])  # fmt: skip
+
+    def _routing_cost(self, router) -> dict[str, float]:
+        """Seconds of ``router.route`` over the test batches and of a plain forward of the pre-trained model over
+        the same batches, and their ratio."""
+        return evaluate.routing_cost(router.route, lambda inputs: self.base(**inputs), self.test_stream)
 
     def _saved_router(self, config, adapters: dict[str, str], queries: dict, name: str):
         """``(router, bundle folder, seconds)``: an ``AutoSwitchModel`` on a fresh base, saved under artifacts."""
@@ -664,15 +742,26 @@ class Benchmark:
         router.save_pretrained(str(bundle))
         return router, bundle, time.perf_counter() - start
 
-    def _router_params(self, router, config, density: float, rule: str) -> dict[str, Any]:
-        return {"density": density, "scale_rule": rule, "k": self.config.knn_k,
-                "query_examples": self.config.query_examples, "feature_layer": router.feature_spec.layer,
-                "metric": config.metric}  # fmt: skip
+    def _router_params(self, router, config) -> dict[str, Any]:
+        """What routes: k, query examples per task, mode, the metric and feature layer in use (and as configured),
+        how they were chosen from the query sets, and the learned projection, if any."""
+        choice, learned = router.feature_choice, router.learned_metric
+        return {"k": config.k, "query_examples": config.examples_per_task, "mode": config.mode,
+                "metric": router.metric, "feature_layer": router.feature_spec.layer,
+                "configured": {"metric": config.metric, "feature_layer": config.feature_layer},
+                "feature_choice": choice.describe() if choice is not None else None,
+                "learned_metric": learned.describe() if learned is not None else None}  # fmt: skip
 
     @staticmethod
-    def _features_label(router, config, chosen: bool) -> str:
-        origin = "chosen on validation" if chosen else "library defaults"
-        return f"layer {router.feature_spec.layer}, {config.metric} ({origin})"
+    def _features_label(router, metric: str | None, origin: str | None = None) -> str:
+        """``layer L, <metric in use> (<where they come from>)``: ``origin``, else the library's defaults
+        (``metric`` None) or the given metric, and what the router chose from the query sets."""
+        if origin is None:
+            origin = "library defaults" if metric is None else "metric given"
+            if router.feature_choice is not None:
+                chosen = "layer" if metric else "layer and metric"
+                origin += f", {chosen} chosen from the query sets"
+        return f"layer {router.feature_spec.layer}, {router.metric} ({origin})"
 
     # -- the run -----------------------------------------------------------------------------------------------
 
@@ -704,7 +793,8 @@ class Benchmark:
                 (f"T-Switch d={d:g} (rms)", lambda d=d: self.run_tswitch(d, "rms")) for d in cfg.reference_densities
             ]
         steps += [(f"FlexSwitch {b}", lambda b=b: self.run_flexswitch(b)) for b in cfg.flexswitch_budgets]
-        steps += [("Auto-Switch", self.run_autoswitch), ("time reference again", self.reference_pass)]
+        steps += [("Auto-Switch", self.run_autoswitch), ("Auto-FlexSwitch", self.run_autoflexswitch),
+                  ("time reference again", self.reference_pass)]  # fmt: skip
         with tqdm(total=len(steps), desc="Benchmark", disable=not self.progress, position=0) as bar:
             for name, step in steps:
                 bar.set_postfix_str(name)

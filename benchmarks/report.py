@@ -26,10 +26,22 @@ STYLE = {  # method -> (marker, colour, legend label)
     "flexswitch": ("s", "#006400", "FlexSwitch (task id), budgets"),
     "autoswitch": ("^", "#ff7f0e", "Auto-Switch routed (top-1)"),
     "autoswitch_soft": ("h", "#ffbb78", "Auto-Switch routed (soft weights)"),
-    "autoswitch_default_features": ("v", "#bcbd22", "Auto-Switch routed (top-1, default features)"),
+    "autoswitch_default_features": ("v", "#bcbd22", "Auto-Switch routed (top-1, library defaults)"),
+    "autoswitch_euclidean": ("p", "#c49c94", "Auto-Switch routed (top-1, euclidean metric)"),
+    "autoswitch_cosine": ("8", "#f7b6d2", "Auto-Switch routed (top-1, cosine metric)"),
+    "autoswitch_learned": ("H", "#e6550d", "Auto-Switch routed (top-1, learned metric)"),
+    "autoflexswitch": ("^", "#31a354", "Auto-FlexSwitch routed (smallest FlexSwitch budget)"),
     "autoswitch_batch": ("<", "#8c564b", "Auto-Switch per batch (mixed batches)"),
     "autoswitch_batch_single": (">", "#e377c2", "Auto-Switch per batch (single-task batches)"),
 }
+ROUTED_PER_SAMPLE = ("autoswitch", "autoswitch_soft", "autoswitch_default_features", "autoswitch_euclidean",
+               "autoswitch_cosine", "autoswitch_learned")  # fmt: skip
+METRIC_ROWS = ("euclidean", "cosine", "learned")  # the rows autoswitch_<metric>
+# Issue 10's targets.
+ROUTING_ACCURACY_TARGET = 0.935
+AUTOFLEX_PCT_TARGET, AUTOFLEX_STORAGE_PCT = 92.5, 1.0
+# The confusion picture: the library-default router and the learned metric, side by side.
+CONFUSION_METHODS = ("autoswitch_default_features", "autoswitch_learned")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -92,7 +104,7 @@ def targets(report: dict[str, Any]) -> list[str]:
         found = [row for row in rows if row["method"] == method]
         return max(found, key=lambda row: row["mean"]) if found else None
 
-    found = [row for row in rows if row["method"] in ("autoswitch", "autoswitch_soft", "autoswitch_default_features")]
+    found = [row for row in rows if row["method"] in ROUTED_PER_SAMPLE]
     routed = max(found, key=lambda row: row["mean"]) if found else None
     if routed:
         ok = routed["pct_of_individual"] >= 99 and routed["storage_pct_fp32"] <= 1.5
@@ -111,6 +123,7 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"({oracle['label']}, {oracle['storage_pct_fp32']:.3f}% of fp32) -> {'met' if ok else 'missed'}"
         )
     out.extend(_flexswitch_targets(rows))
+    out.extend(_routing_targets(rows))
     emr = best("emr")
     if emr:
         cheap = [
@@ -130,7 +143,7 @@ def targets(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png") -> str:
+def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png", confusion_name: str | None = None) -> str:
     env = report["environment"]
     cfg = report["config"]
     settings = cfg["finetune"]
@@ -169,6 +182,7 @@ def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png") ->
         lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
     if plot_name:
         lines += ["", f"![mean accuracy vs storage]({plot_name})"]
+    lines += routing_section(report, confusion_name)
     lines += [
         "",
         f"Wall time {report['seconds']:.0f} s on {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
@@ -179,14 +193,50 @@ def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png") ->
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
-    """Mean accuracy against storage (log x), one marker per method and a curve over T-Switch densities."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (via a temporary file and a rename) and close it."""
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = str(staging_file(path.parent, f".{path.name}-", ".png"))
+    try:
+        fig.savefig(temporary)
+        os.replace(temporary, path)
+    finally:
+        plt.close(fig)
+        Path(temporary).unlink(missing_ok=True)
+    return path
+
+
+def routing_section(report: dict[str, Any], confusion_name: str | None) -> list[str]:
+    """``## Routing``: the routers' table, what its columns mean, and the confusion picture (when drawn)."""
+    if not any(row["routing_accuracy"] is not None for row in report["rows"]):
+        return []
+    lines = ["", "## Routing", "", routing_table(report), "",
+             "Routing cost: seconds of `route()` (features up to the router's layer, k-NN retrieval) over the test "
+             "batches divided by a plain forward of the pre-trained model over the same batches, alternated batch by "
+             "batch in the same process. The confusion matrix of every routed row (true task x routed task, counts) is "
+             "in `benchmark.json` (`params.confusion`)."]  # fmt: skip
+    if confusion_name:
+        lines += ["", f"![routing confusion]({confusion_name})"]
+    return lines
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
+    """Mean accuracy against storage (log x), one marker per method and a curve over T-Switch densities."""
+    plt = _pyplot()
+    if plt is None:
         logger.warning('matplotlib is not installed, so no plot was drawn: pip install "switch-adapter[bench]".')
         return None
     path = Path(path)
@@ -229,27 +279,91 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
     ax.grid(True, which="both", linewidth=0.3, alpha=0.6)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = str(staging_file(path.parent, f".{path.name}-", ".png"))
-    try:
-        fig.savefig(temporary)
-        os.replace(temporary, path)
-    finally:
-        plt.close(fig)
-        Path(temporary).unlink(missing_ok=True)
-    return path
+    return _save_figure(fig, path)
+
+
+def confusion_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows the confusion picture shows (:data:`CONFUSION_METHODS` that ran, with a confusion matrix)."""
+    found = {row["method"]: row for row in report["rows"] if row["params"].get("confusion")}
+    return [found[method] for method in CONFUSION_METHODS if method in found]
+
+
+def row_normalised(confusion: dict[str, Any]) -> list[list[float]]:
+    """Each row of ``confusion["matrix"]`` divided by its sum: the share of a task's samples routed to each
+    column."""
+    return [[value / sum(row) if sum(row) else 0.0 for value in row] for row in confusion["matrix"]]
+
+
+def plot_confusion(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
+    """``routing_confusion.png``: true task x routed task, row-normalised and annotated in percent, for the rows of
+    :func:`confusion_rows` side by side; None when there is none or matplotlib is missing."""
+    plt, rows = _pyplot(), confusion_rows(report)
+    if plt is None or not rows:
+        return None
+    size = len(rows[0]["params"]["confusion"]["tasks"])
+    side = 2.2 + 0.55 * size
+    fig, axes = plt.subplots(1, len(rows), figsize=(side * len(rows) + 0.8, side + 0.8), dpi=120, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        _confusion_panel(ax, row)
+    fig.suptitle(f"Routing on mixed-task test batches ({report['suite']} suite): share of each task's samples")
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def _confusion_panel(ax: Any, row: dict[str, Any]) -> None:
+    """One row's row-normalised confusion matrix with percentages and task names on both axes."""
+    confusion, params = row["params"]["confusion"], row["params"]
+    shares = row_normalised(confusion)
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i, line in enumerate(shares):
+        for j, share in enumerate(line):
+            ax.text(j, i, _percent(share), ha="center", va="center", fontsize=7,
+                    color="white" if share > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(confusion["columns"])), confusion["columns"], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(confusion["tasks"])), confusion["tasks"], fontsize=7)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("true task")
+    title = STYLE.get(row["method"], ("", "", row["method"]))[2]
+    ax.set_title(f"{title}\n{params['metric']}, layer {params['feature_layer']}: routing accuracy "
+                 f"{row['routing_accuracy']:.3f}", fontsize=8)  # fmt: skip
+
+
+def _percent(share: float) -> str:
+    """A cell's annotation: nothing for 0, ``<1%`` for a trace, else whole percent."""
+    if not share:
+        return ""
+    return "<1%" if share < 0.005 else f"{100 * share:.0f}%"
+
+
+def routing_table(report: dict[str, Any]) -> str:
+    """Routers with their metric and layer in use, query examples per task, routing accuracy and routing cost."""
+    lines = ["| router | metric | layer | query examples per task | routing acc. | routing cost x forward |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for row in report["rows"]:
+        params = row["params"]
+        if row["routing_accuracy"] is None or "metric" not in params:
+            continue
+        cost = params.get("routing_cost_ratio")
+        lines.append(f"| {row['label']} | {params['metric']} | {params['feature_layer']} | {params['query_examples']} "
+                     f"| {row['routing_accuracy']:.4f} | {'-' if cost is None else f'{cost:.3f}'} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``benchmark.json``, ``benchmark.png`` (if matplotlib is installed) and ``benchmark.md``."""
+    """Write ``benchmark.json``, ``benchmark.png`` and ``routing_confusion.png`` (if matplotlib is installed) and
+    ``benchmark.md``."""
     out = Path(out_dir)
     png = plot(report, out / "benchmark.png")
+    confusion = plot_confusion(report, out / "routing_confusion.png")
     outputs = {"json": str(out / "benchmark.json"), "markdown": str(out / "benchmark.md")}
     if png:
         outputs["plot"] = str(png)
+    if confusion:
+        outputs["confusion_plot"] = str(confusion)
     report = {**report, "outputs": {kind: Path(path).name for kind, path in outputs.items()}}
     _atomic_write(out / "benchmark.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
-    _atomic_write(out / "benchmark.md", markdown(report, png.name if png else None).encode())
+    text = markdown(report, png.name if png else None, confusion.name if confusion else None)
+    _atomic_write(out / "benchmark.md", text.encode())
     return outputs
 
 
@@ -281,3 +395,41 @@ def _flexswitch_targets(rows: list[dict[str, Any]]) -> list[str]:
             f"{'on or above the front' if ok else 'below the front'}"
         )
     return out
+
+
+def _routing_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 10's targets: routing accuracy of the library defaults and of the learned metric, Auto-FlexSwitch's
+    accuracy and storage, the routing accuracy of every metric, and the learned metric's routing cost against the
+    plain metrics'."""
+    by_method = {row["method"]: row for row in rows}
+    out = []
+    for method, what in (("autoswitch_default_features", "the library defaults"),
+                         ("autoswitch_learned", "the learned metric")):  # fmt: skip
+        row = by_method.get(method)
+        if row:
+            ok = row["routing_accuracy"] >= ROUTING_ACCURACY_TARGET
+            out.append(f"- Routing accuracy >= {ROUTING_ACCURACY_TARGET} with {what}: {row['routing_accuracy']:.4f} "
+                       f"({_router_summary(row)}) -> {'met' if ok else 'missed'}")  # fmt: skip
+    flex = by_method.get("autoflexswitch")
+    if flex:
+        ok = flex["pct_of_individual"] >= AUTOFLEX_PCT_TARGET and flex["storage_pct_fp32"] <= AUTOFLEX_STORAGE_PCT
+        out.append(
+            f"- Auto-FlexSwitch routed >= {AUTOFLEX_PCT_TARGET}% of individual at <= {AUTOFLEX_STORAGE_PCT:g}% of fp32 "
+            f"(everything on disk): {flex['pct_of_individual']:.2f}% at {flex['storage_pct_fp32']:.3f}% "
+            f"({flex['label']}; routing accuracy {flex['routing_accuracy']:.4f}) -> {'met' if ok else 'missed'}"
+        )
+    metrics = {m: by_method[f"autoswitch_{m}"] for m in METRIC_ROWS if f"autoswitch_{m}" in by_method}
+    for metric, row in metrics.items():
+        out.append(f"- Routing accuracy, {metric} metric: {row['routing_accuracy']:.4f} ({_router_summary(row)})")
+    if "learned" in metrics and len(metrics) > 1:
+        cost = {m: f"{row['params']['routing_cost_ratio']:.3f} (layer {row['params']['feature_layer']})"
+                for m, row in metrics.items()}  # fmt: skip
+        plain = ", ".join(f"{m} {value}" for m, value in cost.items() if m != "learned")
+        out.append(f"- Routing cost, route() over the test batches / a plain forward over them: learned "
+                   f"{cost['learned']} vs {plain}")  # fmt: skip
+    return out
+
+
+def _router_summary(row: dict[str, Any]) -> str:
+    params = row["params"]
+    return f"{params['metric']}, layer {params['feature_layer']}, {params['query_examples']} query examples per task"

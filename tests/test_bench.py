@@ -268,10 +268,18 @@ def test_mixed_stream_mixes_tasks_and_scores_wrong_routes_as_errors():
     def misrouted(batch):  # right label, but task y's samples answered by task x's head
         return evaluate.Prediction(batch.labels.clone(), torch.zeros_like(batch.tasks), routed=True)
 
+    def unrouted_y(batch):  # task y's samples routed to no task (the base model)
+        return evaluate.Prediction(batch.labels.clone(), torch.where(batch.tasks == 1, -1, 0), routed=True)
+
     assert evaluate.evaluate(oracle, stream, progress=False).accuracy == {"x": 1.0, "y": 1.0}
+    assert evaluate.evaluate(oracle, stream, progress=False).confusion is None  # not a routed method
     result = evaluate.evaluate(misrouted, stream, progress=False)
     assert result.accuracy == {"x": 1.0, "y": 0.0}
     assert result.routing_accuracy == 0.5 and result.routing_per_task == {"x": 1.0, "y": 0.0}
+    assert result.confusion == {"tasks": ["x", "y"], "columns": ["x", "y"], "matrix": [[6, 0], [6, 0]]}
+    result = evaluate.evaluate(unrouted_y, stream, progress=False)
+    assert result.confusion["columns"] == ["x", "y", "OOD/base"]
+    assert result.confusion["matrix"] == [[6, 0, 0], [0, 0, 6]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,7 +296,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(str(folder))
     torch.manual_seed(0)
     BertModel(bert_config(vocab_size=len(vocab)), add_pooling_layer=False).save_pretrained(str(folder))
     return str(folder)
@@ -326,8 +334,9 @@ def _tiny_config(model_dir: str, tmp_path: Path, **overrides) -> BenchConfig:
         merge_scalings=(0.5, 1.0),
         ties_scalings=(1.0,),
         query_examples=10,
+        learned_query_examples=20,
         knn_k=3,
-        eval_batch_size=8,
+        eval_batch_size=16,
         finetune=FinetuneSettings(epochs=1, batch_size=16, lr=1e-3, head_lr=1e-2, max_length=16),
         cache_dir=str(tmp_path / "cache"),
         out_dir=str(tmp_path / "out"),
@@ -370,29 +379,58 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert methods == [
         "pre-trained", "individual", "task_arithmetic", "ties", "ties_per_tensor", "dare", "emr",
         "tswitch", "tswitch", "tswitch_rms", "flexswitch", "autoswitch", "autoswitch_soft", "autoswitch_batch",
-        "autoswitch_batch_single", "autoswitch_default_features",
+        "autoswitch_batch_single", "autoswitch_default_features", "autoswitch_euclidean", "autoswitch_cosine",
+        "autoswitch_learned", "autoflexswitch",
     ]  # fmt: skip
+    routed = {row["method"]: row for row in report["rows"] if row["routing_accuracy"] is not None}
+    assert set(routed) == {m for m in methods if m.startswith("autoswitch")} | {"autoflexswitch"}
     for row in report["rows"]:
         assert set(row["accuracy"]) == {"alpha", "beta"}
         assert all(0.0 <= acc <= 1.0 for acc in row["accuracy"].values())
         assert row["storage_bytes"] > 0 and row["inference_ratio"] > 0
-        assert (row["routing_accuracy"] is not None) == row["method"].startswith("autoswitch")
+        assert ("confusion" in row["params"]) == (row["method"] in routed)
     rows = {row["label"]: row for row in report["rows"]}
-    routed = {row["method"]: row for row in report["rows"] if row["method"].startswith("autoswitch")}
+    test_counts = [task["test"] for task in report["tasks"]]
+    for method, row in routed.items():  # true task x routed task: each row holds that task's test samples
+        confusion = row["params"]["confusion"]
+        assert confusion["tasks"] == confusion["columns"] == ["alpha", "beta"], method  # every sample routed
+        assert [sum(counts) for counts in confusion["matrix"]] == test_counts, method
+        right = sum(confusion["matrix"][i][i] for i in range(2))
+        assert right / sum(test_counts) == pytest.approx(row["routing_accuracy"]), method
     chosen = routed["autoswitch"]["params"]
     assert set(chosen["validation_routing_accuracy"]) == {"euclidean", "cosine"}
     assert chosen["validation_routing_accuracy"][chosen["metric"]][chosen["feature_layer"]] == max(
         max(v[1:]) for v in chosen["validation_routing_accuracy"].values()
     )
-    defaults = routed["autoswitch_default_features"]["params"]
-    assert (defaults["feature_layer"], defaults["metric"]) == (1, "euclidean")  # the library's defaults
+    assert chosen["query_examples"] == config.query_examples and chosen["feature_choice"] is None
+    # The library's defaults and one row per metric: layer (and metric) chosen from learned_query_examples per task.
+    for method in ("autoswitch_default_features", "autoswitch_euclidean", "autoswitch_cosine", "autoswitch_learned",
+                   "autoflexswitch"):  # fmt: skip
+        params = routed[method]["params"]
+        choice = params["feature_choice"]
+        assert params["query_examples"] == config.learned_query_examples and params["mode"] == "top1", method
+        assert (params["feature_layer"], params["metric"]) == (choice["layer"], choice["metric"]), method
+        assert params["routing_cost_ratio"] == params["routing_cost"]["ratio"] > 0, method
+        assert (params["learned_metric"] is not None) == (params["metric"] == "learned"), method
+        expected = "auto" if method in ("autoswitch_default_features", "autoflexswitch") else method.split("_")[1]
+        assert params["configured"] == {"metric": expected, "feature_layer": "auto"}, method
+        assert set(choice["scores"]) == ({"learned", "cosine", "euclidean"} if expected == "auto" else {expected})
+    assert routed["autoswitch_learned"]["params"]["learned_metric"]["rank"] == 1  # LDA: tasks - 1
+    flex_routed = routed["autoflexswitch"]
+    assert flex_routed["label"].startswith("Auto-FlexSwitch: FlexSwitch 20% routed per sample")
+    assert flex_routed["params"]["budget"] == "20%"
+    bundle = Path(config.out_dir) / flex_routed["files"][0]
+    assert sorted(p.name for p in (bundle / "adapters").iterdir()) == ["alpha", "beta"]
+    on_disk = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file() and p.name != "README.md")
+    assert flex_routed["storage_bytes"] == on_disk  # adapters, query features and projection
     individual = next(row for row in report["rows"] if row["method"] == "individual")
     assert individual["pct_of_individual"] == pytest.approx(100.0)
     assert individual["storage_pct_fp32"] == pytest.approx(100.0)
 
     plain = tmp_path / "plain.txt"
     plain.write_text("")
-    written = ["benchmark.md", "benchmark.json"] + (["benchmark.png"] if importlib.util.find_spec("matplotlib") else [])
+    pictures = ["benchmark.png", "routing_confusion.png"] if importlib.util.find_spec("matplotlib") else []
+    written = ["benchmark.md", "benchmark.json", *pictures]
     for name in written:  # written atomically, readable like any file
         assert stat.S_IMODE((Path(config.out_dir) / name).stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
@@ -422,11 +460,15 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     for name in ("benchmark.json", "benchmark.md"):
         assert (out / name).is_file(), name
-    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs the "bench" extra
-        assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert "](benchmark.png)" in (out / "benchmark.md").read_text()
+    for name in pictures:  # the plots need the "bench" extra
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / "benchmark.md").read_text()
     text = (out / "benchmark.md").read_text()
-    assert "EMR-merging" in text and "Auto-Switch" in text and "## Targets" in text
+    assert "EMR-merging" in text and "Auto-Switch" in text and "## Targets" in text and "## Routing" in text
+    assert "- Routing accuracy >= 0.935 with the library defaults" in text and "- Auto-FlexSwitch routed" in text
+    assert "- Routing cost, route() over the test batches / a plain forward over them: learned" in text
+    for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
+        assert str(tmp_path) not in (out / name).read_text(), name
     assert json.loads((out / "benchmark.json").read_text())["rows"][0]["method"] == "pre-trained"
 
     # The fine-tunes are cached, keyed by their inputs.
@@ -500,6 +542,8 @@ def test_cli_tiny_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "T-Switch, task id given (d=0.2, norm scale)" in printed and "Wrote" in printed
     assert (out / "benchmark.md").is_file() and (out / "benchmark.json").is_file()
     recorded = json.loads((out / "benchmark.json").read_text())
+    assert "autoflexswitch" not in [row["method"] for row in recorded["rows"]]  # no FlexSwitch budget ran
+    assert any("no Auto-FlexSwitch row" in note for note in recorded["notes"])
     assert recorded["command"].startswith("python -m benchmarks --quick --model '<local>/")
     for name in ("benchmark.json", "benchmark.md"):  # result files hold no path of this machine
         assert str(tmp_path) not in (out / name).read_text(), name
