@@ -28,12 +28,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from switch_adapter.autoswitch.config import AutoSwitchConfig
+
 from . import artifacts, baselines, evaluate, routing_choice
 from .environment import environment, portable_path
 from .finetune import Finetuned, FinetuneSettings, finetune_task
 from .model import MeanPoolingClassifier, load_classifier, minilm_path, model_label
 
 logger = logging.getLogger(__name__)
+
+# The router's own default query-set size (chosen with python -m benchmarks.routing_metric).
+DEFAULT_QUERY_EXAMPLES = AutoSwitchConfig().examples_per_task
 
 DEFAULT_TASKS = (
     "sms_spam",
@@ -78,7 +83,7 @@ class BenchConfig:
             validation (the reference: 100; kept for comparison with earlier results).
         learned_query_examples: Training examples per task in the query sets of the top-1 rows per routing metric,
             of the row with the library's defaults and of Auto-FlexSwitch (the library's default
-            ``examples_per_task``: 300).
+            ``examples_per_task``: 500).
         autoswitch_modes: Routing modes to evaluate (``AutoSwitchConfig.mode``): ``top1`` (the library's default),
             ``soft`` (the reference's weighted composition per sample) and ``batch`` (the reference's one composition
             per batch; also evaluated on single-task batches, the reference's protocol).
@@ -111,7 +116,7 @@ class BenchConfig:
     autoswitch_density: float | None = None
     autoswitch_budget_pct: float = 1.5
     query_examples: int = 100
-    learned_query_examples: int = 300
+    learned_query_examples: int = DEFAULT_QUERY_EXAMPLES
     autoswitch_modes: tuple[str, ...] = ("top1", "soft", "batch")
     choose_routing_features: bool = True
     knn_k: int = 10

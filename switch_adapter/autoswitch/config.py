@@ -89,7 +89,7 @@ class AutoSwitchConfig:
     feature_depth: float = DEFAULT_FEATURE_DEPTH
     layer_tolerance: float = 0.005
     pooling: Literal["mean", "first", "last"] = "mean"
-    examples_per_task: int = 300
+    examples_per_task: int = 500
     seed: int = 0
     ood_fallback: bool = True
     ood_quantile: float = 0.99
