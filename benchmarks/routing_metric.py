@@ -123,6 +123,9 @@ class Settings:
 # ----------------------------------------------------------------------------------------------------
 
 
+DEFAULT_RANK_LABEL = "default (32, capped at the feature size)"
+
+
 def config_for(variant: str) -> AutoSwitchConfig:
     metric, objective = VARIANTS[variant]
     return AutoSwitchConfig(metric=metric, metric_objective=objective)
@@ -147,7 +150,9 @@ def routed(
 ) -> torch.Tensor:
     """Test predictions with ``metric`` (``"learned"``: fitted on ``query`` as the router fits it)."""
     if metric == "learned":
-        learned = fit_metric(query, labels, list(tasks), config.metric_objective, config.metric_rank, config.seed)
+        learned = fit_metric(
+            query, labels, list(tasks), config.metric_objective, config.resolve_metric_rank(query.shape[1]), config.seed
+        )
         return route(learned.project(query), labels, learned.project(test), len(tasks), "euclidean", config.k)
     return route(query, labels, test, len(tasks), metric, config.k)
 
@@ -354,7 +359,7 @@ def timings(data: Features, layer: int, settings: Settings) -> dict[str, Any]:
             seconds = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                fit_metric(x, y, data.tasks, objective, config.metric_rank, config.seed)
+                fit_metric(x, y, data.tasks, objective, config.resolve_metric_rank(x.shape[1]), config.seed)
                 seconds.append(time.perf_counter() - start)
             out["fit_seconds"][objective][str(size)] = min(seconds)
             logger.info("fit %s, %d per task: %.2f s", objective, size, min(seconds))
@@ -367,7 +372,7 @@ def timings(data: Features, layer: int, settings: Settings) -> dict[str, Any]:
     rows = draw(data.pool_labels, size, 0)
     bank, labels = data.pool[layer][rows].float(), data.pool_labels[rows]
     batch = data.test[layer][: settings.cost_batch]
-    learned = fit_metric(bank, labels, data.tasks, "lda", config.metric_rank, config.seed)
+    learned = fit_metric(bank, labels, data.tasks, "lda", config.resolve_metric_rank(bank.shape[1]), config.seed)
     projected = learned.project(bank)  # the router stores the bank projected
     num = len(data.tasks)
     calls = {
@@ -791,7 +796,8 @@ def markdown(report: Mapping[str, Any], plot_name: str | None) -> str:
         "per "
         f"task, truncation {settings['max_length']} tokens, mean pooling, layers 1..{report['num_layers']}. k = "
         f"{settings['config']['k']}; layer tolerance {settings['config']['layer_tolerance']}; learned rank "
-        f"{settings['config']['metric_rank']}. Routing accuracy: share of test inputs whose k-NN top task is their "
+        f"{settings['config']['metric_rank'] or DEFAULT_RANK_LABEL}. Routing accuracy: share of test inputs whose "
+        "k-NN top task is their "
         "own, in %, mean ± std over split seeds. Query sets: nested seeded draws from the pool.",
         "",
         "## Accuracy vs query-set size, at the cross-validated layer",
