@@ -240,18 +240,21 @@ def _assert_samples_match_reference(router, batch, make_base, switches, output_o
     return outputs, routing
 
 
-@pytest.fixture(scope="module")
-def flex_bert_switches(tmp_path_factory):
+def _save_flexswitches(make_base, folder) -> dict[str, str]:
     """FlexSwitch adapters with 2- and 4-bit units (learned for a few steps on each task's inputs)."""
-    folder, paths = tmp_path_factory.mktemp("flex"), {}
+    paths = {}
     for t, name in enumerate(TASKS):
-        base = tiny_bert()
+        base = make_base()
         tuned = finetune_copy(base, seed=t + 1, noise=0.05)
         config = FlexSwitchConfig(budget="60%", bit_widths=(2, 4), steps=3, seed=t)
-        model = flexswitch(base, tuned, {"input_ids": task_ids(t, 8)}, config, progress=False)
-        model.save_pretrained(folder / name)
+        flexswitch(base, tuned, {"input_ids": task_ids(t, 8)}, config, progress=False).save_pretrained(folder / name)
         paths[name] = str(folder / name)
     return paths
+
+
+@pytest.fixture(scope="module")
+def flex_bert_switches(tmp_path_factory):
+    return _save_flexswitches(tiny_bert, tmp_path_factory.mktemp("flex"))
 
 
 @pytest.mark.parametrize("execution", ["compose", "delta"])
@@ -421,15 +424,7 @@ def test_generate_two_tasks_with_composed_weights_per_group(llama_router, single
 
 @pytest.fixture(scope="module")
 def flex_llama_switches(tmp_path_factory):
-    """FlexSwitch adapters of the tiny Llama with 2- and 4-bit units."""
-    folder, paths = tmp_path_factory.mktemp("flex-llama"), {}
-    for t, name in enumerate(TASKS):
-        base = tiny_llama()
-        tuned = finetune_copy(base, seed=t + 1, noise=0.05)
-        config = FlexSwitchConfig(budget="60%", bit_widths=(2, 4), steps=3, seed=t)
-        flexswitch(base, tuned, {"input_ids": task_ids(t, 8)}, config, progress=False).save_pretrained(folder / name)
-        paths[name] = str(folder / name)
-    return paths
+    return _save_flexswitches(tiny_llama, tmp_path_factory.mktemp("flex-llama"))
 
 
 @pytest.mark.parametrize("execution", ["compose", "delta"])
