@@ -281,3 +281,29 @@ def build_skeleton(model_class: type, config) -> Skeleton:
         raise ValueError(
             f"Could not build {model_class.__name__} from the base model's config ({type(error).__name__}: {error})."
         ) from error
+
+
+class PlainSkeleton(Skeleton):
+    """A plain ``nn.Module`` on the meta device (built by a factory, or a meta copy of a loaded model): checkpoint
+    keys are its ``state_dict()`` keys exactly, with no transformers renames or prefixes."""
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - no super().__init__: there is no config to build from
+        self.model_class = type(model)
+        self.model = model
+        self.model.eval()
+        self.state = self.model.state_dict()
+        self.shapes = {name: tuple(value.shape) for name, value in self.state.items()}
+        self.tied = {}
+        first_name: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in first_name:
+                self.tied[name] = first_name[id(param)]
+            else:
+                first_name[id(param)] = name
+        self.prefix = None
+        self.has_body = False
+        self.top_level = {name for name, _ in self.model.named_children()}
+        self._renamings, self._converters = None, None
+
+    def canonical(self, key: str) -> tuple[str | None, bool]:
+        return (key if key in self.state else None), False

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._staging import atomic_output_dir, check_output_dir
+from ..convert.plain import ModelFactory, build_model
 from ..format import KEY_PREFIX
 from ..tswitch.layer import is_norm_layer
 from ._base_model import build_base_skeleton, load_base_model, task_type_name
@@ -145,6 +146,7 @@ def to_lora(
     svd_method: Literal["auto", "exact", "randomized"] = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
+    model_factory: ModelFactory | type | None = None,
 ) -> LoraExportReport:
     """Write a PEFT LoRA adapter approximating a T-Switch adapter: per switched weight, the truncated SVD of its
     delta (``lora_alpha = r``, so the scaling is 1). Plain ``PeftModel.from_pretrained`` loads it.
@@ -165,6 +167,9 @@ def to_lora(
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"``
             (exact when the smaller dimension is at most 2048).
         device: Where to decode and factorize (default: CUDA if available, else CPU).
+        model_factory: The architecture of a plain ``torch.nn.Module`` base given as a safetensors state dict: its
+            class, a zero-argument function returning it, or ``"package.module:name"``. Without ``include_norms``
+            only the architecture is needed: ``base`` may then be None (the factory alone builds it).
 
     Returns a :class:`LoraExportReport` with ||delta - B A||_F / ||delta||_F per module and overall, and the
     units that a LoRA cannot carry with their share of the switch's norm. Nothing is written on error.
@@ -175,14 +180,18 @@ def to_lora(
         raise ValueError(f"svd_method must be 'auto', 'exact' or 'randomized', got {svd_method!r}.")
     switch = open_switch(adapter, revision=revision, token=token)
     base_ref = base if base is not None else switch.config.base_model_name_or_path
-    if base_ref is None:
+    if base_ref is None and (model_factory is None or include_norms):
         raise ValueError(f"{switch.source} does not record its base model; pass the base model explicitly.")
     final = check_output_dir(output_dir, overwrite, [adapter, base_ref])
     task_type = switch.config.task_type
     if include_norms:
-        model = load_base_model(base_ref, task_type, revision=base_revision, token=token)
+        model = load_base_model(base_ref, task_type, revision=base_revision, token=token, model_factory=model_factory)
+    elif base_ref is None or (model_factory is not None and not isinstance(base_ref, nn.Module)):
+        model = build_model(model_factory, meta=True)
     else:
-        model = build_base_skeleton(base_ref, task_type, revision=base_revision, token=token)
+        model = build_base_skeleton(
+            base_ref, task_type, revision=base_revision, token=token, model_factory=model_factory
+        )
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     builder = _LoraBuilder(switch, model, rank, dtype, svd_method, lora_bias, include_norms, exclude_modules)
