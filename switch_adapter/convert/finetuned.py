@@ -15,9 +15,18 @@ from transformers import AutoModel, PreTrainedModel
 
 from .._staging import check_output_dir
 from ..codec import sass
-from ..format import layout_entry, storage_summary
+from ..format import (
+    KEY_PREFIX,
+    STATISTICS,
+    STATISTICS_CHECKSUM,
+    layout_entry,
+    statistics_attribute,
+    statistics_bytes,
+    statistics_checksum,
+    storage_summary,
+)
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
-from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
+from ..tswitch.config import TSwitchConfig
 from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
     PlainSkeleton,
@@ -104,13 +113,13 @@ def convert_finetuned(
         analysis = _analyse(skeleton, base_src, tuned_src, base_map.to_source, tuned_map.to_source, config)
         config = _prepare_config(config, skeleton, analysis, base, base_revision)
         plan = skeleton.plan(config)
-        _warn_switched_heads(plan, analysis)
         work = _Work(skeleton, plan, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
         work.check_heads()
         tensors = work.run(progress)
     config = plan.config
     config.unit_layout = work.layout
     config.modules_to_save_shapes = work.head_shapes
+    config.norm_statistics = work.statistics
     write_adapter(
         output_dir,
         config,
@@ -133,7 +142,7 @@ def _copy_config(config: TSwitchConfig | None) -> TSwitchConfig:
     if not isinstance(config, TSwitchConfig):
         raise TypeError(f"config must be a TSwitchConfig, got {type(config).__name__}.")
     config = copy.deepcopy(config)
-    config.unit_layout, config.modules_to_save_shapes = {}, {}
+    config.unit_layout, config.modules_to_save_shapes, config.norm_statistics = {}, {}, {}
     return config
 
 
@@ -295,7 +304,7 @@ def _prepare_config(
     existing = list(config.modules_to_save or [])
     heads = set(analysis.heads)
     if config.modules_to_save is None:
-        heads.update(_not_targeted(skeleton, config, analysis.changed_candidates))
+        heads.update(analysis.changed_candidates)  # as from_finetuned: explicit targets do not change this
     added = []
     for head in sorted(heads):
         if head in automatic or any(head.endswith(name) for name in existing):
@@ -307,28 +316,6 @@ def _prepare_config(
     config.modules_to_save = existing or None
     record_base(config, base, base_revision)
     return config
-
-
-def _not_targeted(skeleton: Skeleton, config: TSwitchConfig, names: list[str]) -> list[str]:
-    """The modules of ``names`` that ``config.target_modules`` does not name explicitly (``"all"`` names none)."""
-    if not names or config.target_modules == ALL_SUPPORTED_SHORTHAND:
-        return list(names)
-    switched = {module for module, _ in skeleton.plan(copy.deepcopy(config)).slots}
-    return [name for name in names if name not in switched]
-
-
-def _warn_switched_heads(plan: SwitchPlan, analysis: _Analysis) -> None:
-    """Warn when a changed module that looks like an output head is binarized (the caller targeted it)."""
-    switched = {module for module, _ in plan.slots}
-    binarized = [name for name in analysis.changed_candidates if name in switched]
-    if binarized:
-        logger.warning(
-            "%s look%s like an output head but %s binarized because target_modules names it; a binarized head loses "
-            "most of the task's accuracy. Leave it out of target_modules to keep it in full precision.",
-            ", ".join(binarized),
-            "s" if len(binarized) == 1 else "",
-            "is" if len(binarized) == 1 else "are",
-        )
 
 
 def record_base(config: TSwitchConfig, base: ModelLike, base_revision: str | None) -> None:
@@ -365,6 +352,7 @@ class _Work:
         self.unchanged = 0
         self.tensors_read = 0
         self.head_bytes = 0
+        self.statistics: dict[str, dict[str, list[int]]] = {}  # config.norm_statistics
         self.switch_keys, self.head_keys = plan.split_keys()
         self.placeholders = plan.placeholders()
 
@@ -404,8 +392,12 @@ class _Work:
             )
         for key, (_, name) in self.head_keys.items():
             jobs.append(("head", key, self.tuned_keys[name], None, len(jobs)))
+        statistic_names = {f"{module}.{part}" for module in self.plan.statistics for part in STATISTICS}
+        counters = {f"{module}.num_batches_tracked" for module in self.plan.statistics}  # a counter, not carried
         for name in self.skeleton.shapes:  # tensors neither switched nor saved: were they changed?
             if name in slot_names or name in head_names or name in self.skeleton.tied:
+                continue
+            if name in statistic_names or name in counters:
                 continue
             if name in self.tuned_keys and name in self.base_keys:
                 jobs.append(("check", name, self.tuned_keys[name], self.base_keys[name], len(jobs)))
@@ -446,6 +438,45 @@ class _Work:
             entry = switches.get((module_name, param_name))
             if entry is not None:
                 self.layout.setdefault(module_name, {})[param_name] = entry
+        tensors.update(self._statistics())
+        return tensors
+
+    def _statistics(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned running statistics of every targeted norm layer whose statistics the fine-tune changed, in
+        the dtype of the base checkpoint's buffers (``format.py``: ``tswitch_stat_*`` keys, format version 4)."""
+        tensors: dict[str, torch.Tensor] = {}
+        problems = []
+        for module_name in self.plan.statistics:
+            names = {part: f"{module_name}.{part}" for part in STATISTICS}
+            tuned_keys = {part: self.tuned_keys.get(name) for part, name in names.items()}
+            base_keys = {part: self.base_keys.get(name) for part, name in names.items()}
+            if None in tuned_keys.values() or None in base_keys.values():
+                continue  # a checkpoint without these buffers: nothing to carry (reported by the analysis)
+            values, changed = {}, False
+            for part in STATISTICS:
+                base_value = self._read(self.base_src, base_keys[part])
+                tuned = self._read(self.tuned_src, tuned_keys[part])
+                if tuned.shape != base_value.shape:
+                    problems.append(
+                        f"{names[part]}: fine-tuned shape {list(tuned.shape)} != base {list(base_value.shape)}"
+                    )
+                    continue
+                changed = changed or tensors_differ(base_value, tuned)
+                values[part] = tuned.to(base_value.dtype).clone()
+            if len(values) < len(STATISTICS) or not changed:
+                continue
+            for part, value in values.items():
+                tensors[f"{KEY_PREFIX}{module_name}.{statistics_attribute(part)}"] = value
+            tensors[f"{KEY_PREFIX}{module_name}.{STATISTICS_CHECKSUM}"] = statistics_checksum(
+                values["running_mean"], values["running_var"]
+            )
+            self.statistics[module_name] = {part: list(value.shape) for part, value in values.items()}
+        if problems:
+            raise ValueError(
+                "The fine-tuned running statistics do not fit the base model:\n  "
+                + "\n  ".join(problems[:10])
+                + "\nNothing was written."
+            )
         return tensors
 
     def _read(self, source: TensorSource, key: str) -> torch.Tensor:
@@ -510,6 +541,8 @@ def make_summary(
         unchanged=work.unchanged,
         heads=sorted(work.plan.heads) if work.head_bytes else [],
         head_bytes=work.head_bytes,
+        statistics=sorted(getattr(config, "norm_statistics", None) or {}),
+        statistics_bytes=statistics_bytes(config.norm_statistics) if getattr(config, "norm_statistics", None) else 0,
         skipped=skipped,
         seconds=time.perf_counter() - start,
     )
