@@ -163,7 +163,7 @@ def _skeleton(base_src: TensorSource, tuned_src: TensorSource, model_factory) ->
             raise ValueError(
                 f"Neither the {base_src.description} nor the {tuned_src.description} says what model it holds (plain "
                 "safetensors state dicts have no config.json); pass model_factory=... (the model class, a function "
-                "that builds it, or 'package.module:name'). Nothing was written."
+                "that builds it, or 'package.module:name'; --model-factory on the command line). Nothing was written."
             )
         skeleton = PlainSkeleton(meta_copy(loaded))
         origin = skeleton.name

@@ -238,10 +238,10 @@ def check_state_keys(
     if missing:
         lines.append(f"missing from the checkpoint ({len(missing)}): {_some(sorted(missing))}")
     raise ValueError(
-        f"The {description} does not fit {model_name}:\n  "
+        f"The {description.removeprefix('the ')} does not fit {model_name}:\n  "
         + "\n  ".join(lines)
-        + "\nIts keys must be the model's state_dict() keys; check that model_factory builds the architecture the "
-        "checkpoint was saved from. Nothing was written."
+        + "\nIts keys must be the model's state_dict() keys: both models need the same architecture (with "
+        "model_factory, the one the checkpoint was saved from). Nothing was written."
     )
 
 
