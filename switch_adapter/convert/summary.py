@@ -64,7 +64,8 @@ class ConversionSummary(SizeFigures):
             lines.append(f"  full precision     {', '.join(self.heads)} ({self.head_bytes:,} bytes)")
         if self.statistics:
             lines.append(
-                f"  norm statistics    {len(self.statistics)} layers, running mean and variance carried exactly "
+                f"  norm statistics    {len(self.statistics)} layer{'s' if len(self.statistics) != 1 else ''}, "
+                "running mean and variance carried exactly "
                 f"({self.statistics_bytes:,} bytes)"
             )
         if self.skipped:
