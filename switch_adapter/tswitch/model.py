@@ -73,7 +73,10 @@ def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     """The output embedding module if its weight is the input embedding's weight, else None."""
     if not isinstance(model, PreTrainedModel):
         return None
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    try:
+        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    except NotImplementedError:  # vision models and others without token embeddings
+        return None
     if output is None or inputs is None:
         return None
     if isinstance(inputs, BaseTunerLayer):
@@ -329,8 +332,10 @@ class TSwitchModel(BaseTuner):
     def _follow_tied_embedding(model: nn.Module) -> None:
         """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
         output = _tied_output_embedding(model)
-        inputs = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
-        if output is None or isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
+        if output is None:
+            return
+        inputs = model.get_input_embeddings()
+        if isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
             return
         name = next(name for name, module in model.named_modules() if module is output)
         parent_name, _, child_name = name.rpartition(".")
