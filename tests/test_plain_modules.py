@@ -193,14 +193,16 @@ def test_head_with_other_labels_and_explicit_modules_to_save(pair, tmp_path):
     assert {item.name for item in summary.skipped} == {"fc.weight", "fc.bias"}
 
 
-def test_explicitly_targeted_head_warns(pair, tmp_path, caplog):
+def test_explicitly_targeted_head_is_switched_with_a_warning(pair, tmp_path, caplog):
     root, base, tuned = pair
-    config = TSwitchConfig(target_modules=["conv1", "fc"], modules_to_save=[])
+    config = TSwitchConfig(target_modules=["conv1", "fc"], density=0.3)
     with caplog.at_level(logging.WARNING, logger="switch_adapter"):
         convert_finetuned(base, tuned, tmp_path / "out", config, progress=False)
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert set(saved["unit_layout"]) == {"conv1", "fc"}
+    assert set(saved["unit_layout"]) == {"conv1", "fc"} and saved["modules_to_save"] is None
     assert any("looks like the model's output head" in record.getMessage() for record in caplog.records)
+    _reference(base, tuned, tmp_path / "reference", TSwitchConfig(target_modules=["conv1", "fc"], density=0.3))
+    _files_equal(tmp_path / "out", tmp_path / "reference")
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

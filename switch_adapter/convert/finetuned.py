@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
@@ -26,7 +27,7 @@ from ..format import (
     storage_summary,
 )
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
-from ..tswitch.config import TSwitchConfig
+from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
     PlainSkeleton,
@@ -304,7 +305,7 @@ def _prepare_config(
     existing = list(config.modules_to_save or [])
     heads = set(analysis.heads)
     if config.modules_to_save is None:
-        heads.update(analysis.changed_candidates)  # as from_finetuned: explicit targets do not change this
+        heads.update(name for name in analysis.changed_candidates if not _targets(config, name))
     added = []
     for head in sorted(heads):
         if head in automatic or any(head.endswith(name) for name in existing):
@@ -316,6 +317,14 @@ def _prepare_config(
     config.modules_to_save = existing or None
     record_base(config, base, base_revision)
     return config
+
+
+def _targets(config: TSwitchConfig, name: str) -> bool:
+    """True when explicit ``target_modules`` select module ``name``: then it is switched (the tuner warns that it
+    looks like a head), as in ``from_finetuned``."""
+    if isinstance(config.target_modules, str) and config.target_modules == ALL_SUPPORTED_SHORTHAND:
+        return False
+    return bool(check_target_module_exists(config, name))
 
 
 def record_base(config: TSwitchConfig, base: ModelLike, base_revision: str | None) -> None:
