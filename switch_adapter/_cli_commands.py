@@ -65,6 +65,7 @@ def convert_lora(args: argparse.Namespace) -> int:
         force=args.force,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        model_factory=args.model_factory,
     )
     print(summary)
     return 0

@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--force", action="store_true", help="convert even if the LoRA names another base model")
     lora.add_argument("--revision", help="Hub revision of the LoRA adapter")
     lora.add_argument("--base-revision", help="Hub revision of the base model")
+    _model_factory(lora)
     _switch_config_options(lora)
     _common(lora)
     lora.set_defaults(func=commands.convert_lora)

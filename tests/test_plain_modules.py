@@ -11,11 +11,19 @@ import re
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from switch_adapter import TSwitchConfig, convert_finetuned, from_finetuned, inspect_adapter, materialize, to_lora
+from switch_adapter import (
+    TSwitchConfig,
+    convert_finetuned,
+    convert_lora,
+    from_finetuned,
+    inspect_adapter,
+    materialize,
+    to_lora,
+)
 from switch_adapter.cli import main
 
 FACTORY = "test_plain_modules:tiny_net"
@@ -203,6 +211,35 @@ def test_explicitly_targeted_head_is_switched_with_a_warning(pair, tmp_path, cap
     assert any("looks like the model's output head" in record.getMessage() for record in caplog.records)
     _reference(base, tuned, tmp_path / "reference", TSwitchConfig(target_modules=["conv1", "fc"], density=0.3))
     _files_equal(tmp_path / "out", tmp_path / "reference")
+
+
+def test_lora_of_a_plain_module(pair, tmp_path):
+    root, base, _ = pair
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["conv1", "proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(3))
+        expected = {n: lora.base_model.model.get_submodule(n).get_delta_weight("default") for n in ("conv1", "proj")}
+    lora.save_pretrained(tmp_path / "lora")
+    config = TSwitchConfig(density=1.0, scale_granularity="row")
+    convert_lora(base, tmp_path / "lora", tmp_path / "in-memory", config, progress=False)
+    convert_lora(
+        root / "base.safetensors",
+        tmp_path / "lora",
+        tmp_path / "factory",
+        config,
+        model_factory=FACTORY,
+        progress=False,
+    )
+    _files_equal(tmp_path / "in-memory", tmp_path / "factory")
+    saved = json.loads((tmp_path / "factory" / "adapter_config.json").read_text())
+    assert set(saved["unit_layout"]) == {"conv1", "proj"} and saved["auto_mapping"]["base_model_class"] == "TinyNet"
+    with torch.no_grad():
+        switched = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "factory").merge_and_unload()
+        for name, delta in expected.items():  # density 1 keeps every entry: signs times a per-row scale
+            got = switched.get_submodule(name).weight - base.get_submodule(name).weight
+            assert torch.equal(torch.sign(got), torch.sign(delta))
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------
