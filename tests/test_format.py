@@ -304,7 +304,7 @@ def _dense(switch) -> torch.Tensor:
 def test_multibit_units_save_reload_and_merge_exactly(multibit_switch):
     folder, switches = multibit_switch
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["format_version"] == FORMAT_VERSION == 3
+    assert config["format_version"] == 3 and FORMAT_VERSION == 4
     for (module, param), switch in switches.items():
         entry = config["unit_layout"][module][param]
         assert (entry["value_bits"], entry["kept"]) == (switch.value_bits, switch.kept)

@@ -164,10 +164,19 @@ def test_save_load_round_trip_and_damaged_statistics(tuned_pair, tmp_path):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
 
 
-def test_older_readers_refuse_files_with_statistics():
-    with pytest.raises(ValueError, match="Upgrade it"):
-        TSwitchConfig(format_version=FORMAT_VERSION + 1)
-    assert STATISTICS_SINCE > 3  # readers of versions up to 3 refuse a file with statistics (it is version 4)
+def test_older_readers_refuse_files_with_statistics(tuned_pair, tmp_path, monkeypatch):
+    base, tuned = tuned_pair
+    switched(base, tuned).save_pretrained(tmp_path / "adapter")
+    # What a reader of versions up to 3 does, simulated with this library's own check set to version 3:
+    monkeypatch.setattr("switch_adapter.tswitch.config.FORMAT_VERSION", 3)
+    with pytest.raises(ValueError, match="format version 4.*Upgrade it"):
+        TSwitchConfig.from_pretrained(str(tmp_path / "adapter"))
+    # A switch without statistics (the fine-tune left them alone) stays readable by them.
+    frozen = copy.deepcopy(base)
+    with torch.no_grad():
+        frozen.conv.weight.add_(0.01)
+    switched(base, frozen).save_pretrained(tmp_path / "plain")
+    assert TSwitchConfig.from_pretrained(str(tmp_path / "plain")).format_version == 2
 
 
 def test_merge_unmerge_and_merge_and_unload(tuned_pair):
@@ -304,7 +313,11 @@ def test_transformers_resnet_statistics_and_head(tmp_path):
     model.save_pretrained(tmp_path / "resnet")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "resnet").eval()
     torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+    plain = copy.deepcopy(base)
+    plain.load_adapter(str(tmp_path / "resnet"))  # transformers' own loader
+    torch.testing.assert_close(plain(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
     recalibrate_norm_statistics(model, {"pixel_values": images(16, 4)}, batch_size=8, progress=False)
+    assert not torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
 
 
 # -- per-sample composition in the router's execution contexts ------------------------------------------------
