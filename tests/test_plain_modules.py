@@ -314,6 +314,56 @@ def test_materialize_a_plain_module(pair, tmp_path):
     assert not (tmp_path / "merged3").exists()
 
 
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.norm = nn.BatchNorm2d(16)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(hidden)))
+
+
+class TwoNorms(nn.Module):
+    """BatchNorms named ``norm`` and ``block.norm`` of other sizes (as EfficientNet's ``_bn0`` and
+    ``_blocks.1._bn0``): loading must match module names exactly, not by suffix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.block = Block()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = self.block(torch.relu(self.norm(self.conv(images))))
+        return self.fc(hidden.mean(dim=(2, 3)))
+
+
+def test_batch_norm_statistics_in_materialize_and_lora_export(tmp_path):
+    torch.manual_seed(0)
+    base = TwoNorms().eval()
+    tuned = _finetune(base)
+    convert_finetuned(base, tuned, tmp_path / "switch", TSwitchConfig(density=0.5), progress=False)
+    saved = json.loads((tmp_path / "switch" / "adapter_config.json").read_text())
+    assert set(saved["norm_statistics"]) == {"norm", "block.norm"}
+    with torch.no_grad():
+        switched = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "switch").eval()
+        expected = switched(_images())
+        materialize(base, tmp_path / "switch", tmp_path / "merged", progress=False)
+        merged = TwoNorms().eval()
+        load_model(merged, str(tmp_path / "merged" / "model.safetensors"))
+        torch.testing.assert_close(merged(_images()), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(merged.block.norm.running_var, tuned.block.norm.running_var)
+
+    without = to_lora(tmp_path / "switch", base, tmp_path / "lora", rank=2, progress=False)
+    assert any("running statistics (BatchNorm) of 2 norm layer(s)" in note for note in without.notes)
+    with_norms = to_lora(tmp_path / "switch", base, tmp_path / "lora-norms", rank=2, include_norms=True, progress=False)
+    assert not with_norms.notes and set(with_norms.modules_to_save) >= {"norm", "block.norm", "fc"}
+    stored = load_file(str(tmp_path / "lora-norms" / "adapter_model.safetensors"))
+    assert torch.equal(stored["base_model.model.block.norm.running_mean"], tuned.block.norm.running_mean)
+
+
 def test_lora_export_of_a_plain_module(pair, tmp_path):
     root, base, _ = pair
     report = to_lora(root / "reference", base, tmp_path / "lora", rank=4, progress=False)

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._staging import atomic_output_dir, check_output_dir
 from ..convert.plain import ModelFactory, build_model
-from ..format import KEY_PREFIX
+from ..format import KEY_PREFIX, STATISTICS, statistics_attribute
 from ..tswitch.layer import is_norm_layer
 from ._base_model import build_base_skeleton, load_base_model, task_type_name
 from ._switch_file import SwitchFolder, open_switch
@@ -230,6 +230,7 @@ class _LoraBuilder:
         self.norm_modules: list[str] = []
         self.report = LoraExportReport(output_dir="", rank=rank)
         self.tied_output = _tied_output_name(model)
+        self.statistics = _switch_statistics(switch)  # module -> {running_mean, running_var}
 
     def _module(self, name: str) -> nn.Module | None:
         if name in self.modules:
@@ -313,6 +314,8 @@ class _LoraBuilder:
             self.norm_modules.append(name)
             for key, value in module.state_dict().items():
                 self.tensors[f"{KEY_PREFIX}{name}.{key}"] = value.detach().to("cpu", torch.float32).clone()
+            for key, value in self.statistics.pop(name, {}).items():  # the switch's running statistics (BatchNorm)
+                self.tensors[f"{KEY_PREFIX}{name}.{key}"] = value.to(getattr(module, key).dtype)
         key = f"{KEY_PREFIX}{name}.{param}"
         self.tensors[key] = (self.tensors[key] + delta.to("cpu", torch.float32)).to(getattr(module, param).dtype)
         self.report.exact_units.append(f"{name}.{param}")
@@ -338,6 +341,12 @@ class _LoraBuilder:
                 self.report.exact_norm_sq -= float(torch.linalg.vector_norm(bias)) ** 2
                 self._drop(f"{name}.bias", "bias of a module without a weight delta", bias)
         self.tensors.update(self.switch.head_tensors())
+        if self.statistics:  # norm layers whose statistics no exported module carries
+            self.report.notes.append(
+                f"the running statistics (BatchNorm) of {len(self.statistics)} norm layer(s) are not in the LoRA "
+                f"({', '.join(sorted(self.statistics)[:4])}{', ...' if len(self.statistics) > 4 else ''}); "
+                "include_norms=True (--include-norms) carries them with the norm layers the switch changes"
+            )
         if not self.targets:
             raise ValueError(
                 f"{self.switch.source} has no weight that a LoRA can carry (Linear, Embedding, Conv1D, Conv2d); "
@@ -395,6 +404,19 @@ def _tied_output_name(model: nn.Module) -> str | None:
     if output is None or inputs is None or getattr(output, "weight", None) is not getattr(inputs, "weight", 0):
         return None
     return next((name for name, module in model.named_modules() if module is output), None)
+
+
+def _switch_statistics(switch: SwitchFolder) -> dict[str, dict[str, torch.Tensor]]:
+    """The running statistics a switch carries (format version 4), as ``{module: {running_mean, running_var}}``."""
+    statistics: dict[str, dict[str, torch.Tensor]] = {}
+    if not getattr(switch.config, "norm_statistics", None):
+        return statistics
+    with switch.open() as file:
+        for module in switch.config.norm_statistics:
+            statistics[module] = {
+                name: file.tensor(f"{KEY_PREFIX}{module}.{statistics_attribute(name)}") for name in STATISTICS
+            }
+    return statistics
 
 
 def _write_card(folder: str, config, switch: SwitchFolder, report: LoraExportReport) -> None:

@@ -160,7 +160,8 @@ def _warn_other_base(base, switches: dict[str, SwitchFolder]) -> None:
 
 
 def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str, float], progress: bool) -> nn.Module:
-    """Attach the switches with peft, add ``weight * delta`` of each into the base weights, and unwrap."""
+    """Attach the switches with peft, add ``weight * delta`` of each into the base weights (and the running statistics
+    the switches carry, ``base + sum weight * (stat - base)``, into norm layers' buffers), and unwrap."""
     from peft import PeftModel
 
     peft_names = {name: f"switch_{i}" for i, name in enumerate(switches)}
@@ -179,6 +180,9 @@ def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str,
                     continue
                 for name, peft_name in peft_names.items():
                     layer._add_deltas(param_name, param.data, {peft_name: scale[name]}, inplace=True)
+            statistics = layer.composed_statistics({peft_names[name]: scale[name] for name in switches})
+            for stat_name, value in (statistics or {}).items():  # BatchNorm: the adapters' running statistics
+                getattr(base_layer, stat_name).copy_(value)
     peft_model.base_model.set_adapter(peft_names[first])  # every adapter's head is the same (checked above)
     merged = peft_model.unload()
     _sync_label_count(merged, switches)
