@@ -356,6 +356,14 @@ def test_batch_norm_statistics_in_materialize_and_lora_export(tmp_path):
         torch.testing.assert_close(merged(_images()), expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(merged.block.norm.running_var, tuned.block.norm.running_var)
 
+    frozen = _finetune(base)  # a frozen stem norm: no switch for `norm`, one for `block.norm` (names by suffix)
+    frozen.norm.load_state_dict(base.norm.state_dict())
+    convert_finetuned(base, frozen, tmp_path / "frozen", TSwitchConfig(density=0.5), progress=False)
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "frozen").eval()
+        reference = from_finetuned(copy.deepcopy(base), frozen, TSwitchConfig(density=0.5), progress=False).eval()
+        torch.testing.assert_close(loaded(_images()), reference(_images()), rtol=0, atol=0)
+
     without = to_lora(tmp_path / "switch", base, tmp_path / "lora", rank=2, progress=False)
     assert any("running statistics (BatchNorm) of 2 norm layer(s)" in note for note in without.notes)
     with_norms = to_lora(tmp_path / "switch", base, tmp_path / "lora-norms", rank=2, include_norms=True, progress=False)

@@ -296,6 +296,13 @@ class TSwitchModel(BaseTuner):
 
     # -- module creation -------------------------------------------------------------------------------
 
+    def _own_entry(self, layout: dict, module_name: str) -> dict | None:
+        """``find_layout_entry``, except that a key naming another module of this model is never taken for
+        ``module_name`` by suffix (a frozen ``norm`` must not get the entry of ``block.norm``)."""
+        if module_name in layout:
+            return layout[module_name]
+        return find_layout_entry(layout, module_name, {name for name, _ in self.model.named_modules()})
+
     def _create_and_replace(
         self,
         peft_config: TSwitchConfig,
@@ -314,9 +321,9 @@ class TSwitchModel(BaseTuner):
                 "(LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm and other layers with running statistics)."
             )
         param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
-        layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
+        layout = self._own_entry(peft_config.unit_layout, current_key) or {}
         with_checksums = peft_config.format_version >= CHECKSUMS_SINCE
-        with_statistics = find_layout_entry(peft_config.norm_statistics or {}, current_key) is not None
+        with_statistics = self._own_entry(peft_config.norm_statistics or {}, current_key) is not None
         if isinstance(target, TSwitchLayer):
             target.update_layer(
                 adapter_name, layout, param_names, peft_config.inference_mode, with_checksums, with_statistics
