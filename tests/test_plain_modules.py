@@ -25,6 +25,7 @@ from switch_adapter import (
     to_lora,
 )
 from switch_adapter.cli import main
+from switch_adapter.tswitch.model_card import write_model_card
 
 FACTORY = "test_plain_modules:tiny_net"
 
@@ -404,6 +405,13 @@ def test_model_card_snippet_rebuilds_the_base(pair, tmp_path):
     with torch.no_grad():
         expected = PeftModel.from_pretrained(copy.deepcopy(pair[1]), tmp_path / "out")(_images())
         torch.testing.assert_close(namespace["model"](_images()), expected, rtol=0, atol=0)
+
+    # the card push_to_hub writes in a folder of its own (the config loaded from the adapter, the old card copied)
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text(card)
+    write_model_card(str(tmp_path / "card"), TSwitchConfig.from_pretrained(str(tmp_path / "out")), repo_id="you/net")
+    pushed = (tmp_path / "card" / "README.md").read_text()
+    assert "base = tiny_net()" in pushed and 'PeftModel.from_pretrained(base, "you/net")' in pushed
 
     # from_finetuned(...).save_pretrained writes the class snippet too (no factory known there)
     card = (root / "reference" / "README.md").read_text()

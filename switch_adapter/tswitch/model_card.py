@@ -220,7 +220,8 @@ def write_model_card(
     if config.base_model_name_or_path:
         card.data["base_model"] = config.base_model_name_or_path
     text = card.text
-    section = card_section(config, repo_id, auto_mapping=_saved_auto_mapping(folder), base_factory=base_factory)
+    auto_mapping = _saved_auto_mapping(folder) or getattr(config, "auto_mapping", None)  # a loaded config has it
+    section = card_section(config, repo_id, auto_mapping=auto_mapping, base_factory=base_factory)
     if _SECTION_START in text and _SECTION_END in text:
         before, _, rest = text.partition(_SECTION_START)
         _, _, after = rest.partition(_SECTION_END)
