@@ -91,7 +91,14 @@ def from_finetuned(
         config = copy.copy(config)
         config.norm_statistics = {}
     if config.modules_to_save is None and finetuned_state is not None:
-        heads_found = [name for name in finetuned_heads(plain_base, finetuned_state) if not _targets(config, name)]
+        from ..convert.skeleton import automatic_heads  # heads peft's PeftModelFor<Task> saves by itself
+
+        automatic = automatic_heads(config.task_type)
+        heads_found = [
+            name
+            for name in finetuned_heads(plain_base, finetuned_state)
+            if not _targets(config, name) and name not in automatic
+        ]
         if heads_found:
             config = copy.copy(config)  # the caller's config stays as it was
             config.modules_to_save = heads_found
