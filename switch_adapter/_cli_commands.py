@@ -44,6 +44,7 @@ def convert(args: argparse.Namespace) -> int:
         token=args.token,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        model_factory=args.model_factory,
     )
     print(summary)
     return 0
@@ -64,6 +65,7 @@ def convert_lora(args: argparse.Namespace) -> int:
         force=args.force,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        model_factory=args.model_factory,
     )
     print(summary)
     return 0
@@ -98,8 +100,11 @@ def merge(args: argparse.Namespace) -> int:
         token=args.token,
         dtype=args.dtype,
         progress=not args.quiet,
+        model_factory=args.model_factory,
     )
-    print(f"Wrote a transformers model folder (no switch-adapter needed to load it): {output}")
+    plain = os.path.isfile(os.path.join(output, "model_class.json"))
+    kind = "a model folder (model.safetensors + model_class.json)" if plain else "a transformers model folder"
+    print(f"Wrote {kind} (no switch-adapter needed to load it): {output}")
     return 0
 
 
@@ -123,6 +128,7 @@ def export_lora(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         svd_method=args.svd_method,
         progress=not args.quiet,
+        model_factory=args.model_factory,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0

@@ -36,7 +36,11 @@ examples:
   switch-adapter convert ./bert-base ./bert-finetuned-sst2 -o sst2-switch --task-type SEQ_CLS \\
       --modules-to-save classifier
   switch-adapter convert HuggingFaceTB/SmolLM2-135M you/smollm2-tuned -o smollm2-switch --density 0.03 \\
-      --target-modules all-linear --revision main""",
+      --target-modules all-linear --revision main
+  switch-adapter convert base.safetensors finetuned.safetensors -o my-switch --model-factory mypackage.nets:make_net
+
+A plain torch.nn.Module (not a transformers model) is read from safetensors state dicts (a file, an index, or a
+folder of shards) with --model-factory naming its class or a function that builds it.""",
     "convert-lora": """\
 examples:
   switch-adapter convert-lora ./base-model ./my-lora -o my-switch
@@ -66,9 +70,11 @@ examples:
 examples:
   switch-adapter merge ./base-model my-switch -o merged-model
   switch-adapter merge ./base-model switch-a switch-b --weights 0.5 0.5 -o merged-ab --dtype bfloat16
+  switch-adapter merge base.safetensors my-switch -o merged-net --model-factory mypackage.nets:make_net
 
 The output is a plain transformers model folder (with the base's tokenizer files): transformers, vLLM or TGI load
-it without switch-adapter.""",
+it without switch-adapter. A plain torch.nn.Module base (--model-factory) gives model.safetensors (its state dict)
+and model_class.json naming its class.""",
     "export-lora": """\
 examples:
   switch-adapter export-lora my-switch --base ./base-model -o my-lora --rank 32
@@ -100,6 +106,16 @@ def _common(parser: argparse.ArgumentParser, *, hub: bool = True, progress: bool
 def _output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help=f"folder to write the {what} to")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+
+def _model_factory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-factory",
+        metavar="MODULE:NAME",
+        help="for a plain torch.nn.Module (not a transformers model): the class, or a function returning the model "
+        "without arguments, as an import path (e.g. mypackage.models:make_net); the models are then safetensors "
+        "state dicts (a .safetensors file, an index, or a folder of shards)",
+    )
 
 
 def _config_default(name: str):
@@ -178,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output(convert, "T-Switch adapter")
     convert.add_argument("--revision", help="Hub revision of the fine-tuned model")
     convert.add_argument("--base-revision", help="Hub revision of the base model")
+    _model_factory(convert)
     _switch_config_options(convert)
     _common(convert)
     convert.set_defaults(func=commands.convert)
@@ -195,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--force", action="store_true", help="convert even if the LoRA names another base model")
     lora.add_argument("--revision", help="Hub revision of the LoRA adapter")
     lora.add_argument("--base-revision", help="Hub revision of the base model")
+    _model_factory(lora)
     _switch_config_options(lora)
     _common(lora)
     lora.set_defaults(func=commands.convert_lora)
@@ -281,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved weights")
     merge.add_argument("--revision", help="Hub revision of the adapters")
     merge.add_argument("--base-revision", help="Hub revision of the base model")
+    _model_factory(merge)
     _common(merge)
     merge.set_defaults(func=commands.merge)
 
@@ -298,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--svd-method", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")
     export.add_argument("--revision", help="Hub revision of the adapter")
     export.add_argument("--base-revision", help="Hub revision of the base model")
+    _model_factory(export)
     export.add_argument("--json", action="store_true", help="print the report as JSON")
     _common(export)
     export.set_defaults(func=commands.export_lora)

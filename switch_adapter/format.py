@@ -30,11 +30,12 @@ accounting; ``docs/format.md`` describes the same for readers.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -164,12 +165,16 @@ def required_format_version(
     return PLAIN_FORMAT_VERSION
 
 
-def find_layout_entry(layout: Mapping[str, dict], module_name: str) -> dict | None:
+def find_layout_entry(layout: Mapping[str, dict], module_name: str, others: Collection[str] = ()) -> dict | None:
     """The layout entry of ``module_name``, also when the adapter was made on a model with another head class:
-    ``bert.encoder.layer.0.attention.self.query`` matches ``encoder.layer.0.attention.self.query`` and vice versa."""
+    ``bert.encoder.layer.0.attention.self.query`` matches ``encoder.layer.0.attention.self.query`` and vice versa.
+    A key in ``others`` (names of other modules, e.g. of the model or of the file's units) is never taken by suffix:
+    ``norm`` does not get the entry of ``block.norm`` when ``block.norm`` is a module of its own."""
     if module_name in layout:
         return layout[module_name]
     for key, entry in layout.items():
+        if key in others:
+            continue
         if key.endswith("." + module_name) or module_name.endswith("." + key):
             return entry
     return None
@@ -391,6 +396,11 @@ class AdapterFile:
         view = self._handle.get_slice(key)
         return [int(size) for size in view.get_shape()], view.get_dtype()
 
+    @functools.cached_property
+    def unit_modules(self) -> set[str]:
+        """The modules with a unit (a code) in the file."""
+        return {parsed[0].module for key in self.keys if (parsed := parse_key(key)) and parsed[1] == "code"}
+
     def units(self, unit_layout: Mapping[str, dict] | None = None) -> list[Unit]:
         """Units with a code in the file: in the order of ``unit_layout`` (model order), then the others sorted."""
         found = {parsed[0] for key in self.keys if (parsed := parse_key(key)) and parsed[1] == "code"}
@@ -475,7 +485,7 @@ class AdapterFile:
         scale_key, checksum_key = unit.key("scale"), unit.key("checksum")
         if scale_key not in self.keys:
             return UnitStatus(unit, problems=[f"holds a code but no scale ({scale_key})"])
-        entry = find_layout_entry(unit_layout, unit.module)
+        entry = find_layout_entry(unit_layout, unit.module, self.unit_modules)
         return check_unit(
             unit,
             self.tensor(unit.key("code")),
@@ -560,7 +570,7 @@ def iter_dense_deltas(
             numel, positions, multipliers, _ = sass.decode_values(code, device=device)
         except CodecError as error:
             raise CodecError(f"{unit.name}: {error}") from None
-        entry = find_layout_entry(unit_layout, unit.module)
+        entry = find_layout_entry(unit_layout, unit.module, file.unit_modules)
         entry = entry.get(unit.param) if entry else None
         shape = [int(size) for size in entry["shape"]] if entry else [numel]
         if math.prod(shape) != numel:

@@ -10,14 +10,27 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from .._staging import check_output_dir
 from ..codec import sass
-from ..format import layout_entry, storage_summary
-from ..tswitch.config import TSwitchConfig
+from ..format import (
+    KEY_PREFIX,
+    STATISTICS,
+    STATISTICS_CHECKSUM,
+    layout_entry,
+    statistics_attribute,
+    statistics_bytes,
+    statistics_checksum,
+    storage_summary,
+)
+from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
+from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
+from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
+    PlainSkeleton,
     Skeleton,
     SwitchPlan,
     automatic_heads,
@@ -44,12 +57,15 @@ def convert_finetuned(
     token: str | bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    model_factory: ModelFactory | type | None = None,
 ) -> ConversionSummary:
     """Convert a full fine-tuned checkpoint into a T-Switch adapter folder, one tensor at a time.
 
     Args:
-        base: The pre-trained model: a local folder, a Hub repo id, or a loaded transformers model.
-        finetuned: The fine-tuned model (same architecture): a local folder, a Hub repo id, or a loaded model.
+        base: The pre-trained model: a local folder, a Hub repo id, a loaded model (a transformers model or any
+            ``torch.nn.Module``), or a plain model's safetensors state dict (a ``.safetensors`` file, a
+            ``*.safetensors.index.json``, or a folder of shards without ``config.json``).
+        finetuned: The fine-tuned model (same architecture), given in any of the same ways.
         output_dir: The adapter folder to write. It must not exist (or be empty) unless ``overwrite``.
         config: Targets, density, ... (default ``TSwitchConfig()``: every supported layer at the default density).
             ``task_type`` defaults to the one the fine-tune's class implies (``...ForSequenceClassification`` ->
@@ -57,6 +73,15 @@ def convert_finetuned(
         revision: Hub revision of ``finetuned``. base_revision: Hub revision of ``base``. token: Hub token.
         overwrite: Replace an existing ``output_dir``.
         progress: Show a progress bar over the tensors.
+        model_factory: The architecture of a plain ``torch.nn.Module`` (not a transformers model): its class, a
+            zero-argument function returning it, or its import path ``"package.module:name"``. Called on the meta
+            device (no weights are allocated). Needed when both models are safetensors files; without it a loaded
+            plain model gives the architecture. Checkpoint keys must be the module's ``state_dict()`` keys.
+
+    Output heads are found by structure (:func:`switch_adapter.heads.output_head_candidates`: a transformers
+    classification head, or the last layer when it maps to fewer outputs than inputs, whatever its name): ``"all"``
+    never binarizes them, and one the fine-tune changed is kept in full precision in ``modules_to_save`` when
+    ``config.modules_to_save`` is None (logged).
 
     The adapter is made for the fine-tune's model class (its ``config.architectures``): load it with
     ``PeftModel.from_pretrained(AutoModelFor<Task>.from_pretrained(base), output_dir)``. It is identical to what
@@ -73,15 +98,21 @@ def convert_finetuned(
     start = time.perf_counter()
     config = _copy_config(config)
     output_dir = check_output_dir(output_dir, overwrite, [base, finetuned])
+    plain = model_factory is not None
+    if plain:
+        resolve_factory(model_factory)  # a bad import path fails before any file is opened
     with contextlib.ExitStack() as stack:
-        base_src = stack.enter_context(open_checkpoint(base, role="base", revision=base_revision, token=token))
-        tuned_src = stack.enter_context(open_checkpoint(finetuned, role="fine-tuned", revision=revision, token=token))
-        _check_same_architecture(base_src, tuned_src)
-        skeleton = build_skeleton(_model_class(base_src, tuned_src), base_src.config)
+        base_src = stack.enter_context(
+            open_checkpoint(base, role="base", revision=base_revision, token=token, plain=plain)
+        )
+        tuned_src = stack.enter_context(
+            open_checkpoint(finetuned, role="fine-tuned", revision=revision, token=token, plain=plain)
+        )
+        skeleton = _skeleton(base_src, tuned_src, model_factory)
         base_map, tuned_map = skeleton.map_source(base_src), skeleton.map_source(tuned_src)
         _refuse_converted_keys(skeleton, (base_src, base_map), (tuned_src, tuned_map))
         analysis = _analyse(skeleton, base_src, tuned_src, base_map.to_source, tuned_map.to_source, config)
-        config = _prepare_config(config, skeleton, analysis.heads, base, base_revision)
+        config = _prepare_config(config, skeleton, analysis, base, base_revision)
         plan = skeleton.plan(config)
         work = _Work(skeleton, plan, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
         work.check_heads()
@@ -89,7 +120,15 @@ def convert_finetuned(
     config = plan.config
     config.unit_layout = work.layout
     config.modules_to_save_shapes = work.head_shapes
-    write_adapter(output_dir, config, tensors, model_class=skeleton.model_class, overwrite=overwrite)
+    config.norm_statistics = work.statistics
+    write_adapter(
+        output_dir,
+        config,
+        tensors,
+        model_class=skeleton.model_class,
+        overwrite=overwrite,
+        base_factory=factory_name(model_factory) if model_factory is not None else None,
+    )
 
     reported = base_map.skipped + tuned_map.skipped + analysis.skipped + work.skipped
     skipped = [SkippedTensor(key, reason) for key, reason in dict.fromkeys(reported)]  # once if in both files
@@ -104,8 +143,34 @@ def _copy_config(config: TSwitchConfig | None) -> TSwitchConfig:
     if not isinstance(config, TSwitchConfig):
         raise TypeError(f"config must be a TSwitchConfig, got {type(config).__name__}.")
     config = copy.deepcopy(config)
-    config.unit_layout, config.modules_to_save_shapes = {}, {}
+    config.unit_layout, config.modules_to_save_shapes, config.norm_statistics = {}, {}, {}
     return config
+
+
+def _skeleton(base_src: TensorSource, tuned_src: TensorSource, model_factory) -> Skeleton:
+    """The architecture on the meta device: from ``model_factory``, from a transformers config, or from a loaded
+    plain module; for plain modules the checkpoints' keys are checked against it."""
+    if model_factory is None and (base_src.config is not None or tuned_src.config is not None):
+        if base_src.config is not None and tuned_src.config is not None:
+            _check_same_architecture(base_src, tuned_src)
+        config = base_src.config if base_src.config is not None else tuned_src.config
+        return build_skeleton(_model_class(base_src, tuned_src), config)
+    if model_factory is not None:
+        skeleton = PlainSkeleton(build_model(model_factory, meta=True))
+        origin = f"the module model_factory {factory_name(model_factory)} builds ({skeleton.name})"
+    else:
+        loaded = next((s.model for s in (base_src, tuned_src) if s.model is not None), None)
+        if loaded is None:
+            raise ValueError(
+                f"Neither the {base_src.description} nor the {tuned_src.description} says what model it holds (plain "
+                "safetensors state dicts have no config.json); pass model_factory=... (the model class, a function "
+                "that builds it, or 'package.module:name'; --model-factory on the command line). Nothing was written."
+            )
+        skeleton = PlainSkeleton(meta_copy(loaded))
+        origin = skeleton.name
+    check_state_keys(skeleton.model, base_src.info(), base_src.description, model_name=origin)
+    check_state_keys(skeleton.model, tuned_src.info(), tuned_src.description, model_name=origin)
+    return skeleton
 
 
 def _check_same_architecture(base_src: TensorSource, tuned_src: TensorSource) -> None:
@@ -150,7 +215,9 @@ def _refuse_converted_keys(skeleton: Skeleton, *pairs) -> None:
 
 @dataclass
 class _Analysis:
-    heads: set[str] = field(default_factory=set)
+    heads: set[str] = field(default_factory=set)  # kept in full precision whatever the config says (new or resized)
+    candidates: list[str] = field(default_factory=list)  # modules that look like output heads, by structure
+    changed_candidates: list[str] = field(default_factory=list)  # those the fine-tune changed
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -163,11 +230,12 @@ def _analyse(
     config: TSwitchConfig,
 ) -> _Analysis:
     """From shapes alone (no data read): task heads to keep in full precision, skips, and shape problems."""
-    result = _Analysis()
+    result = _Analysis(candidates=output_head_candidates(skeleton.model))
     problems = []
     base_info, tuned_info = base_src.info(), tuned_src.info()
     for name in skeleton.shapes:
         base_key, tuned_key = base_keys.get(name), tuned_keys.get(name)
+        candidate = next((c for c in result.candidates if name.startswith(c + ".")), None)
         if tuned_key is None:
             if base_key is not None:
                 result.skipped.append((base_key, "missing from the fine-tuned checkpoint: the base value stays"))
@@ -178,6 +246,8 @@ def _analyse(
         tuned_shape, base_shape = tuned_info[tuned_key].shape, base_info[base_key].shape
         if skeleton.classification_head(name):  # never switched: kept in full precision
             result.heads.add(skeleton.classification_head(name))
+        elif candidate is not None and tuned_shape != base_shape:  # an output head for other labels
+            result.heads.add(candidate)
         elif tuned_shape != base_shape:
             if skeleton.is_head(name, config.modules_to_save):
                 if not any(o.endswith(m) for o in module_owners(name) for m in config.modules_to_save or ()):
@@ -189,6 +259,10 @@ def _analyse(
                 f"{name}: checkpoint shape {list(base_shape)} != {list(skeleton.shapes[name])} in {skeleton.name} "
                 "built from the base config"
             )
+    if not problems:
+        result.changed_candidates = _changed_candidates(
+            skeleton, result.candidates, base_src, tuned_src, base_keys, tuned_keys
+        )
     if problems:
         raise ValueError(
             "The fine-tuned checkpoint does not fit the base model:\n  "
@@ -200,20 +274,57 @@ def _analyse(
     return result
 
 
+def _changed_candidates(
+    skeleton: Skeleton,
+    candidates: list[str],
+    base_src: TensorSource,
+    tuned_src: TensorSource,
+    base_keys: dict[str, str],
+    tuned_keys: dict[str, str],
+) -> list[str]:
+    """The head candidates whose tensors the fine-tune changed (shape or values; a head is small: read whole)."""
+
+    def differs(name: str) -> bool:
+        base_key, tuned_key = base_keys.get(name), tuned_keys.get(name)
+        if tuned_key is None:
+            return False  # not in the fine-tune: the base value stays
+        base_value = base_src.get(base_key) if base_key is not None else None
+        return tensors_differ(base_value, tuned_src.get(tuned_key))
+
+    return changed_heads(candidates, lambda name: head_parameter_names(skeleton.model, name), differs)
+
+
 def _prepare_config(
-    config: TSwitchConfig, skeleton: Skeleton, heads: set[str], base: ModelLike, base_revision: str | None
+    config: TSwitchConfig, skeleton: Skeleton, analysis: _Analysis, base: ModelLike, base_revision: str | None
 ) -> TSwitchConfig:
+    """Task type, full-precision heads and base model of the adapter. Heads the fine-tune added or resized are always
+    kept; output heads it changed (found by structure) when ``config.modules_to_save`` is None."""
     if config.task_type is None:
         config.task_type = task_type_of(skeleton.model_class)
     automatic = automatic_heads(config.task_type)
     existing = list(config.modules_to_save or [])
+    heads = set(analysis.heads)
+    if config.modules_to_save is None:
+        heads.update(name for name in analysis.changed_candidates if not _targets(config, name))
+    added = []
     for head in sorted(heads):
         if head in automatic or any(head.endswith(name) for name in existing):
             continue
         existing.append(head)
+        added.append(head)
+    structural = [head for head in added if head in analysis.candidates]
+    log_heads(structural, "an output layer by structure, changed by the fine-tune")
     config.modules_to_save = existing or None
     record_base(config, base, base_revision)
     return config
+
+
+def _targets(config: TSwitchConfig, name: str) -> bool:
+    """True when explicit ``target_modules`` select module ``name``: then it is switched (the tuner warns that it
+    looks like a head), as in ``from_finetuned``."""
+    if isinstance(config.target_modules, str) and config.target_modules == ALL_SUPPORTED_SHORTHAND:
+        return False
+    return bool(check_target_module_exists(config, name))
 
 
 def record_base(config: TSwitchConfig, base: ModelLike, base_revision: str | None) -> None:
@@ -250,6 +361,7 @@ class _Work:
         self.unchanged = 0
         self.tensors_read = 0
         self.head_bytes = 0
+        self.statistics: dict[str, dict[str, list[int]]] = {}  # config.norm_statistics
         self.switch_keys, self.head_keys = plan.split_keys()
         self.placeholders = plan.placeholders()
 
@@ -289,8 +401,12 @@ class _Work:
             )
         for key, (_, name) in self.head_keys.items():
             jobs.append(("head", key, self.tuned_keys[name], None, len(jobs)))
+        statistic_names = {f"{module}.{part}" for module in self.plan.statistics for part in STATISTICS}
+        counters = {f"{module}.num_batches_tracked" for module in self.plan.statistics}  # a counter, not carried
         for name in self.skeleton.shapes:  # tensors neither switched nor saved: were they changed?
             if name in slot_names or name in head_names or name in self.skeleton.tied:
+                continue
+            if name in statistic_names or name in counters:
                 continue
             if name in self.tuned_keys and name in self.base_keys:
                 jobs.append(("check", name, self.tuned_keys[name], self.base_keys[name], len(jobs)))
@@ -331,6 +447,45 @@ class _Work:
             entry = switches.get((module_name, param_name))
             if entry is not None:
                 self.layout.setdefault(module_name, {})[param_name] = entry
+        tensors.update(self._statistics())
+        return tensors
+
+    def _statistics(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned running statistics of every targeted norm layer whose statistics the fine-tune changed, in
+        the dtype of the base checkpoint's buffers (``format.py``: ``tswitch_stat_*`` keys, format version 4)."""
+        tensors: dict[str, torch.Tensor] = {}
+        problems = []
+        for module_name in self.plan.statistics:
+            names = {part: f"{module_name}.{part}" for part in STATISTICS}
+            tuned_keys = {part: self.tuned_keys.get(name) for part, name in names.items()}
+            base_keys = {part: self.base_keys.get(name) for part, name in names.items()}
+            if None in tuned_keys.values() or None in base_keys.values():
+                continue  # a checkpoint without these buffers: nothing to carry (reported by the analysis)
+            values, changed = {}, False
+            for part in STATISTICS:
+                base_value = self._read(self.base_src, base_keys[part])
+                tuned = self._read(self.tuned_src, tuned_keys[part])
+                if tuned.shape != base_value.shape:
+                    problems.append(
+                        f"{names[part]}: fine-tuned shape {list(tuned.shape)} != base {list(base_value.shape)}"
+                    )
+                    continue
+                changed = changed or tensors_differ(base_value, tuned)
+                values[part] = tuned.to(base_value.dtype).clone()
+            if len(values) < len(STATISTICS) or not changed:
+                continue
+            for part, value in values.items():
+                tensors[f"{KEY_PREFIX}{module_name}.{statistics_attribute(part)}"] = value
+            tensors[f"{KEY_PREFIX}{module_name}.{STATISTICS_CHECKSUM}"] = statistics_checksum(
+                values["running_mean"], values["running_var"]
+            )
+            self.statistics[module_name] = {part: list(value.shape) for part, value in values.items()}
+        if problems:
+            raise ValueError(
+                "The fine-tuned running statistics do not fit the base model:\n  "
+                + "\n  ".join(problems[:10])
+                + "\nNothing was written."
+            )
         return tensors
 
     def _read(self, source: TensorSource, key: str) -> torch.Tensor:
@@ -395,6 +550,8 @@ def make_summary(
         unchanged=work.unchanged,
         heads=sorted(work.plan.heads) if work.head_bytes else [],
         head_bytes=work.head_bytes,
+        statistics=sorted(getattr(config, "norm_statistics", None) or {}),
+        statistics_bytes=statistics_bytes(config.norm_statistics) if getattr(config, "norm_statistics", None) else 0,
         skipped=skipped,
         seconds=time.perf_counter() - start,
     )

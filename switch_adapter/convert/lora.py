@@ -36,7 +36,9 @@ from .._staging import check_output_dir
 from ..format import KEY_PREFIX
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .finetuned import _copy_config, encode_switch, encoded_entry, make_summary, record_base
+from .plain import ModelFactory, build_model, factory_name, is_plain_module, meta_copy
 from .skeleton import (
+    PlainSkeleton,
     Skeleton,
     automatic_heads,
     build_skeleton,
@@ -273,12 +275,14 @@ def convert_lora(
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    model_factory: ModelFactory | type | None = None,
 ):
     """Convert a PEFT LoRA adapter into a T-Switch adapter folder.
 
     Args:
-        base: The model the LoRA was trained on: a local folder, a Hub repo id, or a loaded transformers model. Only
-            its config is read (the LoRA's task vector does not need the base weights).
+        base: The model the LoRA was trained on: a local folder, a Hub repo id, or a loaded model (a transformers
+            model or any ``torch.nn.Module``). Only its architecture is read (the LoRA's task vector does not need
+            the base weights); with ``model_factory`` it only names the base (e.g. its safetensors file).
         lora: The LoRA adapter: a local folder or a Hub repo id (``adapter_config.json`` +
             ``adapter_model.safetensors``).
         output_dir: The adapter folder to write. It must not exist (or be empty) unless ``overwrite``.
@@ -290,6 +294,8 @@ def convert_lora(
         force: Convert even if the LoRA's ``base_model_name_or_path`` names another model than ``base``.
         overwrite: Replace an existing ``output_dir``.
         progress: Show a progress bar over the LoRA modules.
+        model_factory: The architecture of a plain ``torch.nn.Module`` base: its class, a zero-argument function
+            returning it, or ``"package.module:name"`` (built on the meta device).
 
     The LoRA's ``modules_to_save`` (task heads) are copied in full precision. Raises ``ValueError`` for other PEFT
     types, DoRA and other LoRA variants whose update is not ``B @ A``, a LoRA made for another base (unless
@@ -303,7 +309,15 @@ def convert_lora(
     adapter = open_adapter(lora, revision=revision, token=token)
     with adapter.tensors:
         settings = read_lora_settings(adapter.config, adapter.description)
-        base_config, base_model, base_description = open_config(base, role="base", revision=base_revision, token=token)
+        if model_factory is not None:
+            base_model = build_model(model_factory, meta=True)
+            base_config, base_description = None, f"module model_factory {factory_name(model_factory)} builds"
+        elif isinstance(base, nn.Module) and is_plain_module(base):
+            base_config, base_model, base_description = None, meta_copy(base), f"loaded base {type(base).__name__}"
+        else:
+            base_config, base_model, base_description = open_config(
+                base, role="base", revision=base_revision, token=token
+            )
         _check_base_name(settings, base, base_model, adapter.description, force)
         modules, head_tensors, skipped = group_lora_tensors(adapter, settings)
         if not modules:
@@ -352,7 +366,14 @@ def convert_lora(
         config = plan.config
         config.unit_layout = layout
         config.modules_to_save_shapes = head_shapes
-        write_adapter(output_dir, config, tensors, model_class=skeleton.model_class, overwrite=overwrite)
+        write_adapter(
+            output_dir,
+            config,
+            tensors,
+            model_class=skeleton.model_class,
+            overwrite=overwrite,
+            base_factory=factory_name(model_factory) if model_factory is not None else None,
+        )
     state.plan = plan
     summary = make_summary(
         output_dir,
@@ -462,7 +483,19 @@ def _pick_skeleton(
     base_description: str,
 ) -> Skeleton:
     """The base architecture whose module names the LoRA uses: the loaded model's class, the class of the LoRA's
-    task type, the base's ``architectures``, or the bare model."""
+    task type, the base's ``architectures``, or the bare model; for a plain ``torch.nn.Module`` (no config) the
+    module itself."""
+    if base_config is None and base_model is not None:
+        skeleton = PlainSkeleton(base_model)
+        names = {name for name, _ in skeleton.model.named_modules()}
+        missing = [m for m in modules if m not in names]
+        missing += [h for h in head_tensors if h.rsplit(".", 1)[0] not in names]
+        if missing:
+            raise ValueError(
+                f"The LoRA's modules are not in the {base_description} ({skeleton.name}), e.g. {missing[0]}. Is it a "
+                "LoRA of this base model? Nothing was written."
+            )
+        return skeleton
     candidates = []
     if base_model is not None:
         candidates.append(type(base_model))

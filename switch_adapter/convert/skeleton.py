@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from .._model_sources import TASK_AUTO_CLASSES
 from ..format import KEY_PREFIX, parse_key
 from ..tswitch.config import TSwitchConfig
-from ..tswitch.layer import TSwitchLayer
+from ..tswitch.layer import TSwitchLayer, has_running_statistics
 from .sources import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class SwitchPlan:
     slots: list[tuple[str, str]]  # (module name, parameter name) that a switch may cover, in model order
     heads: dict[str, list[str]]  # modules_to_save wrapper name -> names of its saved tensors (relative)
     saved_keys: dict[str, tuple[tuple[int, ...], torch.dtype]]  # saved key -> (shape, dtype) on the meta model
+    statistics: list[str] = field(default_factory=list)  # targeted norm layers with running statistics (BatchNorm)
 
     def split_keys(self) -> tuple[dict[tuple[str, str], tuple[str, str]], dict[str, tuple[str, str]]]:
         """``({(module, param): (code key, scale key)}, {head key: (wrapper, model name of the tensor)})``."""
@@ -240,17 +241,20 @@ class Skeleton:
             saved = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         inner = peft_model.get_base_model()
         slots = []
+        statistics = []
         heads: dict[str, list[str]] = {}
         for module_name, module in inner.named_modules():
             if isinstance(module, TSwitchLayer):
                 slots.extend((module_name, param) for param in module.switch_slots("default"))
+                if module.is_targeted_by("default") and has_running_statistics(module.get_base_layer()):
+                    statistics.append(module_name)
             elif isinstance(module, ModulesToSaveWrapper):
                 heads[module_name] = list(module.original_module.state_dict().keys())
         saved_keys = {key: (tuple(value.shape), value.dtype) for key, value in saved.items()}
         final = peft_model.peft_config["default"]
         # get_peft_model writes the (meta) model's name_or_path; keep what the caller set.
         final.base_model_name_or_path, final.revision = config.base_model_name_or_path, config.revision
-        return SwitchPlan(final, slots, heads, saved_keys)
+        return SwitchPlan(final, slots, heads, saved_keys, statistics)
 
 
 def module_owners(name: str) -> list[str]:
@@ -281,3 +285,29 @@ def build_skeleton(model_class: type, config) -> Skeleton:
         raise ValueError(
             f"Could not build {model_class.__name__} from the base model's config ({type(error).__name__}: {error})."
         ) from error
+
+
+class PlainSkeleton(Skeleton):
+    """A plain ``nn.Module`` on the meta device (built by a factory, or a meta copy of a loaded model): checkpoint
+    keys are its ``state_dict()`` keys exactly, with no transformers renames or prefixes."""
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - no super().__init__: there is no config to build from
+        self.model_class = type(model)
+        self.model = model
+        self.model.eval()
+        self.state = self.model.state_dict()
+        self.shapes = {name: tuple(value.shape) for name, value in self.state.items()}
+        self.tied = {}
+        first_name: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in first_name:
+                self.tied[name] = first_name[id(param)]
+            else:
+                first_name[id(param)] = name
+        self.prefix = None
+        self.has_body = False
+        self.top_level = {name for name, _ in self.model.named_children()}
+        self._renamings, self._converters = None, None
+
+    def canonical(self, key: str) -> tuple[str | None, bool]:
+        return (key if key in self.state else None), False

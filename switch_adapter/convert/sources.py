@@ -20,6 +20,7 @@ from torch import nn
 
 from .._model_sources import from_hub, local_folder
 from ..errors import AdapterNotFoundError
+from .plain import plain_checkpoint_files, weights_files
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -27,7 +28,7 @@ CONFIG_NAME = "config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
-ModelLike = Any  # a folder (str / os.PathLike), a Hub repo id, or a loaded transformers model
+ModelLike = Any  # a folder (str / os.PathLike), a Hub repo id, a safetensors file, or a loaded nn.Module
 
 
 @dataclass(frozen=True)
@@ -230,9 +231,17 @@ def _load_config(folder: str, description: str):
 
 
 def open_checkpoint(
-    source: ModelLike, *, role: str, revision: str | None = None, token: str | bool | None = None
+    source: ModelLike,
+    *,
+    role: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    plain: bool = False,
 ) -> TensorSource:
-    """A :class:`TensorSource` over a full checkpoint: a loaded model, a local folder or a Hub repo id.
+    """A :class:`TensorSource` over a full checkpoint: a loaded model (a transformers model or any ``nn.Module``), a
+    local folder, a Hub repo id, or a plain model's safetensors state dict (a ``.safetensors`` file, an index, or a
+    folder of shards without ``config.json``; its ``config`` is None). With ``plain`` (the caller has the
+    architecture from a model factory) a local folder's safetensors are read even when it has a ``config.json``.
 
     ``role`` ("base" / "fine-tuned") goes into messages. Raises ``FileNotFoundError`` for missing folders, repos or
     files, and ``ValueError`` for folders without safetensors weights (pickled ``pytorch_model.bin`` are not read).
@@ -245,14 +254,20 @@ def open_checkpoint(
                 f"The {role} model is a PeftModel; pass the plain model (merge_and_unload() it first), "
                 "or convert a LoRA adapter with convert_lora."
             )
-        if getattr(source, "config", None) is None:
-            raise TypeError(
-                f"The {role} model ({type(source).__name__}) has no transformers config; pass a transformers model, "
-                "a folder or a Hub id."
-            )
-        return ModuleSource(source, f"the loaded {role} {type(source).__name__}")
+        source_ = ModuleSource(source, f"the loaded {role} {type(source).__name__}")
+        if getattr(source_.config, "model_type", None) is None:
+            source_.config = None  # a plain module: its architecture is the module itself
+        return source_
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"The {role} must be a folder, a Hub repo id or a loaded model, got {type(source).__name__}.")
+        raise TypeError(
+            f"The {role} must be a folder, a Hub repo id, a safetensors file or a loaded model, got "
+            f"{type(source).__name__}."
+        )
+    plain_files = weights_files(source) if plain and os.path.exists(os.fspath(source)) else None
+    plain_files = plain_files or plain_checkpoint_files(source)
+    if plain_files is not None:
+        files, description = plain_files
+        return SafetensorsSource(files, f"{role} {description}")
     folder = local_folder(source, role)
     if folder is not None:
         description = f"{role} checkpoint {folder}"

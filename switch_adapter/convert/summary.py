@@ -21,9 +21,11 @@ class ConversionSummary(SizeFigures):
 
     ``units`` / ``parameters`` / ``kept`` / ``switch_bytes`` describe the switches (codes plus fp32 scales), as
     :func:`~switch_adapter.storage_summary` computes them from the written ``adapter_config.json``. ``heads`` lists
-    the modules stored in full precision (``modules_to_save``) and ``head_bytes`` their size. ``skipped`` names every
-    checkpoint tensor that is not in the adapter with the reason; ``unchanged`` counts targeted tensors equal in both
-    models (they get no switch). ``mode`` is ``"finetuned"``, ``"lora-delta"`` or ``"lora-factors"``.
+    the modules stored in full precision (``modules_to_save``) and ``head_bytes`` their size; ``statistics`` the norm
+    layers (BatchNorm) whose fine-tuned running statistics the adapter carries, ``statistics_bytes`` their size.
+    ``skipped`` names every checkpoint tensor that is not in the adapter with the reason; ``unchanged`` counts targeted
+    tensors equal in both models (they get no switch). ``mode`` is ``"finetuned"``, ``"lora-delta"`` or
+    ``"lora-factors"``.
     """
 
     output_dir: str
@@ -39,6 +41,8 @@ class ConversionSummary(SizeFigures):
     heads: list[str] = field(default_factory=list)
     head_bytes: int = 0
     skipped: list[SkippedTensor] = field(default_factory=list)
+    statistics: list[str] = field(default_factory=list)  # norm layers whose running statistics are carried
+    statistics_bytes: int = 0
     factor_bytes: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -58,6 +62,12 @@ class ConversionSummary(SizeFigures):
             lines.append(f"  binarized factors  {self.factor_bytes:,} bytes (what the low-rank form alone would take)")
         if self.heads:
             lines.append(f"  full precision     {', '.join(self.heads)} ({self.head_bytes:,} bytes)")
+        if self.statistics:
+            lines.append(
+                f"  norm statistics    {len(self.statistics)} layer{'s' if len(self.statistics) != 1 else ''}, "
+                "running mean and variance carried exactly "
+                f"({self.statistics_bytes:,} bytes)"
+            )
         if self.skipped:
             lines.append(f"  skipped tensors    {len(self.skipped)}:")
             for item in self.skipped[:12]:

@@ -20,6 +20,7 @@ def write_adapter(
     *,
     model_class: type | None = None,
     overwrite: bool = False,
+    base_factory: str | None = None,
 ) -> str:
     """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the model card into ``output_dir``.
 
@@ -27,9 +28,10 @@ def write_adapter(
     against ``config.unit_layout``), and the folder is renamed into place; see
     :func:`~switch_adapter._staging.atomic_output_dir`. ``config.format_version`` is set to what the units need
     (:func:`~switch_adapter.format.required_format_version`). ``model_class`` (the class the adapter is made for)
-    goes into ``auto_mapping`` when the config has no ``task_type``, as ``PeftModel.save_pretrained`` does.
+    goes into ``auto_mapping`` when the config has no ``task_type``, as ``PeftModel.save_pretrained`` does;
+    ``base_factory`` (``"module:function"``) is the function that built a plain base model, for the model card.
     """
-    config.format_version = required_format_version(config.unit_layout)
+    config.format_version = required_format_version(config.unit_layout, getattr(config, "norm_statistics", None))
     with atomic_output_dir(output_dir, overwrite) as work:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         stored = add_checksums({key: value.detach().contiguous() for key, value in tensors.items()})
@@ -38,6 +40,11 @@ def write_adapter(
         if config.task_type is None and model_class is not None:
             auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
         config.save_pretrained(work, auto_mapping_dict=auto_mapping)
-        write_model_card(work, config)
-        verify_adapter_file(os.path.join(work, WEIGHTS_NAME), config.unit_layout, config.format_version)
+        write_model_card(work, config, base_factory=base_factory)
+        verify_adapter_file(
+            os.path.join(work, WEIGHTS_NAME),
+            config.unit_layout,
+            config.format_version,
+            getattr(config, "norm_statistics", None),
+        )
     return os.path.abspath(os.fspath(output_dir))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._model_sources import TASK_AUTO_CLASSES, looks_like_local_path
+from ..convert.plain import ModelFactory, build_model, is_plain_module, load_plain_model, plain_checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,29 @@ def _check_exists(base: str) -> None:
         raise FileNotFoundError(f"The base model folder {base!r} does not exist (and it is not a Hub repository id).")
 
 
+def is_plain_base(base: str | os.PathLike | nn.Module, model_factory: ModelFactory | type | None) -> bool:
+    """True when ``base`` is (or is read as) a plain ``torch.nn.Module``: a loaded one, a plain safetensors
+    checkpoint, or anything given with a ``model_factory``."""
+    if isinstance(base, nn.Module):
+        return is_plain_module(base)
+    return model_factory is not None or plain_checkpoint_files(base) is not None
+
+
 def load_base_model(
     base: str | os.PathLike | nn.Module,
     task_type,
     *,
     revision: str | None = None,
     token: str | bool | None = None,
+    model_factory: ModelFactory | type | None = None,
 ) -> nn.Module:
     """The base model with weights: a copy of ``base`` if it is a loaded model (the caller's model is never
-    modified), else ``from_pretrained`` of the class that the task type names (or the checkpoint's architecture)."""
+    modified); ``model_factory()`` with the weights of a plain safetensors checkpoint (a file, an index or a folder);
+    else ``from_pretrained`` of the class that the task type names (or the checkpoint's architecture)."""
     if isinstance(base, nn.Module):
         return copy.deepcopy(base)
+    if is_plain_base(base, model_factory):
+        return load_plain_model(base, model_factory, role="base model")
     from transformers import AutoConfig
 
     name = os.fspath(base)
@@ -81,11 +94,17 @@ def build_base_skeleton(
     *,
     revision: str | None = None,
     token: str | bool | None = None,
+    model_factory: ModelFactory | type | None = None,
 ) -> nn.Module:
     """The base model's modules without weights (on the meta device), for their types and names; a loaded model
-    is returned as is (it is only read)."""
+    is returned as is (it is only read). A plain model is built by ``model_factory`` (needed for a plain safetensors
+    checkpoint)."""
     if isinstance(base, nn.Module):
         return base
+    if is_plain_base(base, model_factory):
+        if model_factory is None:
+            load_plain_model(base, None, role="base model")  # raises: says to pass model_factory
+        return build_model(model_factory, meta=True)
     from transformers import AutoConfig
 
     name = os.fspath(base)
@@ -100,7 +119,7 @@ def build_base_skeleton(
 
 def copy_tokenizer_files(base: str | os.PathLike | nn.Module, target: str, *, revision=None, token=None) -> list[str]:
     """Copy the base's tokenizer / preprocessor files (if any) into ``target``; returns the names copied."""
-    if isinstance(base, nn.Module):
+    if isinstance(base, nn.Module) or plain_checkpoint_files(base) is not None:
         return []
     import shutil
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -10,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..codec import sass
-from ..format import CHECKSUMS_SINCE, KEY_PREFIX, SizeFigures, find_layout_entry, stored_unit_bytes
+from ..format import CHECKSUMS_SINCE, CONFIG_NAME, KEY_PREFIX, SizeFigures, find_layout_entry, stored_unit_bytes
+from ..tswitch.model_card import plain_base_class
 from ._switch_file import open_switch
 
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "I64": "int64"}
@@ -91,6 +93,7 @@ class InspectionReport(SizeFigures):
     full_precision: list[TensorReport] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    base_class: str | None = None  # "module:Class" of a plain torch.nn.Module base (peft's auto_mapping), else None
 
     @property
     def damaged(self) -> bool:
@@ -151,6 +154,7 @@ class InspectionReport(SizeFigures):
         return {
             "source": self.source,
             "base_model": self.base_model,
+            "base_class": self.base_class,
             "task_type": self.task_type,
             "scale_granularity": self.scale_granularity,
             "format_version": self.format_version,
@@ -200,7 +204,9 @@ class InspectionReport(SizeFigures):
         rule = "-" * len(line(header))
         lines = [
             f"T-Switch adapter: {self.source}",
-            f"base model: {self.base_model or '(not recorded)'} | task type: {self.task_type or '-'} | "
+            f"base model: {self.base_model or '(not recorded)'}"
+            + (f" (a torch.nn.Module: {self.base_class})" if self.base_class else "")
+            + f" | task type: {self.task_type or '-'} | "
             f"scale granularity: {self.scale_granularity} | format version: {self.format_version}",
             "",
             line(header),
@@ -260,6 +266,17 @@ def _aligned_line(widths: list[int]) -> Callable[[list[str]], str]:
     return line
 
 
+def _auto_mapping(folder: str) -> dict[str, Any] | None:
+    """``auto_mapping`` of the adapter config: peft records the base model class there for models without a task
+    type."""
+    try:
+        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as handle:
+            mapping = json.load(handle).get("auto_mapping")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return mapping if isinstance(mapping, dict) else None
+
+
 def inspect_adapter(
     path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> InspectionReport:
@@ -280,6 +297,7 @@ def inspect_adapter(
         scale_granularity=config.scale_granularity,
         format_version=config.format_version,
         file_bytes=os.path.getsize(switch.weights_path),
+        base_class=plain_base_class(_auto_mapping(switch.folder)),
     )
     checksum_bytes = stored_unit_bytes(0, 0, config.format_version)
     with switch.open() as file:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._staging import atomic_output_dir, check_output_dir
-from ..format import KEY_PREFIX
+from ..convert.plain import ModelFactory, build_model
+from ..format import KEY_PREFIX, STATISTICS, statistics_attribute
 from ..tswitch.layer import is_norm_layer
 from ._base_model import build_base_skeleton, load_base_model, task_type_name
 from ._switch_file import SwitchFolder, open_switch
@@ -145,6 +146,7 @@ def to_lora(
     svd_method: Literal["auto", "exact", "randomized"] = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
+    model_factory: ModelFactory | type | None = None,
 ) -> LoraExportReport:
     """Write a PEFT LoRA adapter approximating a T-Switch adapter: per switched weight, the truncated SVD of its
     delta (``lora_alpha = r``, so the scaling is 1). Plain ``PeftModel.from_pretrained`` loads it.
@@ -165,6 +167,9 @@ def to_lora(
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"``
             (exact when the smaller dimension is at most 2048).
         device: Where to decode and factorize (default: CUDA if available, else CPU).
+        model_factory: The architecture of a plain ``torch.nn.Module`` base given as a safetensors state dict: its
+            class, a zero-argument function returning it, or ``"package.module:name"``. Without ``include_norms``
+            only the architecture is needed: ``base`` may then be None (the factory alone builds it).
 
     Returns a :class:`LoraExportReport` with ||delta - B A||_F / ||delta||_F per module and overall, and the
     units that a LoRA cannot carry with their share of the switch's norm. Nothing is written on error.
@@ -175,14 +180,18 @@ def to_lora(
         raise ValueError(f"svd_method must be 'auto', 'exact' or 'randomized', got {svd_method!r}.")
     switch = open_switch(adapter, revision=revision, token=token)
     base_ref = base if base is not None else switch.config.base_model_name_or_path
-    if base_ref is None:
+    if base_ref is None and (model_factory is None or include_norms):
         raise ValueError(f"{switch.source} does not record its base model; pass the base model explicitly.")
     final = check_output_dir(output_dir, overwrite, [adapter, base_ref])
     task_type = switch.config.task_type
     if include_norms:
-        model = load_base_model(base_ref, task_type, revision=base_revision, token=token)
+        model = load_base_model(base_ref, task_type, revision=base_revision, token=token, model_factory=model_factory)
+    elif base_ref is None or (model_factory is not None and not isinstance(base_ref, nn.Module)):
+        model = build_model(model_factory, meta=True)
     else:
-        model = build_base_skeleton(base_ref, task_type, revision=base_revision, token=token)
+        model = build_base_skeleton(
+            base_ref, task_type, revision=base_revision, token=token, model_factory=model_factory
+        )
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     builder = _LoraBuilder(switch, model, rank, dtype, svd_method, lora_bias, include_norms, exclude_modules)
@@ -221,6 +230,7 @@ class _LoraBuilder:
         self.norm_modules: list[str] = []
         self.report = LoraExportReport(output_dir="", rank=rank)
         self.tied_output = _tied_output_name(model)
+        self.statistics = _switch_statistics(switch)  # module -> {running_mean, running_var}
 
     def _module(self, name: str) -> nn.Module | None:
         if name in self.modules:
@@ -304,6 +314,8 @@ class _LoraBuilder:
             self.norm_modules.append(name)
             for key, value in module.state_dict().items():
                 self.tensors[f"{KEY_PREFIX}{name}.{key}"] = value.detach().to("cpu", torch.float32).clone()
+            for key, value in self.statistics.pop(name, {}).items():  # the switch's running statistics (BatchNorm)
+                self.tensors[f"{KEY_PREFIX}{name}.{key}"] = value.to(getattr(module, key).dtype)
         key = f"{KEY_PREFIX}{name}.{param}"
         self.tensors[key] = (self.tensors[key] + delta.to("cpu", torch.float32)).to(getattr(module, param).dtype)
         self.report.exact_units.append(f"{name}.{param}")
@@ -329,6 +341,12 @@ class _LoraBuilder:
                 self.report.exact_norm_sq -= float(torch.linalg.vector_norm(bias)) ** 2
                 self._drop(f"{name}.bias", "bias of a module without a weight delta", bias)
         self.tensors.update(self.switch.head_tensors())
+        if self.statistics:  # norm layers whose statistics no exported module carries
+            self.report.notes.append(
+                f"the running statistics (BatchNorm) of {len(self.statistics)} norm layer(s) are not in the LoRA "
+                f"({', '.join(sorted(self.statistics)[:4])}{', ...' if len(self.statistics) > 4 else ''}); "
+                "include_norms=True (--include-norms) carries them with the norm layers the switch changes"
+            )
         if not self.targets:
             raise ValueError(
                 f"{self.switch.source} has no weight that a LoRA can carry (Linear, Embedding, Conv1D, Conv2d); "
@@ -386,6 +404,19 @@ def _tied_output_name(model: nn.Module) -> str | None:
     if output is None or inputs is None or getattr(output, "weight", None) is not getattr(inputs, "weight", 0):
         return None
     return next((name for name, module in model.named_modules() if module is output), None)
+
+
+def _switch_statistics(switch: SwitchFolder) -> dict[str, dict[str, torch.Tensor]]:
+    """The running statistics a switch carries (format version 4), as ``{module: {running_mean, running_var}}``."""
+    statistics: dict[str, dict[str, torch.Tensor]] = {}
+    if not getattr(switch.config, "norm_statistics", None):
+        return statistics
+    with switch.open() as file:
+        for module in switch.config.norm_statistics:
+            statistics[module] = {
+                name: file.tensor(f"{KEY_PREFIX}{module}.{statistics_attribute(name)}") for name in STATISTICS
+            }
+    return statistics
 
 
 def _write_card(folder: str, config, switch: SwitchFolder, report: LoraExportReport) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -12,6 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._staging import atomic_output_dir, check_output_dir
+from ..convert.plain import MODEL_CLASS_NAME, ModelFactory, class_path, factory_name
+from ..convert.plain import WEIGHTS_NAME as PLAIN_WEIGHTS_NAME
 from ..tswitch.layer import SWITCHABLE_PARAMETERS, SwitchedModule
 from ._base_model import copy_tokenizer_files, load_base_model, task_type_name
 from ._switch_file import SwitchFolder, open_switch
@@ -35,11 +38,14 @@ def materialize(
     token: str | bool | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
+    model_factory: ModelFactory | type | None = None,
 ) -> str:
     """Merge T-Switch adapters into the base model's weights and save a plain transformers model folder.
 
     Args:
-        base: The base model: a folder, a Hub id, or a loaded model (copied, never modified).
+        base: The base model: a folder, a Hub id, a loaded model (a transformers model or any ``torch.nn.Module``;
+            copied, never modified), or a plain model's safetensors state dict (a file, an index, or a folder of
+            shards) together with ``model_factory``.
         adapters: One T-Switch adapter (a folder or a Hub id), or several as ``{name: folder or id}`` (or a list).
         output_dir: The folder to write (``save_pretrained`` files, the base's tokenizer files, a model card).
         weights: ``{name: weight}`` (or a list in the order of ``adapters``): the merged delta is
@@ -50,6 +56,12 @@ def materialize(
         dtype: Dtype of the saved weights (e.g. ``"bfloat16"``); default: the base model's. Deltas are added in
             the base's dtype, then the result is cast.
         progress: Show a progress bar over the merged layers.
+        model_factory: The architecture of a plain ``torch.nn.Module`` base read from safetensors: its class, a
+            zero-argument function returning it, or its import path ``"package.module:name"``.
+
+    A model without ``save_pretrained`` (a plain ``torch.nn.Module``) is saved as its state dict,
+    ``model.safetensors`` (``safetensors.torch.save_model``: load it with ``safetensors.torch.load_model(model,
+    path)``), with ``model_class.json`` naming its class (``"module:qualname"``) and a model card; never a pickle.
 
     Full-precision task heads (``modules_to_save``) replace the base's heads; several adapters must carry identical
     heads. Returns the absolute path of ``output_dir``. Nothing is written on error: the folder is written under a
@@ -64,14 +76,18 @@ def materialize(
     task_type = _common_task_type(switches)
     _warn_other_base(base, switches)
 
-    model = load_base_model(base, task_type, revision=base_revision, token=token)
+    model = load_base_model(base, task_type, revision=base_revision, token=token, model_factory=model_factory)
     merged = _merge(model, switches, scale, progress)
     if out_dtype is not None:
         merged.to(out_dtype)
     with atomic_output_dir(final, overwrite, inputs) as work:
-        merged.save_pretrained(work)
-        copy_tokenizer_files(base, work, revision=base_revision, token=token)
-        _write_card(work, base, switches, scale)
+        if hasattr(merged, "save_pretrained"):
+            merged.save_pretrained(work)
+            copy_tokenizer_files(base, work, revision=base_revision, token=token)
+            _write_card(work, base, switches, scale)
+        else:
+            save_plain_model(merged, work, factory=factory_name(model_factory) if model_factory else None)
+            _write_card(work, base, switches, scale, plain=type(merged))
     logger.info("Materialized %s into %s", ", ".join(map(str, sources.values())), final)
     return final
 
@@ -144,7 +160,8 @@ def _warn_other_base(base, switches: dict[str, SwitchFolder]) -> None:
 
 
 def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str, float], progress: bool) -> nn.Module:
-    """Attach the switches with peft, add ``weight * delta`` of each into the base weights, and unwrap."""
+    """Attach the switches with peft, add ``weight * delta`` of each into the base weights (and the running statistics
+    the switches carry, ``base + sum weight * (stat - base)``, into norm layers' buffers), and unwrap."""
     from peft import PeftModel
 
     peft_names = {name: f"switch_{i}" for i, name in enumerate(switches)}
@@ -163,6 +180,9 @@ def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str,
                     continue
                 for name, peft_name in peft_names.items():
                     layer._add_deltas(param_name, param.data, {peft_name: scale[name]}, inplace=True)
+            statistics = layer.composed_statistics({peft_names[name]: scale[name] for name in switches})
+            for stat_name, value in (statistics or {}).items():  # BatchNorm: the adapters' running statistics
+                getattr(base_layer, stat_name).copy_(value)
     peft_model.base_model.set_adapter(peft_names[first])  # every adapter's head is the same (checked above)
     merged = peft_model.unload()
     _sync_label_count(merged, switches)
@@ -216,23 +236,52 @@ def _sync_label_count(model: nn.Module, switches: dict[str, SwitchFolder]) -> No
                 config.num_labels = linears[-1].out_features
 
 
-def _write_card(folder: str, base, switches: dict[str, SwitchFolder], scale: dict[str, float]) -> None:
+def save_plain_model(model: nn.Module, folder: str, *, factory: str | None = None) -> None:
+    """Save a ``torch.nn.Module`` without ``save_pretrained``: ``model.safetensors`` (its state dict; tied tensors
+    once, as ``safetensors.torch.save_model`` writes them) and ``model_class.json`` naming its class."""
+    from safetensors.torch import save_model
+
+    save_model(model, os.path.join(folder, PLAIN_WEIGHTS_NAME), metadata={"format": "pt"})
+    note = {
+        "model_class": class_path(type(model)),
+        "factory": factory,
+        "weights": PLAIN_WEIGHTS_NAME,
+        "load": "build the model with model_class (or factory), then safetensors.torch.load_model(model, weights)",
+    }
+    with open(os.path.join(folder, MODEL_CLASS_NAME), "w", encoding="utf-8") as handle:
+        json.dump(note, handle, indent=2)
+        handle.write("\n")
+
+
+def _write_card(
+    folder: str, base, switches: dict[str, SwitchFolder], scale: dict[str, float], plain: type | None = None
+) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
     base_name = os.fspath(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", "")
-    is_hub_id = bool(base_name) and not os.path.exists(base_name)
+    is_hub_id = bool(base_name) and not os.path.exists(base_name) and plain is None
     data = ModelCardData(
-        library_name="transformers",
+        library_name=None if plain is not None else "transformers",
         tags=["switch-adapter", "t-switch", "merge"],
         base_model=base_name if is_hub_id else None,
     )
     rows = "\n".join(f"| `{s.source}` | {scale[name]:g} |" for name, s in switches.items())
+    if plain is None:
+        loading = "A plain transformers model: load it with `from_pretrained(<this folder>)`, no switch-adapter needed."
+    else:
+        module, _, qualname = class_path(plain).partition(":")
+        loading = (
+            f"A `torch.nn.Module` state dict ({PLAIN_WEIGHTS_NAME}; the class is named in {MODEL_CLASS_NAME}): build "
+            f"the model and load the weights, no switch-adapter needed:\n\n```python\n"
+            f"from safetensors.torch import load_model\nfrom {module} import {qualname.split('.')[0]}\n\n"
+            f"model = {qualname}()  # with the arguments the base model was built with\n"
+            f'load_model(model, "{PLAIN_WEIGHTS_NAME}")\n```'
+        )
     text = (
         f"---\n{data.to_yaml()}\n---\n\n# Materialized T-Switch model\n\n"
         f"Base model `{base_name or 'a loaded model'}` with these T-Switch adapters merged into its weights by "
         "[switch-adapter](https://pypi.org/project/switch-adapter/) (`switch-adapter merge`): "
         "weights = base + sum of weight x switch.\n\n| adapter | weight |\n|---|---|\n"
-        f"{rows}\n\nA plain transformers model: load it with `from_pretrained(<this folder>)`, no switch-adapter "
-        "needed.\n"
+        f"{rows}\n\n{loading}\n"
     )
     ModelCard(text).save(os.path.join(folder, "README.md"))

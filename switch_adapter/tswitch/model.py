@@ -253,6 +253,7 @@ class TSwitchModel(BaseTuner):
                 if name == layout_key or name.endswith("." + layout_key) or layout_key.endswith("." + name)
             ]
             matches = [m for m in matches if "." + m.split(".")[-1] == "." + layout_key.split(".")[-1]]
+            matches.sort(key=lambda name: name != layout_key)  # the exact name first (EfficientNet: _bn0 and x._bn0)
             if not matches:
                 problems.append(f"{layout_key}: no module of that name in {type(model).__name__}")
                 continue
@@ -270,6 +271,7 @@ class TSwitchModel(BaseTuner):
                     )
         for stats_key, shapes in (config.norm_statistics or {}).items():
             found = [name for name in modules if _names_match(name, [stats_key]) or _names_match(stats_key, [name])]
+            found.sort(key=lambda name: name != stats_key)  # the exact name first
             module = modules[found[0]] if found else None
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
@@ -294,6 +296,13 @@ class TSwitchModel(BaseTuner):
 
     # -- module creation -------------------------------------------------------------------------------
 
+    def _own_entry(self, layout: dict, module_name: str) -> dict | None:
+        """``find_layout_entry``, except that a key naming another module of this model is never taken for
+        ``module_name`` by suffix (a frozen ``norm`` must not get the entry of ``block.norm``)."""
+        if module_name in layout:
+            return layout[module_name]
+        return find_layout_entry(layout, module_name, {name for name, _ in self.model.named_modules()})
+
     def _create_and_replace(
         self,
         peft_config: TSwitchConfig,
@@ -312,9 +321,9 @@ class TSwitchModel(BaseTuner):
                 "(LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm and other layers with running statistics)."
             )
         param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
-        layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
+        layout = self._own_entry(peft_config.unit_layout, current_key) or {}
         with_checksums = peft_config.format_version >= CHECKSUMS_SINCE
-        with_statistics = find_layout_entry(peft_config.norm_statistics or {}, current_key) is not None
+        with_statistics = self._own_entry(peft_config.norm_statistics or {}, current_key) is not None
         if isinstance(target, TSwitchLayer):
             target.update_layer(
                 adapter_name, layout, param_names, peft_config.inference_mode, with_checksums, with_statistics
