@@ -69,11 +69,21 @@ def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
     return names
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``get_input_embeddings()``, or None for a model without (transformers raises for vision models)."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
+
+
 def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     """The output embedding module if its weight is the input embedding's weight, else None."""
     if not isinstance(model, PreTrainedModel):
         return None
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    output, inputs = model.get_output_embeddings(), _input_embeddings(model)
     if output is None or inputs is None:
         return None
     if isinstance(inputs, BaseTunerLayer):
@@ -329,7 +339,7 @@ class TSwitchModel(BaseTuner):
     def _follow_tied_embedding(model: nn.Module) -> None:
         """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
         output = _tied_output_embedding(model)
-        inputs = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+        inputs = _input_embeddings(model)
         if output is None or isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
             return
         name = next(name for name, module in model.named_modules() if module is output)
