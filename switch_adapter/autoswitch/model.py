@@ -1020,9 +1020,8 @@ def _initial_features(
 
 
 def _observed(spec: FeatureSpec, features: torch.Tensor, shapes: set) -> FeatureSpec:
-    """``spec`` with the feature size (for sources that do not declare it; a feature map's size depends on the
-    layer) and the input shape shared by all query examples (tensor inputs only)."""
-    hidden = int(features.shape[1]) if spec.source != "hidden_states" or spec.hidden_size < 0 else spec.hidden_size
+    """``spec`` with the feature size (a feature map's channel count depends on the layer) and the input shape shared by all query examples (tensor inputs only)."""
+    hidden = int(features.shape[1])
     shape = next(iter(shapes)) if len(shapes) == 1 else (spec.input_shape if not shapes else None)
     return dataclasses.replace(spec, hidden_size=hidden, input_shape=shape)
 
