@@ -215,8 +215,8 @@ def _switched(kind: str, paths: dict[str, str]) -> dict[str, nn.Module]:
 
 @pytest.mark.parametrize(
     ("kind", "execution"),
-    [("conv", "compose"), ("conv", "delta"), ("conv_bn", "compose"), ("conv_bn", "delta"), ("vit", "auto"),
-     ("vit", "delta"), ("convnext", "auto"), ("resnet", "auto")],
+    [("conv", "delta"), ("conv_bn", "compose"), ("conv_bn", "delta"), ("vit", "auto"), ("vit", "delta"),
+     ("convnext", "auto"), ("resnet", "auto")],
 )  # fmt: skip
 def test_mixed_image_batch_equals_each_image_run_alone_with_its_switch(switches, kind, execution):
     paths = switches(kind)
@@ -233,7 +233,7 @@ def test_mixed_image_batch_equals_each_image_run_alone_with_its_switch(switches,
         torch.testing.assert_close(logits_of(outputs)[i : i + 1], logits_of(expected), rtol=ATOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv_bn", "vit"])
+@pytest.mark.parametrize("kind", ["conv_bn", "vit"])
 def test_soft_compositions_of_a_mixed_batch_equal_each_image_alone(switches, kind):
     """Soft weights (several tasks per image): the batch equals each image run alone with its composition."""
     router = make_router(kind, switches(kind), mode="soft", k=20, execution="delta")
@@ -264,7 +264,7 @@ def test_every_query_set_form_gives_the_same_features(switches):
     from transformers import ViTImageProcessor
 
     processor = ViTImageProcessor(size={"height": SIZE, "width": SIZE}, do_normalize=False, do_rescale=True)
-    reference = make_router("vit", switches("vit"), feature_layer=1)
+    reference = make_router("conv", switches("conv"), feature_layer=2)
     tensors = query_sets()
     expected = reference.query_features
 
@@ -272,13 +272,13 @@ def test_every_query_set_form_gives_the_same_features(switches):
     labelled = torch.utils.data.TensorDataset
     forms = {
         "list": {name: list(x) for name, x in tensors.items()},
-        "dict": {name: {"pixel_values": x} for name, x in tensors.items()},
+        "dict": {name: {"inputs": x} for name, x in tensors.items()},
         "loader": {name: loader(x, batch_size=5) for name, x in tensors.items()},
         "pairs": {name: loader(labelled(x, torch.zeros(len(x))), batch_size=5) for name, x in tensors.items()},
-        "dicts": {name: loader([{"pixel_values": row} for row in x], batch_size=5) for name, x in tensors.items()},
+        "dicts": {name: loader([{"image": row} for row in x], batch_size=5) for name, x in tensors.items()},
     }
     for form, queries in forms.items():
-        router = make_router("vit", switches("vit"), queries, feature_layer=1)
+        router = make_router("conv", switches("conv"), queries, feature_layer=2)
         for name in TASKS:
             torch.testing.assert_close(router.query_features[name].features, expected[name].features, msg=form)
 
@@ -372,7 +372,9 @@ def two_layers() -> nn.Module:
 
 def test_a_model_without_blocks_gets_both_ways_named(tmp_path):
     base = two_layers()
-    from_finetuned(base, finetune_copy(base), TSwitchConfig(density=0.5), progress=False).save_pretrained(tmp_path / "a")
+    from_finetuned(base, finetune_copy(base), TSwitchConfig(density=0.5), progress=False).save_pretrained(
+        tmp_path / "a"
+    )
     adapters, queries = {"a": str(tmp_path / "a")}, {"a": torch.randn(4, 6)}
     fresh = two_layers()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
