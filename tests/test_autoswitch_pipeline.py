@@ -112,9 +112,9 @@ def test_image_classification_pipeline_answers_as_the_router(tmp_path):
 def test_a_plain_module_router_has_no_pipeline(tmp_path):
     from test_autoswitch_vision import conv_net, images, save_switches
 
+    queries = {n: images(t, 4) for t, n in enumerate(TASKS)}
     router = AutoSwitchModel.from_pretrained(
-        conv_net(), adapters=save_switches(conv_net, tmp_path), query_sets={n: images(t, 4) for t, n in enumerate(TASKS)},
-        progress=False,
-    )  # fmt: skip
+        conv_net(), adapters=save_switches(conv_net, tmp_path), query_sets=queries, progress=False
+    )
     with pytest.raises(TypeError, match="Call the router directly"):
         router.pipeline("image-classification")

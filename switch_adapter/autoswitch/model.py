@@ -1020,7 +1020,8 @@ def _initial_features(
 
 
 def _observed(spec: FeatureSpec, features: torch.Tensor, shapes: set) -> FeatureSpec:
-    """``spec`` with the feature size (a feature map's channel count depends on the layer) and the input shape shared by all query examples (tensor inputs only)."""
+    """``spec`` with the feature size (a feature map's channel count depends on the layer) and the input shape
+    shared by all query examples (tensor inputs only)."""
     hidden = int(features.shape[1])
     shape = next(iter(shapes)) if len(shapes) == 1 else (spec.input_shape if not shapes else None)
     return dataclasses.replace(spec, hidden_size=hidden, input_shape=shape)
