@@ -260,6 +260,7 @@ class TSwitchModel(BaseTuner):
                 if name == layout_key or name.endswith("." + layout_key) or layout_key.endswith("." + name)
             ]
             matches = [m for m in matches if "." + m.split(".")[-1] == "." + layout_key.split(".")[-1]]
+            matches.sort(key=lambda m: m != layout_key)  # the exact name first: `_blocks.1._bn0`, not `_bn0`
             if not matches:
                 problems.append(f"{layout_key}: no module of that name in {type(model).__name__}")
                 continue
