@@ -108,6 +108,11 @@ def test_image_classification_pipeline_answers_as_the_router(tmp_path):
         got = {entry["label"]: entry["score"] for entry in answer}
         assert got == pytest.approx({labels[i]: float(p) for i, p in enumerate(row)}, abs=1e-5)
 
+    router.save_pretrained(tmp_path / "bundle")  # the image processor travels with the bundle
+    loaded = AutoSwitchModel.from_pretrained(tmp_path / "bundle", base_model=tiny_vit())
+    assert loaded.image_processor is not None
+    assert loaded.pipeline("image-classification", top_k=3)(pictures) == answers
+
 
 def test_a_plain_module_router_has_no_pipeline(tmp_path):
     from test_autoswitch_vision import conv_net, images, save_switches

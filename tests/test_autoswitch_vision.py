@@ -319,6 +319,16 @@ def test_image_router_bundle_round_trip(switches, tmp_path, kind):
     torch.testing.assert_close(logits_of(loaded(x)), logits_of(router(x)))
 
 
+def test_add_task_to_an_image_router_checks_the_image_shape(switches):
+    paths = switches("conv")
+    router = make_router("conv", {name: paths[name] for name in TASKS[:2]}, {n: query_sets()[n] for n in TASKS[:2]})
+    with pytest.raises(InputMismatchError, match="query examples had"):
+        router.add_task("gamma", paths["gamma"], torch.randn(6, 3, 8, 8))
+    assert router.tasks == list(TASKS[:2])
+    router.add_task("gamma", paths["gamma"], images(2, 12))
+    assert router.route(mixed_images()).top_task == list(TASKS) * 2
+
+
 def test_feature_module_bundle_round_trip(switches, tmp_path):
     router = make_router("conv", switches("conv"), feature_module="blocks.0")
     router.save_pretrained(tmp_path / "bundle")

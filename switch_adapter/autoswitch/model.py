@@ -745,7 +745,8 @@ class AutoSwitchModel(nn.Module):
         if kind != "text":
             if not keep_extra:
                 kwargs = {k: v for k, v in kwargs.items() if k in (MAIN_KEY[kind], "input_ids", "token_type_ids")}
-            kwargs.pop("attention_mask", None) if kind == "pixel_values" else None
+            if kind == "pixel_values":
+                kwargs.pop("attention_mask", None)  # pipelines and processors may pass one; images need none
             shape = self._spec.input_shape
             sample_dims = len(shape) if shape is not None else (3 if kind == "pixel_values" else None)
             batch = tensor_batch(inputs, kwargs, kind, self.image_processor, sample_dims)
