@@ -152,12 +152,12 @@ def logits_of(output) -> torch.Tensor:
     ],
 )
 def test_feature_source_and_auto_layer_for_any_model(switches, kind, source, module, input_kind):
-    router = make_router(kind, switches(kind), metric="auto")
+    router = make_router(kind, switches(kind))
     spec = router.feature_spec
     assert (spec.source, spec.module, spec.input_kind) == (source, module, input_kind)
     assert spec.input_shape == (3, SIZE, SIZE)
     choice = router.feature_choice
-    assert choice is not None and set(choice.scores["cosine"]) == set(range(1, spec.num_layers + 1))
+    assert choice is not None and set(choice.scores["euclidean"]) == set(range(1, spec.num_layers + 1))
     assert spec.layer == choice.layer and spec.hidden_size == router.query_features["alpha"].features.shape[1]
     assert router.route(mixed_images()).top_task == list(TASKS) * 2
 
@@ -233,7 +233,7 @@ def test_mixed_image_batch_equals_each_image_run_alone_with_its_switch(switches,
         torch.testing.assert_close(logits_of(outputs)[i : i + 1], logits_of(expected), rtol=ATOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("kind", ["conv_bn", "vit"])
+@pytest.mark.parametrize("kind", ["conv_bn"])
 def test_soft_compositions_of_a_mixed_batch_equal_each_image_alone(switches, kind):
     """Soft weights (several tasks per image): the batch equals each image run alone with its composition."""
     router = make_router(kind, switches(kind), mode="soft", k=20, execution="delta")
@@ -306,9 +306,9 @@ def test_every_query_set_form_gives_the_same_features(switches):
 # -- bundles ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["conv", "vit"])
+@pytest.mark.parametrize("kind", ["vit"])
 def test_image_router_bundle_round_trip(switches, tmp_path, kind):
-    router = make_router(kind, switches(kind), metric="auto", feature_module=None)
+    router = make_router(kind, switches(kind), metric="auto")
     router.save_pretrained(tmp_path / "bundle")
     description = json.loads((tmp_path / "bundle" / "autoswitch_config.json").read_text())
     assert description["format_version"] == 3
