@@ -325,6 +325,10 @@ def test_transformers_resnet_statistics_and_head(tmp_path):
     plain = copy.deepcopy(base)
     plain.load_adapter(str(tmp_path / "resnet"))  # transformers' own loader
     torch.testing.assert_close(plain(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "resnet").merge_and_unload()
+    # the head is a Sequential (Flatten, Linear): peft's own replacement would look for its `weight`
+    assert isinstance(merged.classifier, nn.Sequential)
+    torch.testing.assert_close(merged(pixel_values=x).logits, model(pixel_values=x).logits)
     recalibrate_norm_statistics(model, {"pixel_values": images(16, 4)}, batch_size=8, progress=False)
     assert not torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
 

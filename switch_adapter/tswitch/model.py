@@ -337,6 +337,14 @@ class TSwitchModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """peft's replacement, except for a ``modules_to_save`` head being unloaded: its copy is complete as it is,
+        and a container head (ResNet's ``classifier``, a ``Sequential``) has no ``weight`` for peft to carry over."""
+        if isinstance(child, ModulesToSaveWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     @staticmethod
     def _follow_tied_embedding(model: nn.Module) -> None:
         """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
