@@ -21,6 +21,7 @@ from .export import InspectionReport, LoraExportReport, inspect_adapter, materia
 from .flexswitch import FlexSwitchConfig, flexswitch
 from .format import StorageSummary, storage_summary
 from .hub import push_to_hub
+from .norm_stats import recalibrate_norm_statistics
 from .tswitch import DEFAULT_DENSITY, TSwitchConfig, TSwitchModel
 from .tswitch.build import from_finetuned
 
@@ -57,6 +58,7 @@ __all__ = [
     "inspect_adapter",
     "materialize",
     "push_to_hub",
+    "recalibrate_norm_statistics",
     "storage_summary",
     "to_lora",
 ]

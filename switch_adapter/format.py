@@ -15,6 +15,12 @@ part        dtype    content
                      (format version 2 and later)
 =========== ======== =================================================================================
 
+A norm layer with running statistics (BatchNorm ...) can carry the fine-tuned statistics, in the precision of the
+base model's buffers, under ``base_model.model.<module>.tswitch_stat_running_mean``, ``tswitch_stat_running_var`` and
+``tswitch_stat_crc`` (4 bytes, CRC32 over the mean bytes then the variance bytes); the config's ``norm_statistics``
+lists those modules. A file with statistics is of format version 4: older readers would drop them silently, so they
+refuse it and ask for an upgrade.
+
 Every other key is a full-precision tensor of ``modules_to_save`` (a task head). Format version 1 has no
 checksums; it is still read. Format version 3 files hold units with more than one value bit (FlexSwitch) and/or the
 grouped-COO encoding; a file with neither (any T-Switch) is written as version 2, which older readers load. This
@@ -47,8 +53,13 @@ ATTR_PREFIX = "tswitch_"
 PARTS = ("code", "scale", "checksum")
 
 #: Newest file format version this library reads and writes: 2 adds a checksum per unit, 3 units with value bits
-#: above 1 and/or the grouped-COO encoding.
-FORMAT_VERSION = 3
+#: above 1 and/or the grouped-COO encoding, 4 running statistics of norm layers.
+FORMAT_VERSION = 4
+#: The first format version whose files may carry running statistics of norm layers (BatchNorm).
+STATISTICS_SINCE = 4
+#: The running statistics a norm layer's switch carries, and the attribute of their checksum.
+STATISTICS = ("running_mean", "running_var")
+STATISTICS_CHECKSUM = "tswitch_stat_crc"
 #: The version of a file whose units all have 1 value bit and no grouped COO (a T-Switch): older readers load it.
 PLAIN_FORMAT_VERSION = 2
 #: The first format version whose units may carry more than one value bit or use grouped COO.
@@ -87,6 +98,25 @@ def attribute(param: str, part: str) -> str:
     return f"{ATTR_PREFIX}{param}_{part}"
 
 
+def statistics_attribute(name: str) -> str:
+    """The layer attribute holding the running statistic ``name`` (``running_mean``/``running_var``) per adapter."""
+    if name not in STATISTICS:
+        raise ValueError(f"name must be one of {STATISTICS}, got {name!r}.")
+    return f"{ATTR_PREFIX}stat_{name}"
+
+
+_STATISTICS_GRAMMAR = re.compile(r"^(?P<module>.+)\.tswitch_stat_(?P<part>running_mean|running_var|crc)(\..+)?$")
+
+
+def parse_statistics_key(key: str) -> tuple[str, str] | None:
+    """``(module, part)`` for a running-statistics key (part ``running_mean``, ``running_var`` or ``crc``), None for
+    any other key."""
+    match = _STATISTICS_GRAMMAR.match(key)
+    if match is None:
+        return None
+    return match["module"].removeprefix(KEY_PREFIX), match["part"]
+
+
 def parse_key(key: str) -> tuple[Unit, str] | None:
     """``(unit, part)`` for a switch key (in a file, or in a model's state dict with an adapter-name suffix);
     None for any other key (a head tensor, a base weight)."""
@@ -118,9 +148,14 @@ def entry_value_bits(entry: Mapping[str, Any]) -> int:
     return int(entry.get("value_bits", sass.VALUE_BITS))
 
 
-def required_format_version(unit_layout: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> int:
-    """The file format version an adapter with this ``unit_layout`` needs: 3 if a unit has more than one value bit
-    or uses grouped COO, else 2 (readable by switch-adapter versions that predate multi-bit units)."""
+def required_format_version(
+    unit_layout: Mapping[str, Mapping[str, Mapping[str, Any]]], norm_statistics: Mapping[str, Any] | None = None
+) -> int:
+    """The file format version an adapter with this ``unit_layout`` (and ``norm_statistics``) needs: 4 if it carries
+    running statistics, 3 if a unit has more than one value bit or uses grouped COO, else 2 (readable by
+    switch-adapter versions that predate multi-bit units)."""
+    if norm_statistics:
+        return STATISTICS_SINCE
     grouped = sass.Encoding.GROUPED_COO.name.lower()
     for params in unit_layout.values():
         for entry in params.values():
@@ -156,6 +191,18 @@ def unit_checksum(code: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The checksum of a unit: CRC32 over the code bytes then the scale bytes, as 4 little-endian uint8."""
     crc = zlib.crc32(_raw_bytes(scale), zlib.crc32(_raw_bytes(code)))
     return torch.tensor(list(crc.to_bytes(CHECKSUM_BYTES, "little")), dtype=torch.uint8)
+
+
+def statistics_checksum(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """The checksum of a layer's running statistics: CRC32 over the mean bytes then the variance bytes."""
+    crc = zlib.crc32(_raw_bytes(running_var), zlib.crc32(_raw_bytes(running_mean)))
+    return torch.tensor(list(crc.to_bytes(CHECKSUM_BYTES, "little")), dtype=torch.uint8)
+
+
+def statistics_bytes(norm_statistics: Mapping[str, Mapping[str, Sequence[int]]], element_size: int = 4) -> int:
+    """Bytes the running statistics listed in ``norm_statistics`` take in a file (``element_size`` per value)."""
+    values = sum(math.prod(shape) for stats in norm_statistics.values() for shape in stats.values())
+    return values * element_size + CHECKSUM_BYTES * len(norm_statistics)
 
 
 def add_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -354,7 +401,42 @@ class AdapterFile:
 
     def head_keys(self) -> list[str]:
         """Keys of the full-precision tensors (``modules_to_save``), without the ``base_model.model.`` prefix."""
-        return sorted(key.removeprefix(KEY_PREFIX) for key in self.keys if parse_key(key) is None)
+        return sorted(
+            key.removeprefix(KEY_PREFIX)
+            for key in self.keys
+            if parse_key(key) is None and parse_statistics_key(key) is None
+        )
+
+    def statistics_modules(self) -> list[str]:
+        """Modules (without ``base_model.model.``) whose running statistics the file holds (any part)."""
+        return sorted({parsed[0] for key in self.keys if (parsed := parse_statistics_key(key))})
+
+    def check_statistics(self, norm_statistics: Mapping[str, Mapping[str, Sequence[int]]] | None) -> list[str]:
+        """Problems of the running statistics in the file (missing parts, shapes other than ``norm_statistics``
+        says, a checksum mismatch, NaN/Inf or negative variances), as ``"<module>: <problem>"`` lines."""
+        norm_statistics = norm_statistics or {}
+        problems = []
+        for module in sorted(set(self.statistics_modules()) | set(norm_statistics)):
+            keys = {part: f"{KEY_PREFIX}{module}.{ATTR_PREFIX}stat_{part}" for part in (*STATISTICS, "crc")}
+            missing = [part for part, key in keys.items() if key not in self.keys]
+            if missing:
+                problems.append(f"{module}: running statistics incomplete ({', '.join(missing)} missing)")
+                continue
+            if module not in norm_statistics:
+                problems.append(f"{module}: running statistics in the file but not listed in the config")
+                continue
+            mean, var, crc = (self.tensor(key) for key in keys.values())
+            expected = norm_statistics[module]
+            for name, value in zip(STATISTICS, (mean, var)):
+                if list(value.shape) != list(expected.get(name, [])):
+                    problems.append(f"{module}.{name}: shape {list(value.shape)}, the config says {expected.get(name)}")
+            if crc.dtype != torch.uint8 or not torch.equal(crc.reshape(-1), statistics_checksum(mean, var)):
+                problems.append(f"{module}: running statistics checksum mismatch (changed after they were saved)")
+            elif not (torch.isfinite(mean.float()).all() and torch.isfinite(var.float()).all()):
+                problems.append(f"{module}: running statistics hold NaN or Inf")
+            elif (var < 0).any():
+                problems.append(f"{module}: negative running variance")
+        return problems
 
     def check(self, unit_layout: Mapping[str, dict], format_version: int) -> list[UnitStatus]:
         """The status of every unit of the file and of every unit the layout lists but the file lacks."""
@@ -367,9 +449,16 @@ class AdapterFile:
                     statuses.append(UnitStatus(unit, problems=["listed in the config but missing from the file"]))
         return statuses
 
-    def verify(self, unit_layout: Mapping[str, dict], format_version: int) -> None:
-        """Raise :class:`~switch_adapter.CodecError` naming every damaged unit; return quietly otherwise."""
+    def verify(
+        self,
+        unit_layout: Mapping[str, dict],
+        format_version: int,
+        norm_statistics: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    ) -> None:
+        """Raise :class:`~switch_adapter.CodecError` naming every damaged unit (and running statistics); return
+        quietly otherwise."""
         problems = [f"{s.unit.name}: {p}" for s in self.check(unit_layout, format_version) for p in s.problems]
+        problems += self.check_statistics(norm_statistics)
         if problems:
             shown = "\n  ".join(problems[:10]) + (
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -477,11 +566,16 @@ def iter_dense_deltas(
         yield unit, delta.index_put_((positions,), values).view(shape)
 
 
-def verify_adapter_file(path: str | os.PathLike, unit_layout: Mapping[str, dict], format_version: int) -> None:
+def verify_adapter_file(
+    path: str | os.PathLike,
+    unit_layout: Mapping[str, dict],
+    format_version: int,
+    norm_statistics: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+) -> None:
     """Raise :class:`~switch_adapter.CodecError` if the weights file at ``path`` is unreadable, damaged, or disagrees
-    with the config's ``unit_layout``."""
+    with the config's ``unit_layout`` and ``norm_statistics``."""
     with AdapterFile(path) as file:
-        file.verify(unit_layout, format_version)
+        file.verify(unit_layout, format_version, norm_statistics)
 
 
 def locate_weights_file(model_id: str, subfolder: str | None, hub_kwargs: Mapping[str, Any]) -> str | None:

@@ -7,6 +7,7 @@ Layout::
                                  the learned metric, "projection" (fp32 [rank, hidden], the fitted L)
     adapters/<task>/             each adapter as PEFT saves it (unless stored as a Hub reference)
     tokenizer/                   the router's tokenizer, if it has one
+    image_processor/             the router's image processor, if it has one (and it has save_pretrained)
     README.md                    model card (Hub only)
 """
 
@@ -36,8 +37,9 @@ from .sources import AdapterMismatchError, AdapterSource
 BUNDLE_CONFIG = "autoswitch_config.json"
 FEATURES_FILE = "query_features.safetensors"
 BUNDLE_FORMAT = "switch-adapter/auto-switch"
-BUNDLE_VERSION = 2  # 2: the routing metric in use, and the learned projection
-LEARNED_SINCE = 2
+BUNDLE_VERSION = 3  # 2: the routing metric in use, and the learned projection; 3: feature sources other than text
+LEARNED_SINCE = 2  # hidden states (module, block list, callable) and image / tensor inputs
+FEATURE_SOURCES_SINCE = 3
 
 
 class BundleError(SwitchAdapterError, FileNotFoundError):
@@ -97,6 +99,14 @@ class BundleContents:
             return {}
         return {"metric": self.metric, "learned": self.learned, "choice": self.choice}
 
+    def load_image_processor(self) -> Any:
+        """The bundle's image processor, or None if it has none."""
+        if not (self.folder / "image_processor").is_dir():
+            return None
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(str(self.folder / "image_processor"))
+
     def load_tokenizer(self) -> Any:
         """The bundle's tokenizer, or None if it has none."""
         if not (self.folder / "tokenizer").is_dir():
@@ -141,8 +151,8 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
         inner = router.inner
         description = {
             "format": BUNDLE_FORMAT,
-            "format_version": LEARNED_SINCE if learned is not None else 1,
-            "config": router.config.to_dict(),
+            "format_version": _format_version(router),
+            "config": router.config.to_compatible_dict(),
             "tasks": tasks,
             "features": router.feature_spec.to_dict(),
             "routing": {
@@ -161,7 +171,17 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
         (work / BUNDLE_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
         if router.tokenizer is not None:
             router.tokenizer.save_pretrained(str(work / "tokenizer"))
+        processor = getattr(router, "image_processor", None)
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(str(work / "image_processor"))
     return target
+
+
+def _format_version(router: Router) -> int:
+    """The lowest format version that holds what ``router`` needs, so older readers keep reading text bundles."""
+    if not router.feature_spec.is_text_default:
+        return FEATURE_SOURCES_SINCE
+    return LEARNED_SINCE if router.learned_metric is not None else 1
 
 
 def _save_adapter(router: Router, task: str, destination: Path) -> None:
@@ -320,6 +340,20 @@ def model_card(router: Router, repo_id: str) -> str:
             f"cross-validated routing accuracy {choice.accuracy:.3f}, the shallowest layer within "
             f"{choice.tolerance:g} of the best.\n"
         )
+    kind = spec.input_kind
+    example_input = {"text": '["some text"]', "pixel_values": "pixel_values", "tensor": "inputs"}[kind]
+    callable_note = (
+        f"\nThe routing features come from a function (`{spec.module}`) that is not stored here: pass it again as "
+        "`from_pretrained(..., feature_fn=...)`.\n"
+        if spec.source == "callable"
+        else ""
+    )
+    source = {
+        "hidden_states": f"layer {spec.layer} of {spec.num_layers}",
+        "blocks": f"block output {spec.layer} of {spec.num_layers} in `{spec.module}`",
+        "module": f"the output of module `{spec.module}`",
+        "callable": "a user function",
+    }[spec.source]
     return f"""---
 library_name: switch-adapter
 tags:
@@ -331,7 +365,7 @@ tags:
 # Auto-Switch bundle
 
 {len(router.tasks)} T-Switch adapters on `{base}`, routed per sample by k-nearest-neighbour retrieval over query
-features of the base model (layer {spec.layer} of {spec.num_layers}, {spec.pooling} pooling; k={config.k},
+features of the base model ({source}, {spec.pooling} pooling; k={config.k},
 {metric}; mode `{config.mode}`).
 {chosen}
 | task | query examples |
@@ -342,6 +376,6 @@ features of the base model (layer {spec.layer} of {spec.num_layers}, {spec.pooli
 from switch_adapter import AutoSwitchModel
 
 router = AutoSwitchModel.from_pretrained("{repo_id}", base_model=base_model)  # the base model object
-outputs, routing = router(["some text"], return_routing=True)
+outputs, routing = router({example_input}, return_routing=True)
 ```
-"""
+{callable_note}"""

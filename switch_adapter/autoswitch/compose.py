@@ -43,7 +43,8 @@ class ModelSlots:
 
 @dataclass
 class Composition:
-    """Composed parameters, per switched layer (aligned with :attr:`ModelSlots.layers`): ``{param: tensor}``.
+    """Composed parameters, per switched layer (aligned with :attr:`ModelSlots.layers`): ``{param: tensor}``; for
+    norm layers with running statistics also ``running_mean`` / ``running_var`` (buffers).
 
     Layers that no weighted adapter switches have an empty dict and keep the base parameters.
     """
@@ -55,7 +56,8 @@ class Composition:
 
 @torch.no_grad()
 def compose(slots: ModelSlots, weights: dict[str, float], skip_delta_layers: bool = False) -> Composition:
-    """Build ``base + sum_t weights[t] * delta_t`` for every switched parameter, from the switches' kept entries.
+    """Build ``base + sum_t weights[t] * delta_t`` for every switched parameter, from the switches' kept entries, and
+    ``base + sum_t weights[t] * (stat_t - base)`` for the running statistics of norm layers that carry them.
 
     ``skip_delta_layers``: leave linear layers out (they run with sparse deltas, see execute.py).
     """
@@ -75,6 +77,10 @@ def compose(slots: ModelSlots, weights: dict[str, float], skip_delta_layers: boo
                 if value is not None:
                     params[param_name] = value
                     nbytes += value.numel() * value.element_size()
+            statistics = layer.composed_statistics(active)  # BatchNorm & co.: running statistics are buffers
+            for name, value in (statistics or {}).items():
+                params[name] = value.clone()  # a train-mode call must not update the adapter's statistics
+                nbytes += value.numel() * value.element_size()
         per_layer.append(params)
     return Composition(key, per_layer, nbytes)
 

@@ -74,6 +74,13 @@ class AutoSwitchConfig:
         feature_batch_size: Batch size when computing query-set features.
         max_length: Truncation length when the router tokenizes text (None: the tokenizer's maximum).
         text_column: Column holding the text when a query set is a ``datasets.Dataset``.
+        feature_module: Take routing features from the output of this submodule of the base model (its name in
+            ``named_modules()``, e.g. ``"_blocks.10"``; a forward hook, and the forward pass stops there) instead of
+            a hidden-state layer; ``feature_layer`` is then ignored. Sequences ``[B, L, D]`` are pooled with
+            ``pooling``, feature maps ``[B, C, H, W]`` averaged over ``H, W``. (Or pass ``feature_fn=`` to the
+            router for features computed by your own function.)
+        image_column: Column holding the images when a query set is a ``datasets.Dataset`` of images (turned
+            into ``pixel_values`` by the router's ``image_processor``).
         chat_template: Apply the tokenizer's chat template to text given as plain strings, both query examples and
             inputs (each string becomes one user turn, with the generation prompt), so that raw texts and the
             prompts a chat model sees are featurised alike. Chats (lists of ``{"role", "content"}`` messages) are
@@ -102,6 +109,8 @@ class AutoSwitchConfig:
     max_length: int | None = None
     text_column: str = "text"
     chat_template: bool = False
+    feature_module: str | None = None
+    image_column: str = "image"
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -145,6 +154,10 @@ class AutoSwitchConfig:
             fail("cache_budget_bytes", "a non-negative integer (bytes)")
         if not _is_int(self.feature_batch_size) or self.feature_batch_size < 1:
             fail("feature_batch_size", "a positive integer")
+        if self.feature_module is not None and (not isinstance(self.feature_module, str) or not self.feature_module):
+            fail("feature_module", "the name of a submodule (as in model.named_modules()) or None")
+        if not isinstance(self.image_column, str) or not self.image_column:
+            fail("image_column", "a column name")
         if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
             fail("max_length", "a positive integer or None")
 
@@ -167,6 +180,15 @@ class AutoSwitchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_compatible_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields added for images while they hold their defaults, so that bundles
+        of text routers stay readable by older versions."""
+        values = self.to_dict()
+        for name, default in (("feature_module", None), ("image_column", "image")):
+            if values[name] == default:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AutoSwitchConfig:

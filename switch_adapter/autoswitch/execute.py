@@ -11,7 +11,9 @@ parameters for the duration of a call and restore them afterwards, so they are n
   its samples and returns ``sum_target weight * output``. With one target per sample (weight 1) this is plain
   grouping. Several targets per sample compute a soft composition exactly because every switchable layer
   (linear, embedding, conv, norm) is affine in its parameters: ``f(x; base + sum_t w_t d_t) =
-  sum_t w_t f(x; base + d_t)`` when ``sum_t w_t = 1`` (equal up to float rounding).
+  sum_t w_t f(x; base + d_t)`` when ``sum_t w_t = 1`` (equal up to float rounding). A norm layer that normalises
+  with running statistics (BatchNorm in eval mode) is not affine in them: it normalises each row with the mix of
+  the targets' statistics and affine parameters instead (its sample's own composition).
 - Row ``r`` of a call with ``n`` rows belongs to sample ``r // (n / batch)``, which also covers beams and
   sequences expanded by ``generate`` (``repeat_interleave``) and flattened ``[batch * length, ...]`` inputs. A call
   with one row in a batch of several samples is a broadcast input (e.g. BERT's position ids): its output is
@@ -31,17 +33,19 @@ from .compose import Composition, ModelSlots
 Assignment = list[tuple[int, float]]  # per sample: [(target index, weight)]
 
 
-def _swap(module: nn.Module, params: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def _swap(module: nn.Module, params: dict[str, torch.Tensor]) -> list[tuple[dict, str, torch.Tensor]]:
+    """Substitute ``params`` (parameters, or buffers such as BatchNorm's running statistics) in ``module``."""
     saved = []
     for name, value in params.items():
-        saved.append((name, module._parameters[name]))
-        module._parameters[name] = value
+        store = module._parameters if name in module._parameters else module._buffers
+        saved.append((store, name, store[name]))
+        store[name] = value
     return saved
 
 
-def _restore(module: nn.Module, saved: list[tuple[str, torch.Tensor]]) -> None:
-    for name, value in reversed(saved):
-        module._parameters[name] = value
+def _restore(module: nn.Module, saved: list[tuple[dict, str, torch.Tensor]]) -> None:
+    for store, name, value in reversed(saved):
+        store[name] = value
 
 
 def _tied_params(slots: ModelSlots, composition: Composition) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
@@ -167,6 +171,8 @@ class _GroupedCall(_StandIn):
         rows, broadcast = self._rows(x)
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         parts = plan.parts(rows, x.device, dtype)
+        if not plan.partition and not broadcast and _normalises_with_running_statistics(self._original[0]):
+            return self._per_row_norm(x, parts)
         outputs = [self._run(target, x if broadcast else x[index], args, kwargs) for target, index, _ in parts]
         if plan.partition:
             return _assemble_partition(parts, outputs, rows, broadcast)
@@ -182,6 +188,43 @@ class _GroupedCall(_StandIn):
             else:
                 result.index_add_(0, index, weighted)
         return result
+
+    def _per_row_norm(self, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+        """A norm layer in eval mode with several targets per sample: it is not affine in its running statistics, so
+        instead of mixing outputs each row gets the mix of the targets' ``running_mean``, ``running_var``, ``weight``
+        and ``bias`` (the sample's own composition) and is normalised with them:
+        ``y_r = (x_r - mean_r) / sqrt(var_r + eps) * weight_r + bias_r``."""
+        norm = self._original[0]
+        rows, channels = x.shape[0], x.shape[1]
+        values = {}
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            if getattr(norm, name, None) is None:
+                continue
+            mixed = x.new_zeros((rows, channels), dtype=torch.float32)
+            for target, index, weights in parts:
+                module, params = self._targets[target]
+                value = params.get(name, getattr(module, name)).detach().float()
+                change = weights.float().unsqueeze(1) * value.unsqueeze(0)
+                if isinstance(index, slice):
+                    mixed[index] += change
+                else:
+                    mixed.index_add_(0, index, change)
+            values[name] = mixed.view(rows, channels, *([1] * (x.dim() - 2)))
+        y = (x.float() - values["running_mean"]) * torch.rsqrt(values["running_var"] + norm.eps)
+        if "weight" in values:
+            y = y * values["weight"]
+        if "bias" in values:
+            y = y + values["bias"]
+        return y.to(x.dtype)
+
+
+def _normalises_with_running_statistics(module: nn.Module) -> bool:
+    """True for a norm layer that normalises with its running statistics now (BatchNorm in eval mode, ...)."""
+    if not (isinstance(getattr(module, "running_mean", None), torch.Tensor) and module.running_var is not None):
+        return False
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return not module.training and module.track_running_stats
+    return not module.training
 
 
 def _assemble_partition(parts: list[Part], outputs: list[torch.Tensor], rows: int, broadcast: bool) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A feature is entry ``layer`` of the base model's ``output_hidden_states`` (0 = embedding output), pooled over the
 sequence. For ``layer`` below the number of layers, a forward pre-hook on block ``layer`` captures its input and
 stops the pass (:class:`_StopForward`), so routing costs about ``layer / num_layers`` of one forward; the last
-entry needs the full pass. Query features are stored at fp16.
+entry needs the full pass. Models without a transformers layer stack (ConvNeXt, ResNet, plain modules) take
+features from their main block list (:func:`find_block_stack`), a named module (a forward hook) or a user
+callable; see :class:`FeatureSpec`. Query features are stored at fp16.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +23,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import SwitchAdapterError
+from .inputs import (
+    MAIN_KEY,
+    TENSOR_KEY,
+    InputMismatchError,
+    call_model,
+    check_tensor_batch,
+    expected_channels,
+    is_text_query,
+    tensor_query_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,31 +52,64 @@ class _StopForward(Exception):
     """Raised by the capture hook to end the forward pass once the feature layer is reached."""
 
 
+SOURCES = ("hidden_states", "blocks", "module", "callable")
+_COMPARED = ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint", "source", "module", "input_kind")
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What a feature vector is: ``output_hidden_states[layer]`` of a base model, pooled with ``pooling``."""
+    """What a feature vector is, and from which input kind.
+
+    ``source``: ``"hidden_states"``: entry ``layer`` of a transformers model's ``output_hidden_states``;
+    ``"blocks"``: ``layer`` 0 is the input of the first child of the block list ``module`` (e.g. ``"_blocks"``),
+    ``layer`` i >= 1 the output of its child i - 1; ``"module"``: the output of the named ``module`` (a forward
+    hook); ``"callable"``: what a user's ``feature_fn(model, batch)`` returns (``module`` holds its name, for
+    information). Outputs are pooled to ``[B, hidden_size]``: token sequences ``[B, L, D]`` with ``pooling``,
+    feature maps ``[B, C, H, W]`` (any tensor of 4 or more dims) by the mean over the dims after the channels.
+    ``input_kind``: ``"text"``, ``"pixel_values"`` or ``"tensor"`` (see :mod:`.inputs`); ``input_shape``: the
+    shape of one query example when all had one shape (inputs must have it), else None.
+    """
 
     layer: int
     pooling: str
     num_layers: int
     hidden_size: int
     base_fingerprint: str
+    source: str = "hidden_states"
+    module: str | None = None
+    input_kind: str = "text"
+    input_shape: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values["input_shape"] = list(self.input_shape) if self.input_shape is not None else None
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FeatureSpec:
+        """From :meth:`to_dict`; specs written before images were routed lack the last four keys (text)."""
+        extra = {key: values[key] for key in ("source", "module", "input_kind") if key in values}
+        shape = values.get("input_shape")
         return cls(
-            **{key: values[key] for key in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")}
+            **{key: values[key] for key in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")},
+            **extra,
+            input_shape=tuple(int(v) for v in shape) if shape is not None else None,
         )
 
+    @property
+    def is_text_default(self) -> bool:
+        """A spec an older switch-adapter can read: text hidden states."""
+        return self.source == "hidden_states" and self.input_kind == "text"
+
     def check_matches(self, other: FeatureSpec, what: str) -> None:
-        """Raise :class:`FeatureMismatchError` naming every difference between ``other`` (from ``what``) and self."""
+        """Raise :class:`FeatureMismatchError` naming every difference between ``other`` (from ``what``) and self
+        (a hidden size of -1 is not known yet and matches any; a callable's name is not compared)."""
         problems = [
             f"{name}: {what} has {getattr(other, name)!r}, the router uses {getattr(self, name)!r}"
-            for name in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")
+            for name in _COMPARED
             if getattr(other, name) != getattr(self, name)
+            and not (name == "hidden_size" and -1 in (self.hidden_size, other.hidden_size))
+            and not (name == "module" and self.source == "callable" == other.source)
         ]
         if problems:
             raise FeatureMismatchError(
@@ -145,19 +190,90 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return hidden[rows, index]
 
 
-class FeatureExtractor:
-    """Computes pooled features of the base model at ``spec.layer``, stopping the forward pass there.
+def pool_output(value: Any, pooling: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool a captured output to fp32 ``[B, D]``: ``[B, D]`` as is, token sequences ``[B, L, D]`` with ``pooling``
+    over non-padding positions, feature maps ``[B, C, *spatial]`` by the mean over the spatial dims. A tuple or a
+    ModelOutput contributes its first tensor."""
+    if not isinstance(value, torch.Tensor):
+        value = _first_tensor(value)
+    if value.dim() == 2:
+        return value.float()
+    if value.dim() == 3:
+        mask = attention_mask
+        if mask is None or mask.shape[:2] != value.shape[:2]:
+            mask = torch.ones(value.shape[:2], dtype=torch.long, device=value.device)
+        return pool(value, mask, pooling)
+    if value.dim() >= 4:
+        return value.float().flatten(2).mean(2)
+    raise ValueError(f"Routing features must be [batch, ...] with at least 2 dims; got shape {list(value.shape)}.")
 
-    ``model`` must compute the base model (T-Switch adapters disabled). Not thread-safe by itself: it registers a
-    hook for the duration of a call; :class:`~switch_adapter.AutoSwitchModel` serialises calls with its lock.
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"Expected the feature source to return a tensor, got {type(value).__name__}.")
+
+
+def find_block_stack(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the model's main block list, or None: the shallowest ``nn.ModuleList`` /
+    ``nn.Sequential`` (the model itself included) with at least two children holding parameters; at equal depth
+    the one with the most such children. E.g. EfficientNet's ``_blocks``, ConvNeXt's ``convnext.encoder.stages``."""
+    best: tuple[int, int, str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or ".modules_to_save" in f".{name}":
+            continue
+        children = [child for child in module.children() if any(True for _ in child.parameters())]
+        if len(children) < 2:
+            continue
+        depth = name.count(".") + 1 if name else 0
+        key = (depth, -len(children))
+        if best is None or key < best[:2]:
+            best = (*key, name, module)
+    return (best[2], best[3]) if best is not None else None
+
+
+def _call_kwargs(kind: str) -> tuple[str, ...]:
+    return FEATURE_INPUT_KEYS if kind == "text" else (MAIN_KEY[kind],)
+
+
+class FeatureExtractor:
+    """Computes pooled features of the base model as ``spec`` says, stopping the forward pass at the feature
+    layer or module where it can (a hook raises :class:`_StopForward`).
+
+    ``model`` must compute the base model (T-Switch adapters disabled). ``feature_fn(model, batch)`` is needed
+    for ``spec.source == "callable"``; ``batch`` is what the model is called with (a dict of tensors for
+    transformers models, the input tensor for plain modules). Not thread-safe by itself: it registers hooks for
+    the duration of a call; :class:`~switch_adapter.AutoSwitchModel` serialises calls with its lock.
     """
 
-    def __init__(self, model: nn.Module, spec: FeatureSpec) -> None:
+    def __init__(self, model: nn.Module, spec: FeatureSpec, feature_fn: Callable | None = None) -> None:
         self.model = model
         self.spec = spec
-        self.layers = find_layer_stack(model)
+        self.feature_fn = feature_fn
+        self.target: nn.Module | None = None
+        self.channels = expected_channels(model) if spec.input_kind != "text" else None
+        if spec.source == "hidden_states":
+            self.layers: Sequence[nn.Module] = find_layer_stack(model)
+        elif spec.source == "blocks":
+            self.layers = list(model.get_submodule(spec.module or "").children())
+        elif spec.source == "module":
+            self.layers = []
+            self.target = model.get_submodule(spec.module or "")
+        else:
+            self.layers = []
+            if feature_fn is None:
+                raise ValueError(
+                    "This router's features come from a callable (feature_fn), which is not saved: pass "
+                    "feature_fn=<the same function> again."
+                )
         # Decoder LMs get padding-aware position ids, as in generate (left padding gives the same features).
-        self.padding_aware_positions = isinstance(model, PreTrainedModel) and model.can_generate()
+        self.padding_aware_positions = (
+            spec.input_kind == "text" and isinstance(model, PreTrainedModel) and model.can_generate()
+        )
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pooled fp32 features ``[B, hidden]`` at ``spec.layer``."""
@@ -165,45 +281,80 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def extract(self, batch: Mapping[str, torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Pooled fp32 features at each of ``layers`` from one forward pass, stopped at the deepest one."""
-        inputs = {key: batch[key] for key in FEATURE_INPUT_KEYS if batch.get(key) is not None}
-        if "input_ids" not in inputs:
-            raise ValueError("Routing needs input_ids (and attention_mask for padded batches).")
+        """Pooled fp32 features at each of ``layers`` from one forward pass, stopped at the deepest one (for a
+        feature module or callable, ``layers`` is ``[spec.layer]``)."""
+        kind = self.spec.input_kind
+        inputs = {key: batch[key] for key in _call_kwargs(kind) if batch.get(key) is not None}
+        if MAIN_KEY[kind] not in inputs:
+            need = "input_ids (and attention_mask for padded batches)" if kind == "text" else MAIN_KEY[kind]
+            raise ValueError(f"Routing needs {need}.")
         device = _device_of(self.model)
         inputs = {key: value.to(device) for key, value in inputs.items()}
-        mask = _mask_of(inputs)
+        mask = _mask_of(inputs) if kind == "text" else None
         extra: dict[str, Any] = {}
         if self.padding_aware_positions:
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             extra["use_cache"] = False
         wanted = sorted(set(layers))
-        if wanted[-1] >= len(self.layers):
-            hidden = self.model(**inputs, **extra, output_hidden_states=True).hidden_states
-            return {layer: pool(hidden[layer], mask, self.spec.pooling) for layer in wanted}
-        captured: dict[int, torch.Tensor] = {}
-        deepest = wanted[-1]
+        pooling = self.spec.pooling
+        if self.spec.source == "callable":
+            argument = inputs[TENSOR_KEY] if kind == "tensor" else dict(inputs)
+            return {layer: pool_output(self.feature_fn(self.model, argument), pooling, mask) for layer in wanted}
+        if self.spec.source == "module":
+            value = self._run_until([(self.target, False, 0)], inputs, extra)[0]
+            return {layer: pool_output(value, pooling, mask) for layer in wanted}
+        if self.spec.source == "hidden_states" and wanted[-1] >= len(self.layers):
+            hidden = call_model(self.model, inputs, kind, **extra, output_hidden_states=True).hidden_states
+            return {layer: pool_output(hidden[layer], pooling, mask) for layer in wanted}
+        if self.spec.source == "hidden_states":  # the input of block `layer` is hidden_states[layer]
+            points = [(self.layers[layer], True, layer) for layer in wanted]
+        else:  # blocks: layer 0 is the first block's input, layer i its block i - 1's output
+            points = [(self.layers[0], True, 0) if layer == 0 else (self.layers[layer - 1], False, layer)
+                      for layer in wanted]  # fmt: skip
+        captured = self._run_until(points, inputs, extra)
+        return {layer: pool_output(captured[layer], pooling, mask) for layer in wanted}
 
-        def capture_at(layer: int):
-            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                captured[layer] = args[0] if args else kwargs["hidden_states"]
-                if layer == deepest:
+    def _run_until(
+        self, points: list[tuple[nn.Module, bool, int]], inputs: dict[str, Any], extra: dict[str, Any]
+    ) -> dict[int, Any]:
+        """Capture at each ``(module, its input rather than output, key)``; the pass stops after the last point."""
+        captured: dict[int, Any] = {}
+        remaining = {key for _, _, key in points}
+
+        def hook_for(key: int, before: bool):
+            def capture(module: nn.Module, args: tuple, kwargs: dict, *output: Any) -> None:
+                if key in captured:
+                    return  # a module run twice: the first call counts
+                if before:
+                    captured[key] = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+                else:
+                    captured[key] = output[0]
+                remaining.discard(key)
+                if not remaining:
                     raise _StopForward
 
             return capture
 
-        handles = [
-            self.layers[layer].register_forward_pre_hook(capture_at(layer), with_kwargs=True) for layer in wanted
-        ]
+        handles = []
         try:
-            self.model(**inputs, **extra)
+            for module, before, key in points:
+                hook = hook_for(key, before)
+                if before:
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            call_model(self.model, inputs, self.spec.input_kind, **extra)
         except _StopForward:
             pass
         finally:
             for handle in handles:
                 handle.remove()
-        if deepest not in captured:
-            raise RuntimeError(f"The forward pass of {type(self.model).__name__} never reached layer {deepest}.")
-        return {layer: pool(captured[layer], mask, self.spec.pooling) for layer in wanted}
+        if remaining:
+            raise RuntimeError(
+                f"The forward pass of {type(self.model).__name__} never reached the feature point(s) "
+                f"{sorted(remaining)} ({self.spec.source} {self.spec.module or ''})."
+            )
+        return captured
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -401,12 +552,49 @@ def example_batches(
 
 
 def compute_query_features(
-    extractor: FeatureExtractor, examples: Any, tokenizer: Any, config: Any, task: str, progress: bool = True
+    extractor: FeatureExtractor,
+    examples: Any,
+    tokenizer: Any,
+    config: Any,
+    task: str,
+    progress: bool = True,
+    image_processor: Any = None,
 ) -> QueryFeatures:
     """Features (fp16, on CPU) of a task's query examples."""
     layer = extractor.spec.layer
-    return QueryFeatures(layer_features(extractor, examples, tokenizer, config, task, [layer], progress)[layer],
-                         extractor.spec)  # fmt: skip
+    features = layer_features(extractor, examples, tokenizer, config, task, [layer], progress, image_processor)
+    return QueryFeatures(features[layer], extractor.spec)
+
+
+def query_batches(
+    extractor: FeatureExtractor, examples: Any, tokenizer: Any, config: Any, task: str, image_processor: Any = None
+) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+    """``(count, batches)`` of a query set for the extractor's input kind; a set of the other modality (texts for
+    an image model, image tensors for a text model) raises :class:`~.inputs.InputMismatchError`."""
+    kind = extractor.spec.input_kind
+    text = is_text_query(examples, config.text_column)
+    if kind == "text":
+        if not text and _looks_like_images(examples):
+            raise InputMismatchError(
+                f"The query set of task {task!r} holds images/float tensors, but the model takes text (input_ids): "
+                "give texts or token ids, or use an image model."
+            )
+        return example_batches(examples, tokenizer, config, task)
+    if text and not (isinstance(examples, torch.Tensor) and kind == "tensor"):
+        raise InputMismatchError(
+            f"The query set of task {task!r} holds text or token ids, but the model takes "
+            f"{'images (pixel_values)' if kind == 'pixel_values' else 'tensors'}: give a tensor [N, ...], a list "
+            "of tensors, a datasets.Dataset of images with image_processor=, or a DataLoader."
+        )
+    return tensor_query_batches(examples, kind, config, task, image_processor)
+
+
+def _looks_like_images(examples: Any) -> bool:
+    if isinstance(examples, torch.Tensor):
+        return examples.is_floating_point() or examples.dim() >= 3
+    if isinstance(examples, (list, tuple)) and examples:
+        return isinstance(examples[0], torch.Tensor) or type(examples[0]).__module__.startswith("PIL.")
+    return isinstance(examples, torch.utils.data.DataLoader)
 
 
 def layer_features(
@@ -417,14 +605,25 @@ def layer_features(
     task: str,
     layers: Sequence[int],
     progress: bool = True,
+    image_processor: Any = None,
+    shapes: set | None = None,
 ) -> dict[int, torch.Tensor]:
-    """``{layer: fp16 CPU features [examples, hidden]}`` of a task's query examples, one forward pass per batch."""
-    count, batches = example_batches(examples, tokenizer, config, task)
+    """``{layer: fp16 CPU features [examples, hidden]}`` of a task's query examples, one forward pass per batch.
+    ``shapes`` (if given) collects the per-sample input shapes of tensor inputs."""
+    count, batches = query_batches(extractor, examples, tokenizer, config, task, image_processor)
+    kind = extractor.spec.input_kind
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = (count + config.feature_batch_size - 1) // config.feature_batch_size
     for batch in tqdm(batches, total=total, desc=f"Query features ({task})", disable=not progress or total < 4):
+        if kind != "text":
+            what = f"The query examples of task {task!r}"
+            check_tensor_batch(batch, kind, extractor.spec.input_shape, extractor.channels, what)
+            if shapes is not None:
+                shapes.add(tuple(batch[MAIN_KEY[kind]].shape[1:]))
         for layer, values in extractor.extract(batch, layers).items():
             parts[layer].append(values.to(device="cpu", dtype=torch.float16))
+    if not parts[layers[0]]:
+        raise EmptyQuerySetError(f"The query set of task {task!r} is empty: give at least one example.")
     features = {layer: torch.cat(values) for layer, values in parts.items()}
     if not all(torch.isfinite(values).all() for values in features.values()):
         raise ValueError(f"The query features of task {task!r} hold NaN/Inf (overflow at fp16?).")

@@ -45,10 +45,12 @@ from .execute import (
 )
 from .features import (
     FeatureExtractor,
+    FeatureMismatchError,
     FeatureSpec,
     QueryFeatures,
+    _device_of,
     base_fingerprint,
-    compute_query_features,
+    find_block_stack,
     find_layer_stack,
     layer_features,
     num_hidden_layers,
@@ -56,6 +58,15 @@ from .features import (
     to_model_inputs,
 )
 from .index import RoutingIndex, build_index, can_choose, choose
+from .inputs import (
+    MAIN_KEY,
+    InputMismatchError,
+    batch_size,
+    call_model,
+    check_tensor_batch,
+    input_kind_of,
+    tensor_batch,
+)
 from .metric import LearnedMetric
 from .routing import RoutingResult, route_features
 from .selection import FeatureChoice, candidate_layers
@@ -197,6 +208,8 @@ class AutoSwitchModel(nn.Module):
         learned: LearnedMetric | None = None,
         choice: FeatureChoice | None = None,
         query_format: str | None = None,
+        image_processor: Any = None,
+        feature_fn: Callable | None = None,
     ) -> None:
         super().__init__()
         self._query_format = query_format  # "templated" / "plain" query texts, None when unknown
@@ -204,13 +217,15 @@ class AutoSwitchModel(nn.Module):
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self._feature_fn = feature_fn
         self._spec = spec
         self._lock = threading.RLock()
         self._query: dict[str, QueryFeatures] = dict(query_features)
         self._sources: dict[str, AdapterSource | None] = dict(sources or {})
         self._cache = CompositionCache(config.cache_budget_bytes)
         self._deltas = DeltaCache()
-        self._extractor = FeatureExtractor(self.inner, spec)
+        self._extractor = FeatureExtractor(self.inner, spec, feature_fn)
         self._disable_adapters()
         self.eval()
         self._refresh(build_index(self._query, config, metric=metric, learned=learned, choice=choice))
@@ -227,6 +242,8 @@ class AutoSwitchModel(nn.Module):
         *,
         base_model: nn.Module | None = None,
         tokenizer: Any = None,
+        image_processor: Any = None,
+        feature_fn: Callable | None = None,
         revision: str | None = None,
         token: str | None = None,
         check_base_model: bool = True,
@@ -239,8 +256,13 @@ class AutoSwitchModel(nn.Module):
         - ``from_pretrained(base, adapters={"spam": "path/or/hub-id", ...}, query_sets={"spam": examples, ...},
           config=AutoSwitchConfig(...), tokenizer=tok)``: ``base`` is a transformers model (modified in place:
           the adapters are injected as by ``PeftModel.from_pretrained``), or a ``PeftModel`` that already holds
-          T-Switch adapters (each becomes a task; ``adapters`` may add more). Query sets: a ``datasets.Dataset``
-          (text column ``config.text_column``), a list of strings, token-id tensors, or :class:`QueryFeatures`.
+          T-Switch adapters (each becomes a task; ``adapters`` may add more). ``base`` may also be a transformers
+          vision model (``pixel_values``) or any ``nn.Module`` called with a tensor. Query sets: for text, a
+          ``datasets.Dataset`` (text column ``config.text_column``), a list of strings, token-id tensors; for
+          images/tensors, a tensor ``[N, C, H, W]``, a list of tensors, a ``datasets.Dataset`` with an image
+          column (``config.image_column``, needs ``image_processor``) or a ``DataLoader``; or :class:`QueryFeatures`.
+          Features come from the hidden states / main block list, ``config.feature_module``, or
+          ``feature_fn(model, batch) -> [B, D]`` (``batch``: what the model is called with).
         - ``from_pretrained(bundle, base_model=base)``: a folder or Hub repo written by :meth:`save_pretrained` /
           :meth:`push_to_hub`.
 
@@ -257,10 +279,18 @@ class AutoSwitchModel(nn.Module):
             if base_model is None:
                 raise TypeError(f"Loading the bundle {model_or_bundle!r} needs base_model=<the base model object>.")
             contents = read_bundle(model_or_bundle, base_model, revision=revision, token=token)
+            stored_spec = contents.query_sets[0][1].spec
+            if stored_spec.source == "callable" and feature_fn is None:
+                raise ValueError(
+                    f"The bundle {model_or_bundle!r} routes on features from a callable ({stored_spec.module}), which "
+                    "cannot be saved: pass it again, from_pretrained(bundle, base_model=..., feature_fn=<function>)."
+                )
             return cls._build(
                 base_model, contents.sources, contents.query_sets, config or contents.config,
                 tokenizer=tokenizer if tokenizer is not None else contents.load_tokenizer(), token=token,
                 check_base_model=check_base_model, progress=progress, stored=contents,
+                image_processor=image_processor if image_processor is not None else contents.load_image_processor(),
+                feature_fn=feature_fn,
             )  # fmt: skip
         if not isinstance(model_or_bundle, nn.Module):
             raise TypeError(
@@ -270,6 +300,7 @@ class AutoSwitchModel(nn.Module):
         return cls._build(
             model_or_bundle, sources, _pairs(query_sets, "query_sets"), config or AutoSwitchConfig(),
             tokenizer=tokenizer, token=token, check_base_model=check_base_model, progress=progress,
+            image_processor=image_processor, feature_fn=feature_fn,
         )  # fmt: skip
 
     @classmethod
@@ -285,6 +316,8 @@ class AutoSwitchModel(nn.Module):
         check_base_model: bool,
         progress: bool,
         stored: Any = None,
+        image_processor: Any = None,
+        feature_fn: Callable | None = None,
     ) -> AutoSwitchModel:
         existing = list(base.peft_config) if isinstance(base, PeftModel) else []
         if isinstance(base, PeftModel):
@@ -318,10 +351,12 @@ class AutoSwitchModel(nn.Module):
             check_adapter_fits(name, configs[name], source.location, inner, base_id, check_base_model)
         _check_same_base(configs, check_base_model)
 
-        spec = _make_spec(inner, config)
+        spec = _make_spec(inner, config, feature_fn)
         context = base.disable_adapter() if isinstance(base, PeftModel) else nullcontext()
         with context:
-            features, choice, spec = _initial_features(inner, spec, query, tasks, tokenizer, config, progress)
+            features, choice, spec = _initial_features(
+                inner, spec, query, tasks, tokenizer, config, progress, image_processor, feature_fn
+            )
             if stored is not None:  # a bundle: its metric and projection, unless the config names another metric
                 index = build_index(features, config, **stored.routing_for(config))
             else:
@@ -341,7 +376,8 @@ class AutoSwitchModel(nn.Module):
         model = _attach(base, sources, token)
         return cls(
             model, features, config, spec, tokenizer=tokenizer, sources=sources, metric=index.metric,
-            learned=index.learned, choice=index.choice, query_format=query_format,
+            learned=index.learned, choice=index.choice, query_format=query_format, image_processor=image_processor,
+            feature_fn=feature_fn,
         )  # fmt: skip
 
     # -- tasks ---------------------------------------------------------------------------------------------
@@ -350,6 +386,38 @@ class AutoSwitchModel(nn.Module):
     def inner(self) -> nn.Module:
         """The transformers model inside the ``PeftModel`` (with the T-Switch layers injected)."""
         return self.model.get_base_model()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the base model's parameters (as ``PreTrainedModel.device``)."""
+        return _device_of(self.inner)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the base model's parameters (as ``PreTrainedModel.dtype``)."""
+        return next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+    @property
+    def generation_config(self) -> Any:
+        """The base model's ``generation_config`` (None for a model that does not generate)."""
+        return getattr(self.inner, "generation_config", None)
+
+    @property
+    def name_or_path(self) -> str:
+        return getattr(self.inner, "name_or_path", "") or ""
+
+    def can_generate(self) -> bool:
+        """Whether :meth:`generate` works: a generative text base model."""
+        return self._can_generate and self._spec.input_kind == "text"
+
+    def pipeline(self, task: str, **kwargs: Any) -> Any:
+        """A ``transformers.pipeline(task, ...)`` that runs through this router: every input is routed and runs
+        with its composition, and the pipeline reads the base model's config (labels, generation settings).
+        ``kwargs`` go to ``transformers.pipeline`` (``tokenizer`` / ``image_processor`` default to the router's).
+        E.g. ``router.pipeline("image-classification")(images)``, ``router.pipeline("text-generation")(prompt)``."""
+        from .pipelines import router_pipeline
+
+        return router_pipeline(self, task, **kwargs)
 
     @property
     def tasks(self) -> list[str]:
@@ -426,7 +494,9 @@ class AutoSwitchModel(nn.Module):
             base_id = _normalize_id(getattr(self.inner, "name_or_path", "") or "")
             check_adapter_fits(name, adapter_config, source.location, self.inner, base_id, check_base_model)
             _check_same_base({**self._peft_configs(), name: adapter_config}, check_base_model)
-            features = _query_features(self._extractor, examples, self.tokenizer, self.config, name, progress)
+            features = _query_features(
+                self._extractor, examples, self.tokenizer, self.config, name, progress, self.image_processor
+            )
             index = self._reindex({**self._query, name: features})
             found = text_format(examples, self.config.chat_template, self.config.text_column)
             if found is not None and self._query_format not in (None, found):
@@ -461,7 +531,9 @@ class AutoSwitchModel(nn.Module):
     def compute_query_features(self, examples: Any, *, task: str = "query", progress: bool = True) -> QueryFeatures:
         """Features of ``examples`` as this router computes them (to store, or to pass as a query set)."""
         with self._lock:
-            return _query_features(self._extractor, examples, self.tokenizer, self.config, task, progress)
+            return _query_features(
+                self._extractor, examples, self.tokenizer, self.config, task, progress, self.image_processor
+            )
 
     # -- routing ---------------------------------------------------------------------------------------------
 
@@ -474,7 +546,9 @@ class AutoSwitchModel(nn.Module):
         """Route a batch without running the routed model: per-sample weights, top task, OOD flag, distances.
 
         ``inputs``: a list of strings (needs the tokenizer), a tensor of token ids, or a dict / BatchEncoding;
-        ``input_ids=``/``attention_mask=`` keywords work too.
+        ``input_ids=``/``attention_mask=`` keywords work too. For an image model: a float tensor
+        ``[B, C, H, W]`` (or one image), a list of them, PIL images (with ``image_processor``) or
+        ``pixel_values=``; for a plain module: the tensor it is called with.
         """
         with self._lock:
             return self._route(self._inputs(inputs, kwargs))
@@ -502,7 +576,9 @@ class AutoSwitchModel(nn.Module):
     ) -> Any:
         """Route the batch and run every sample with its composition; returns the base model's output type.
 
-        ``input_ids`` may also be a list of strings (tokenized with the router's tokenizer) or a BatchEncoding.
+        ``input_ids`` may also be a list of strings (tokenized with the router's tokenizer) or a BatchEncoding;
+        for an image model, images as :meth:`route` takes them (or ``pixel_values=``), for a plain module its
+        input tensor; every sample runs with its own composition, as if it ran alone.
         For sequence classification with heads of different label counts, ``logits`` is padded with ``-inf`` to
         the largest label count (``routing.num_labels`` holds each sample's count). When several compositions run
         one after another on their sub-batches, values that cannot be split per sample (a scalar ``loss``,
@@ -512,15 +588,16 @@ class AutoSwitchModel(nn.Module):
         with self._lock:
             batch = self._inputs(input_ids, {"attention_mask": attention_mask, **kwargs}, keep_extra=True)
             routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
-            size = batch["input_ids"].shape[0]
+            kind = self._spec.input_kind
+            size = batch_size(batch, kind)
 
             def run(index):
                 if index is None:
-                    return self.inner(**batch)
+                    return call_model(self.inner, batch, kind)
                 sub = select_rows(batch, index, size)
                 if self._can_generate and "use_cache" not in sub:
                     sub["use_cache"] = False  # per-group KV caches cannot be merged
-                return self.inner(**sub)
+                return call_model(self.inner, sub, kind)
 
             outputs = self._execute(routing, run, "forward")
         return (outputs, routing) if return_routing else outputs
@@ -543,6 +620,11 @@ class AutoSwitchModel(nn.Module):
         matmul once and add each task's sparse delta to its rows (see the README, "How a batch runs").
         """
         with self._lock:
+            if self._spec.input_kind != "text" or not self._can_generate:
+                raise TypeError(
+                    f"generate needs a generative text model; this router's base is a {type(self.inner).__name__}. "
+                    "Call the router (forward) instead."
+                )
             batch = self._inputs(inputs, kwargs, keep_extra=True, padding_side="left")
             routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
             size = batch["input_ids"].shape[0]
@@ -647,7 +729,7 @@ class AutoSwitchModel(nn.Module):
         return self._cache.get((key, "partial" if partial else "full"), build)
 
     def _check_routing(self, routing: RoutingResult, batch: Mapping[str, torch.Tensor]) -> RoutingResult:
-        rows = batch["input_ids"].shape[0]
+        rows = batch_size(batch, self._spec.input_kind)
         if len(routing) != rows:
             raise ValueError(f"The routing covers {len(routing)} samples but the batch has {rows}.")
         unknown = [t for t in routing.task_names if t not in self._query]
@@ -659,6 +741,21 @@ class AutoSwitchModel(nn.Module):
         self, inputs: Any, kwargs: dict[str, Any], keep_extra: bool = False, padding_side: str | None = None
     ) -> dict[str, Any]:
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        kind = self._spec.input_kind
+        if kind != "text":
+            if not keep_extra:
+                kwargs = {k: v for k, v in kwargs.items() if k in (MAIN_KEY[kind], "input_ids", "token_type_ids")}
+            kwargs.pop("attention_mask", None) if kind == "pixel_values" else None
+            shape = self._spec.input_shape
+            sample_dims = len(shape) if shape is not None else (3 if kind == "pixel_values" else None)
+            batch = tensor_batch(inputs, kwargs, kind, self.image_processor, sample_dims)
+            check_tensor_batch(batch, kind, shape, self._extractor.channels)
+            return batch
+        if kwargs.get("pixel_values") is not None or (isinstance(inputs, torch.Tensor) and inputs.is_floating_point()):
+            raise InputMismatchError(
+                f"This router's model ({type(self.inner).__name__}) takes text: pass strings (with the tokenizer) or "
+                "token ids, not images or float tensors."
+            )
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
             if inputs is None:
@@ -807,15 +904,64 @@ class AutoSwitchModel(nn.Module):
         self._can_generate = isinstance(self.inner, PreTrainedModel) and self.inner.can_generate()
 
 
-def _make_spec(inner: nn.Module, config: AutoSwitchConfig) -> FeatureSpec:
-    layers = num_hidden_layers(inner)
-    find_layer_stack(inner)
-    hidden = getattr(inner.config, "hidden_size", None)
-    if hidden is None:
-        hidden = getattr(getattr(inner.config, "text_config", None), "hidden_size", -1)
+def _make_spec(inner: nn.Module, config: AutoSwitchConfig, feature_fn: Callable | None = None) -> FeatureSpec:
+    """Where routing features come from: ``feature_fn``, ``config.feature_module``, a transformers model's hidden
+    states, or the main block list of any model (``find_block_stack``); else a TypeError naming the first two."""
+    kind = input_kind_of(inner)
+    fingerprint = base_fingerprint(inner)
+    if feature_fn is not None and config.feature_module is not None:
+        raise ValueError("Give feature_fn or AutoSwitchConfig(feature_module=...), not both.")
+    if feature_fn is not None:
+        if not callable(feature_fn):
+            raise TypeError(f"feature_fn must be a callable (model, batch) -> features, got {type(feature_fn)}.")
+        name = getattr(feature_fn, "__qualname__", type(feature_fn).__name__)
+        return FeatureSpec(0, config.pooling, 0, -1, fingerprint, "callable", name, kind)
+    if config.feature_module is not None:
+        modules = dict(inner.named_modules())
+        if config.feature_module not in modules or not config.feature_module:
+            raise ValueError(
+                f"AutoSwitchConfig(feature_module={config.feature_module!r}): {type(inner).__name__} has no such "
+                f"submodule. Use a name from model.named_modules(), e.g. {_module_examples(inner)}."
+            )
+        return FeatureSpec(0, config.pooling, 0, -1, fingerprint, "module", config.feature_module, kind)
+    if _has_layer_stack(inner):
+        layers = num_hidden_layers(inner)
+        hidden = getattr(inner.config, "hidden_size", None)
+        if hidden is None:
+            hidden = getattr(getattr(inner.config, "text_config", None), "hidden_size", -1)
+        if not isinstance(hidden, int):
+            hidden = -1
+        return FeatureSpec(
+            config.resolve_feature_layer(layers), config.pooling, layers, hidden, fingerprint, "hidden_states", None,
+            kind,
+        )  # fmt: skip
+    found = find_block_stack(inner)
+    if found is None:
+        raise TypeError(
+            f"Auto-Switch cannot tell where to take routing features from {type(inner).__name__} (no transformers "
+            "layer stack, no nn.ModuleList/nn.Sequential of blocks). Give it a feature source: "
+            "AutoSwitchConfig(feature_module='<submodule name>') to use that module's output (a forward hook; e.g. "
+            f"{_module_examples(inner)}), or feature_fn=<callable(model, batch) -> [batch, features] tensor> to "
+            "AutoSwitchModel.from_pretrained."
+        )
+    name, stack = found
+    layers = len(list(stack.children()))
     return FeatureSpec(
-        config.resolve_feature_layer(layers), config.pooling, layers, int(hidden), base_fingerprint(inner)
+        config.resolve_feature_layer(layers), config.pooling, layers, -1, fingerprint, "blocks", name, kind
     )
+
+
+def _has_layer_stack(model: nn.Module) -> bool:
+    try:
+        find_layer_stack(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _module_examples(model: nn.Module, limit: int = 6) -> str:
+    names = [name for name, _ in model.named_children()]
+    return ", ".join(repr(name) for name in names[:limit]) or "'<name>'"
 
 
 def _initial_features(
@@ -826,23 +972,37 @@ def _initial_features(
     tokenizer: Any,
     config: AutoSwitchConfig,
     progress: bool,
+    image_processor: Any = None,
+    feature_fn: Callable | None = None,
 ) -> tuple[dict[str, QueryFeatures], FeatureChoice | None, FeatureSpec]:
     """Query features of every task, and with ``feature_layer="auto"`` the layer (and metric) chosen from them.
 
-    Precomputed :class:`QueryFeatures` fix the layer: theirs. Otherwise every candidate layer's features come from
-    one forward pass per batch, and :func:`~switch_adapter.autoswitch.index.choose` picks.
+    Precomputed :class:`QueryFeatures` fix the layer: theirs. A feature module or callable is one candidate
+    (only the metric is chosen). Otherwise every candidate layer's features come from one forward pass per
+    batch, and :func:`~switch_adapter.autoswitch.index.choose` picks. The returned spec records the feature size
+    and the query examples' input shape (when they share one).
     """
     given = [q for q in query.values() if isinstance(q, QueryFeatures)]
-    if config.feature_layer != "auto" or given or len(tasks) < 2:
-        if config.feature_layer == "auto" and given:
-            spec = dataclasses.replace(spec, layer=given[0].spec.layer)
-        extractor = FeatureExtractor(inner, spec)
-        features = {name: _query_features(extractor, query[name], tokenizer, config, name, progress) for name in tasks}
-        return features, None, spec
+    fixed = spec.source in ("module", "callable")
+    shapes: set = set()
+    if config.feature_layer != "auto" or given or len(tasks) < 2 or fixed:
+        if given:
+            stored = given[0].spec
+            layer = stored.layer if config.feature_layer == "auto" and not fixed else spec.layer
+            hidden = stored.hidden_size if spec.hidden_size < 0 else spec.hidden_size
+            spec = dataclasses.replace(spec, layer=layer, hidden_size=hidden, input_shape=stored.input_shape)
+        extractor = FeatureExtractor(inner, spec, feature_fn)
+        features = {
+            name: _query_features(extractor, query[name], tokenizer, config, name, progress, image_processor, shapes)
+            for name in tasks
+        }
+        spec = _observed(spec, next(iter(features.values())).features, shapes)
+        return {name: QueryFeatures(q.features, spec) for name, q in features.items()}, None, spec
     layers = sorted(set(candidate_layers(spec.num_layers)) | {spec.layer})
-    extractor = FeatureExtractor(inner, spec)
+    extractor = FeatureExtractor(inner, spec, feature_fn)
     per_task = {
-        name: layer_features(extractor, query[name], tokenizer, config, name, layers, progress) for name in tasks
+        name: layer_features(extractor, query[name], tokenizer, config, name, layers, progress, image_processor, shapes)
+        for name in tasks
     }
     counts = {name: int(per_task[name][spec.layer].shape[0]) for name in tasks}
     if not can_choose(counts):
@@ -850,16 +1010,32 @@ def _initial_features(
             "feature_layer='auto' needs at least two query examples per task to compare layers; using layer %d "
             "(feature_depth).", spec.layer,
         )  # fmt: skip
+        spec = _observed(spec, per_task[tasks[0]][spec.layer], shapes)
         return {name: QueryFeatures(per_task[name][spec.layer], spec) for name in tasks}, None, spec
     labels = torch.cat([torch.full((counts[name],), i, dtype=torch.long) for i, name in enumerate(tasks)])
     stacked = {layer: torch.cat([per_task[name][layer] for name in tasks]).float() for layer in layers}
     choice = choose(stacked, labels, tasks, config)
-    spec = dataclasses.replace(spec, layer=choice.layer)
+    spec = _observed(dataclasses.replace(spec, layer=choice.layer), per_task[tasks[0]][choice.layer], shapes)
     return {name: QueryFeatures(per_task[name][choice.layer], spec) for name in tasks}, choice, spec
 
 
+def _observed(spec: FeatureSpec, features: torch.Tensor, shapes: set) -> FeatureSpec:
+    """``spec`` with the feature size (for sources that do not declare it; a feature map's size depends on the
+    layer) and the input shape shared by all query examples (tensor inputs only)."""
+    hidden = int(features.shape[1]) if spec.source != "hidden_states" or spec.hidden_size < 0 else spec.hidden_size
+    shape = next(iter(shapes)) if len(shapes) == 1 else (spec.input_shape if not shapes else None)
+    return dataclasses.replace(spec, hidden_size=hidden, input_shape=shape)
+
+
 def _query_features(
-    extractor: FeatureExtractor, examples: Any, tokenizer: Any, config: AutoSwitchConfig, task: str, progress: bool
+    extractor: FeatureExtractor,
+    examples: Any,
+    tokenizer: Any,
+    config: AutoSwitchConfig,
+    task: str,
+    progress: bool,
+    image_processor: Any = None,
+    shapes: set | None = None,
 ) -> QueryFeatures:
     if isinstance(examples, QueryFeatures):
         extractor.spec.check_matches(examples.spec, f"the query set of task {task!r}")
@@ -867,8 +1043,20 @@ def _query_features(
             from .features import EmptyQuerySetError
 
             raise EmptyQuerySetError(f"The query set of task {task!r} is empty.")
+        if shapes is not None and examples.spec.input_shape is not None:
+            shapes.add(examples.spec.input_shape)
         return examples
-    return compute_query_features(extractor, examples, tokenizer, config, task, progress)
+    spec = extractor.spec
+    layer = spec.layer
+    features = layer_features(extractor, examples, tokenizer, config, task, [layer], progress, image_processor, shapes)[
+        layer
+    ]
+    if spec.hidden_size >= 0 and int(features.shape[1]) != spec.hidden_size:
+        raise FeatureMismatchError(
+            f"The features of task {task!r} have size {features.shape[1]}, the router's have {spec.hidden_size}: "
+            "the feature source returned another shape for these examples."
+        )
+    return QueryFeatures(features, spec)
 
 
 def _attach(base: nn.Module, sources: dict[str, AdapterSource], token: str | None) -> PeftModel:

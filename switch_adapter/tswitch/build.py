@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Union
+from typing import Any, Union
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -14,9 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.binarize import BinarySwitch
-from ..format import required_format_version, storage_summary
+from ..format import STATISTICS, required_format_version, statistics_bytes, storage_summary
+from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
 from .config import TSwitchConfig
-from .layer import TSwitchLayer
+from .layer import TSwitchLayer, has_running_statistics
 from .model import _discard_adapter, filling_switches, resize_module_parameters
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def from_finetuned(
     task_vectors: Mapping[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     progress: bool = True,
+    calibration_examples: Any = None,
 ) -> PeftModel:
     """Create a T-Switch adapter from a fine-tuned model (or task vectors) and attach it to ``base_model``.
 
@@ -60,10 +63,16 @@ def from_finetuned(
         task_vectors: Instead of ``finetuned``: ``{parameter name: finetuned - pretrained}``.
         adapter_name: Name of the new adapter.
         progress: Show a progress bar over the switched tensors.
+        calibration_examples: Unlabeled inputs of the task (a tensor batch, a dict of tensors, an iterable of
+            batches or a DataLoader): when given, the running statistics of the switched norm layers (BatchNorm) are
+            re-estimated with the switch active, see :func:`switch_adapter.recalibrate_norm_statistics`.
 
     Returns:
         A ``PeftModel`` with the adapter active. Modules in ``config.modules_to_save`` (task heads) are copied from
-        ``finetuned`` in full precision, also when their shapes differ from the base model's.
+        ``finetuned`` in full precision, also when their shapes differ from the base model's. With
+        ``config.modules_to_save=None``, the output heads (found by structure, see :mod:`switch_adapter.heads`)
+        that the fine-tune changed become ``modules_to_save``. Norm layers with running statistics (BatchNorm)
+        carry the fine-tuned statistics exactly (``config.norm_statistics``).
 
     Raises ``ValueError`` naming the tensor for shape mismatches or NaN/Inf values; ``base_model`` is then left as
     it was.
@@ -76,16 +85,87 @@ def from_finetuned(
     finetuned_state = _state_of(finetuned) if finetuned is not None else None
     vectors = dict(task_vectors) if task_vectors is not None else None
 
-    original_state = (base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model).state_dict()
+    plain_base = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
+    if config.modules_to_save is None and finetuned_state is not None:
+        heads_found = finetuned_heads(plain_base, finetuned_state)
+        if heads_found:
+            config = copy.copy(config)  # the caller's config stays as it was
+            config.modules_to_save = heads_found
+            log_heads(heads_found, "found by structure, changed by the fine-tune")
+    original_state = plain_base.state_dict()
     with switch_adapter_for(base_model, config, adapter_name) as model:
         inner = model.get_base_model()
         switches = _compute_switches(inner, adapter_name, config, finetuned_state, vectors, progress)
         heads = head_updates(inner, adapter_name, finetuned_state)
-    store_switches(model, adapter_name, switches, heads)
+        statistics = finetuned_statistics(inner, adapter_name, finetuned_state)
+        store_switches(model, adapter_name, switches, heads)
+        store_statistics(model, adapter_name, statistics)
+        if calibration_examples is not None:
+            from ..norm_stats import recalibrate_norm_statistics
+
+            recalibrate_norm_statistics(model, calibration_examples, adapter_name=adapter_name, progress=progress)
     if finetuned_state is not None:
         _warn_uncovered(original_state, finetuned_state, model.peft_config[adapter_name], [h[0] for h in heads])
     _log_summary(model.peft_config[adapter_name], adapter_name)
     return model
+
+
+def finetuned_heads(model: nn.Module, finetuned_state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The output head candidates of ``model`` (:func:`~switch_adapter.heads.output_head_candidates`) whose
+    parameters the fine-tune changed (values or shapes)."""
+    candidates = output_head_candidates(model)
+    if not candidates:
+        return []
+    base_state = model.state_dict()
+
+    def differs(key: str) -> bool:
+        return tensors_differ(_lookup(base_state, key), _lookup(finetuned_state, key))
+
+    return changed_heads(candidates, lambda name: head_parameter_names(model, name), differs)
+
+
+def finetuned_statistics(
+    inner: nn.Module, adapter_name: str, finetuned_state: Mapping[str, torch.Tensor] | None
+) -> list[tuple[str, TSwitchLayer, dict[str, torch.Tensor]]]:
+    """``(module name, layer, {running_mean, running_var})`` of the fine-tuned model for every norm layer with
+    running statistics that ``adapter_name`` targets and whose statistics the fine-tune changed. Raises
+    ``ValueError`` naming the buffers that have other shapes than the base model's."""
+    found, problems = [], []
+    if finetuned_state is None:
+        return found
+    for module_name, layer in inner.named_modules():
+        if not isinstance(layer, TSwitchLayer) or not layer.is_targeted_by(adapter_name):
+            continue
+        base = layer.get_base_layer()
+        if not has_running_statistics(base):
+            continue
+        tuned = {name: _lookup(finetuned_state, f"{module_name}.{name}") for name in STATISTICS}
+        if any(value is None for value in tuned.values()):
+            continue  # a fine-tune without these buffers (e.g. a state dict of parameters only): nothing to carry
+        shapes_ok = True
+        for name, value in tuned.items():
+            if value.shape != getattr(base, name).shape:
+                problems.append(f"{module_name}.{name}: fine-tuned shape {list(value.shape)}")
+                shapes_ok = False
+        if shapes_ok and any(tensors_differ(getattr(base, name), value) for name, value in tuned.items()):
+            found.append((module_name, layer, tuned))
+    if problems:
+        raise ValueError(
+            "The fine-tuned running statistics do not fit the base model:\n  " + "\n  ".join(problems[:10])
+        )
+    return found
+
+
+def store_statistics(
+    model: PeftModel, adapter_name: str, statistics: list[tuple[str, TSwitchLayer, dict[str, torch.Tensor]]]
+) -> None:
+    """Put running statistics (from :func:`finetuned_statistics`) into their layers and the adapter config's
+    ``norm_statistics``, and raise the config's format version to what they need."""
+    config = model.peft_config[adapter_name]
+    for module_name, layer, values in statistics:
+        config.norm_statistics[module_name] = layer.set_statistics(adapter_name, values)
+    if statistics:
+        config.format_version = required_format_version(config.unit_layout, config.norm_statistics)
 
 
 @contextlib.contextmanager
@@ -145,7 +225,7 @@ def store_switches(
         entry = layer.set_switch(adapter_name, param_name, switch)
         entry["density"] = switch.kept / max(switch.numel, 1) if config.flexswitch else config.density_for(module_name)
         config.unit_layout.setdefault(module_name, {})[param_name] = entry
-    config.format_version = required_format_version(config.unit_layout)
+    config.format_version = required_format_version(config.unit_layout, config.norm_statistics)
     for module_name, wrapper_copy, state, shapes in heads:
         if shapes:
             resize_module_parameters(wrapper_copy, shapes)
@@ -231,6 +311,8 @@ def _warn_uncovered(
     for module_name, params in config.unit_layout.items():
         for param_name in params:
             covered.add(f"{module_name}.{param_name}")
+    for module_name, stats in config.norm_statistics.items():
+        covered.update(f"{module_name}.{name}" for name in stats)
     for key, value in original_state.items():
         if key.replace(".base_layer", "") in covered:
             covered_ptrs.add(value.data_ptr())
@@ -238,6 +320,8 @@ def _warn_uncovered(
     for key, value in original_state.items():
         plain = key.replace(".base_layer", "")
         if plain in covered or value.data_ptr() in covered_ptrs or ".tswitch_" in key:
+            continue
+        if plain.endswith("num_batches_tracked"):  # a counter, not carried (see docs/adapter.md)
             continue
         if any(plain.startswith(head + ".") or f".{head}." in f".{plain}" for head in head_names):
             continue
@@ -255,6 +339,13 @@ def _warn_uncovered(
 
 
 def _log_summary(config: TSwitchConfig, adapter_name: str) -> None:
+    if config.norm_statistics:
+        logger.info(
+            "T-Switch %r carries the running statistics of %d norm layer(s) in full precision (%d bytes).",
+            adapter_name,
+            len(config.norm_statistics),
+            statistics_bytes(config.norm_statistics),
+        )
     summary = storage_summary(config)
     if summary.parameters:
         logger.info(

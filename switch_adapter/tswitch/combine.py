@@ -74,12 +74,15 @@ def check_arguments(
         if len(densities) > 1:
             listing = ", ".join(f"{a}: {c.density}" for a, c in zip(adapters, configs))
             raise ValueError(f"The adapters have different densities ({listing}); pass density=... explicitly.")
-        return replace(configs[0], unit_layout={}, modules_to_save_shapes={}, flexswitch=None, inference_mode=True)
+        return replace(
+            configs[0], unit_layout={}, modules_to_save_shapes={}, norm_statistics={}, flexswitch=None,
+            inference_mode=True,
+        )  # fmt: skip
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}.")
     return replace(
         configs[0], density=float(density), density_pattern={}, unit_layout={}, modules_to_save_shapes={},
-        flexswitch=None, inference_mode=True,
+        norm_statistics={}, flexswitch=None, inference_mode=True,
     )  # fmt: skip
 
 
@@ -148,3 +151,11 @@ def combined_delta(
         if combination_type == "ties":
             return merge_utils.ties(tensors, weight, density, majority_sign_method)
         return merge_utils.dare_ties(tensors, weight, density, majority_sign_method)
+
+
+def combined_statistics(layer: TSwitchLayer, adapters: list[str], weights: list[float]) -> dict | None:
+    """Running statistics of the combination: ``base + sum_i weights[i] * (stat_i - base)`` over the adapters that
+    carry statistics for ``layer`` (whatever the combination type: statistics are not pruned), None if none does."""
+    if not any(layer.has_statistics(adapter) for adapter in adapters):
+        return None
+    return layer.composed_statistics(dict(zip(adapters, weights)))

@@ -65,13 +65,14 @@ class TSwitchConfig(PeftConfig):
             cut by position, so the size of a switch follows from its density. ``True``: keep every entry tied at the
             cut, as the reference implementation does (more than the quota when many entries share the cut value).
         switch_bias: Also switch the bias of targeted modules that have one.
-        switch_norms: Also switch every norm layer (LayerNorm, RMSNorm, GroupNorm) of the model, in addition to
-            ``target_modules``.
+        switch_norms: Also switch every norm layer (LayerNorm, RMSNorm, GroupNorm, BatchNorm and other layers with
+            running statistics) of the model, in addition to ``target_modules``.
         modules_to_save: Modules stored in full precision with the adapter, e.g. task heads. Their shapes may differ
             from the base model's (another number of labels); ``modules_to_save_shapes`` records them.
         layers_to_transform / layers_pattern: As in LoRA: restrict the switch to some layer indices.
         format_version: Version of the file format (see ``switch_adapter.format``); 2 adds a checksum per switch, 3
-            units with more than one value bit or grouped COO (FlexSwitch). Set when an adapter is created or loaded
+            units with more than one value bit or grouped COO (FlexSwitch), 4 running statistics of norm layers. Set
+            when an adapter is created or loaded
             (:func:`switch_adapter.format.required_format_version`), not by hand; saving raises it to what the
             ``unit_layout`` needs.
         unit_layout: Filled in when switches are created: for every switched module and parameter the tensor
@@ -79,6 +80,9 @@ class TSwitchConfig(PeftConfig):
             value bits and the encoding.
             Loaders use it to allocate the content-dependent buffers before reading the file.
         modules_to_save_shapes: Parameter shapes of ``modules_to_save`` entries that differ from the base model's.
+        norm_statistics: Filled in when switches are created: the norm layers (BatchNorm ...) whose running
+            statistics the adapter carries, ``{module: {"running_mean": shape, "running_var": shape}}``. An adapter
+            with statistics is of format version 4.
         flexswitch: For a switch learned by :func:`switch_adapter.flexswitch`: what was asked and what was reached
             (``budget``, ``budget_bytes``, ``file_bytes``, ``bits_per_parameter``, ``fraction_of_fp32``, ``steps``,
             ``loss``, ``final_loss``, ``examples``, ``seed``). ``None`` for a switch made by binarization.
@@ -126,6 +130,10 @@ class TSwitchConfig(PeftConfig):
     modules_to_save_shapes: dict[str, dict[str, list[int]]] = field(
         default_factory=dict,
         metadata={"help": "Shapes of modules_to_save parameters that differ from the base."},
+    )
+    norm_statistics: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict,
+        metadata={"help": "Norm layers whose running statistics the adapter carries, with shapes (generated)."},
     )
     flexswitch: dict[str, Any] | None = field(
         default=None, metadata={"help": "FlexSwitch training record: budget asked and reached (generated)."}
@@ -179,7 +187,7 @@ class TSwitchConfig(PeftConfig):
             ) from error
         weights = locate_weights_file(name, subfolder, kwargs)
         if weights is not None:
-            verify_adapter_file(weights, config.unit_layout, config.format_version)
+            verify_adapter_file(weights, config.unit_layout, config.format_version, config.norm_statistics)
         config._weights_file = weights  # not a field (never saved): lets the tuner check head shapes before loading
         return config
 
@@ -188,7 +196,9 @@ class TSwitchConfig(PeftConfig):
         version below what ``unit_layout`` needs (multi-bit units, grouped COO) is raised first; version 1 adapters
         (no checksums) stay at 1."""
         if self.format_version >= CHECKSUMS_SINCE:
-            self.format_version = max(self.format_version, required_format_version(self.unit_layout))
+            self.format_version = max(
+                self.format_version, required_format_version(self.unit_layout, self.norm_statistics)
+            )
         super().save_pretrained(save_directory, **kwargs)
         if self.unit_layout and os.path.exists(os.path.join(save_directory, MODEL_CARD_NAME)):
             write_model_card(save_directory, self)

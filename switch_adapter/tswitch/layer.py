@@ -20,24 +20,47 @@ from transformers.pytorch_utils import Conv1D
 from ..codec import sass
 from ..codec.binarize import BinarySwitch
 from ..errors import CodecError
-from ..format import attribute, kept_values, layout_entry, unit_checksum
+from ..format import (
+    STATISTICS,
+    attribute,
+    kept_values,
+    layout_entry,
+    statistics_attribute,
+    statistics_checksum,
+    unit_checksum,
+)
 
 logger = logging.getLogger(__name__)
 
 SWITCHABLE_PARAMETERS = ("weight", "bias")
-_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
+
+
+def has_running_statistics(module: nn.Module) -> bool:
+    """True for a norm layer that tracks running statistics (``running_mean`` and ``running_var`` buffers): torch's
+    BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm with ``track_running_stats=True``, and model-specific classes."""
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor) and isinstance(
+        getattr(module, "running_var", None), torch.Tensor
+    )
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for LayerNorm / RMSNorm / GroupNorm modules, including model-specific classes such as LlamaRMSNorm."""
+    """True for norm layers: LayerNorm / RMSNorm / GroupNorm, torch's BatchNorm / InstanceNorm family (``_NormBase``,
+    also SyncBatchNorm) and model-specific classes such as LlamaRMSNorm, when they have an affine weight or running
+    statistics to switch."""
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return isinstance(module.weight, nn.Parameter) or has_running_statistics(module)
     name = type(module).__name__
-    return name.endswith(_NORM_CLASS_SUFFIXES) and isinstance(getattr(module, "weight", None), nn.Parameter)
+    if not name.endswith(_NORM_CLASS_SUFFIXES):
+        return False
+    return isinstance(getattr(module, "weight", None), nn.Parameter) or has_running_statistics(module)
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    """Layers a switch can wrap: Linear, Embedding, transformers' Conv1D, Conv2d and norm layers."""
+    """Layers a switch can wrap: Linear, Embedding, transformers' Conv1D, Conv2d and norm layers (including those
+    with running statistics, e.g. BatchNorm)."""
     return isinstance(module, (nn.Linear, nn.Embedding, Conv1D, nn.Conv2d)) or is_norm_layer(module)
 
 
@@ -68,6 +91,9 @@ class TSwitchLayer(BaseTunerLayer):
         "tswitch_bias_code",
         "tswitch_weight_checksum",
         "tswitch_bias_checksum",
+        "tswitch_stat_running_mean",
+        "tswitch_stat_running_var",
+        "tswitch_stat_crc",
     )
     tswitch_module_name: str = ""  # set by the tuner, for error messages
 
@@ -79,6 +105,13 @@ class TSwitchLayer(BaseTunerLayer):
         self.tswitch_bias_code = BufferDict({}, persistent=True)
         self.tswitch_weight_checksum = BufferDict({}, persistent=True)
         self.tswitch_bias_checksum = BufferDict({}, persistent=True)
+        # Running statistics of a norm layer (BatchNorm...), per adapter: the fine-tuned values themselves.
+        self.tswitch_stat_running_mean = BufferDict({}, persistent=True)
+        self.tswitch_stat_running_var = BufferDict({}, persistent=True)
+        self.tswitch_stat_crc = BufferDict({}, persistent=True)
+        self._targeted_by: set[str] = set()  # adapters whose config targets this layer (switched or not)
+        self._premerge_statistics: dict[str, torch.Tensor] | None = None
+        self._recalibration: dict[str, torch.Tensor] | None = None  # accumulators, see norm_stats.py
         self._sparse_cache: dict[tuple[str, str], tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -101,6 +134,72 @@ class TSwitchLayer(BaseTunerLayer):
                 code, scale = self._codes(param_name)[adapter_name], self._scales(param_name)[adapter_name]
                 if not (code.is_meta or scale.is_meta):  # a skeleton on the meta device holds no data yet
                     checksums[adapter_name].copy_(unit_checksum(code, scale))
+        for adapter_name in list(self.tswitch_stat_crc.keys()):
+            mean, var = self.tswitch_stat_running_mean[adapter_name], self.tswitch_stat_running_var[adapter_name]
+            if not (mean.is_meta or var.is_meta):
+                self.tswitch_stat_crc[adapter_name].copy_(statistics_checksum(mean, var))
+
+    # -- running statistics (BatchNorm and other norm layers that track them) -------------------------------------
+
+    def _statistics(self, stat_name: str) -> BufferDict:
+        return getattr(self, statistics_attribute(stat_name))
+
+    def is_targeted_by(self, adapter_name: str) -> bool:
+        """True when ``adapter_name``'s config targets this layer (it may still switch nothing here)."""
+        return adapter_name in self._targeted_by
+
+    def has_statistics(self, adapter_name: str) -> bool:
+        """True when ``adapter_name`` carries running statistics for this layer."""
+        return adapter_name in self.tswitch_stat_running_mean
+
+    def statistics(self, adapter_name: str) -> dict[str, torch.Tensor] | None:
+        """``{"running_mean": ..., "running_var": ...}`` of ``adapter_name`` (the tensors held), or None."""
+        if not self.has_statistics(adapter_name):
+            return None
+        return {name: self._statistics(name)[adapter_name] for name in STATISTICS}
+
+    def set_statistics(self, adapter_name: str, values: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+        """Store ``values`` (``running_mean`` and ``running_var``, the shapes of the base layer's buffers) as the
+        running statistics of ``adapter_name``; returns the record for ``config.norm_statistics``."""
+        base = self.get_base_layer()
+        if not has_running_statistics(base):
+            raise ValueError(f"{self.tswitch_module_name or type(base).__name__} has no running statistics.")
+        record = {}
+        for name in STATISTICS:
+            own = getattr(base, name)
+            value = values[name]
+            if value.shape != own.shape:
+                raise ValueError(
+                    f"{self.tswitch_module_name}.{name}: statistics of shape {list(value.shape)}, the base layer's "
+                    f"buffer has shape {list(own.shape)}."
+                )
+            self._statistics(name)[adapter_name] = value.detach().to(device=own.device, dtype=own.dtype).clone()
+            record[name] = [int(size) for size in own.shape]
+        mean, var = (self._statistics(name)[adapter_name] for name in STATISTICS)
+        self.tswitch_stat_crc[adapter_name] = statistics_checksum(mean, var).to(mean.device)
+        return record
+
+    def composed_statistics(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor] | None:
+        """Running statistics of the composition ``weights``: ``base + sum_a weights[a] * (stat_a - base)`` over the
+        adapters that carry statistics (the adapter's own tensors when one adapter has weight 1); variances are
+        clamped at 0. None when no adapter with a non-zero weight carries statistics."""
+        carried = [(name, float(w)) for name, w in weights.items() if w != 0 and self.has_statistics(name)]
+        if not carried:
+            return None
+        if len(carried) == 1 and carried[0][1] == 1.0:
+            return dict(self.statistics(carried[0][0]))
+        base = self.get_base_layer()
+        result = {}
+        with torch.no_grad():
+            for name in STATISTICS:
+                own = getattr(base, name)
+                value = own.detach().float().clone()
+                for adapter_name, weight in carried:
+                    value += weight * (self._statistics(name)[adapter_name].float() - own.float())
+                if name == "running_var":
+                    value.clamp_(min=0.0)
+                result[name] = value.to(own.dtype)
+        return result
 
     def update_layer(
         self,
@@ -109,10 +208,17 @@ class TSwitchLayer(BaseTunerLayer):
         param_names: tuple[str, ...],
         inference_mode: bool,
         with_checksums: bool = True,
+        with_statistics: bool = False,
     ) -> None:
         """Allocate the adapter's buffers: sized from ``param_layout`` (a loaded switch) or empty (a no-op switch).
-        ``with_checksums`` is False for adapters of format version 1, whose files have none."""
+        ``with_checksums`` is False for adapters of format version 1, whose files have none; ``with_statistics``
+        allocates running statistics (to be loaded) for a norm layer that tracks them."""
         base = self.get_base_layer()
+        self._targeted_by.add(adapter_name)
+        if with_statistics and has_running_statistics(base):
+            for name in STATISTICS:
+                self._statistics(name)[adapter_name] = torch.zeros_like(getattr(base, name))
+            self.tswitch_stat_crc[adapter_name] = torch.zeros(4, dtype=torch.uint8)
         for param_name in param_names:
             entry = param_layout.get(param_name)
             code_bytes = int(entry["code_bytes"]) if entry else 0
@@ -228,7 +334,9 @@ class SwitchedModule(nn.Module, TSwitchLayer):
     """A base layer (Linear, Embedding, Conv1D, Conv2d or a norm layer) with T-Switch adapters.
 
     The forward pass runs the base layer with ``weight + sum of active deltas`` (and the same for the bias), so
-    an unmerged forward computes exactly what the merged weights compute.
+    an unmerged forward computes exactly what the merged weights compute. A norm layer with running statistics
+    (BatchNorm) in eval mode normalises with the active adapter's statistics (see :meth:`composed_statistics`); in
+    train mode it normalises with batch statistics and updates no running statistics.
     """
 
     def __init__(
@@ -239,12 +347,13 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         param_names: tuple[str, ...],
         inference_mode: bool = False,
         with_checksums: bool = True,
+        with_statistics: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         TSwitchLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, param_layout, param_names, inference_mode, with_checksums)
+        self.update_layer(adapter_name, param_layout, param_names, inference_mode, with_checksums, with_statistics)
         self.register_state_dict_pre_hook(_refresh_checksums_hook)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -270,7 +379,28 @@ class SwitchedModule(nn.Module, TSwitchLayer):
                 merged[param_name] = param
             for param_name, param in merged.items():
                 self._add_deltas(param_name, param.data, {adapter_name: 1.0}, inplace=True)
+            self._merge_statistics(adapter_name)
             self.merged_adapters.append(adapter_name)
+
+    def _merge_statistics(self, adapter_name: str) -> None:
+        """Write the adapter's running statistics into the base layer's buffers: the adapter's own values for the
+        first merged adapter with statistics, ``+ (stat - base)`` for further ones; the base values are kept to
+        unmerge."""
+        stats = self.statistics(adapter_name)
+        if stats is None:
+            return
+        base = self.get_base_layer()
+        with torch.no_grad():
+            if self._premerge_statistics is None:
+                self._premerge_statistics = {name: getattr(base, name).detach().clone() for name in STATISTICS}
+                for name in STATISTICS:
+                    getattr(base, name).copy_(stats[name])
+                return
+            for name in STATISTICS:
+                buffer = getattr(base, name)
+                buffer.add_(stats[name].to(buffer.dtype) - self._premerge_statistics[name])
+                if name == "running_var":
+                    buffer.clamp_(min=0.0)
 
     def unmerge(self) -> None:
         """Subtract the merged deltas again, last merged first."""
@@ -284,6 +414,11 @@ class SwitchedModule(nn.Module, TSwitchLayer):
                 param = getattr(base, param_name, None)
                 if param is not None:
                     self._add_deltas(param_name, param.data, {adapter_name: -1.0}, inplace=True)
+        if self._premerge_statistics is not None:
+            with torch.no_grad():
+                for name, value in self._premerge_statistics.items():
+                    getattr(base, name).copy_(value)
+            self._premerge_statistics = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -293,9 +428,26 @@ class SwitchedModule(nn.Module, TSwitchLayer):
         if self.merged:
             return self.base_layer(*args, **kwargs)
         params = self.switched_parameters(self.active_adapters)
+        params.update(self._statistics_for_forward())
         if not params:
             return self.base_layer(*args, **kwargs)
         return torch.func.functional_call(self.get_base_layer(), params, args, kwargs, strict=False)
+
+    def _statistics_for_forward(self) -> dict[str, torch.Tensor]:
+        """Buffers to substitute in the base layer. Eval mode: the active adapters' running statistics. Train mode
+        (the layer normalises with batch statistics): copies, so that neither the base model's nor the adapter's
+        statistics are updated, or the recalibration accumulators while :func:`recalibrate_norm_statistics` runs."""
+        base = self.get_base_layer()
+        if not has_running_statistics(base):
+            return {}
+        if not (base.training and getattr(base, "track_running_stats", True)):
+            return self.composed_statistics(dict.fromkeys(self.active_adapters, 1.0)) or {}
+        if self._recalibration is not None:
+            return self._recalibration
+        names = STATISTICS
+        if isinstance(getattr(base, "num_batches_tracked", None), torch.Tensor):
+            names += ("num_batches_tracked",)
+        return {name: getattr(base, name).detach().clone() for name in names}
 
     def switched_parameters(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
         """``{name: base parameter + deltas of adapter_names}`` for the parameters those adapters switch."""

@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
-from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -28,15 +27,19 @@ from ..format import (
     find_layout_entry,
     locate_weights_file,
     parse_key,
+    parse_statistics_key,
     required_format_version,
+    statistics_checksum,
     verify_adapter_file,
 )
+from ..heads import output_head_candidates
 from . import combine
 from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import (
     SwitchedModule,
     TiedSwitchedModule,
     TSwitchLayer,
+    has_running_statistics,
     is_norm_layer,
     is_supported_layer,
     switched_parameter_names,
@@ -46,10 +49,11 @@ logger = logging.getLogger(__name__)
 
 
 def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
-    """Modules that ``"all"`` leaves out: classification heads, ``modules_to_save``, and an output embedding that
-    is tied to the input embedding (it follows the input embedding's switch instead, see :class:`TiedSwitchedModule`).
+    """Modules that ``"all"`` leaves out: output heads found by structure (:func:`~switch_adapter.heads.
+    output_head_candidates`), ``modules_to_save``, and an output embedding that is tied to the input embedding (it
+    follows the input embedding's switch instead, see :class:`TiedSwitchedModule`).
     """
-    heads = [getattr(model, attr) for attr in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, attr, None), nn.Module)]
+    heads = [model.get_submodule(name) for name in output_head_candidates(model)]
     tied = _tied_output_embedding(model)
     if tied is not None:
         heads.append(tied)
@@ -65,11 +69,21 @@ def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
     return names
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``get_input_embeddings()``, or None for a model without (transformers raises for vision models)."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
+
+
 def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     """The output embedding module if its weight is the input embedding's weight, else None."""
     if not isinstance(model, PreTrainedModel):
         return None
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    output, inputs = model.get_output_embeddings(), _input_embeddings(model)
     if output is None or inputs is None:
         return None
     if isinstance(inputs, BaseTunerLayer):
@@ -78,6 +92,24 @@ def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     if getattr(output_base, "weight", None) is not None and output_base.weight is getattr(inputs, "weight", None):
         return output
     return None
+
+
+def _warn_targeted_heads(model: nn.Module, config: TSwitchConfig) -> None:
+    """Warn when explicit ``target_modules`` would binarize a module that looks like an output head."""
+    if config.unit_layout:
+        return  # a saved adapter being loaded: it was warned about when it was made
+    saved = config.modules_to_save or ()
+    for name in output_head_candidates(model):
+        if _names_match(name, saved) or _is_excluded(config.exclude_modules, name):
+            continue
+        if check_target_module_exists(config, name):
+            logger.warning(
+                "target_modules selects %s, which looks like the model's output head: its switch would binarize the "
+                "task's classifier, which costs most of a task's accuracy. Keep it in full precision instead: pass "
+                "modules_to_save=[%r] (and leave it out of target_modules).",
+                name,
+                name.rpartition(".")[2],
+            )
 
 
 def _is_excluded(exclude_modules, name: str) -> bool:
@@ -143,6 +175,8 @@ class TSwitchModel(BaseTuner):
         resolved = self._resolve_target_modules(model, config)
         if resolved is not None:
             self._resolved_targets[id(config)] = resolved
+        else:
+            _warn_targeted_heads(model, config)
         self._check_layout_fits(model, config)  # before anything is modified
         self._warn_if_empty_trainable(model, config, adapter_name)
         super().inject_adapter(
@@ -205,7 +239,8 @@ class TSwitchModel(BaseTuner):
                 names.add(name)
         if not names:
             raise ValueError(
-                f"T-Switch found no supported layer (Linear, Embedding, Conv1D, Conv2d, norm) to switch in "
+                f"T-Switch found no supported layer (Linear, Embedding, Conv1D, Conv2d, norm incl. BatchNorm) to "
+                "switch in "
                 f"{type(model).__name__}; pass target_modules explicitly."
             )
         return names
@@ -240,6 +275,20 @@ class TSwitchModel(BaseTuner):
                         f"{layout_key}.{param_name}: switch made for shape {list(entry['shape'])}, "
                         f"base model has {list(param.shape)}"
                     )
+        for stats_key, shapes in (config.norm_statistics or {}).items():
+            found = [name for name in modules if _names_match(name, [stats_key]) or _names_match(stats_key, [name])]
+            module = modules[found[0]] if found else None
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            if module is None or not has_running_statistics(module):
+                problems.append(f"{stats_key}: running statistics for a module this model lacks or that has none")
+                continue
+            for stat_name, shape in shapes.items():
+                if list(getattr(module, stat_name).shape) != list(shape):
+                    problems.append(
+                        f"{stats_key}.{stat_name}: statistics of shape {list(shape)}, "
+                        f"base model has {list(getattr(module, stat_name).shape)}"
+                    )
         if problems:
             shown = "\n  ".join(problems[:10]) + (
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -267,16 +316,19 @@ class TSwitchModel(BaseTuner):
             raise TypeError(
                 f"Target module {current_key} ({type(base).__name__}) is not supported by T-Switch. Supported: "
                 "torch.nn.Linear, torch.nn.Embedding, transformers' Conv1D, torch.nn.Conv2d and norm layers "
-                "(LayerNorm, RMSNorm, GroupNorm)."
+                "(LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm and other layers with running statistics)."
             )
         param_names = switched_parameter_names(base, peft_config.switch_bias or is_norm_layer(base))
         layout = find_layout_entry(peft_config.unit_layout, current_key) or {}
         with_checksums = peft_config.format_version >= CHECKSUMS_SINCE
+        with_statistics = find_layout_entry(peft_config.norm_statistics or {}, current_key) is not None
         if isinstance(target, TSwitchLayer):
-            target.update_layer(adapter_name, layout, param_names, peft_config.inference_mode, with_checksums)
+            target.update_layer(
+                adapter_name, layout, param_names, peft_config.inference_mode, with_checksums, with_statistics
+            )
             return
         new_module = SwitchedModule(
-            target, adapter_name, layout, param_names, peft_config.inference_mode, with_checksums
+            target, adapter_name, layout, param_names, peft_config.inference_mode, with_checksums, with_statistics
         )
         new_module.tswitch_module_name = current_key
         if adapter_name not in self.active_adapters:
@@ -287,7 +339,7 @@ class TSwitchModel(BaseTuner):
     def _follow_tied_embedding(model: nn.Module) -> None:
         """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
         output = _tied_output_embedding(model)
-        inputs = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+        inputs = _input_embeddings(model)
         if output is None or isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
             return
         name = next(name for name, module in model.named_modules() if module is output)
@@ -378,8 +430,11 @@ class TSwitchModel(BaseTuner):
                     entry = layer.set_switch(adapter_name, param_name, switch)
                     entry["density"] = config.density_for(module_name)
                     config.unit_layout.setdefault(module_name, {})[param_name] = entry
+                statistics = combine.combined_statistics(layer, adapters, weights)
+                if statistics is not None:
+                    config.norm_statistics[module_name] = layer.set_statistics(adapter_name, statistics)
             if config.format_version >= CHECKSUMS_SINCE:  # 1-bit switches: readable by older versions again
-                config.format_version = required_format_version(config.unit_layout)
+                config.format_version = required_format_version(config.unit_layout, config.norm_statistics)
             for module_name, wrapper, state in heads:
                 head = wrapper.modules_to_save[adapter_name]
                 shapes = {name: list(value.shape) for name, value in state.items()}
@@ -426,6 +481,7 @@ class TSwitchModel(BaseTuner):
                 numel=numel,
             )
             problems.extend(f"{unit.name}: {problem}" for problem in status.problems)
+        problems.extend(_statistics_problems(remapped))
         if problems:
             _discard_adapter(model, adapter_name)
             raise CodecError(
@@ -434,6 +490,24 @@ class TSwitchModel(BaseTuner):
                 + "\nRe-save or re-download the adapter (adapter_model.safetensors); the adapter was not added."
             )
         return remapped
+
+
+def _statistics_problems(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Checksum problems of the running statistics in a state dict about to be loaded."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        parsed = parse_statistics_key(key)
+        if parsed is not None:
+            parts.setdefault(parsed[0], {})[parsed[1]] = value
+    problems = []
+    for module, found in parts.items():
+        if set(found) != {"running_mean", "running_var", "crc"}:
+            problems.append(f"{module}: running statistics incomplete")
+        elif not torch.equal(
+            found["crc"].reshape(-1).cpu(), statistics_checksum(found["running_mean"], found["running_var"])
+        ):
+            problems.append(f"{module}: running statistics checksum mismatch (changed after they were saved)")
+    return problems
 
 
 def _verify_file_transformers_is_loading(config: TSwitchConfig) -> None:
@@ -456,7 +530,7 @@ def _verify_file_transformers_is_loading(config: TSwitchConfig) -> None:
             subfolder = download_kwargs.pop("subfolder", None)
             weights = locate_weights_file(str(peft_model_id), subfolder or None, download_kwargs)
             if weights is not None:
-                verify_adapter_file(weights, config.unit_layout, config.format_version)
+                verify_adapter_file(weights, config.unit_layout, config.format_version, config.norm_statistics)
             config._weights_file = weights  # lets the layout check compare the saved heads' shapes
             return
         frame = frame.f_back
