@@ -277,7 +277,9 @@ class SizeFigures:
 
 @dataclass
 class StorageSummary(SizeFigures):
-    """What the switches of an adapter cost: units, switched parameters, kept entries, bytes, entropy bound."""
+    """What the switches of an adapter cost: units, switched parameters, kept entries, bytes, entropy bound; and the
+    bytes of the running statistics it carries for norm layers (``statistics_bytes``, fp32, with their checksums;
+    not part of ``switch_bytes`` and the figures derived from it)."""
 
     units: int = 0
     parameters: int = 0
@@ -285,6 +287,7 @@ class StorageSummary(SizeFigures):
     switch_bytes: int = 0
     bound_bytes: float = 0.0
     value_bits_kept: int = 0
+    statistics_bytes: int = 0
 
     def add(self, numel: int, kept: int, stored_bytes: int, value_bits: int = sass.VALUE_BITS) -> None:
         self.units += 1
@@ -307,6 +310,7 @@ def storage_summary(config) -> StorageSummary:
         for entry in params.values():
             stored = stored_unit_bytes(entry["code_bytes"], 4 * entry["scales"], config.format_version)
             summary.add(entry_numel(entry), entry["kept"], stored, entry_value_bits(entry))
+    summary.statistics_bytes = statistics_bytes(getattr(config, "norm_statistics", None) or {})
     return summary
 
 

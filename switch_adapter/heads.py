@@ -69,6 +69,15 @@ def _leaf_modules_with_parameters(model: nn.Module) -> list[tuple[str, nn.Module
     return found
 
 
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        return model.get_output_embeddings()
+    except NotImplementedError:  # models without token embeddings (vision) may raise
+        return None
+
+
 def output_head_candidates(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` that look like its output head, by structure (see the module docstring).
 
@@ -84,7 +93,7 @@ def output_head_candidates(model: nn.Module) -> list[str]:
     if leaves:
         name, layer = leaves[-1]
         sizes = _sizes(layer)
-        output_embedding = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        output_embedding = _output_embeddings(model)
         is_output_embedding = output_embedding is not None and _unwrap(output_embedding) is layer
         if sizes is not None and sizes[1] < sizes[0] and not is_output_embedding:
             if not any(name == n or name.startswith(n + ".") for n in names):

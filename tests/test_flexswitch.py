@@ -384,7 +384,10 @@ def test_a_dataloader_for_a_plain_torch_conv_net(tmp_path):
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, torch.randint(0, 4, (32,))), batch_size=8
     )
-    model = flexswitch(copy.deepcopy(net), tuned, loader, FlexSwitchConfig(budget="25%", steps=4), progress=False)
+    # The last Linear looks like an output head (fewer outputs than inputs): "all" would keep it in full precision,
+    # over this budget; targeting it explicitly switches it (with a warning).
+    config = FlexSwitchConfig(budget="25%", steps=4, target_modules=["0", "3"])
+    model = flexswitch(copy.deepcopy(net), tuned, loader, config, progress=False)
     adapter = model.peft_config["default"]
     assert sorted(adapter.unit_layout) == ["0", "3"]  # the convolution and the linear layer, weights and biases
     assert all(sorted(params) == ["bias", "weight"] for params in adapter.unit_layout.values())

@@ -81,7 +81,7 @@ def test_key_grammar(key, expected):
 def test_saved_files_carry_a_checksum_per_unit(saved_switch):
     tensors = load_file(saved_switch / "adapter_model.safetensors")
     config = json.loads((saved_switch / "adapter_config.json").read_text())
-    assert config["format_version"] == PLAIN_FORMAT_VERSION == 2 and FORMAT_VERSION == 3
+    assert config["format_version"] == PLAIN_FORMAT_VERSION == 2 and FORMAT_VERSION == 4
     units = {parse_key(k)[0] for k in tensors if parse_key(k) and parse_key(k)[1] == "code"}
     assert units and all(isinstance(u, Unit) for u in units)
     entries = [entry for params in config["unit_layout"].values() for entry in params.values()]
@@ -304,7 +304,7 @@ def _dense(switch) -> torch.Tensor:
 def test_multibit_units_save_reload_and_merge_exactly(multibit_switch):
     folder, switches = multibit_switch
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["format_version"] == FORMAT_VERSION == 3
+    assert config["format_version"] == 3 and FORMAT_VERSION == 4
     for (module, param), switch in switches.items():
         entry = config["unit_layout"][module][param]
         assert (entry["value_bits"], entry["kept"]) == (switch.value_bits, switch.kept)

@@ -17,7 +17,18 @@ from tqdm.auto import tqdm
 from ..codec import sass
 from ..errors import BudgetError, TrainingError
 from ..format import add_checksums, required_format_version
-from ..tswitch.build import _lookup, head_updates, store_switches, switch_adapter_for, switch_units
+from ..heads import log_heads
+from ..tswitch.build import (
+    _lookup,
+    _targets,
+    finetuned_heads,
+    finetuned_statistics,
+    head_updates,
+    store_statistics,
+    store_switches,
+    switch_adapter_for,
+    switch_units,
+)
 from ..tswitch.config import TSwitchConfig
 from .budget import SIZE_TOLERANCE, FileSize, check_budget, fit_shift, uniform_density
 from .config import FlexSwitchConfig
@@ -88,11 +99,18 @@ def flexswitch(
     with open_finetune(base_model, finetuned, revision=revision, token=token) as tune:
         loss_kind, targets = _teacher_targets(tune.teacher, batches, config, accelerator.device)
         tswitch_config = _switch_config(config, tune, base)
+        if tswitch_config.modules_to_save is None and not tune.is_lora and tune.state is not None:
+            found = [name for name in finetuned_heads(base_model, tune.state) if not _targets(tswitch_config, name)]
+            if found:  # output heads found by structure that the fine-tune changed: kept in full precision
+                tswitch_config.modules_to_save = found
+                log_heads(found, "found by structure, changed by the fine-tune")
     original_device = next(base_model.parameters()).device
     with switch_adapter_for(base_model, tswitch_config, adapter_name) as model:
         inner = model.get_base_model()
         heads = head_updates(inner, adapter_name, tune.heads if tune.is_lora else tune.state)
         store_switches(model, adapter_name, [], heads)
+        if not tune.is_lora:  # a full fine-tune's BatchNorm statistics are carried exactly (a LoRA has none)
+            store_statistics(model, adapter_name, finetuned_statistics(inner, adapter_name, tune.state))
         vectors = _TaskVectors(inner, adapter_name, tune)
         run = _Run(model, adapter_name, vectors, config, accelerator)
         del vectors, tune  # the units hold the candidates they need; the fine-tuned model can go
@@ -378,7 +396,7 @@ class _Run:
             switches.append((module, self.layers[module], param, unit.export(shift)))
         config = self.model.peft_config[self.adapter_name]
         store_switches(self.model, self.adapter_name, switches)
-        config.format_version = required_format_version(config.unit_layout)
+        config.format_version = required_format_version(config.unit_layout, config.norm_statistics)
         state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
         state = add_checksums({k: v.detach().cpu().contiguous() for k, v in state.items() if "_checksum" not in k})
         file_bytes = len(safetensors_bytes(state, metadata={"format": "pt"}))

@@ -10,6 +10,7 @@ from typing import Any, Union
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from ..codec.binarize import BinarySwitch
 from ..format import STATISTICS, required_format_version, statistics_bytes, storage_summary
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
-from .config import TSwitchConfig
+from .config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .layer import TSwitchLayer, has_running_statistics
 from .model import _discard_adapter, filling_switches, resize_module_parameters
 
@@ -87,7 +88,7 @@ def from_finetuned(
 
     plain_base = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
     if config.modules_to_save is None and finetuned_state is not None:
-        heads_found = finetuned_heads(plain_base, finetuned_state)
+        heads_found = [name for name in finetuned_heads(plain_base, finetuned_state) if not _targets(config, name)]
         if heads_found:
             config = copy.copy(config)  # the caller's config stays as it was
             config.modules_to_save = heads_found
@@ -108,6 +109,13 @@ def from_finetuned(
         _warn_uncovered(original_state, finetuned_state, model.peft_config[adapter_name], [h[0] for h in heads])
     _log_summary(model.peft_config[adapter_name], adapter_name)
     return model
+
+
+def _targets(config: TSwitchConfig, name: str) -> bool:
+    """True when explicit ``target_modules`` select module ``name`` (the tuner then warns if it is a head)."""
+    if isinstance(config.target_modules, str) and config.target_modules == ALL_SUPPORTED_SHORTHAND:
+        return False
+    return bool(check_target_module_exists(config, name))
 
 
 def finetuned_heads(model: nn.Module, finetuned_state: Mapping[str, torch.Tensor]) -> list[str]:
