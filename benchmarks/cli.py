@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-test", type=int, metavar="N", help="test examples per task")
     parser.add_argument("--max-validation", type=int, metavar="N", help="validation examples per task")
     parser.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs (default 1; vision: 2)")
-    parser.add_argument("--image-size", type=int, metavar="PX", help="vision suite: image side in pixels (default 48)")
+    parser.add_argument("--image-size", type=int, metavar="PX", help="vision suite: image side in pixels (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of splits, fine-tunes and batch mixing")
     parser.add_argument(
         "--keep-artifacts", action="store_true", help="keep the large fp32 artifacts (merged encoders) after measuring"

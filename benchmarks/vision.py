@@ -55,7 +55,7 @@ from .vision_tasks import ImageTask, load_image_task, model_inputs
 logger = logging.getLogger(__name__)
 
 DEFAULT_VISION_TASKS = ("fashion_clothes", "fashion_shoes_bags", "mnist", "digits")
-DEFAULT_VISION_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+DEFAULT_VISION_DENSITIES = (0.02, 0.1, 1.0)
 INPUT_KEY = "pixels"
 STORAGE_TARGET_PCT = 2.0  # the T-Switch target's storage bound, drawn in the plot
 
@@ -69,13 +69,18 @@ class VisionBenchConfig:
         max_train / max_validation / max_test: Images per task and split (the first ones of the seeded split).
         densities: T-Switch densities of the task-id-given rows.
         scale_rule: ``TSwitchConfig.scale_rule`` of those switches.
-        recalibrated_densities: Densities with an extra T-Switch row whose BatchNorm statistics are re-estimated with
-            the switch active (``switch_adapter.recalibrate_norm_statistics``) instead of carried from the fine-tune.
+        recalibrated_densities: Densities with an extra T-Switch row whose switches store no BatchNorm statistics: they
+            are re-estimated at load with the switch active (``switch_adapter.recalibrate_norm_statistics``) on
+            ``recalibration_examples`` unlabelled training images per task, instead of carried from the fine-tune.
         flexswitch_budgets: FlexSwitch budgets (task id given), each learned from ``flexswitch_examples`` training
             images per task; ``()`` skips them.
         flexswitch_steps: ``FlexSwitchConfig.steps`` (None: the library default).
+        flexswitch_recalibrate: Re-estimate the FlexSwitch adapters' BatchNorm statistics with the switch active
+            (stored with them) after learning them.
         autoswitch_density: Density of the switches Auto-Switch routes between; None: the smallest density whose
-            task-id row keeps ``autoswitch_pct`` percent of the individual models' accuracy (else the best row's).
+            task-id row keeps ``autoswitch_pct`` percent of the individual models' accuracy (else the best row's),
+            among the recalibrated rows when there are any (the router then gets those switches with their
+            statistics re-estimated, and its bundle stores them), else among the rows with statistics carried.
         query_examples: Training images per task in the router's query sets.
         knn_k: Neighbours the router retrieves per sample.
         recalibration_examples: Unlabelled training images per task the merges' (and the recalibrated switches')
@@ -93,18 +98,19 @@ class VisionBenchConfig:
     """
 
     tasks: tuple[str, ...] = DEFAULT_VISION_TASKS
-    max_train: int = 1000
+    max_train: int = 640
     max_validation: int = 100
     max_test: int = 500
     densities: tuple[float, ...] = DEFAULT_VISION_DENSITIES
     scale_rule: str = "norm"
-    recalibrated_densities: tuple[float, ...] = (0.02,)
-    flexswitch_budgets: tuple[str, ...] = ("1%",)
-    flexswitch_steps: int | None = 60
-    flexswitch_examples: int = 100
+    recalibrated_densities: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    flexswitch_budgets: tuple[str, ...] = ("3%",)
+    flexswitch_steps: int | None = 30
+    flexswitch_examples: int = 64
+    flexswitch_recalibrate: bool = True
     autoswitch_density: float | None = None
     autoswitch_pct: float = 99.0
-    query_examples: int = 100
+    query_examples: int = 300
     knn_k: int = 10
     recalibration_examples: int = 200
     merge_scalings: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
@@ -135,20 +141,21 @@ class VisionBenchConfig:
 
 
 def quick_vision_config(**overrides: Any) -> VisionBenchConfig:
-    """The reduced vision suite of ``--quick``: the same four tasks with fewer images at 32x32 px, three densities,
+    """The reduced vision suite of ``--quick``: the same four tasks with fewer images and epochs, three densities,
     shorter scaling grids."""
     values: dict[str, Any] = dict(
-        max_train=400,
+        max_train=320,
         max_validation=50,
         max_test=200,
-        densities=(0.02, 0.1, 1.0),
-        flexswitch_steps=30,
-        flexswitch_examples=64,
-        query_examples=64,
+        densities=(0.02, 1.0),
+        recalibrated_densities=(0.02, 0.1),
+        flexswitch_steps=20,
+        flexswitch_examples=48,
+        query_examples=100,
         recalibration_examples=128,
         merge_scalings=(0.3, 0.5, 1.0),
         ties_scalings=(0.8, 1.5),
-        finetune=VisionFinetuneSettings(image_size=32),
+        finetune=VisionFinetuneSettings(epochs=2),
         name="vision-quick",
     )
     values.update(overrides)

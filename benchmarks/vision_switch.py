@@ -15,9 +15,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import nn
+
 import switch_adapter
 
-from . import artifacts
+from . import artifacts, evaluate
+from .vision import INPUT_KEY, peft_oracle_predictor
+from .vision_model import statistic_names
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,16 +83,25 @@ def switch_config(bench: VisionBenchmark, density: float):
     return TSwitchConfig(density=density, scale_rule=bench.config.scale_rule, modules_to_save=[bench.model.head])
 
 
-def build_switches(bench: VisionBenchmark, density: float) -> tuple[Path, float]:
-    """T-Switch adapters of every task at ``density`` (``from_finetuned``), saved with ``save_pretrained``."""
+def without_statistics(network: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
+    """``network``'s state dict with the base's BatchNorm running statistics: a switch built from it carries none."""
+    names = statistic_names(base)
+    base_state = base.state_dict()
+    return {name: base_state[name] if name in names else value for name, value in network.state_dict().items()}
+
+
+def build_switches(bench: VisionBenchmark, density: float, carry_statistics: bool = True) -> tuple[Path, float]:
+    """T-Switch adapters of every task at ``density`` (``from_finetuned``), saved with ``save_pretrained``; without
+    ``carry_statistics`` they hold no BatchNorm statistics (to be re-estimated at load)."""
     from switch_adapter import from_finetuned
 
-    folder = bench.artifacts / f"tswitch_d{density:g}"
+    folder = bench.artifacts / (f"tswitch_d{density:g}" + ("" if carry_statistics else "_no_statistics"))
     artifacts.remove(folder)
     start = time.perf_counter()
     model: Any = bench.fresh_base()
     for adapter, network in zip(bench.adapters, bench.models):
-        model = from_finetuned(model, network, switch_config(bench, density), adapter_name=adapter, progress=False)
+        source = network if carry_statistics else without_statistics(network, bench.base)
+        model = from_finetuned(model, source, switch_config(bench, density), adapter_name=adapter, progress=False)
     for adapter in bench.adapters:
         model.save_pretrained(str(folder / adapter), selected_adapters=[adapter])
     seconds = time.perf_counter() - start
@@ -122,33 +136,36 @@ def recalibrate_switches(bench: VisionBenchmark, model) -> float:
     start = time.perf_counter()
     for index, adapter in enumerate(bench.adapters):
         examples = bench.recalibration_batches([index])
-        switch_adapter.recalibrate_norm_statistics(model, examples, adapter_name=adapter)
+        switch_adapter.recalibrate_norm_statistics(model, examples, adapter_name=adapter, progress=False)
     model.eval()
     return time.perf_counter() - start
 
 
 def run_tswitch(bench: VisionBenchmark, density: float, recalibrate: bool = False) -> Row:
-    """The T-Switch row at ``density`` with the task id: BatchNorm statistics as the switch carries them, or (with
-    ``recalibrate``) re-estimated with the switch active."""
-    folder = bench.switch_folders.get(density)
+    """The T-Switch row at ``density`` with the task id: BatchNorm statistics carried by the switch (the fine-tune's),
+    or (with ``recalibrate``) not stored but re-estimated at load with the switch active from
+    ``recalibration_examples`` unlabelled training images per task (the load time includes it)."""
+    folder = None if recalibrate else bench.switch_folders.get(density)
     build = 0.0
     if folder is None:
-        folder, build = build_switches(bench, density)
-        bench.switch_folders[density] = folder
+        folder, build = build_switches(bench, density, carry_statistics=not recalibrate)
+        if not recalibrate:
+            bench.switch_folders[density] = folder
     start = time.perf_counter()
     model = load_switches(bench, folder)
-    load = time.perf_counter() - start
-    params: dict[str, Any] = {"density": density, "scale_rule": bench.config.scale_rule, "load_seconds": round(load, 3)}
+    params: dict[str, Any] = {"density": density, "scale_rule": bench.config.scale_rule}
     label = f"T-Switch, task id given (d={density:g}, {bench.config.scale_rule} scale"
     if recalibrate:
         params["recalibration_seconds"] = round(recalibrate_switches(bench, model), 3)
-        params["batchnorm"] = f"re-estimated with the switch on {bench.config.recalibration_examples} images per task"
-        label += ", BatchNorm statistics re-estimated)"
+        examples = bench.config.recalibration_examples
+        params["batchnorm"] = f"not stored; re-estimated at load with the switch active on {examples} images per task"
+        label += (
+            f", BatchNorm statistics not stored: re-estimated at load on {bench.config.recalibration_examples} images)"
+        )
     else:
-        params["batchnorm"] = "statistics carried by the switch"
-        label += ")"
-    from .vision import peft_oracle_predictor
-
+        params["batchnorm"] = "the fine-tune's statistics, carried by the switch"
+        label += ", BatchNorm statistics carried)"
+    params["load_seconds"] = round(time.perf_counter() - start, 3)
     result = bench._evaluate(peft_oracle_predictor(model, bench.adapters), f"Evaluate: {label}")
     storage = artifacts.bytes_on_disk([folder])
     method = "tswitch_recalibrated" if recalibrate else "tswitch"
@@ -163,23 +180,30 @@ def run_tswitch(bench: VisionBenchmark, density: float, recalibrate: bool = Fals
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_flexswitch(bench: VisionBenchmark, budget: str) -> Row:
-    """FlexSwitch adapters of every task at ``budget``, learned from each task's first training images."""
-    from switch_adapter import FlexSwitchConfig, flexswitch
+def run_flexswitch(bench: VisionBenchmark, budget: str) -> Row | None:
+    """FlexSwitch adapters of every task at ``budget``, learned from each task's first training images; None (and the
+    reason under ``not_run``) for a budget below the smallest switch of the model."""
+    from switch_adapter import BudgetError, FlexSwitchConfig, flexswitch
 
-    from .vision import peft_oracle_predictor
     from .vision_tasks import model_inputs
 
     folder = bench.artifacts / f"flexswitch_{budget.replace('%', 'pct')}"
     artifacts.remove(folder)
     start, records = time.perf_counter(), {}
     cfg = bench.config
-    for adapter, task, network in zip(bench.adapters, bench.suite, bench.models):
+    for index, (adapter, task, network) in enumerate(zip(bench.adapters, bench.suite, bench.models)):
         settings = {"steps": cfg.flexswitch_steps} if cfg.flexswitch_steps else {}
         config = FlexSwitchConfig(budget=budget, modules_to_save=[bench.model.head], seed=cfg.seed, **settings)
         examples = model_inputs(task.train.images[: cfg.flexswitch_examples], bench.size)
         task_start = time.perf_counter()
-        model = flexswitch(bench.fresh_base(), network, examples, config, progress=False)
+        try:
+            model = flexswitch(bench.fresh_base(), network, examples, config, progress=False)
+        except BudgetError as error:
+            bench.not_run[f"FlexSwitch {budget}"] = str(error)
+            artifacts.remove(folder)
+            return None
+        if cfg.flexswitch_recalibrate:
+            switch_adapter.recalibrate_norm_statistics(model, bench.recalibration_batches([index]), progress=False)
         records[adapter] = dict(model.peft_config["default"].flexswitch,
                                 seconds=round(time.perf_counter() - task_start, 1))  # fmt: skip
         model.save_pretrained(str(folder / adapter))
@@ -188,7 +212,9 @@ def run_flexswitch(bench: VisionBenchmark, budget: str) -> Row:
     model = load_switches(bench, folder)
     result = bench._evaluate(peft_oracle_predictor(model, bench.adapters), f"Evaluate: FlexSwitch {budget}")
     storage = artifacts.bytes_on_disk([folder])
-    params = {"budget": budget, "steps": cfg.flexswitch_steps, "examples": cfg.flexswitch_examples, "per_task": records}
+    params = {"budget": budget, "steps": cfg.flexswitch_steps, "examples": cfg.flexswitch_examples, "per_task": records,
+              "batchnorm": "re-estimated with the switch active, stored" if cfg.flexswitch_recalibrate
+              else "the fine-tune's statistics, carried"}  # fmt: skip
     row = bench._add_row("flexswitch", f"FlexSwitch, task id given (budget {budget} of fp32 per task)", result,
                          storage, build, params=params, files=[bench._relative(folder)])  # fmt: skip
     del model
@@ -208,7 +234,8 @@ def autoswitch_density(bench: VisionBenchmark) -> float:
     if cfg.autoswitch_density is not None:
         return cfg.autoswitch_density
     individual = next(row for row in bench.rows if row.method == "individual").mean
-    rows = [row for row in bench.rows if row.method == "tswitch"]
+    rows = [row for row in bench.rows if row.method == "tswitch_recalibrated"]
+    rows = rows or [row for row in bench.rows if row.method == "tswitch"]
     if not rows:
         return min(cfg.densities)
     good = [row for row in rows if row.mean >= cfg.autoswitch_pct / 100 * individual]
@@ -224,31 +251,52 @@ def run_autoswitch(bench: VisionBenchmark) -> Row:
 
     cfg = bench.config
     density = autoswitch_density(bench)
-    folder, switch_build = bench.switch_folders.get(density), 0.0
-    if folder is None:
-        folder, switch_build = build_switches(bench, density)
-        bench.switch_folders[density] = folder
-    adapters = {a: str(adapter_folder(folder, a)) for a in bench.adapters}
+    recalibrated = bool(cfg.recalibrated_densities) and cfg.autoswitch_density is None
+    start = time.perf_counter()
+    if recalibrated:  # the switches without statistics, re-estimated with each switch active, in one PeftModel
+        folder, switch_build = build_switches(bench, density, carry_statistics=False)[0], 0.0  # timed below
+        base: Any = load_switches(bench, folder)
+        recalibrate_switches(bench, base)
+        adapters = None
+    else:
+        folder, switch_build = bench.switch_folders.get(density), 0.0
+        if folder is None:
+            folder, switch_build = build_switches(bench, density)
+            bench.switch_folders[density] = folder
+        base, adapters = bench.fresh_base(), {a: str(adapter_folder(folder, a)) for a in bench.adapters}
     from .vision_tasks import model_inputs
 
     queries = {a: model_inputs(t.train.images[: cfg.query_examples], bench.size)
                for a, t in zip(bench.adapters, bench.suite)}  # fmt: skip
     config = AutoSwitchConfig(**router_settings(bench, AutoSwitchConfig))
-    start = time.perf_counter()
-    router = AutoSwitchModel.from_pretrained(bench.fresh_base(), adapters=adapters, query_sets=queries, config=config,
+    router = AutoSwitchModel.from_pretrained(base, adapters=adapters, query_sets=queries, config=config,
                                              progress=bench.progress)  # fmt: skip
     bundle = bench.artifacts / f"autoswitch_d{density:g}"
     artifacts.remove(bundle)
     router.save_pretrained(str(bundle))
     seconds = time.perf_counter() - start
     result = bench._evaluate(router_predictor(router, bench.adapters), "Evaluate: Auto-Switch")
-    params = {"density": density, "k": cfg.knn_k, "query_examples": cfg.query_examples, "mode": config.mode,
-              "metric": getattr(router, "metric", config.metric),
-              "feature_layer": str(getattr(getattr(router, "feature_spec", None), "layer", "pooled features")),
-              "router_build_seconds": round(seconds, 3)}  # fmt: skip
-    row = bench._add_row("autoswitch", f"Auto-Switch, routed per sample, top-1 task (d={density:g}, "
-                         f"{cfg.query_examples} query images per task)", result, artifacts.bytes_on_disk([bundle]),
-                         seconds + switch_build, params=params, files=[bench._relative(bundle)])  # fmt: skip
+    statistics = "re-estimated with each switch active, stored in the bundle" if recalibrated else "carried"
+    route, forward = router.route, bench.base
+    cost = evaluate.routing_cost(lambda x: route(x[INPUT_KEY]), lambda x: forward(x[INPUT_KEY]), bench.test_stream)
+    params = {
+        "density": density,
+        "k": cfg.knn_k,
+        "query_examples": cfg.query_examples,
+        "mode": config.mode,
+        "metric": getattr(router, "metric", config.metric),
+        "feature_layer": bench.model.feature_module,
+        "batchnorm": statistics,
+        "router_build_seconds": round(seconds, 3),
+        "routing_cost": cost,
+        "routing_cost_ratio": cost["ratio"],
+    }
+    label = (
+        f"Auto-Switch, routed per sample, top-1 task (d={density:g}, BatchNorm statistics {statistics.split(',')[0]}"
+        f"; features of {bench.model.feature_module}, {cfg.query_examples} query images per task)"
+    )
+    row = bench._add_row("autoswitch", label, result, artifacts.bytes_on_disk([bundle]), seconds + switch_build,
+                         params=params, files=[bench._relative(bundle)])  # fmt: skip
     del router
     gc.collect()
     return row
@@ -256,23 +304,17 @@ def run_autoswitch(bench: VisionBenchmark) -> Row:
 
 def router_settings(bench: VisionBenchmark, config_class: type) -> dict[str, Any]:
     """``AutoSwitchConfig`` keyword arguments: the suite's k and seed, top-1 routing, no out-of-distribution fallback
-    (the pre-trained network's head is untrained here), and the pooled features before the head as routing
-    features where the config offers a feature module."""
+    (the pre-trained network's head is untrained here), and the model's routing feature module."""
     fields = set(getattr(config_class, "__dataclass_fields__", {}))
     settings: dict[str, Any] = {"k": bench.config.knn_k, "seed": bench.config.seed, "ood_fallback": False,
                                 "mode": "top1", "examples_per_task": bench.config.query_examples}  # fmt: skip
     if "feature_module" in fields:
-        settings["feature_module"] = "_avg_pooling" if bench.model.head == "_fc" else None
+        settings["feature_module"] = bench.model.feature_module
     return {key: value for key, value in settings.items() if key in fields and value is not None}
 
 
 def router_predictor(router, names):
     """An ``AutoSwitchModel`` on image batches: no task id; the routed task's head gives the label."""
-    import torch
-
-    from . import evaluate
-    from .vision import INPUT_KEY
-
     index = {name: i for i, name in enumerate(names)}
     accepts_routing = "return_routing" in inspect.signature(router.forward).parameters
 

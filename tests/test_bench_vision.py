@@ -148,7 +148,7 @@ def _config(tmp_path: Path, **overrides) -> VisionBenchConfig:
         tasks=("bars", "blobs"),
         densities=(0.1,),
         recalibrated_densities=(0.1,),
-        flexswitch_budgets=("20%",),
+        flexswitch_budgets=("80%",),
         flexswitch_steps=2,
         flexswitch_examples=16,
         query_examples=16,
@@ -194,6 +194,10 @@ def test_vision_pipeline_end_to_end_on_a_tiny_conv_net(tmp_path):
     assert merged["params"]["batchnorm"].startswith("re-estimated on 16")
     if vision_switch.batchnorm_support() is None:
         assert {"tswitch", "tswitch_recalibrated", "flexswitch"} <= set(methods)
+        carried, recalibrated = rows["tswitch"], rows["tswitch_recalibrated"]
+        assert carried["params"]["density"] == recalibrated["params"]["density"] == 0.1
+        assert recalibrated["storage_bytes"] < carried["storage_bytes"]  # no statistics stored
+        assert recalibrated["params"]["batchnorm"].startswith("not stored; re-estimated at load")
     else:
         assert "T-Switch d=0.1" in result["not_run"] and "tswitch" not in methods
     if vision_switch.router_support() is None:

@@ -260,6 +260,7 @@ class TSwitchModel(BaseTuner):
                 if name == layout_key or name.endswith("." + layout_key) or layout_key.endswith("." + name)
             ]
             matches = [m for m in matches if "." + m.split(".")[-1] == "." + layout_key.split(".")[-1]]
+            matches.sort(key=lambda m: m != layout_key)  # the exact name first: "_blocks.1._bn0" is not "_bn0"
             if not matches:
                 problems.append(f"{layout_key}: no module of that name in {type(model).__name__}")
                 continue
@@ -277,6 +278,7 @@ class TSwitchModel(BaseTuner):
                     )
         for stats_key, shapes in (config.norm_statistics or {}).items():
             found = [name for name in modules if _names_match(name, [stats_key]) or _names_match(stats_key, [name])]
+            found.sort(key=lambda name: name != stats_key)  # the exact name first
             module = modules[found[0]] if found else None
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
