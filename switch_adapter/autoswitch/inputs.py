@@ -133,8 +133,8 @@ def tensor_batch(
         inputs = inputs.unsqueeze(0)
     if kind == "pixel_values" and not inputs.is_floating_point():
         raise InputMismatchError(
-            f"pixel_values must be floating point, got {inputs.dtype} (raw pixels?): normalise them as the query "
-            "images were, e.g. with the image processor."
+            f"This router's model takes images: pixel_values must be floating point, got {inputs.dtype} (token "
+            "ids or raw pixels?). Normalise images as the query images were, e.g. with the image processor."
         )
     return {key: inputs, **{k: v for k, v in kwargs.items() if v is not None}}
 

@@ -745,7 +745,8 @@ class AutoSwitchModel(nn.Module):
         if kind != "text":
             if not keep_extra:
                 kwargs = {k: v for k, v in kwargs.items() if k in (MAIN_KEY[kind], "input_ids", "token_type_ids")}
-            kwargs.pop("attention_mask", None) if kind == "pixel_values" else None
+            if kind == "pixel_values":
+                kwargs.pop("attention_mask", None)  # pipelines and processors may pass one; images need none
             shape = self._spec.input_shape
             sample_dims = len(shape) if shape is not None else (3 if kind == "pixel_values" else None)
             batch = tensor_batch(inputs, kwargs, kind, self.image_processor, sample_dims)
@@ -1020,9 +1021,9 @@ def _initial_features(
 
 
 def _observed(spec: FeatureSpec, features: torch.Tensor, shapes: set) -> FeatureSpec:
-    """``spec`` with the feature size (for sources that do not declare it; a feature map's size depends on the
-    layer) and the input shape shared by all query examples (tensor inputs only)."""
-    hidden = int(features.shape[1]) if spec.source != "hidden_states" or spec.hidden_size < 0 else spec.hidden_size
+    """``spec`` with the feature size (a feature map's channel count depends on the layer) and the input shape
+    shared by all query examples (tensor inputs only)."""
+    hidden = int(features.shape[1])
     shape = next(iter(shapes)) if len(shapes) == 1 else (spec.input_shape if not shapes else None)
     return dataclasses.replace(spec, hidden_size=hidden, input_shape=shape)
 

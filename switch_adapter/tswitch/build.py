@@ -87,11 +87,15 @@ def from_finetuned(
     vectors = dict(task_vectors) if task_vectors is not None else None
 
     plain_base = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
+    if config.norm_statistics:  # a config reused from an earlier switch: those statistics are not this switch's
+        config = copy.copy(config)
+        config.norm_statistics = {}
     if config.modules_to_save is None and finetuned_state is not None:
         heads_found = [name for name in finetuned_heads(plain_base, finetuned_state) if not _targets(config, name)]
         if heads_found:
             config = copy.copy(config)  # the caller's config stays as it was
             config.modules_to_save = heads_found
+            config.norm_statistics = {}
             log_heads(heads_found, "found by structure, changed by the fine-tune")
     original_state = plain_base.state_dict()
     with switch_adapter_for(base_model, config, adapter_name) as model:

@@ -69,21 +69,14 @@ def _output_head_names(model: nn.Module, config: TSwitchConfig) -> set[str]:
     return names
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    """``get_input_embeddings()``, or None for a model without (transformers raises for vision models)."""
-    if not isinstance(model, PreTrainedModel):
-        return None
-    try:
-        return model.get_input_embeddings()
-    except NotImplementedError:
-        return None
-
-
 def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     """The output embedding module if its weight is the input embedding's weight, else None."""
     if not isinstance(model, PreTrainedModel):
         return None
-    output, inputs = model.get_output_embeddings(), _input_embeddings(model)
+    try:
+        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    except NotImplementedError:  # vision models and others without token embeddings
+        return None
     if output is None or inputs is None:
         return None
     if isinstance(inputs, BaseTunerLayer):
@@ -260,7 +253,7 @@ class TSwitchModel(BaseTuner):
                 if name == layout_key or name.endswith("." + layout_key) or layout_key.endswith("." + name)
             ]
             matches = [m for m in matches if "." + m.split(".")[-1] == "." + layout_key.split(".")[-1]]
-            matches.sort(key=lambda m: m != layout_key)  # the exact name first: "_blocks.1._bn0" is not "_bn0"
+            matches.sort(key=lambda name: name != layout_key)  # the exact name first (EfficientNet: _bn0 and x._bn0)
             if not matches:
                 problems.append(f"{layout_key}: no module of that name in {type(model).__name__}")
                 continue
@@ -278,7 +271,7 @@ class TSwitchModel(BaseTuner):
                     )
         for stats_key, shapes in (config.norm_statistics or {}).items():
             found = [name for name in modules if _names_match(name, [stats_key]) or _names_match(stats_key, [name])]
-            found.sort(key=lambda name: name != stats_key)  # the exact name first
+            found.sort(key=lambda name: name != stats_key)  # the exact name first, as for the switched tensors
             module = modules[found[0]] if found else None
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
@@ -341,8 +334,10 @@ class TSwitchModel(BaseTuner):
     def _follow_tied_embedding(model: nn.Module) -> None:
         """Make an output layer tied to a switched input embedding apply that embedding's switches too."""
         output = _tied_output_embedding(model)
-        inputs = _input_embeddings(model)
-        if output is None or isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
+        if output is None:
+            return
+        inputs = model.get_input_embeddings()
+        if isinstance(output, TiedSwitchedModule) or not isinstance(inputs, SwitchedModule):
             return
         name = next(name for name, module in model.named_modules() if module is output)
         parent_name, _, child_name = name.rpartition(".")
