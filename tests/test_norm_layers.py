@@ -94,6 +94,15 @@ def test_norm_layers_with_running_statistics_are_supported():
     assert has_running_statistics(nn.BatchNorm2d(4)) and not has_running_statistics(nn.LayerNorm(4))
     assert not is_norm_layer(nn.InstanceNorm2d(4))  # nothing to switch: no affine weight, no statistics
 
+    class ModelSpecificBatchNorm2d(nn.Module):  # not a torch BatchNorm subclass, same parameters and buffers
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+            self.register_buffer("running_mean", torch.zeros(4))
+            self.register_buffer("running_var", torch.ones(4))
+
+    assert is_norm_layer(ModelSpecificBatchNorm2d()) and not is_norm_layer(nn.Linear(4, 4))
+
     model = get_peft_model(make_base(), TSwitchConfig(inference_mode=True))
     wrapped = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, SwitchedModule)}
     assert wrapped == {"conv", "conv2", "proj", *BN_NAMES}  # "all": BatchNorm in, the head `_fc` out

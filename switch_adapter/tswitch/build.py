@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -91,7 +92,11 @@ def from_finetuned(
         config = copy.copy(config)
         config.norm_statistics = {}
     if config.modules_to_save is None and finetuned_state is not None:
-        heads_found = [name for name in finetuned_heads(plain_base, finetuned_state) if not _targets(config, name)]
+        heads_found = [
+            name
+            for name in finetuned_heads(plain_base, finetuned_state)
+            if not _targets(config, name) and name.rpartition(".")[2] not in _heads_peft_adds(config)
+        ]
         if heads_found:
             config = copy.copy(config)  # the caller's config stays as it was
             config.modules_to_save = heads_found
@@ -113,6 +118,16 @@ def from_finetuned(
         _warn_uncovered(original_state, finetuned_state, model.peft_config[adapter_name], [h[0] for h in heads])
     _log_summary(model.peft_config[adapter_name], adapter_name)
     return model
+
+
+def _heads_peft_adds(config: TSwitchConfig) -> tuple[str, ...]:
+    """The head names peft adds to ``modules_to_save`` by itself for the config's task type."""
+    task_type = str(getattr(config.task_type, "value", config.task_type) or "")
+    if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        return tuple(SEQ_CLS_HEAD_NAMES)
+    if task_type == "QUESTION_ANS":
+        return ("qa_outputs",)
+    return ()
 
 
 def _targets(config: TSwitchConfig, name: str) -> bool:

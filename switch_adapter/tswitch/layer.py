@@ -52,7 +52,7 @@ def is_norm_layer(module: nn.Module) -> bool:
         return True
     if isinstance(module, nn.modules.batchnorm._NormBase):
         return isinstance(module.weight, nn.Parameter) or has_running_statistics(module)
-    name = type(module).__name__
+    name = type(module).__name__.removesuffix("1d").removesuffix("2d").removesuffix("3d")
     if not name.endswith(_NORM_CLASS_SUFFIXES):
         return False
     return isinstance(getattr(module, "weight", None), nn.Parameter) or has_running_statistics(module)
