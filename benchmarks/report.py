@@ -204,7 +204,9 @@ def markdown(report: dict[str, Any], plot_name: str | None = "benchmark.png", co
     lines += routing_section(report, confusion_name)
     lines += [
         "",
-        f"Wall time {report['seconds']:.0f} s on {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
+        f"Wall time {report['seconds']:.0f} s on {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads"
+        + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")
+        + "), "
         f"{env['platform']}; torch {env['torch']}, transformers {env['transformers']}, switch-adapter "
         f"{env.get('switch_adapter')} (commit {env.get('git_commit')}).",
         "",

@@ -113,4 +113,4 @@ def test_router_sends_each_image_to_its_own_switch_in_mixed_batches(networks, tm
     with torch.no_grad():  # each image alone: routed to the same switch, the same logits
         alone = [router(image[None]) for image in mixed[:6]]
     alone = torch.cat([result.logits if hasattr(result, "logits") else result for result in alone])
-    torch.testing.assert_close(logits[:6], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[:6], alone, rtol=1e-3, atol=1e-3)  # conv kernels differ by batch size
