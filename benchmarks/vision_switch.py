@@ -10,8 +10,8 @@ installed library lacks one, the rows that need it are listed under ``not_run`` 
 from __future__ import annotations
 
 import gc
-import inspect
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +43,9 @@ def router_support() -> str | None:
     """None when the router takes plain modules and image tensors; else why the Auto-Switch rows cannot run."""
     from switch_adapter import AutoSwitchConfig
 
-    fields = set(getattr(AutoSwitchConfig, "__dataclass_fields__", {}))
-    if not fields & {"feature_module", "feature_fn"}:
+    if "feature_module" not in getattr(AutoSwitchConfig, "__dataclass_fields__", {}):
         return ("this switch_adapter's router cannot take features from a plain module (AutoSwitchConfig has no "
-                "feature_module / feature_fn)")  # fmt: skip
+                "feature_module)")  # fmt: skip
     return batchnorm_support()
 
 
@@ -268,7 +267,7 @@ def run_autoswitch(bench: VisionBenchmark) -> Row:
 
     queries = {a: model_inputs(t.train.images[: cfg.query_examples], bench.size)
                for a, t in zip(bench.adapters, bench.suite)}  # fmt: skip
-    config = AutoSwitchConfig(**router_settings(bench, AutoSwitchConfig))
+    config = AutoSwitchConfig(**router_settings(bench))
     router = AutoSwitchModel.from_pretrained(base, adapters=adapters, query_sets=queries, config=config,
                                              progress=bench.progress)  # fmt: skip
     bundle = bench.artifacts / f"autoswitch_d{density:g}"
@@ -302,27 +301,19 @@ def run_autoswitch(bench: VisionBenchmark) -> Row:
     return row
 
 
-def router_settings(bench: VisionBenchmark, config_class: type) -> dict[str, Any]:
+def router_settings(bench: VisionBenchmark) -> dict[str, Any]:
     """``AutoSwitchConfig`` keyword arguments: the suite's k and seed, top-1 routing, no out-of-distribution fallback
     (the pre-trained network's head is untrained here), and the model's routing feature module."""
-    fields = set(getattr(config_class, "__dataclass_fields__", {}))
-    settings: dict[str, Any] = {"k": bench.config.knn_k, "seed": bench.config.seed, "ood_fallback": False,
-                                "mode": "top1", "examples_per_task": bench.config.query_examples}  # fmt: skip
-    if "feature_module" in fields:
-        settings["feature_module"] = bench.model.feature_module
-    return {key: value for key, value in settings.items() if key in fields and value is not None}
+    return {"k": bench.config.knn_k, "seed": bench.config.seed, "ood_fallback": False, "mode": "top1",
+            "examples_per_task": bench.config.query_examples, "feature_module": bench.model.feature_module}  # fmt: skip
 
 
-def router_predictor(router, names):
+def router_predictor(router, names: Sequence[str]) -> evaluate.Predictor:
     """An ``AutoSwitchModel`` on image batches: no task id; the routed task's head gives the label."""
     index = {name: i for i, name in enumerate(names)}
-    accepts_routing = "return_routing" in inspect.signature(router.forward).parameters
 
     def predict(batch: evaluate.Batch) -> evaluate.Prediction:
-        if accepts_routing:
-            outputs, routing = router(batch.inputs[INPUT_KEY], return_routing=True)
-        else:  # pragma: no cover - depends on the router's version
-            outputs, routing = router(batch.inputs[INPUT_KEY]), router.last_routing
+        outputs, routing = router(batch.inputs[INPUT_KEY], return_routing=True)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         tasks = torch.tensor([index.get(task, -1) if task is not None else -1 for task in routing.top_task])
         return evaluate.Prediction(logits.argmax(dim=-1), tasks, routed=True)
