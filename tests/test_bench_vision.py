@@ -26,6 +26,17 @@ from benchmarks.vision_model import (
 )
 from benchmarks.vision_tasks import ImageSplit, ImageTask, model_inputs, read_idx, stratified_order
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny networks gain nothing from two, and on a shared, busy machine OpenMP's waiting
+    threads slow them down several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loaders on the data present
 # ----------------------------------------------------------------------------------------------------

@@ -43,9 +43,19 @@ def _images(kind: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return model_inputs(torch.from_numpy(images), SIZE), torch.from_numpy(labels)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these small batches gain little from two, and on a shared, busy machine OpenMP's waiting
+    threads slow them down several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def networks():
-    """The pre-trained network and two short fine-tunes (bars, blobs); their BatchNorm statistics moved."""
+def networks(one_thread):
+    """The pre-trained network and two short fine-tunes (bars, blobs: two steps each, statistics re-estimated)."""
     from benchmarks.vision_model import efficientnet_lite0
 
     model = efficientnet_lite0()
@@ -54,14 +64,14 @@ def networks():
     tuned = {}
     for kind, seed in (("bars", 1), ("blobs", 2)):
         network = copy.deepcopy(base).train()
-        images, labels = _images(kind, 96, seed)
+        images, labels = _images(kind, 64, seed)
         optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-        for start in range(0, 96, 32):
+        for start in range(0, 64, 32):
             loss = torch.nn.functional.cross_entropy(network(images[start : start + 32]), labels[start : start + 32])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        reestimate_batchnorm(network, [images[:48], images[48:]])
+        reestimate_batchnorm(network, [images[:32], images[32:]])
         tuned[kind] = network.eval()
     return model, base, tuned
 
