@@ -103,7 +103,7 @@ class VisionBenchConfig:
     max_test: int = 500
     densities: tuple[float, ...] = DEFAULT_VISION_DENSITIES
     scale_rule: str = "norm"
-    recalibrated_densities: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    recalibrated_densities: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3)
     flexswitch_budgets: tuple[str, ...] = ("3%",)
     flexswitch_steps: int | None = 30
     flexswitch_examples: int = 64
