@@ -270,3 +270,12 @@ def test_cli_suite_vision_maps_the_options(capsys):
     assert "--image-size applies to the vision suite" in capsys.readouterr().err
     assert cli.main(["--suite", "vision", "--list-tasks"]) == 0
     assert "fashion_shoes_bags" in capsys.readouterr().out
+
+
+def test_vision_variants_parse_and_refuse_unknown_keys():
+    from benchmarks.vision_variants import DEFAULT_VARIANTS, parse_variant
+
+    assert parse_variant("d=0.05,r=1,g=row") == {"d": "0.05", "r": "1", "g": "row"}
+    assert all(parse_variant(variant) for variant in DEFAULT_VARIANTS)
+    with pytest.raises(ValueError, match="Unknown variant keys"):
+        parse_variant("density=0.1")
