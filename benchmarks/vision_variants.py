@@ -109,7 +109,7 @@ def run(variants: list[str], out: Path, seed: int) -> dict[str, Any]:
         rows.append({"variant": variant, "accuracy": scores, "mean": sum(scores.values()) / len(scores), "kept": kept})
         logging.getLogger(__name__).info("%s: %.2f%% of individual", variant, kept)
     report = {
-        "command": "python -m benchmarks.vision_variants " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.vision_variants", *sys.argv[1:]]),
         "seed": seed,
         "tasks": list(individual),
         "settings": {
