@@ -136,6 +136,7 @@ class TSwitchModel(BaseTuner):
         # Module names that "all" / switch_norms resolved to, per config. They stay out of the config itself so
         # that the saved config says "all" and peft does not mistake switched embeddings for resized ones.
         self._resolved_targets: dict[int, set[str]] = {}
+        self._module_names: set[str] | None = None  # see _own_entry
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _check_target_module_exists(self, peft_config: TSwitchConfig, key: str):
@@ -172,13 +173,17 @@ class TSwitchModel(BaseTuner):
             _warn_targeted_heads(model, config)
         self._check_layout_fits(model, config)  # before anything is modified
         self._warn_if_empty_trainable(model, config, adapter_name)
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
+        self._module_names = None
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._module_names = None
         self._resize_modules_to_save(model, config, adapter_name)
         self._follow_tied_embedding(model)
         if isinstance(model, PreTrainedModel):
@@ -299,9 +304,13 @@ class TSwitchModel(BaseTuner):
     def _own_entry(self, layout: dict, module_name: str) -> dict | None:
         """``find_layout_entry``, except that a key naming another module of this model is never taken for
         ``module_name`` by suffix (a frozen ``norm`` must not get the entry of ``block.norm``)."""
+        if not layout:
+            return None
         if module_name in layout:
             return layout[module_name]
-        return find_layout_entry(layout, module_name, {name for name, _ in self.model.named_modules()})
+        if self._module_names is None:  # once per injection: module names do not change while layers are wrapped
+            self._module_names = {name for name, _ in self.model.named_modules()}
+        return find_layout_entry(layout, module_name, self._module_names)
 
     def _create_and_replace(
         self,
