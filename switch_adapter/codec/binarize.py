@@ -212,22 +212,19 @@ def _keep_torch(flat: torch.Tensor, density: float, keep_ties: bool) -> tuple[to
 def _cuts_numpy(
     array: np.ndarray, quotas: tuple[int, int], counts: tuple[int, int]
 ) -> tuple[float | None, float | None]:
-    """The positive cut (the ``quotas[0]``-th largest value) and the negative cut (the ``quotas[1]``-th smallest)
-    of ``array``, None where a sign is kept whole. Positives are the largest values of the array and negatives the
-    smallest, so the per-sign order statistics are global ones: one copy, partitioned in place at the positive cut,
-    then its head (every value below that cut) at the negative cut."""
+    """The positive cut (the ``quotas[0]``-th largest positive value) and the negative cut (the ``quotas[1]``-th
+    smallest negative value) of ``array``, None where a sign is kept whole. Each partitions a copy of one sign only,
+    as the torch route does, so that the peak memory stays that of half the tensor."""
     cut_positive = cut_negative = None
-    if not (0 < quotas[0] < counts[0] or 0 < quotas[1] < counts[1]):
-        return None, None
-    work = array.copy()
     if 0 < quotas[0] < counts[0]:
-        index = array.size - quotas[0]
-        work.partition(index)
-        cut_positive = work[index]
-        work = work[:index]  # holds every negative: the negatives' cut lies below the positives' one
+        positives = array[array > 0]
+        positives.partition(counts[0] - quotas[0])
+        cut_positive = positives[counts[0] - quotas[0]]
+        del positives
     if 0 < quotas[1] < counts[1]:
-        work.partition(quotas[1] - 1)
-        cut_negative = work[quotas[1] - 1]
+        negatives = array[array < 0]
+        negatives.partition(quotas[1] - 1)
+        cut_negative = negatives[quotas[1] - 1]
     return cut_positive, cut_negative
 
 
