@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.convert [--quick] [--model smollm2|minilm] [--shard-size 100MB] [--out benchmarks/results]
+    python -m benchmarks.convert [--quick] [--no-lora] [--model smollm2|minilm] [--shard-size 100MB]
+                                 [--out benchmarks/results]
 
 Sections:
 
@@ -403,6 +404,10 @@ def markdown(report: dict) -> str:
         f"{memory['convert_over_read_median']}x median; target 1.5x: "
         f"**{'met' if memory['meets_time_target'] else 'NOT met'}**. Conversion / in-memory route (same round, "
         f"median) = {memory['convert_over_from_finetuned']}x.",
+    ]
+    if "lora_modes" not in report:
+        return "\n".join(lines) + "\n" + report.get("notes", "")
+    lines += [
         "",
         "## LoRA: mode='delta' vs mode='factors'",
         "",
@@ -424,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-size", default=None, help="max_shard_size of the saved checkpoints")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="MiniLM, one repeat, fewer densities")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA section; writes convert_time.*")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--child", nargs=5, metavar=("KIND", "BASE", "TUNED", "OUT", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -441,14 +447,16 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": [portable_path(a) for a in (sys.argv[1:] if argv is None else argv)],
         "memory_and_time": memory_and_time(model, shard_size, repeats),
     }
-    print("LoRA delta vs factors ...", flush=True)
-    report["lora_modes"] = lora_modes(
-        [0.05, 0.4] if args.quick else [0.02, 0.05, 0.1, 0.4], steps=8 if args.quick else 30
-    )
+    if not args.no_lora:
+        print("LoRA delta vs factors ...", flush=True)
+        report["lora_modes"] = lora_modes(
+            [0.05, 0.4] if args.quick else [0.02, 0.05, 0.1, 0.4], steps=8 if args.quick else 30
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "convert.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "convert_time" if args.no_lora else "convert"  # a time-only run does not replace the full results
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out / "convert.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
     return report
 

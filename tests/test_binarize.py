@@ -134,3 +134,29 @@ def test_norm_scale_rule_keeps_the_norm_of_the_whole_task_vector():
 def test_unknown_scale_rule_is_refused():
     with pytest.raises(ValueError, match="scale_rule"):
         binarize(torch.randn(4), 0.5, scale_rule="mean")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.sampled_from([-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0, 3.5]), min_size=1, max_size=300),
+    st.floats(min_value=0.01, max_value=1.0),
+    st.booleans(),
+)
+def test_the_fused_cpu_route_keeps_the_same_entries_as_the_torch_route(values, density, keep_ties):
+    from switch_adapter.codec.binarize import _keep_numpy, _keep_torch
+
+    flat = torch.tensor(values)
+    mask, kept = _keep_numpy(flat, density, keep_ties)
+    reference_mask, reference_kept = _keep_torch(flat, density, keep_ties)
+    assert torch.equal(mask, reference_mask) and torch.equal(kept, reference_kept)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
+def test_the_fused_cpu_route_matches_the_torch_route_on_gaussian_tensors(density):
+    from switch_adapter.codec.binarize import _keep_numpy, _keep_torch
+
+    flat = torch.randn(20_000, generator=torch.Generator().manual_seed(3)).round(decimals=2)
+    for keep_ties in (False, True):
+        mask, kept = _keep_numpy(flat, density, keep_ties)
+        reference_mask, reference_kept = _keep_torch(flat, density, keep_ties)
+        assert torch.equal(mask, reference_mask) and torch.equal(kept, reference_kept)

@@ -67,6 +67,8 @@ def encode(positions: torch.Tensor, universe: int, low_bits: int) -> torch.Tenso
     device = positions.device
     if count == 0:
         return torch.zeros(0, dtype=torch.bool, device=device)
+    if device.type == "cpu":
+        return torch.from_numpy(_encode_numpy(positions.reshape(-1).to(torch.int64).numpy(), universe, low_bits))
     rank = torch.arange(count, dtype=torch.int64, device=device)
     values = positions.reshape(-1).to(torch.int64) - rank  # non-decreasing, in [0, universe - count]
     if low_bits:
@@ -78,6 +80,25 @@ def encode(positions: torch.Tensor, universe: int, low_bits: int) -> torch.Tenso
     upper = torch.zeros(count + ((universe - count) >> low_bits), dtype=torch.bool, device=device)
     upper[(values >> low_bits) + rank] = True
     return torch.cat([low_stream, upper])
+
+
+def low_fields_numpy(values: np.ndarray, width: int) -> np.ndarray:
+    """Flat bool stream of the low ``width`` bits of each non-negative int64 in ``values``, LSB first."""
+    as_bytes = np.ascontiguousarray(values.astype("<i8", copy=False)).view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(as_bytes, axis=1, count=width, bitorder="little").view(np.bool_).reshape(-1)
+
+
+def _encode_numpy(positions: np.ndarray, universe: int, low_bits: int) -> np.ndarray:
+    """:func:`encode` for CPU positions with numpy (the same stream; torch's bool ops are slow on the CPU)."""
+    count = positions.size
+    rank = np.arange(count, dtype=np.int64)
+    values = positions - rank
+    stream = np.zeros(count * low_bits + count + ((universe - count) >> low_bits), dtype=np.bool_)
+    if low_bits:
+        stream[: count * low_bits] = low_fields_numpy(values, low_bits)
+    upper = stream[count * low_bits :]
+    upper[(values >> low_bits) + rank] = True
+    return stream
 
 
 def _decode_numpy(stream: np.ndarray, universe: int, count: int, low_bits: int) -> np.ndarray:

@@ -51,6 +51,7 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from switch_adapter.codec import elias_fano, grouped_coo
@@ -195,6 +196,20 @@ def _value_stream(
     return pack_fields(levels, value_bits)
 
 
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted int64 positions of the set entries of the flat bool ``mask`` (numpy on the CPU, several times faster)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask).reshape(-1)
+
+
+def _payload(positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The packed payload bytes (CPU) of the position stream followed by the value stream."""
+    if positions.device.type == "cpu" and values.device.type == "cpu":
+        return pack_bits(torch.from_numpy(np.concatenate([positions.numpy(), values.numpy()])))
+    return pack_bits(torch.cat([positions, values])).cpu()
+
+
 def _position_stream(mask: torch.Tensor, encoding: Encoding, kept: int) -> tuple[bytes, torch.Tensor]:
     """The parameter byte (empty for BITMAP) and the position bit stream of ``mask`` in ``encoding``."""
     numel = mask.numel()
@@ -202,12 +217,12 @@ def _position_stream(mask: torch.Tensor, encoding: Encoding, kept: int) -> tuple
         return b"", mask
     if encoding == Encoding.GROUPED_COO:
         group_bits = grouped_coo.best_group_bits(numel, kept)
-        positions = torch.nonzero(mask).reshape(-1)
+        positions = _nonzero(mask)
         return bytes([group_bits]), grouped_coo.encode(positions, numel, group_bits)
     coded = mask if encoding == Encoding.POSITIONS else ~mask
     count = kept if encoding == Encoding.POSITIONS else numel - kept
     low_bits = elias_fano.best_low_bits(numel, count)
-    positions = torch.nonzero(coded).reshape(-1)
+    positions = _nonzero(coded)
     return bytes([low_bits]), elias_fano.encode(positions, numel, low_bits)
 
 
@@ -232,7 +247,7 @@ def encode(
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}.")
     mask = mask.reshape(-1)
-    kept = int(torch.count_nonzero(mask))
+    kept = int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(torch.count_nonzero(mask))
     values = _value_stream(kept, positive, levels, value_bits, mask.device)
     sizes = encoded_sizes_for_counts(mask.numel(), kept, value_bits)
     encoding = _choose(sizes) if encoding is None else Encoding(encoding)
@@ -240,7 +255,7 @@ def encode(
     header = _HEADER_STRUCT.pack(MAGIC, version, int(encoding), value_bits, mask.numel(), kept)
     parameter, positions = _position_stream(mask, encoding, kept)
     prefix = torch.tensor(list(header + parameter), dtype=torch.uint8)
-    blob = torch.cat([prefix, pack_bits(torch.cat([positions, values])).cpu()])
+    blob = torch.from_numpy(np.concatenate([prefix.numpy(), _payload(positions, values).numpy()]))
     assert blob.numel() == -(-sizes[encoding] // 8), "internal error: blob size differs from the prediction"
     return blob
 

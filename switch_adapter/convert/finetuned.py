@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from tqdm.auto import tqdm
@@ -499,9 +500,9 @@ class _Work:
         # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less at the peak)
         tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
         del tuned
-        tau.sub_(base_value.to(torch.float32))
+        _subtract(tau, base_value.to(torch.float32))
         del base_value
-        if not torch.count_nonzero(tau):
+        if not _any_nonzero(tau):
             self.unchanged += 1
             return None
         density = self.config.density_for(module_name)
@@ -519,6 +520,21 @@ class _Work:
             ) from None
         del tau
         return encoded_entry(switch, density)
+
+
+def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:
+    """``tau -= base`` in place; with numpy on the CPU, where torch's elementwise ops are slow on shared cores."""
+    if tau.device.type == "cpu" and base.device == tau.device and tau.is_contiguous() and base.is_contiguous():
+        np.subtract(tau.numpy(), base.numpy(), out=tau.numpy())
+    else:
+        tau.sub_(base)
+
+
+def _any_nonzero(tau: torch.Tensor) -> bool:
+    """Whether ``tau`` holds a nonzero entry (numpy on the CPU)."""
+    if tau.device.type == "cpu" and tau.is_contiguous():
+        return bool(np.count_nonzero(tau.numpy()))
+    return bool(torch.count_nonzero(tau))
 
 
 def encode_switch(switch) -> torch.Tensor:
