@@ -331,7 +331,8 @@ def kept_values(
 ) -> torch.Tensor:
     """``multiplier * scale`` of every kept entry (``sign * scale`` for 1-bit units); a per-row scale (more than one)
     is indexed by the entry's row. The result has ``dtype``, else the dtype of floating ``multipliers``, else float32
-    (integer multipliers, e.g. the int16 of :func:`switch_adapter.codec.sass.decode_values`)."""
+    (integer multipliers: the int16 of :func:`switch_adapter.codec.sass.decode_values` or the int8 a layer keeps).
+    ``positions`` may be int32 or int64."""
     if dtype is None:
         dtype = multipliers.dtype if multipliers.is_floating_point() else torch.float32
     scale = scale.to(device=multipliers.device, dtype=dtype).reshape(-1)

@@ -495,6 +495,8 @@ def test_cache_budget_lru_and_memory(bert_switches):
     footprint = router.memory_footprint()
     assert footprint["cache"] == router.cache_info().nbytes > 0
     assert footprint["switches"] < footprint["dense_task_copies"] / 5  # packed switches, not dense copies
+    kept = sum(p.numel() for layer in router._slots.layers for _, (p, _) in layer._sparse_cache.values())
+    assert 0 < footprint["decoded_switches"] <= 5 * kept  # int32 positions + int8 signs, as allocated
 
     one = router.cache_info().nbytes // 3
     tight = make_router(tiny_bert, bert_switches, mode="top1", cache_budget_bytes=one)

@@ -805,8 +805,9 @@ class AutoSwitchModel(nn.Module):
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held: ``base`` parameters, packed ``switches`` (codes + scales), ``decoded_switches`` (kept
-        positions and signs decoded on first use), task ``heads``, the composition ``cache``, and for comparison
-        ``dense_task_copies``: what one dense copy of the switched parameters per task would take."""
+        positions and multipliers decoded on first use, as allocated: 5 bytes per kept entry, 6 for 8-bit units),
+        task ``heads``, the composition ``cache``, and for comparison ``dense_task_copies``: what one dense copy of
+        the switched parameters per task would take."""
         with self._lock:
             return self._memory_footprint()
 
@@ -827,8 +828,7 @@ class AutoSwitchModel(nn.Module):
             else:
                 base += size
         for layer in self._slots.layers:
-            for _, (positions, signs) in layer._sparse_cache.values():
-                decoded += positions.numel() * positions.element_size() + signs.numel() * signs.element_size()
+            decoded += layer.decoded_nbytes()
             for param_name in ("weight", "bias"):
                 param = getattr(layer.get_base_layer(), param_name, None)
                 if isinstance(param, torch.Tensor) and any(layer._has_switch(task, param_name) for task in self._query):

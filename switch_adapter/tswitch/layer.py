@@ -33,6 +33,7 @@ from ..format import (
 logger = logging.getLogger(__name__)
 
 SWITCHABLE_PARAMETERS = ("weight", "bias")
+_INT32_LIMIT = 2**31 - 1  # positions of a tensor with at most this many entries fit in int32
 _NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
 
 
@@ -73,6 +74,19 @@ def switched_parameter_names(module: nn.Module, switch_bias: bool) -> tuple[str,
         if isinstance(getattr(module, name, None), nn.Parameter):
             names.append(name)
     return tuple(names)
+
+
+def compact_decoded(
+    numel: int, positions: torch.Tensor, multipliers: torch.Tensor, value_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded ``(positions, multipliers)`` in the narrowest exact dtypes: int32 positions (int64 for a tensor of
+    ``2**31`` entries or more) and int8 multipliers for units of up to 7 value bits (``|2u - (2**b - 1)| <= 127``;
+    8-bit units keep int16). At most 5 bytes per kept entry for units of up to 7 bits, 6 for 8-bit units."""
+    if numel <= _INT32_LIMIT:
+        positions = positions.to(torch.int32)
+    if value_bits <= 7:
+        multipliers = multipliers.to(torch.int8)
+    return positions, multipliers
 
 
 class TSwitchLayer(BaseTunerLayer):
@@ -256,8 +270,8 @@ class TSwitchLayer(BaseTunerLayer):
         return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)]
 
     def _sparse(self, adapter_name: str, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, multipliers)`` of the kept entries (int64 flat positions, int16 odd integers: +-1 for a 1-bit
-        unit), decoded once per code buffer.
+        """``(positions, multipliers)`` of the kept entries as :func:`compact_decoded` stores them (int32 flat
+        positions, int8 odd integers: +-1 for a 1-bit unit), decoded once per code buffer.
 
         Work and memory are proportional to the kept entries, not to the size of the weight.
         """
@@ -267,12 +281,20 @@ class TSwitchLayer(BaseTunerLayer):
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            _, positions, multipliers, _ = sass.decode_values(code, device=code.device)
+            numel, positions, multipliers, value_bits = sass.decode_values(code, device=code.device)
         except CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
             raise CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
+        positions, multipliers = compact_decoded(numel, positions, multipliers, value_bits)
         self._sparse_cache[(adapter_name, param_name)] = (key, (positions, multipliers))
         return positions, multipliers
+
+    def decoded_nbytes(self) -> int:
+        """Bytes held by the decoded kept positions and multipliers of every switch decoded so far."""
+        return sum(
+            positions.numel() * positions.element_size() + multipliers.numel() * multipliers.element_size()
+            for _, (positions, multipliers) in self._sparse_cache.values()
+        )
 
     def _kept_values(self, adapter_name: str, param_name: str, like: torch.Tensor):
         """Positions of the kept entries and their values ``multiplier * scale`` in the dtype/device of ``like``."""
