@@ -122,11 +122,22 @@ def bench_config(args: argparse.Namespace):
 
     from .pipeline import BenchConfig, quick_config
 
+    overrides = _suite_overrides(args)
+    if args.model is not None:
+        overrides["model"] = args.model
+    config = quick_config(**overrides) if args.quick else BenchConfig(**overrides)
+    if args.epochs is not None or args.seed:
+        changes = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs is not None else {})
+        config = replace(config, finetune=replace(config.finetune, **changes))
+    return config
+
+
+def _suite_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields both suites take from the options: the given ones only (the suite's defaults stand otherwise)."""
     overrides: dict[str, Any] = {"out_dir": args.out, "seed": args.seed, "progress": not args.quiet}
     mapping = {
         "tasks": args.tasks,
         "cache_dir": args.cache_dir,
-        "model": args.model,
         "densities": args.densities,
         "flexswitch_budgets": args.flexswitch_budgets,
         "scale_rule": args.scale_rule,
@@ -138,11 +149,7 @@ def bench_config(args: argparse.Namespace):
     overrides.update({key: value for key, value in mapping.items() if value is not None})
     if args.keep_artifacts:
         overrides["keep_artifacts"] = True
-    config = quick_config(**overrides) if args.quick else BenchConfig(**overrides)
-    if args.epochs is not None or args.seed:
-        changes = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs is not None else {})
-        config = replace(config, finetune=replace(config.finetune, **changes))
-    return config
+    return overrides
 
 
 def vision_config(args: argparse.Namespace):
@@ -153,21 +160,7 @@ def vision_config(args: argparse.Namespace):
 
     if args.model:
         raise ValueError("--model applies to the text suite; the vision suite uses EfficientNet-Lite0.")
-    overrides: dict[str, Any] = {"out_dir": args.out, "seed": args.seed, "progress": not args.quiet}
-    mapping = {
-        "tasks": args.tasks,
-        "cache_dir": args.cache_dir,
-        "densities": args.densities,
-        "flexswitch_budgets": args.flexswitch_budgets,
-        "scale_rule": args.scale_rule,
-        "autoswitch_density": args.autoswitch_density,
-        "max_train": args.max_train,
-        "max_test": args.max_test,
-        "max_validation": args.max_validation,
-    }
-    overrides.update({key: value for key, value in mapping.items() if value is not None})
-    if args.keep_artifacts:
-        overrides["keep_artifacts"] = True
+    overrides = _suite_overrides(args)
     config = quick_vision_config(**overrides) if args.quick else VisionBenchConfig(**overrides)
     changes: dict[str, Any] = {"seed": args.seed}
     if args.epochs is not None:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..tswitch.layer import has_running_statistics
 from .compose import Composition, ModelSlots
 
 Assignment = list[tuple[int, float]]  # per sample: [(target index, weight)]
@@ -220,7 +221,7 @@ class _GroupedCall(_StandIn):
 
 def _normalises_with_running_statistics(module: nn.Module) -> bool:
     """True for a norm layer that normalises with its running statistics now (BatchNorm in eval mode, ...)."""
-    if not (isinstance(getattr(module, "running_mean", None), torch.Tensor) and module.running_var is not None):
+    if not has_running_statistics(module):
         return False
     if isinstance(module, nn.modules.batchnorm._NormBase):
         return not module.training and module.track_running_stats
