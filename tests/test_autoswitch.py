@@ -30,7 +30,9 @@ from switch_adapter.autoswitch import (
     DuplicateTaskError,
     EmptyQuerySetError,
     FeatureMismatchError,
+    kernels,
     knn,
+    streamed,
 )
 from switch_adapter.autoswitch.features import FeatureExtractor, FeatureSpec, base_fingerprint, find_layer_stack
 
@@ -84,6 +86,8 @@ def make_router(make_base, switches, **config) -> AutoSwitchModel:
     """A router over the synthetic tasks; the plain Euclidean metric unless ``metric`` is given (the execution
     tests build soft compositions from its geometry)."""
     config.setdefault("metric", "euclidean")
+    if config.get("execution") in ("compose", "delta"):  # the composed-parameter paths: keep what they build
+        config.setdefault("cache_budget_bytes", 1 << 30)
     return AutoSwitchModel.from_pretrained(
         make_base(), adapters=switches, query_sets=query_sets(), config=AutoSwitchConfig(**config), progress=False
     )
@@ -257,7 +261,7 @@ def flex_bert_switches(tmp_path_factory):
     return _save_flexswitches(tiny_bert, tmp_path_factory.mktemp("flex"))
 
 
-@pytest.mark.parametrize("execution", ["compose", "delta"])
+@pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
 def test_mixed_batch_forward_with_multibit_flexswitch_adapters(flex_bert_switches, execution):
     router = make_router(tiny_bert, flex_bert_switches, mode="soft", k=6, feature_layer=0, execution=execution)
     batch = mixed_batch()
@@ -271,7 +275,7 @@ def test_mixed_batch_forward_with_multibit_flexswitch_adapters(flex_bert_switche
     assert bits - {1} and bits <= {2, 4}
 
 
-@pytest.mark.parametrize("execution", ["compose", "delta"])
+@pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
 def test_mixed_batch_forward_is_exact_per_sample_soft(bert_switches, execution):
     router = make_router(tiny_bert, bert_switches, mode="soft", k=6, feature_layer=0, execution=execution)
     batch = mixed_batch()
@@ -282,11 +286,58 @@ def test_mixed_batch_forward_is_exact_per_sample_soft(bert_switches, execution):
     )
     assert sum(len(routing.composition(i)) > 1 for i in range(len(routing))) >= 2
     info = router.cache_info()
+    if execution == "stream":  # no composed parameters outlive the call
+        assert info.entries == 0 and router.memory_footprint()["cache"] == 0
+        return
     distinct = {g.key[0] for g in routing.groups()}
     built = len(distinct) if execution == "compose" else len({t for key in distinct for t, _ in key})
     assert info.entries == built and info.misses == info.entries
     router(**batch)  # unchanged compositions cost nothing: all hits
     assert router.cache_info().hits == info.entries and router.cache_info().misses == info.misses
+
+
+@pytest.fixture(params=["numba", "torch"])
+def kernel_backend(request, monkeypatch):
+    """The streamed execution's kernels: numba (when installed) or forced torch ops."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="pip install numba (the kernels' fast path)")
+    else:
+        monkeypatch.setenv("SWITCH_ADAPTER_KERNELS", "torch")
+    kernels._numba_kernels.cache_clear()
+    yield request.param
+    kernels._numba_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["entry-wise", "composed", "both"])
+def test_streamed_paths_are_exact_per_sample(bert_switches, kernel_backend, path, monkeypatch):
+    """Every row entry-wise (decoding-like), every group composed in a scratch buffer (prefill-like), or one big group
+    composed and the small ones entry-wise in the same call: each sample still equals its own model."""
+    router = make_router(tiny_bert, bert_switches, mode="soft", k=6, feature_layer=0)
+    batch = {k: v[[0, 3, 1, 4, 2, 5, 0, 3]] for k, v in mixed_batch().items()}  # 4 x alpha, 2 x beta, 2 x gamma
+    batch["input_ids"][2, :5] = task_ids(2, 1, 5)[0]  # a genuinely soft sample
+    density = 0.3  # the switches' density (see _save_switches)
+    limit = {"entry-wise": 1e9, "composed": 0.0, "both": 30 * density}[path]  # 10 tokens: 20 rows light, 40 heavy
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT", limit)
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT_TORCH", limit)
+    _assert_samples_match_reference(router, batch, tiny_bert, bert_switches, lambda out: out.last_hidden_state)
+    assert router.memory_footprint()["cache"] == 0
+
+
+@pytest.mark.parametrize("path", ["entry-wise", "composed"])
+def test_streamed_generate_paths_equal_single_adapter_runs(llama_switches, kernel_backend, path, monkeypatch):
+    limit = 1e9 if path == "entry-wise" else 0.0
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT", limit)
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT_TORCH", limit)
+    router = make_router(tiny_llama, llama_switches, mode="top1")
+    prompts = _prompts()
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    sequences = router.generate(**prompts, **settings)
+    for t, name in enumerate(TASKS):
+        rows = [t, t + 3]
+        single = PeftModel.from_pretrained(tiny_llama(), llama_switches[name]).eval()
+        with torch.no_grad():
+            expected = single.generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
+        assert torch.equal(sequences[rows], expected), name
 
 
 def test_mixed_batch_forward_selects_heads_with_different_label_counts(classifier_switches):
@@ -427,7 +478,7 @@ def flex_llama_switches(tmp_path_factory):
     return _save_flexswitches(tiny_llama, tmp_path_factory.mktemp("flex-llama"))
 
 
-@pytest.mark.parametrize("execution", ["compose", "delta"])
+@pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
 def test_generate_with_multibit_flexswitch_adapters_equals_single_adapter_runs(flex_llama_switches, execution):
     router = make_router(tiny_llama, flex_llama_switches, mode="top1", execution=execution)
     settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
@@ -488,13 +539,32 @@ def test_generate_with_strings_and_a_streamer(llama_switches):
 # -- cache, memory, tasks, threads ------------------------------------------------------------------------------
 
 
-def test_cache_budget_lru_and_memory(bert_switches):
+def test_default_router_keeps_no_dense_copies_and_decodes_each_switch_once(bert_switches):
     router = make_router(tiny_bert, bert_switches, mode="top1")
+    out = router(**mixed_batch()).last_hidden_state
+    footprint = router.memory_footprint()
+    assert footprint["cache"] == 0 and router.cache_info().entries == 0
+    assert footprint["switches"] < footprint["dense_task_copies"] / 5  # packed switches, not dense copies
+    tables = list(router._tables._tables.values())
+    assert tables and all(t.positions.dtype == torch.int32 and t.multipliers.dtype == torch.int8 for t in tables)
+    kept = sum(t.positions.numel() for t in tables)
+    layers = sum(layer.decoded_nbytes() for layer in router._slots.layers)
+    assert footprint["decoded_switches"] == layers + sum(t.nbytes for t in tables)
+    ranges = sum(t.row_ptr.numel() * 4 + t.scales.numel() * 4 for t in tables)
+    biases = sum(t.bias.numel() * 4 for t in tables if t.bias is not None)  # dense bias changes: one row per task
+    assert sum(t.nbytes for t in tables) == 5 * kept + ranges + biases  # 5 bytes per kept entry + row ranges
+    for layer in router._slots.layers:  # a layer with a table no longer holds its own decoded weight entries
+        if layer.get_base_layer().weight.dim() >= 2:
+            assert not any(param == "weight" for _, param in layer._sparse_cache)
+    torch.testing.assert_close(out, router(**mixed_batch()).last_hidden_state)  # tables reused
+
+
+def test_cache_budget_lru_and_memory(bert_switches):
+    router = make_router(tiny_bert, bert_switches, mode="top1", cache_budget_bytes=1 << 30)
     router(**mixed_batch())
     assert router.cache_info().entries == 3
     footprint = router.memory_footprint()
     assert footprint["cache"] == router.cache_info().nbytes > 0
-    assert footprint["switches"] < footprint["dense_task_copies"] / 5  # packed switches, not dense copies
     kept = sum(p.numel() for layer in router._slots.layers for _, (p, _) in layer._sparse_cache.values())
     assert 0 < footprint["decoded_switches"] <= 5 * kept  # int32 positions + int8 signs, as allocated
 

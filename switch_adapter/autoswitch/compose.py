@@ -63,26 +63,29 @@ def compose(slots: ModelSlots, weights: dict[str, float], skip_delta_layers: boo
     """
     key = weights_key(weights)
     per_layer: list[dict[str, torch.Tensor]] = []
-    nbytes = 0
     active = dict(key)
     for layer in slots.layers:
-        params: dict[str, torch.Tensor] = {}
-        if active and not (skip_delta_layers and is_delta_layer(layer)):
-            base = layer.get_base_layer()
-            for param_name in ("weight", "bias"):
-                param = getattr(base, param_name, None)
-                if not isinstance(param, torch.Tensor):
-                    continue
-                value = layer.add_weighted_deltas(param_name, param, active)
-                if value is not None:
-                    params[param_name] = value
-                    nbytes += value.numel() * value.element_size()
-            statistics = layer.composed_statistics(active)  # BatchNorm & co.: running statistics are buffers
-            for name, value in (statistics or {}).items():
-                params[name] = value.clone()  # a train-mode call must not update the adapter's statistics
-                nbytes += value.numel() * value.element_size()
-        per_layer.append(params)
+        skip = not active or (skip_delta_layers and is_delta_layer(layer))
+        per_layer.append({} if skip else layer_parameters(layer, active))
+    nbytes = sum(value.numel() * value.element_size() for params in per_layer for value in params.values())
     return Composition(key, per_layer, nbytes)
+
+
+@torch.no_grad()
+def layer_parameters(layer: SwitchedModule, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """One layer's composed parameters (and running statistics) for ``weights``; only those a task switches."""
+    params: dict[str, torch.Tensor] = {}
+    base = layer.get_base_layer()
+    for param_name in ("weight", "bias"):
+        param = getattr(base, param_name, None)
+        if isinstance(param, torch.Tensor):
+            value = layer.add_weighted_deltas(param_name, param, weights)
+            if value is not None:
+                params[param_name] = value
+    statistics = layer.composed_statistics(weights)  # BatchNorm & co.: running statistics are buffers
+    for name, value in (statistics or {}).items():
+        params[name] = value.clone()  # a train-mode call must not update the adapter's statistics
+    return params
 
 
 @dataclass

@@ -11,11 +11,11 @@ METRICS = ("auto", "learned", "cosine", "euclidean")
 OBJECTIVES = ("lda", "nca")
 MODES = ("soft", "top1", "batch")
 POOLINGS = ("mean", "first", "last")
-EXECUTIONS = ("auto", "compose", "delta")
+EXECUTIONS = ("auto", "stream", "compose", "delta")
 
 # The depth used when feature_layer=None, and when too few query examples leave nothing to choose from.
 DEFAULT_FEATURE_DEPTH = 1 / 6
-DEFAULT_CACHE_BUDGET_BYTES = 1 << 30
+DEFAULT_CACHE_BUDGET_BYTES = 0
 DEFAULT_METRIC_RANK = 32
 
 
@@ -103,7 +103,7 @@ class AutoSwitchConfig:
     ood_scale: float = 1.5
     ood_radius: float | None = None
     weight_step: float | None = None
-    execution: Literal["auto", "compose", "delta"] = "auto"
+    execution: Literal["auto", "stream", "compose", "delta"] = "auto"
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     feature_batch_size: int = 32
     max_length: int | None = None

@@ -71,6 +71,8 @@ from .metric import LearnedMetric
 from .routing import RoutingResult, route_features
 from .selection import FeatureChoice, candidate_layers
 from .sources import AdapterMismatchError, AdapterSource
+from .streamed import streamed_execution
+from .tables import TableCache
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +227,7 @@ class AutoSwitchModel(nn.Module):
         self._sources: dict[str, AdapterSource | None] = dict(sources or {})
         self._cache = CompositionCache(config.cache_budget_bytes)
         self._deltas = DeltaCache()
+        self._tables = TableCache()
         self._extractor = FeatureExtractor(self.inner, spec, feature_fn)
         self._disable_adapters()
         self.eval()
@@ -525,6 +528,7 @@ class AutoSwitchModel(nn.Module):
             self._sources.pop(name, None)
             self._cache.discard_task(name)
             self._deltas.discard_task(name)
+            self._tables.clear()
             self._disable_adapters()
             self._refresh(index)
 
@@ -599,7 +603,14 @@ class AutoSwitchModel(nn.Module):
                     sub["use_cache"] = False  # per-group KV caches cannot be merged
                 return call_model(self.inner, sub, kind)
 
-            outputs = self._execute(routing, run, "forward")
+            order = self._contiguous_order(routing, "forward")
+            if order is None:
+                outputs = self._execute(routing, run, "forward")
+            else:  # samples of one composition next to each other: layers then work on slices, not gathered rows
+                permuted = select_rows(batch, order, size)
+                selected = routing.select(order.tolist())
+                outputs = self._execute(selected, lambda _: call_model(self.inner, permuted, kind), "forward")
+                outputs = reorder_rows(outputs, order, size)
         return (outputs, routing) if return_routing else outputs
 
     def generate(
@@ -628,16 +639,16 @@ class AutoSwitchModel(nn.Module):
             batch = self._inputs(inputs, kwargs, keep_extra=True, padding_side="left")
             routing = self._check_routing(routing, batch) if routing is not None else self._route(batch)
             size = batch["input_ids"].shape[0]
-            order = [index for group in routing.groups() for index in group.indices]
             per_row_callbacks = any(batch.get(key) is not None for key in ("streamer", "prefix_allowed_tokens_fn"))
-            keys = list(dict.fromkeys(weights_key(group.weights) for group in routing.groups()))
-            if order == list(range(size)) or per_row_callbacks or self._strategy(keys, "generate") != "delta":
+            permutation = None if per_row_callbacks else self._contiguous_order(routing, "generate")
+            if permutation is None:
                 outputs = self._execute(routing, lambda _: self.inner.generate(**batch), "generate")
             else:
                 # Samples of one composition next to each other: layers then work on slices, not gathered rows.
-                permutation = torch.as_tensor(order, dtype=torch.long)
                 permuted = select_rows(batch, permutation, size)
-                outputs = self._execute(routing.select(order), lambda _: self.inner.generate(**permuted), "generate")
+                outputs = self._execute(
+                    routing.select(permutation.tolist()), lambda _: self.inner.generate(**permuted), "generate"
+                )
                 config = batch.get("generation_config") or self.inner.generation_config
                 beams = batch.get("num_beams") or getattr(config, "num_beams", 1) or 1
                 outputs = reorder_rows(outputs, permutation, size, int(beams))
@@ -662,6 +673,17 @@ class AutoSwitchModel(nn.Module):
                 head_of_sample[index] = heads.index(group.head)
         keys = list(dict.fromkeys(weights_key(group.weights) for group in groups))
         strategy = self._strategy(keys, kind)
+        if strategy == "stream":
+            sample_group = [0] * len(routing)
+            for group in groups:
+                for index in group.indices:
+                    sample_group[index] = keys.index(weights_key(group.weights))
+            tasks = tuple(self.tasks)
+            compositions = [dict(key) for key in keys]
+            with streamed_execution(
+                self._slots, self._tables, tasks, compositions, sample_group, heads, head_of_sample
+            ):
+                return run(None)
         if len(keys) == 1 and len(heads) == 1:
             with single_composition(self._slots, self._composition(dict(keys[0])), heads[0]):
                 return run(None)
@@ -693,9 +715,23 @@ class AutoSwitchModel(nn.Module):
         with grouped_compositions(self._slots, compositions, assignments, heads, head_of_sample):
             return run(None)
 
+    def _contiguous_order(self, routing: RoutingResult, kind: str) -> torch.Tensor | None:
+        """A permutation of the samples that puts each composition's samples next to each other, for the one-call
+        strategies (``stream``, ``delta``); None when they already are or another strategy runs."""
+        groups = routing.groups()
+        order = [index for group in groups for index in group.indices]
+        if order == list(range(len(order))):
+            return None
+        keys = list(dict.fromkeys(weights_key(group.weights) for group in groups))
+        if self._strategy(keys, kind) not in ("stream", "delta"):
+            return None
+        return torch.as_tensor(order, dtype=torch.long)
+
     def _strategy(self, keys: list, kind: str) -> str:
         """``sequential``/``grouped`` (composed parameters per distinct composition) or ``delta``."""
         composed = "sequential" if kind == "forward" else "grouped"
+        if self.config.execution == "stream" or (self.config.execution == "auto" and self._cache.budget_bytes == 0):
+            return "stream"
         if self.config.execution == "compose" or self._slots.non_affine:
             return composed
         if self.config.execution == "delta":
@@ -802,6 +838,7 @@ class AutoSwitchModel(nn.Module):
         with self._lock:
             self._cache.clear()
             self._deltas.clear()
+            self._tables.clear()
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held: ``base`` parameters, packed ``switches`` (codes + scales), ``decoded_switches`` (kept
@@ -836,7 +873,7 @@ class AutoSwitchModel(nn.Module):
         return {
             "base": base,
             "switches": switches,
-            "decoded_switches": decoded,
+            "decoded_switches": decoded + self._tables.nbytes,
             "heads": heads,
             "cache": self._cache.info().nbytes,
             "sparse_deltas": self._deltas.nbytes,
@@ -847,6 +884,7 @@ class AutoSwitchModel(nn.Module):
         with self._lock:
             self._cache.clear()
             self._deltas.clear()
+            self._tables.clear()
             return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> AutoSwitchModel:

@@ -1,0 +1,171 @@
+"""Kernels that apply kept switch entries without building dense task weights.
+
+- :func:`add_row_deltas`: ``y[r] += sum_(t, w) w * x[r] @ delta_t^T`` for the rows of a call, every row with its own
+  tasks and weights, in one pass over the entries (linear layers, Conv1D, tied output layers).
+- :func:`add_embedding_deltas`: the same for embedding lookups (the looked-up rows of each task's delta).
+- :func:`scatter_deltas`: ``weight + sum_t w_t delta_t`` into a scratch buffer (composing one layer).
+
+Each has a numba path for float32/float64 CPU tensors, used when numba is installed (``pip install
+switch-adapter[fast]``), and a pure torch path used everywhere else (other dtypes, GPUs, no numba). Both compute
+the same sums; only the order of float additions differs. ``SWITCH_ADAPTER_KERNELS=torch`` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .tables import TRANSPOSED, EntryTable
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _numba_kernels():
+    """The compiled numba kernels, or None when numba is missing or disabled."""
+    if os.environ.get("SWITCH_ADAPTER_KERNELS", "").lower() == "torch":
+        return None
+    try:
+        from . import _numba_kernels as kernels
+    except ImportError:
+        logger.debug("numba is not installed: switch entries are applied with torch ops.")
+        return None
+    return kernels
+
+
+def fast_kernels_available() -> bool:
+    """True when the numba kernels are used for float32/float64 CPU tensors."""
+    return _numba_kernels() is not None
+
+
+@dataclass
+class RowAssignment:
+    """For each row ``r`` of a call: the tasks (indices into the table's tasks) and weights it runs with,
+    ``task[ptr[r]:ptr[r + 1]]`` and ``weight[ptr[r]:ptr[r + 1]]``."""
+
+    ptr: np.ndarray  # int64 [rows + 1]
+    task: np.ndarray  # int64 [assignments]
+    weight: np.ndarray  # float32 [assignments]
+
+    @property
+    def rows(self) -> int:
+        return self.ptr.shape[0] - 1
+
+    def per_task(self, device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``[(task, rows, weights)]``: the rows that use each task, with their weights."""
+        row = np.repeat(np.arange(self.rows), np.diff(self.ptr))
+        out = []
+        for task in np.unique(self.task):
+            chosen = self.task == task
+            out.append(
+                (
+                    int(task),
+                    torch.from_numpy(row[chosen]).to(device),
+                    torch.from_numpy(self.weight[chosen]).to(device),
+                )
+            )
+        return out
+
+
+def _numba_ready(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and _numba_kernels() is not None
+    )
+
+
+def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignment: RowAssignment, kind: str) -> None:
+    """In place, ``y[r] += sum_(t, w) w * x[r] @ delta_t^T`` with ``x`` ``[rows, in]``, ``y`` ``[rows, out]`` and the
+    deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
+    transposed = kind == TRANSPOSED
+    if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
+        _numba_kernels().row_deltas(
+            y.numpy(), x.numpy(), assignment.ptr, assignment.task, assignment.weight,
+            *table.arrays(y.dtype), table.cols, transposed,
+        )  # fmt: skip
+        return
+    for task, rows, weights in assignment.per_task(y.device):
+        if table.count(task) == 0:
+            continue
+        positions, values = table.values(task, torch.float32)
+        positions = positions.long()
+        stored_row, stored_col = positions // table.cols, positions % table.cols
+        source, target = (stored_row, stored_col) if transposed else (stored_col, stored_row)
+        gathered = x.index_select(0, rows).float().index_select(1, source) * values
+        change = gathered.new_zeros((rows.numel(), y.shape[1])).index_add_(1, target, gathered)
+        y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
+
+
+def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, assignment: RowAssignment) -> None:
+    """In place, ``y[r] += sum_(t, w) w * delta_t[ids[r]]`` with ``ids`` ``[rows]`` and ``y`` ``[rows, dim]``."""
+    if _numba_ready(y) and ids.device.type == "cpu" and table.positions.device.type == "cpu":
+        _numba_kernels().embedding_deltas(
+            y.numpy(), ids.long().contiguous().numpy(), assignment.ptr, assignment.task, assignment.weight,
+            *table.arrays(y.dtype), table.cols,
+        )  # fmt: skip
+        return
+    for task, rows, weights in assignment.per_task(y.device):
+        if table.count(task) == 0:
+            continue
+        start = int(table.offsets[task])
+        row_ptr = table.row_ptr[task].long()
+        looked_up = ids.index_select(0, rows).long()
+        first, counts = row_ptr[looked_up], row_ptr[looked_up + 1] - row_ptr[looked_up]
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        owner = torch.repeat_interleave(torch.arange(rows.numel(), device=y.device), counts)
+        within = torch.arange(total, device=y.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        entries = start + torch.repeat_interleave(first, counts) + within
+        positions, values = table.values(task, torch.float32)
+        local = entries - start
+        columns = positions[local].long() % table.cols
+        change = torch.zeros((rows.numel(), y.shape[1]), device=y.device)
+        change.index_put_((owner, columns), values[local] * weights[owner], accumulate=True)
+        y.index_add_(0, rows, change.to(y.dtype))
+
+
+def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> None:
+    """In place, ``flat += sum_(t, w) w * delta_t`` for a flat view of one layer's weight."""
+    if _numba_ready(flat) and table.positions.device.type == "cpu":
+        tasks = np.array([t for t, _ in weights], dtype=np.int64)
+        scaled = np.array([w for _, w in weights], dtype=np.float64)
+        _numba_kernels().scatter(flat.numpy(), tasks, scaled, *table.arrays(flat.dtype))
+        return
+    for task, weight in weights:
+        if table.count(task):
+            positions, values = table.values(task, flat.dtype)
+            flat.index_add_(0, positions, values, alpha=weight)
+
+
+def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[int, float]]]) -> RowAssignment:
+    """The :class:`RowAssignment` of rows whose samples are ``row_sample``; sample ``s`` runs ``sample_tasks[s]``."""
+    counts = np.array([len(a) for a in sample_tasks], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    flat_task = np.array([t for a in sample_tasks for t, _ in a], dtype=np.int64)
+    flat_weight = np.array([w for a in sample_tasks for _, w in a], dtype=np.float32)
+    per_row = counts[row_sample]
+    ptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    within = np.arange(ptr[-1]) - np.repeat(ptr[:-1], per_row)
+    source = np.repeat(starts[row_sample], per_row) + within
+    return RowAssignment(ptr, flat_task[source], flat_weight[source])
+
+
+__all__ = [
+    "RowAssignment",
+    "add_embedding_deltas",
+    "add_row_deltas",
+    "assignment_for_rows",
+    "fast_kernels_available",
+    "scatter_deltas",
+]

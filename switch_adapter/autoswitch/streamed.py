@@ -1,0 +1,242 @@
+"""Streamed execution: every sample runs with its own composition, in one call, without dense task weights.
+
+Each switched layer is replaced for the call by a stand-in that reads the tasks' kept entries from the layer's
+:class:`~switch_adapter.autoswitch.tables.EntryTable`:
+
+- **light** groups of rows (few rows for their tasks' entries, e.g. decoding steps): one base call for their rows,
+  then :func:`~switch_adapter.autoswitch.kernels.add_row_deltas` adds every row's own tasks' entries in one pass
+  (embeddings always run this way);
+- **heavy** groups (many rows, e.g. a prefill or a forward pass): the group's composed weight is written into a
+  scratch buffer (base weight + scattered entries) and the base layer runs the group's rows with it. The buffer is
+  reused by every layer of the same shape and dropped when the call ends.
+
+A group is light when ``rows * kept entries of its tasks <= LIGHT_ENTRIES_PER_WEIGHT * weight size``: the
+entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get their composed parameters
+directly. Nothing dense outlives the call; the extra resident memory is the tables (5 bytes per kept entry plus 4
+bytes per stored row and task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compose import ModelSlots, layer_parameters
+from .execute import _GroupedCall, _replace_heads, _restore, _RowPlan, _stand_ins, _StandIn, _swap
+from .kernels import (
+    RowAssignment,
+    add_embedding_deltas,
+    add_row_deltas,
+    assignment_for_rows,
+    fast_kernels_available,
+    scatter_deltas,
+)
+from .tables import EMBEDDING, LINEAR, OTHER, EntryTable, TableCache, layer_kind
+
+# Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
+# measured on 2 CPU cores (benchmarks/routing.py), numba ~1.5 ns per entry and row vs ~0.3 ns per weight to compose.
+LIGHT_ENTRIES_PER_WEIGHT = 0.5
+LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
+
+
+class StreamPlan:
+    """The samples of a call grouped by composition: sample ``i`` runs group ``sample_group[i]``, whose tasks and
+    weights are ``groups[g]`` (task indices into ``tasks``)."""
+
+    def __init__(self, tasks: tuple[str, ...], groups: list[dict[str, float]], sample_group: list[int]) -> None:
+        self.tasks = tasks
+        self.batch = len(sample_group)
+        self.groups = [[(tasks.index(t), float(w)) for t, w in g.items() if w != 0] for g in groups]
+        self.sample_group = np.asarray(sample_group, dtype=np.int64)
+        self.rows = _RowPlan([[(g, 1.0)] for g in sample_group], len(groups))
+        self._sizes = np.bincount(self.sample_group, minlength=len(groups))
+        self._assignments: dict[tuple, RowAssignment] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._light: dict[tuple, list[bool]] = {}
+        self.light_limit = LIGHT_ENTRIES_PER_WEIGHT if fast_kernels_available() else LIGHT_ENTRIES_PER_WEIGHT_TORCH
+
+    @property
+    def last_rows(self) -> int:
+        return self.rows.last_rows
+
+    def light_groups(self, table: EntryTable, rows: int, tokens: int) -> list[bool]:
+        """Per group: whether its rows take the entry-wise path in a call of ``rows`` rows of ``tokens`` tokens."""
+        key = (id(table), rows, tokens)
+        found = self._light.get(key)
+        if found is None:
+            factor = rows // self.batch * tokens
+            limit = self.light_limit * table.numel
+            found = self._light[key] = [
+                int(self._sizes[g]) * factor * sum(table.count(t) for t, _ in tasks) <= limit
+                for g, tasks in enumerate(self.groups)
+            ]
+        return found
+
+    def assignment(self, rows: int, tokens: int, groups: tuple[int, ...] | None = None) -> RowAssignment:
+        """Tasks and weights per flattened row (``rows * tokens``), for the samples of ``groups`` only (in row
+        order) when given."""
+        key = (rows, tokens, groups)
+        found = self._assignments.get(key)
+        if found is None:
+            per_sample_rows = rows // self.batch * tokens
+            samples = np.arange(self.batch)
+            if groups is not None:  # group after group, as the row plan orders them
+                samples = np.concatenate([np.flatnonzero(self.sample_group == g) for g in groups])
+            row_sample = np.repeat(samples, per_sample_rows)
+            found = assignment_for_rows(row_sample, [self.groups[g] for g in self.sample_group])
+            self._assignments[key] = found
+        return found
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like ``like``, shared by the layers of that shape during the call (a fresh one when
+        autograd may keep the weight)."""
+        if torch.is_grad_enabled():
+            return torch.empty_like(like)
+        key = (tuple(like.shape), like.dtype, like.device)
+        found = self._scratch.get(key)
+        if found is None:
+            found = self._scratch[key] = torch.empty_like(like)
+        return found
+
+
+class _StreamedCall(_StandIn):
+    """Stands in for a switched layer with a weight table (linear, Conv1D, embedding, convolution)."""
+
+    def __init__(self, original: nn.Module, table: EntryTable, kind: str, plan: StreamPlan):
+        super().__init__(original, plan.rows)
+        self._table = table
+        self._kind = kind
+        self._stream = plan
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows, broadcast = self._rows(x)
+        if broadcast:
+            x = x.expand(rows, *x.shape[1:])
+        plan, table = self._stream, self._table
+        module = self._original[0]
+        if self._kind == EMBEDDING:
+            y = module(x, *args, **kwargs).contiguous()
+            tokens = x[0].numel()
+            add_embedding_deltas(y.view(rows * tokens, -1), x.reshape(-1), table, plan.assignment(rows, tokens))
+            return y
+        if self._kind == OTHER:
+            return self._composed_groups(x, rows, range(len(plan.groups)), args, kwargs)
+        tokens = x[0].numel() // x.shape[-1]
+        light = plan.light_groups(table, rows, tokens)
+        if all(light):
+            return self._entry_wise(x, rows, tokens, None, args, kwargs)
+        heavy = [g for g, is_light in enumerate(light) if not is_light]
+        y = self._composed_groups(x, rows, heavy, args, kwargs)
+        light_groups = tuple(g for g, is_light in enumerate(light) if is_light)
+        if light_groups:
+            index = torch.cat([_as_index(part) for g, part, _ in plan.rows.parts(rows, x.device, x.dtype) if light[g]])
+            y[index] = self._entry_wise(x[index], rows, tokens, light_groups, args, kwargs)
+        return y
+
+    def _entry_wise(self, x: torch.Tensor, rows: int, tokens: int, groups, args, kwargs) -> torch.Tensor:
+        """Base layer on ``x``, then every row's own tasks' kept entries. ``x`` holds all ``rows`` rows (``groups``
+        None) or the rows of the samples of ``groups``, group after group."""
+        plan = self._stream
+        y = self._original[0](x, *args, **kwargs).contiguous()
+        assignment = plan.assignment(rows, tokens, groups)
+        add_row_deltas(
+            y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self._table, assignment, self._kind
+        )
+        if getattr(self._original[0], "bias", None) is not None:
+            for g, index in self._group_rows(rows, y.device, y.dtype, groups):
+                delta = self._table.bias_delta(plan.groups[g])
+                if delta is not None:
+                    y[index] += delta.to(y.dtype)
+        return y
+
+    def _group_rows(self, rows: int, device, dtype, groups) -> list[tuple[int, slice | torch.Tensor]]:
+        """``[(group, rows)]`` of an input holding all ``rows`` rows, or only those of ``groups`` back to back."""
+        parts = self._stream.rows.parts(rows, device, dtype)
+        if groups is None:
+            return [(g, index) for g, index, _ in parts]
+        out, position = [], 0
+        for g, index, _ in parts:
+            if g in groups:
+                out.append((g, slice(position, position + _count(index))))
+                position += _count(index)
+        return out
+
+    def _composed_groups(self, x: torch.Tensor, rows: int, groups, args, kwargs) -> torch.Tensor:
+        """Run each group of ``groups`` on its rows with its composed parameters (scratch buffers)."""
+        plan, table = self._stream, self._table
+        module = self._original[0]
+        result = None
+        wanted = set(groups)
+        parts = plan.rows.parts(rows, x.device, x.dtype)
+        for g, index, _ in parts:
+            if g not in wanted:
+                continue
+            params = {}
+            if plan.groups[g]:
+                weight = plan.scratch(module.weight)
+                weight.copy_(module.weight)
+                scatter_deltas(weight.view(-1), table, plan.groups[g])
+                params["weight"] = weight
+                bias = table.bias_delta(plan.groups[g])
+                if bias is not None:
+                    params["bias"] = module.bias + bias.to(module.bias.dtype)
+            saved = _swap(module, params)
+            try:
+                y = module(x[index], *args, **kwargs)
+            finally:
+                _restore(module, saved)
+            if len(parts) == 1:
+                return y
+            if result is None:
+                result = y.new_empty((rows,) + tuple(y.shape[1:]))
+            result[index] = y
+        return result
+
+
+def _as_index(part) -> torch.Tensor:
+    return torch.arange(part.start, part.stop) if isinstance(part, slice) else part
+
+
+def _count(part) -> int:
+    return part.stop - part.start if isinstance(part, slice) else int(part.numel())
+
+
+@contextmanager
+def streamed_execution(
+    slots: ModelSlots,
+    tables: TableCache,
+    tasks: tuple[str, ...],
+    groups: list[dict[str, float]],
+    sample_group: list[int],
+    heads: list[str | None],
+    head_of_sample: list[int],
+) -> Iterator[None]:
+    """Run sample ``i`` with ``base + sum_t groups[sample_group[i]][t] * switch_t`` in every switched layer, and
+    the head of task ``heads[head_of_sample[i]]``."""
+    plan = StreamPlan(tasks, groups, sample_group)
+    with _stand_ins() as replace:
+        for layer in slots.layers:
+            base = layer.get_base_layer()
+            used = any(
+                layer._has_switch(tasks[t], name) for g in plan.groups for t, _ in g for name in ("weight", "bias")
+            )
+            if not used:
+                continue
+            kind = layer_kind(base)
+            if getattr(base, "weight", None) is not None and base.weight.dim() >= 2:
+                table = tables.get(layer, tasks)
+                replace(layer, "base_layer", _StreamedCall(base, table, kind, plan))
+            else:  # norm layers: small composed parameters per group
+                targets = [(base, layer_parameters(layer, dict((tasks[t], w) for t, w in g))) for g in plan.groups]
+                replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
+        for tied in slots.tied:
+            source = tied.source
+            if any(source._has_switch(tasks[t], "weight") for g in plan.groups for t, _ in g):
+                table = tables.get(source, tasks)
+                replace(tied, "base_layer", _StreamedCall(tied.get_base_layer(), table, LINEAR, plan))
+        _replace_heads(replace, slots, heads, head_of_sample)
+        yield

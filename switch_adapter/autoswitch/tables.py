@@ -1,0 +1,225 @@
+"""Per-layer tables of the kept entries of every routed task's switch, the state streamed execution reads.
+
+A table holds, for one switched weight, the decoded kept positions and multipliers of all tasks back to back (the
+5 bytes per kept entry the layer itself would hold, which it then drops), the range of each stored row per task
+(4 bytes per row and task) and each task's scales. Nothing dense is ever built from it except one layer at a time,
+in a scratch buffer, during a call.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..tswitch.layer import SwitchedModule
+
+# Layer kinds whose weight a table describes, and how rows of the stored weight relate to the computation.
+LINEAR, TRANSPOSED, EMBEDDING, OTHER = "linear", "transposed", "embedding", "other"
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``linear`` (nn.Linear: stored rows are outputs), ``transposed`` (Conv1D: stored rows are inputs),
+    ``embedding`` (stored rows are looked up), ``other`` (convolutions: composed in a scratch buffer only)."""
+    if isinstance(module, Conv1D):
+        return TRANSPOSED
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return EMBEDDING
+    return OTHER
+
+
+@dataclass
+class EntryTable:
+    """Kept entries of the weight switches of ``tasks`` in one layer, concatenated task after task.
+
+    Entries of task ``t`` in stored row ``o`` (row-major ``[rows, cols]`` view of the weight) are
+    ``offsets[t] + row_ptr[t, o] : offsets[t] + row_ptr[t, o + 1]``; an entry's value is
+    ``multipliers[j] * scales[t, positions[j] // chunks[t]]``.
+    """
+
+    tasks: tuple[str, ...]
+    keys: tuple
+    positions: torch.Tensor  # int32 (int64 past 2**31 entries), ascending within a task
+    multipliers: torch.Tensor  # int8 (int16 for 8-bit units)
+    offsets: torch.Tensor  # int64 [T + 1]
+    row_ptr: torch.Tensor  # int32 [T, rows + 1]
+    scales: torch.Tensor  # float32 [T, S]
+    chunks: torch.Tensor  # int64 [T]: numel // (scales of the task)
+    rows: int
+    cols: int
+    bias: torch.Tensor | None = None  # [T, out]: each task's dense bias change (None: no task switches the bias)
+
+    def __post_init__(self) -> None:
+        self._bias_sums: dict[tuple, torch.Tensor | None] = {}
+        self.counts = torch.diff(self.offsets).tolist()  # kept entries per task
+        self._arrays: dict[torch.dtype, tuple] = {}
+
+    def arrays(self, dtype: torch.dtype) -> tuple:
+        """The table as numpy arrays (CPU only), scales in ``dtype``: what the numba kernels take."""
+        found = self._arrays.get(dtype)
+        if found is None:
+            found = self._arrays[dtype] = (
+                self.positions.numpy(),
+                self.multipliers.numpy(),
+                self.offsets.numpy(),
+                self.row_ptr.numpy(),
+                self.scales.to(dtype).numpy(),
+                self.chunks.numpy(),
+            )
+        return found
+
+    def bias_delta(self, weights: list[tuple[int, float]]) -> torch.Tensor | None:
+        """``sum_(t, w) w * bias change_t`` (None when no task of ``weights`` switches the bias); memoised."""
+        if self.bias is None:
+            return None
+        key = tuple(weights)
+        if key not in self._bias_sums:
+            if len(self._bias_sums) > 1024:
+                self._bias_sums.clear()
+            used = [(t, w) for t, w in weights if bool(self.bias[t].any())]
+            self._bias_sums[key] = sum(self.bias[t] * w for t, w in used) if used else None
+        return self._bias_sums[key]
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def count(self, task: int) -> int:
+        return self.counts[task]
+
+    def values(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, values)`` of one task's kept entries, values in ``dtype``."""
+        start, stop = int(self.offsets[task]), int(self.offsets[task + 1])
+        positions = self.positions[start:stop]
+        scale = self.scales[task]
+        if self.chunks[task] < self.numel:
+            scale = scale[(positions // int(self.chunks[task])).long()]
+        else:
+            scale = scale[0]
+        return positions, (self.multipliers[start:stop].to(dtype) * scale.to(dtype))
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.positions, self.multipliers, self.row_ptr, self.scales, self.bias)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _stored_shape(module: nn.Module) -> tuple[int, int]:
+    weight = module.weight
+    return weight.shape[0], weight.numel() // weight.shape[0]
+
+
+def _code_key(layer: SwitchedModule, task: str, param_name: str = "weight") -> tuple | None:
+    if not layer._has_switch(task, param_name):
+        return None
+    code = layer._codes(param_name)[task]
+    return (code.data_ptr(), code._version, code.device, code.numel())
+
+
+@torch.no_grad()
+def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
+    """Decode the weight switch of every task of ``tasks`` (an empty switch contributes no entry) into one table,
+    and release the layer's own decoded copy of them."""
+    module = layer.get_base_layer()
+    rows, cols = _stored_shape(module)
+    numel = rows * cols
+    device = module.weight.device
+    positions, multipliers, counts, row_ptrs, scales, chunks, keys = [], [], [0], [], [], [], []
+    for task in tasks:
+        if layer._has_switch(task, "weight"):
+            kept, mult = layer._sparse(task, "weight")
+            layer._sparse_cache.pop((task, "weight"), None)
+            kept, mult = kept.to(device), mult.to(device)
+            if kept.numel() > 1 and bool((kept[1:] < kept[:-1]).any()):
+                order = torch.argsort(kept)
+                kept, mult = kept[order], mult[order]
+            scale = layer._scales("weight")[task].detach().reshape(-1).to(device, torch.float32)
+        else:
+            kept = torch.zeros(0, dtype=torch.int32, device=device)
+            mult = torch.zeros(0, dtype=torch.int8, device=device)
+            scale = torch.zeros(1, device=device)
+        keys.append((_code_key(layer, task), _code_key(layer, task, "bias")))
+        positions.append(kept)
+        multipliers.append(mult)
+        counts.append(kept.numel())
+        per_row = (
+            torch.bincount((kept // cols).long(), minlength=rows)
+            if kept.numel()
+            else torch.zeros(rows, dtype=torch.long)
+        )
+        row_ptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        row_ptr[1:] = torch.cumsum(per_row.to(device), 0)
+        row_ptrs.append(row_ptr)
+        scales.append(scale)
+        chunks.append(numel // scale.numel())
+    width = max(s.numel() for s in scales)
+    padded = torch.zeros(len(tasks), width, device=device)
+    for index, scale in enumerate(scales):
+        padded[index, : scale.numel()] = scale
+    bias = getattr(module, "bias", None)
+    bias_rows = None
+    if isinstance(bias, torch.Tensor) and any(layer._has_switch(task, "bias") for task in tasks):
+        bias_rows = torch.zeros(len(tasks), bias.numel(), dtype=bias.dtype, device=device)
+        for index, task in enumerate(tasks):
+            delta = layer.get_delta(task, "bias")
+            layer._sparse_cache.pop((task, "bias"), None)
+            if delta is not None:
+                bias_rows[index] = delta.reshape(-1)
+    position_dtype = torch.int64 if numel > 2**31 - 1 else torch.int32
+    multiplier_dtype = torch.int16 if any(m.dtype == torch.int16 for m in multipliers) else torch.int8
+    return EntryTable(
+        tasks=tuple(tasks),
+        keys=tuple(keys),
+        positions=torch.cat([p.to(position_dtype) for p in positions]),
+        multipliers=torch.cat([m.to(multiplier_dtype) for m in multipliers]),
+        offsets=torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(device),
+        row_ptr=torch.stack(row_ptrs),
+        scales=padded,
+        chunks=torch.tensor(chunks, dtype=torch.int64, device=device),
+        rows=rows,
+        cols=cols,
+        bias=bias_rows,
+    )
+
+
+class TableCache:
+    """Entry tables per switched layer for the router's current tasks; rebuilt when the tasks, a switch's code or
+    the layer's device change."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, EntryTable] = {}
+        self._lock = threading.Lock()
+
+    def get(self, layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
+        with self._lock:
+            table = self._tables.get(id(layer))
+        if table is not None and table.tasks == tasks and self._current(table, layer):
+            return table
+        with torch.inference_mode(False):
+            table = build_table(layer, tasks)
+        with self._lock:
+            self._tables[id(layer)] = table
+        return table
+
+    @staticmethod
+    def _current(table: EntryTable, layer: SwitchedModule) -> bool:
+        if table.positions.device != layer.get_base_layer().weight.device:
+            return False
+        return all(
+            key == (_code_key(layer, task), _code_key(layer, task, "bias"))
+            for task, key in zip(table.tasks, table.keys)
+        )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(table.nbytes for table in self._tables.values())
