@@ -75,10 +75,10 @@ SAMPLES = [[(0, 1.0)], [(2, 0.5), (3, 0.5)], [], [(1, 1.0)], [(3, 0.25), (0, 0.7
 @pytest.mark.parametrize("per_row_scale", [False, True], ids=["one-scale", "row-scales"])
 @pytest.mark.parametrize("wide", [False, True], ids=["1-bit", "multi-bit"])
 @pytest.mark.parametrize("kind", [LINEAR, TRANSPOSED])
-def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide):
+@pytest.mark.parametrize("tokens", [3, 17], ids=["short-runs", "runs-of-8-and-more"])
+def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide, tokens):
     table = random_table(24, 40, 4, seed=1, per_row_scale=per_row_scale, wide=wide)
     deltas = dense_deltas(table)
-    tokens = 3
     x = torch.randn(len(SAMPLES) * tokens, table.cols if kind == LINEAR else table.rows)
     row_sample = np.repeat(np.arange(len(SAMPLES)), tokens)
     y = torch.randn(x.shape[0], table.rows if kind == LINEAR else table.cols)

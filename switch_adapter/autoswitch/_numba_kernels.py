@@ -6,6 +6,7 @@ Arrays: ``positions`` / ``multipliers`` / ``offsets`` / ``row_ptr`` / ``scales``
 once, in order.
 """
 
+import numpy as np
 from numba import njit, prange
 
 
@@ -89,3 +90,60 @@ def scatter(flat, tasks, weights, positions, multipliers, offsets, row_ptr, scal
             for j in range(offsets[t], offsets[t + 1]):
                 p = positions[j]
                 flat[p] += w * scales[t, p // chunk] * multipliers[j]
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def run_deltas(y, xt, run_start, run_stop, run_ptr, task, weight, positions, multipliers, offsets, row_ptr, scales,
+               chunks, cols):  # fmt: skip
+    """``row_deltas`` for a linear layer whose rows come in runs sharing their tasks, with ``xt = x.T`` contiguous:
+    each kept entry is read once per run and applied to 8 rows at a time. Every task's scale must be one per tensor
+    or one per stored row. Work is split over (run, block of output rows), so no two threads write one value."""
+    outputs = row_ptr.shape[1] - 1
+    block = 32
+    blocks = (outputs + block - 1) // block
+    for job in prange(run_start.shape[0] * blocks):
+        run = job // blocks
+        o_first = (job % blocks) * block
+        o_last = min(outputs, o_first + block)
+        r_first = run_start[run]
+        r_last = run_stop[run]
+        for a in range(run_ptr[run], run_ptr[run + 1]):
+            t = task[a]
+            first = offsets[t]
+            chunk = chunks[t]
+            for o in range(o_first, o_last):
+                start = first + row_ptr[t, o]
+                stop = first + row_ptr[t, o + 1]
+                if start == stop:
+                    continue
+                row_start = o * cols
+                ws = weight[a] * scales[t, row_start // chunk]
+                r = r_first
+                while r + 8 <= r_last:
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                    for j in range(start, stop):
+                        m = np.float32(multipliers[j])
+                        c = positions[j] - row_start
+                        a0 += m * xt[c, r]
+                        a1 += m * xt[c, r + 1]
+                        a2 += m * xt[c, r + 2]
+                        a3 += m * xt[c, r + 3]
+                        a4 += m * xt[c, r + 4]
+                        a5 += m * xt[c, r + 5]
+                        a6 += m * xt[c, r + 6]
+                        a7 += m * xt[c, r + 7]
+                    y[r, o] += ws * a0
+                    y[r + 1, o] += ws * a1
+                    y[r + 2, o] += ws * a2
+                    y[r + 3, o] += ws * a3
+                    y[r + 4, o] += ws * a4
+                    y[r + 5, o] += ws * a5
+                    y[r + 6, o] += ws * a6
+                    y[r + 7, o] += ws * a7
+                    r += 8
+                while r < r_last:
+                    acc = np.float32(0.0)
+                    for j in range(start, stop):
+                        acc += np.float32(multipliers[j]) * xt[positions[j] - row_start, r]
+                    y[r, o] += ws * acc
+                    r += 1

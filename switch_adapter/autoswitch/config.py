@@ -60,17 +60,19 @@ class AutoSwitchConfig:
         weight_step: Round soft weights to multiples of this step (largest-remainder rounding, the weights still
             sum to 1). ``None``: exact, i.e. multiples of ``1/k``. A coarser step means fewer distinct compositions
             in a mixed batch (less memory and time) for slightly coarser mixing.
-        execution: How a batch with several compositions runs. ``"compose"``: composed parameters per distinct
-            composition (forward: one pass per composition on its sub-batch; generate: every switched layer runs
-            each composition's rows); memory and build time grow with the number of distinct compositions.
-            ``"delta"``: one pass; linear layers compute the base matmul once and add each task's sparse delta
-            (from the switch's kept entries) to the rows that use it, times their weights; other switched layers
-            (embeddings, norms) mix per-task compositions. Exact for soft weights, because these layers are affine
-            in their parameters; memory stays at one sparse delta per task. ``"auto"``: ``compose`` for a forward
-            pass with no more distinct compositions than tasks (e.g. top1) or all of them cached, and for a
-            ``generate`` call with at most 2 compositions; else ``delta``.
-        cache_budget_bytes: Memory for composed parameters kept between calls (LRU). The compositions a call needs
-            are always built for that call; only what is retained afterwards is bounded.
+        execution: How a batch runs. ``"stream"``: one pass, every sample with its own composition, nothing dense
+            kept: each switched layer either adds every row's own tasks' kept entries to one base call (few rows,
+            e.g. decoding) or composes each group's weight in a scratch buffer reused across layers (many rows);
+            memory is the decoded tables (5 bytes per kept entry). ``"compose"``: dense composed parameters per
+            distinct composition, cached within ``cache_budget_bytes`` (forward: one pass per composition on its
+            sub-batch; generate: every switched layer runs each composition's rows). ``"delta"``: one pass; linear
+            layers add per-task CSR deltas (about 8 bytes per kept entry) to one base matmul. ``"auto"``:
+            ``"stream"`` when ``cache_budget_bytes`` is 0 (the default); with a budget, ``compose`` for a forward
+            pass with no more distinct compositions than tasks or all of them cached and for a ``generate`` call
+            with at most 2 compositions, else ``delta``. All paths give the same outputs up to float rounding.
+        cache_budget_bytes: Memory for dense composed parameters kept between calls (LRU). 0 (default): none; the
+            router then streams (see ``execution``). With ``"compose"`` the compositions a call needs are always
+            built for that call; only what is retained afterwards is bounded.
         feature_batch_size: Batch size when computing query-set features.
         max_length: Truncation length when the router tokenizes text (None: the tokenizer's maximum).
         text_column: Column holding the text when a query set is a ``datasets.Dataset``.

@@ -51,6 +51,13 @@ class RowAssignment:
     ptr: np.ndarray  # int64 [rows + 1]
     task: np.ndarray  # int64 [assignments]
     weight: np.ndarray  # float32 [assignments]
+    # The same as runs of consecutive rows that share their tasks: rows run_start[i]:run_stop[i] use
+    # task[run_ptr[i]:run_ptr[i + 1]] (indices into ``task`` / ``weight`` of the run's first row's entries).
+    run_start: np.ndarray | None = None
+    run_stop: np.ndarray | None = None
+    run_ptr: np.ndarray | None = None
+    run_task: np.ndarray | None = None
+    run_weight: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -87,6 +94,12 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
     transposed = kind == TRANSPOSED
     if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
+        if not transposed and y.dtype == torch.float32 and table.aligned_scales and assignment.run_start is not None:
+            _numba_kernels().run_deltas(
+                y.numpy(), x.T.contiguous().numpy(), assignment.run_start, assignment.run_stop, assignment.run_ptr,
+                assignment.run_task, assignment.run_weight, *table.arrays(y.dtype), table.cols,
+            )  # fmt: skip
+            return
         _numba_kernels().row_deltas(
             y.numpy(), x.numpy(), assignment.ptr, assignment.task, assignment.weight,
             *table.arrays(y.dtype), table.cols, transposed,
@@ -158,7 +171,22 @@ def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[in
     ptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
     within = np.arange(ptr[-1]) - np.repeat(ptr[:-1], per_row)
     source = np.repeat(starts[row_sample], per_row) + within
-    return RowAssignment(ptr, flat_task[source], flat_weight[source])
+    assignment = RowAssignment(ptr, flat_task[source], flat_weight[source])
+    if len(row_sample):
+        ids: dict[tuple, int] = {}
+        composition = np.array([ids.setdefault(tuple(a), len(ids)) for a in sample_tasks], dtype=np.int64)
+        row_composition = composition[row_sample]
+        change = np.flatnonzero(np.diff(row_composition)) + 1
+        assignment.run_start = np.concatenate([[0], change]).astype(np.int64)
+        assignment.run_stop = np.concatenate([change, [len(row_sample)]]).astype(np.int64)
+        run_sample = row_sample[assignment.run_start]
+        run_counts = counts[run_sample]
+        assignment.run_ptr = np.concatenate([[0], np.cumsum(run_counts)]).astype(np.int64)
+        within = np.arange(assignment.run_ptr[-1]) - np.repeat(assignment.run_ptr[:-1], run_counts)
+        run_source = np.repeat(starts[run_sample], run_counts) + within
+        assignment.run_task = flat_task[run_source]
+        assignment.run_weight = flat_weight[run_source]
+    return assignment
 
 
 __all__ = [

@@ -24,8 +24,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .compose import ModelSlots, layer_parameters
+from .compose import ModelSlots
 from .execute import _GroupedCall, _replace_heads, _restore, _RowPlan, _stand_ins, _StandIn, _swap
 from .kernels import (
     RowAssignment,
@@ -35,7 +36,7 @@ from .kernels import (
     fast_kernels_available,
     scatter_deltas,
 )
-from .tables import EMBEDDING, LINEAR, OTHER, EntryTable, TableCache, layer_kind
+from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache, layer_kind
 
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
 # measured on 2 CPU cores (benchmarks/routing.py), numba ~1.5 ns per entry and row vs ~0.3 ns per weight to compose.
@@ -58,6 +59,12 @@ class StreamPlan:
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._light: dict[tuple, list[bool]] = {}
         self.light_limit = LIGHT_ENTRIES_PER_WEIGHT if fast_kernels_available() else LIGHT_ENTRIES_PER_WEIGHT_TORCH
+
+    def uses(self, table: EntryTable) -> bool:
+        """Whether a task of this call changes the layer of ``table`` (its weight or bias)."""
+        return any(
+            table.count(t) or (table.bias is not None and bool(table.bias[t].any())) for g in self.groups for t, _ in g
+        )
 
     @property
     def last_rows(self) -> int:
@@ -94,7 +101,7 @@ class StreamPlan:
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like``, shared by the layers of that shape during the call (a fresh one when
         autograd may keep the weight)."""
-        if torch.is_grad_enabled():
+        if _needs_graph(like):
             return torch.empty_like(like)
         key = (tuple(like.shape), like.dtype, like.device)
         found = self._scratch.get(key)
@@ -108,6 +115,8 @@ class _StreamedCall(_StandIn):
 
     def __init__(self, original: nn.Module, table: EntryTable, kind: str, plan: StreamPlan):
         super().__init__(original, plan.rows)
+        weight = original.weight
+        self._outputs = weight.shape[0] if kind != TRANSPOSED else weight.shape[1]
         self._table = table
         self._kind = kind
         self._stream = plan
@@ -172,6 +181,12 @@ class _StreamedCall(_StandIn):
         result = None
         wanted = set(groups)
         parts = plan.rows.parts(rows, x.device, x.dtype)
+        # plain nn.Linear / Conv1D (no subclass, no hooks, no extra arguments): computed into the output directly
+        direct = (
+            type(module) in (nn.Linear, Conv1D)
+            and not (args or kwargs or module._forward_hooks or module._forward_pre_hooks)
+            and not _needs_graph(x, module.weight)
+        )
         for g, index, _ in parts:
             if g not in wanted:
                 continue
@@ -184,6 +199,11 @@ class _StreamedCall(_StandIn):
                 bias = table.bias_delta(plan.groups[g])
                 if bias is not None:
                     params["bias"] = module.bias + bias.to(module.bias.dtype)
+            if direct and isinstance(index, slice) and len(parts) > 1:  # matmul straight into the output rows
+                if result is None:
+                    result = x.new_empty((rows,) + tuple(x.shape[1:-1]) + (self._outputs,))
+                _linear_into(module, x[index], params, result[index])
+                continue
             saved = _swap(module, params)
             try:
                 y = module(x[index], *args, **kwargs)
@@ -195,6 +215,23 @@ class _StreamedCall(_StandIn):
                 result = y.new_empty((rows,) + tuple(y.shape[1:]))
             result[index] = y
         return result
+
+
+def _needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on these tensors (then buffers must not be reused or written into)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _linear_into(module: nn.Module, x: torch.Tensor, params: dict, out: torch.Tensor) -> None:
+    """``out = module(x)`` for an nn.Linear or Conv1D with ``params`` substituted, written into ``out``."""
+    weight = params.get("weight", module.weight)
+    bias = params.get("bias", module.bias)
+    flat_in, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    matrix = weight.t() if isinstance(module, nn.Linear) else weight  # Conv1D stores [in, out]
+    if bias is None:
+        torch.mm(flat_in, matrix, out=flat_out)
+    else:
+        torch.addmm(bias, flat_in, matrix, out=flat_out)
 
 
 def _as_index(part) -> torch.Tensor:
@@ -221,22 +258,17 @@ def streamed_execution(
     with _stand_ins() as replace:
         for layer in slots.layers:
             base = layer.get_base_layer()
-            used = any(
-                layer._has_switch(tasks[t], name) for g in plan.groups for t, _ in g for name in ("weight", "bias")
-            )
-            if not used:
-                continue
-            kind = layer_kind(base)
             if getattr(base, "weight", None) is not None and base.weight.dim() >= 2:
                 table = tables.get(layer, tasks)
-                replace(layer, "base_layer", _StreamedCall(base, table, kind, plan))
+                if plan.uses(table):
+                    replace(layer, "base_layer", _StreamedCall(base, table, layer_kind(base), plan))
             else:  # norm layers: small composed parameters per group
-                targets = [(base, layer_parameters(layer, dict((tasks[t], w) for t, w in g))) for g in plan.groups]
-                replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
+                targets = [(base, tables.norm_parameters(layer, tasks, tuple(g))) for g in plan.groups]
+                if any(params for _, params in targets):
+                    replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
         for tied in slots.tied:
-            source = tied.source
-            if any(source._has_switch(tasks[t], "weight") for g in plan.groups for t, _ in g):
-                table = tables.get(source, tasks)
+            table = tables.get(tied.source, tasks)
+            if plan.uses(table):
                 replace(tied, "base_layer", _StreamedCall(tied.get_base_layer(), table, LINEAR, plan))
         _replace_heads(replace, slots, heads, head_of_sample)
         yield

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..tswitch.layer import SwitchedModule
+from .compose import layer_parameters
 
 # Layer kinds whose weight a table describes, and how rows of the stored weight relate to the computation.
 LINEAR, TRANSPOSED, EMBEDDING, OTHER = "linear", "transposed", "embedding", "other"
@@ -57,6 +58,8 @@ class EntryTable:
     def __post_init__(self) -> None:
         self._bias_sums: dict[tuple, torch.Tensor | None] = {}
         self.counts = torch.diff(self.offsets).tolist()  # kept entries per task
+        # every task has one scale per tensor or per stored row (what the run kernel handles)
+        self.aligned_scales = all(int(c) >= self.numel or int(c) % self.cols == 0 for c in self.chunks.tolist())
         self._arrays: dict[torch.dtype, tuple] = {}
 
     def arrays(self, dtype: torch.dtype) -> tuple:
@@ -114,11 +117,15 @@ def _stored_shape(module: nn.Module) -> tuple[int, int]:
     return weight.shape[0], weight.numel() // weight.shape[0]
 
 
-def _code_key(layer: SwitchedModule, task: str, param_name: str = "weight") -> tuple | None:
-    if not layer._has_switch(task, param_name):
-        return None
-    code = layer._codes(param_name)[task]
-    return (code.data_ptr(), code._version, code.device, code.numel())
+def switch_keys(layer: SwitchedModule, tasks: tuple[str, ...]) -> tuple:
+    """Identity of the weight and bias switches of ``tasks`` in ``layer`` (None for an absent or empty switch): a
+    table built for other keys is stale (an adapter reloaded or replaced under the same name)."""
+    codes = (layer._codes("weight")._buffers, layer._codes("bias")._buffers)
+    keys = []
+    for task in tasks:
+        for found in (codes[0].get(task), codes[1].get(task)):
+            keys.append(None if found is None or found.numel() == 0 else (found.data_ptr(), found._version))
+    return tuple(keys)
 
 
 @torch.no_grad()
@@ -129,7 +136,8 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
     rows, cols = _stored_shape(module)
     numel = rows * cols
     device = module.weight.device
-    positions, multipliers, counts, row_ptrs, scales, chunks, keys = [], [], [0], [], [], [], []
+    keys = switch_keys(layer, tasks)
+    positions, multipliers, counts, row_ptrs, scales, chunks = [], [], [0], [], [], []
     for task in tasks:
         if layer._has_switch(task, "weight"):
             kept, mult = layer._sparse(task, "weight")
@@ -143,7 +151,6 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
             kept = torch.zeros(0, dtype=torch.int32, device=device)
             mult = torch.zeros(0, dtype=torch.int8, device=device)
             scale = torch.zeros(1, device=device)
-        keys.append((_code_key(layer, task), _code_key(layer, task, "bias")))
         positions.append(kept)
         multipliers.append(mult)
         counts.append(kept.numel())
@@ -174,7 +181,7 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
     multiplier_dtype = torch.int16 if any(m.dtype == torch.int16 for m in multipliers) else torch.int8
     return EntryTable(
         tasks=tuple(tasks),
-        keys=tuple(keys),
+        keys=keys,
         positions=torch.cat([p.to(position_dtype) for p in positions]),
         multipliers=torch.cat([m.to(multiplier_dtype) for m in multipliers]),
         offsets=torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(device),
@@ -193,6 +200,7 @@ class TableCache:
 
     def __init__(self) -> None:
         self._tables: dict[int, EntryTable] = {}
+        self._norms: dict[tuple, tuple[tuple, dict]] = {}
         self._lock = threading.Lock()
 
     def get(self, layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
@@ -210,16 +218,33 @@ class TableCache:
     def _current(table: EntryTable, layer: SwitchedModule) -> bool:
         if table.positions.device != layer.get_base_layer().weight.device:
             return False
-        return all(
-            key == (_code_key(layer, task), _code_key(layer, task, "bias"))
-            for task, key in zip(table.tasks, table.keys)
-        )
+        return switch_keys(layer, table.tasks) == table.keys
+
+    def norm_parameters(self, layer: SwitchedModule, tasks: tuple[str, ...], weights: tuple) -> dict:
+        """A norm layer's composed parameters for ``weights`` (``((task index, weight), ...)``), memoised while the
+        switches are unchanged: they are a few vectors."""
+        keys = switch_keys(layer, tasks)
+        cache_key = (id(layer), tasks, weights)
+        with self._lock:
+            found = self._norms.get(cache_key)
+        if found is not None and found[0] == keys:
+            return found[1]
+        with torch.inference_mode(False):
+            params = layer_parameters(layer, {tasks[t]: w for t, w in weights})
+        with self._lock:
+            if len(self._norms) > 4096:
+                self._norms.clear()
+            self._norms[cache_key] = (keys, params)
+        return params
 
     def clear(self) -> None:
         with self._lock:
             self._tables.clear()
+            self._norms.clear()
 
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(table.nbytes for table in self._tables.values())
+            tables = sum(table.nbytes for table in self._tables.values())
+            norms = sum(v.numel() * v.element_size() for _, params in self._norms.values() for v in params.values())
+        return tables + norms
