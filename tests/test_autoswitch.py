@@ -340,6 +340,45 @@ def test_streamed_generate_paths_equal_single_adapter_runs(llama_switches, kerne
         assert torch.equal(sequences[rows], expected), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["entry-wise", "composed"])
+def test_streamed_execution_on_cuda_equals_cpu(bert_switches, llama_switches, path, monkeypatch):
+    limit = 1e9 if path == "entry-wise" else 0.0
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT", limit)
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT_TORCH", limit)
+    router = make_router(tiny_bert, bert_switches, mode="soft", k=6, feature_layer=0)
+    batch = mixed_batch()
+    expected = router(**batch).last_hidden_state
+    router.to("cuda")
+    got = router(**{k: v.cuda() for k, v in batch.items()}).last_hidden_state
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+    llama = make_router(tiny_llama, llama_switches, mode="top1")
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    expected = llama.generate(**_prompts(), **settings)
+    llama.to("cuda")
+    assert torch.equal(llama.generate(**{k: v.cuda() for k, v in _prompts().items()}, **settings).cpu(), expected)
+
+
+def test_single_composition_is_added_in_place_and_restored_exactly(llama_switches, single_adapter_models):
+    router = make_router(tiny_llama, llama_switches, mode="top1")
+    before = {name: value.clone() for name, value in router.model.state_dict().items()}
+    prompts = {k: v[[1, 4]] for k, v in _prompts().items()}  # both beta: one composition for the call
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    with torch.no_grad():
+        sequences = router.generate(**prompts, **settings)
+        expected = single_adapter_models["beta"].generate(**prompts, **settings)
+        logits = router(**prompts).logits
+        torch.testing.assert_close(logits, single_adapter_models["beta"](**prompts).logits, rtol=ATOL, atol=ATOL)
+    assert torch.equal(sequences, expected)
+    assert router.memory_footprint()["cache"] == 0
+    after = router.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # base weights restored bit for bit
+    with torch.no_grad(), pytest.raises(Exception):  # noqa: B017 - any failure inside the model's call
+        router(**prompts, position_ids=torch.zeros(5, 5, dtype=torch.long))  # wrong shape: the model raises
+    after = router.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # restored when the call raises too
+
+
 def test_mixed_batch_forward_selects_heads_with_different_label_counts(classifier_switches):
     make = lambda: tiny_bert_classifier(num_labels=2)  # noqa: E731
     router = make_router(make, classifier_switches, mode="top1")

@@ -71,7 +71,7 @@ from .metric import LearnedMetric
 from .routing import RoutingResult, route_features
 from .selection import FeatureChoice, candidate_layers
 from .sources import AdapterMismatchError, AdapterSource
-from .streamed import streamed_execution
+from .streamed import merged_in_place, streamed_execution
 from .tables import TableCache
 
 logger = logging.getLogger(__name__)
@@ -680,6 +680,10 @@ class AutoSwitchModel(nn.Module):
                     sample_group[index] = keys.index(weights_key(group.weights))
             tasks = tuple(self.tasks)
             compositions = [dict(key) for key in keys]
+            records = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+            if len(keys) == 1 and len(heads) == 1 and not records:  # one composition: add it in place, restore
+                with merged_in_place(self._slots, self._tables, tasks, compositions[0], heads[0]):
+                    return run(None)
             with streamed_execution(
                 self._slots, self._tables, tasks, compositions, sample_group, heads, head_of_sample
             ):

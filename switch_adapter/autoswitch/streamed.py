@@ -39,8 +39,10 @@ from .kernels import (
 from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache, layer_kind
 
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
-# measured on 2 CPU cores (benchmarks/routing.py), numba ~1.5 ns per entry and row vs ~0.3 ns per weight to compose.
-LIGHT_ENTRIES_PER_WEIGHT = 0.5
+# chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba kernel costs ~0.35 ns
+# per entry and row in runs of 8 rows, composing ~0.3 ns per weight plus the less efficient small matmuls; 2.0 sends
+# decoding steps of up to ~40 rows per task at density 0.05 entry-wise and 64-row prefill groups to composition.
+LIGHT_ENTRIES_PER_WEIGHT = 2.0
 LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
 
 
@@ -272,3 +274,57 @@ def streamed_execution(
                 replace(tied, "base_layer", _StreamedCall(tied.get_base_layer(), table, LINEAR, plan))
         _replace_heads(replace, slots, heads, head_of_sample)
         yield
+
+
+@contextmanager
+def merged_in_place(
+    slots: ModelSlots, tables: TableCache, tasks: tuple[str, ...], weights: dict[str, float], head: str | None
+) -> Iterator[None]:
+    """One composition for the whole call: add its kept entries to the base weights in place, and put the saved
+    original values back afterwards (exactly, also if the call raises). Costs three passes over the composition's
+    kept entries per call (save, add, restore) and holds 4 bytes per kept entry while the call runs; nothing dense.
+
+    Only for calls that autograd does not record (the caller checks)."""
+    group = [(tasks.index(t), float(w)) for t, w in weights.items() if w != 0]
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (flat weight, positions, originals)
+    swapped: list[tuple[nn.Module, list]] = []
+    heads: list[tuple[nn.Module, nn.Module]] = []
+    try:
+        with torch.no_grad():
+            done: set[int] = set()
+            sources = [(layer, layer.get_base_layer()) for layer in slots.layers]
+            sources += [(tied.source, tied.get_base_layer()) for tied in slots.tied]
+            for layer, base in sources:
+                weight = getattr(base, "weight", None)
+                if weight is None or weight.dim() < 2:
+                    if base is layer.get_base_layer():  # norm layers: swap their few composed parameters
+                        params = tables.norm_parameters(layer, tasks, tuple(group))
+                        if params:
+                            swapped.append((base, _swap(base, params)))
+                    continue
+                if weight.data_ptr() in done:  # a tied output layer sharing its embedding's weight
+                    continue
+                done.add(weight.data_ptr())
+                table = tables.get(layer, tasks)
+                flat = weight.data.view(-1)
+                for t, w in group:
+                    if table.count(t):
+                        positions, values = table.values(t, flat.dtype)
+                        saved.append((flat, positions, flat[positions.long()].clone()))
+                        flat.index_add_(0, positions, values, alpha=w)
+                bias = table.bias_delta(group) if base is layer.get_base_layer() else None
+                if bias is not None:
+                    swapped.append((base, _swap(base, {"bias": base.bias + bias.to(base.bias.dtype)})))
+        for wrapper in slots.heads:
+            if head is not None and head in wrapper.modules_to_save:
+                heads.append((wrapper, wrapper._modules["original_module"]))
+                wrapper._modules["original_module"] = wrapper.modules_to_save[head]
+        yield
+    finally:
+        for wrapper, original in reversed(heads):
+            wrapper._modules["original_module"] = original
+        for module, values in reversed(swapped):
+            _restore(module, values)
+        with torch.no_grad():
+            for flat, positions, originals in reversed(saved):
+                flat[positions.long()] = originals
