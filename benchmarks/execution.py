@@ -144,8 +144,10 @@ def forward_study(folder: Path, domains, tokenizer, lengths: list[int], repeats:
                     "length": length,
                     "plain_s": timings["plain"],
                     "mixed_exec_vs_plain": timings["exec"] / timings["plain"],
+                    "mixed_exec_vs_plain_cpu1": timings["exec:cpu1"] / timings["plain:cpu1"],
                     "mixed_routed_vs_plain": timings["routed"] / timings["plain"],
                     "single_exec_vs_plain": timings["single"] / timings["plain_single"],
+                    "single_exec_vs_plain_cpu1": timings["single:cpu1"] / timings["plain_single:cpu1"],
                     "extra_memory_mib": extra_memory(router) / MIB,
                 }
             )
@@ -181,6 +183,8 @@ def tasks_study(folder: Path, domains, tokenizer, counts: list[int], repeats: in
                 "tasks": count,
                 "routed_vs_plain": timings["routed"] / timings["plain"],
                 "lora_vs_plain": timings["lora"] / timings["plain"],
+                "routed_vs_plain_cpu1": timings["routed:cpu1"] / timings["plain:cpu1"],
+                "lora_vs_plain_cpu1": timings["lora:cpu1"] / timings["plain:cpu1"],
                 "packed_switches_mib": footprint["switches"] / MIB,
                 "extra_memory_mib": extra_memory(router) / MIB,
                 "lora_adapters_mib": lora_bytes(lora) / MIB,
@@ -226,6 +230,8 @@ def generate_rows(make_base, switches: dict[str, str], query, prompts, tasks: li
         "plain_tokens_per_s": tokens / timings["plain"],
         "routed_vs_plain": timings["plain"] / timings["routed"],
         "lora_vs_plain": timings["plain"] / timings["lora"],
+        "routed_vs_plain_cpu1": timings["plain:cpu1"] / timings["routed:cpu1"],
+        "lora_vs_plain_cpu1": timings["plain:cpu1"] / timings["lora:cpu1"],
         "extra_memory_mib": extra_memory(router) / MIB,
         "packed_switches_mib": router.memory_footprint()["switches"] / MIB,
         "lora_adapters_mib": lora_bytes(lora) / MIB,
@@ -292,7 +298,9 @@ def _markdown(payload: dict) -> str:
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, {env['machine']}; "
         f"numba kernels: {env['numba_kernels']}. Load average (1 min) at start {env['load_average'][0]:.1f}.",
-        "Timings: fastest of the interleaved repeats in one process, as ratios against the plain base model.",
+        "Timings: fastest of the interleaved repeats in one process, as ratios against the plain base model; in "
+        "parentheses the ratio of process CPU time with one torch thread (the work done, less disturbed by other "
+        "load on a shared machine).",
         "",
         "## Forward, MiniLM + 8 switches (density 0.05), mixed batch of 64 texts over 8 tasks",
         "",
@@ -302,8 +310,9 @@ def _markdown(payload: dict) -> str:
     ]
     for row in payload["forward"]:
         lines.append(
-            f"| {row['execution']} | {row['length']} | {row['mixed_exec_vs_plain']:.2f}x | "
-            f"{row['mixed_routed_vs_plain']:.2f}x | {row['single_exec_vs_plain']:.2f}x | "
+            f"| {row['execution']} | {row['length']} | {row['mixed_exec_vs_plain']:.2f}x "
+            f"({row['mixed_exec_vs_plain_cpu1']:.2f}x) | {row['mixed_routed_vs_plain']:.2f}x | "
+            f"{row['single_exec_vs_plain']:.2f}x ({row['single_exec_vs_plain_cpu1']:.2f}x) | "
             f"{row['extra_memory_mib']:.1f} |"
         )
     lines += [
@@ -316,7 +325,8 @@ def _markdown(payload: dict) -> str:
     ]
     for row in payload["tasks"]:
         lines.append(
-            f"| {row['tasks']} | {row['routed_vs_plain']:.2f}x | {row['lora_vs_plain']:.2f}x | "
+            f"| {row['tasks']} | {row['routed_vs_plain']:.2f}x ({row['routed_vs_plain_cpu1']:.2f}x) | "
+            f"{row['lora_vs_plain']:.2f}x ({row['lora_vs_plain_cpu1']:.2f}x) | "
             f"{row['packed_switches_mib']:.1f} | {row['extra_memory_mib']:.1f} | {row['lora_adapters_mib']:.1f} | "
             f"{row['dense_copies_mib']:.0f} |"
         )
@@ -331,7 +341,8 @@ def _markdown(payload: dict) -> str:
     for row in payload["generate"]:
         lines.append(
             f"| {row['model']} | {row['tasks']} | {row['prompts']} x {row['new_tokens']} | "
-            f"{row['plain_tokens_per_s']:.0f} | {row['routed_vs_plain']:.2f}x | {row['lora_vs_plain']:.2f}x | "
+            f"{row['plain_tokens_per_s']:.0f} | {row['routed_vs_plain']:.2f}x ({row['routed_vs_plain_cpu1']:.2f}x) | "
+            f"{row['lora_vs_plain']:.2f}x ({row['lora_vs_plain_cpu1']:.2f}x) | "
             f"{row['extra_memory_mib']:.1f} | {row['packed_switches_mib']:.1f} | {row['lora_adapters_mib']:.1f} |"
         )
     lines.append("")

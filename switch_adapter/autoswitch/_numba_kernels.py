@@ -147,3 +147,33 @@ def run_deltas(y, xt, run_start, run_stop, run_ptr, task, weight, positions, mul
                         acc += np.float32(multipliers[j]) * xt[positions[j] - row_start, r]
                     y[r, o] += ws * acc
                     r += 1
+
+
+@njit(cache=True, nogil=True)
+def scatter_saving(flat, tasks, weights, saved, positions, multipliers, offsets, row_ptr, scales, chunks):
+    """``scatter``, first saving each touched value in ``saved`` (task after task, entry after entry)."""
+    numel = flat.shape[0]
+    q = 0
+    for index in range(tasks.shape[0]):
+        t = tasks[index]
+        w = weights[index]
+        chunk = chunks[t]
+        for j in range(offsets[t], offsets[t + 1]):
+            p = positions[j]
+            saved[q] = flat[p]
+            q += 1
+            if chunk >= numel:
+                flat[p] += w * scales[t, 0] * multipliers[j]
+            else:
+                flat[p] += w * scales[t, p // chunk] * multipliers[j]
+
+
+@njit(cache=True, nogil=True)
+def restore(flat, tasks, saved, positions, offsets):
+    """Undo ``scatter_saving``: put the saved values back, last saved first."""
+    q = saved.shape[0]
+    for index in range(tasks.shape[0] - 1, -1, -1):
+        t = tasks[index]
+        for j in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
+            q -= 1
+            flat[positions[j]] = saved[q]

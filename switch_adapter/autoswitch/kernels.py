@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -161,6 +162,34 @@ def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[in
             flat.index_add_(0, positions, values, alpha=weight)
 
 
+def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> Callable[[], None]:
+    """:func:`scatter_deltas` into a live weight, saving the values it changes; returns the function that puts them
+    back exactly (call it once, also when the work in between failed)."""
+    used = [(t, w) for t, w in weights if table.count(t)]
+    if not used:
+        return lambda: None
+    if _numba_ready(flat) and table.positions.device.type == "cpu":
+        arrays = table.arrays(flat.dtype)
+        tasks = np.array([t for t, _ in used], dtype=np.int64)
+        saved = np.empty(sum(table.count(t) for t, _ in used), dtype=flat.numpy().dtype)
+        _numba_kernels().scatter_saving(
+            flat.numpy(), tasks, np.array([w for _, w in used], dtype=np.float64), saved, *arrays
+        )
+        return lambda: _numba_kernels().restore(flat.numpy(), tasks, saved, arrays[0], arrays[2])
+    saved = []
+    for task, weight in used:
+        positions, values = table.values(task, flat.dtype)
+        positions = positions.long()
+        saved.append((positions, flat[positions].clone()))
+        flat.index_add_(0, positions, values, alpha=weight)
+
+    def put_back() -> None:
+        for positions, originals in reversed(saved):
+            flat[positions] = originals
+
+    return put_back
+
+
 def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[int, float]]]) -> RowAssignment:
     """The :class:`RowAssignment` of rows whose samples are ``row_sample``; sample ``s`` runs ``sample_tasks[s]``."""
     counts = np.array([len(a) for a in sample_tasks], dtype=np.int64)
@@ -190,6 +219,7 @@ def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[in
 
 
 __all__ = [
+    "add_in_place",
     "RowAssignment",
     "add_embedding_deltas",
     "add_row_deltas",

@@ -71,7 +71,7 @@ from .metric import LearnedMetric
 from .routing import RoutingResult, route_features
 from .selection import FeatureChoice, candidate_layers
 from .sources import AdapterMismatchError, AdapterSource
-from .streamed import merged_in_place, streamed_execution
+from .streamed import streamed_execution
 from .tables import TableCache
 
 logger = logging.getLogger(__name__)
@@ -681,11 +681,9 @@ class AutoSwitchModel(nn.Module):
             tasks = tuple(self.tasks)
             compositions = [dict(key) for key in keys]
             records = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
-            if len(keys) == 1 and len(heads) == 1 and not records:  # one composition: add it in place, restore
-                with merged_in_place(self._slots, self._tables, tasks, compositions[0], heads[0]):
-                    return run(None)
+            in_place = len(keys) == 1 and not records  # one composition: added to the weights, then restored
             with streamed_execution(
-                self._slots, self._tables, tasks, compositions, sample_group, heads, head_of_sample
+                self._slots, self._tables, tasks, compositions, sample_group, heads, head_of_sample, in_place
             ):
                 return run(None)
         if len(keys) == 1 and len(heads) == 1:

@@ -31,6 +31,7 @@ from .execute import _GroupedCall, _replace_heads, _restore, _RowPlan, _stand_in
 from .kernels import (
     RowAssignment,
     add_embedding_deltas,
+    add_in_place,
     add_row_deltas,
     assignment_for_rows,
     fast_kernels_available,
@@ -253,78 +254,55 @@ def streamed_execution(
     sample_group: list[int],
     heads: list[str | None],
     head_of_sample: list[int],
+    in_place: bool = False,
 ) -> Iterator[None]:
     """Run sample ``i`` with ``base + sum_t groups[sample_group[i]][t] * switch_t`` in every switched layer, and
-    the head of task ``heads[head_of_sample[i]]``."""
+    the head of task ``heads[head_of_sample[i]]``.
+
+    ``in_place`` (one group only, and a call that autograd does not record): linear and convolution weights get the
+    composition's kept entries added in place, and the saved original values put back when the block ends (also
+    if it raises); three passes over those entries per call, whatever the number of decoding steps. Embeddings
+    (and output layers tied to them) still add the entries of the looked-up rows only.
+    """
     plan = StreamPlan(tasks, groups, sample_group)
-    with _stand_ins() as replace:
-        for layer in slots.layers:
-            base = layer.get_base_layer()
-            if getattr(base, "weight", None) is not None and base.weight.dim() >= 2:
-                table = tables.get(layer, tasks)
-                if plan.uses(table):
-                    replace(layer, "base_layer", _StreamedCall(base, table, layer_kind(base), plan))
-            else:  # norm layers: small composed parameters per group
-                targets = [(base, tables.norm_parameters(layer, tasks, tuple(g))) for g in plan.groups]
-                if any(params for _, params in targets):
-                    replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
-        for tied in slots.tied:
-            table = tables.get(tied.source, tasks)
-            if plan.uses(table):
-                replace(tied, "base_layer", _StreamedCall(tied.get_base_layer(), table, LINEAR, plan))
-        _replace_heads(replace, slots, heads, head_of_sample)
-        yield
-
-
-@contextmanager
-def merged_in_place(
-    slots: ModelSlots, tables: TableCache, tasks: tuple[str, ...], weights: dict[str, float], head: str | None
-) -> Iterator[None]:
-    """One composition for the whole call: add its kept entries to the base weights in place, and put the saved
-    original values back afterwards (exactly, also if the call raises). Costs three passes over the composition's
-    kept entries per call (save, add, restore) and holds 4 bytes per kept entry while the call runs; nothing dense.
-
-    Only for calls that autograd does not record (the caller checks)."""
-    group = [(tasks.index(t), float(w)) for t, w in weights.items() if w != 0]
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (flat weight, positions, originals)
-    swapped: list[tuple[nn.Module, list]] = []
-    heads: list[tuple[nn.Module, nn.Module]] = []
+    if in_place and len(plan.groups) != 1:
+        raise ValueError("in_place needs a call whose samples share one composition.")
+    restores: list = []
     try:
-        with torch.no_grad():
-            done: set[int] = set()
-            sources = [(layer, layer.get_base_layer()) for layer in slots.layers]
-            sources += [(tied.source, tied.get_base_layer()) for tied in slots.tied]
-            for layer, base in sources:
-                weight = getattr(base, "weight", None)
-                if weight is None or weight.dim() < 2:
-                    if base is layer.get_base_layer():  # norm layers: swap their few composed parameters
-                        params = tables.norm_parameters(layer, tasks, tuple(group))
-                        if params:
-                            swapped.append((base, _swap(base, params)))
-                    continue
-                if weight.data_ptr() in done:  # a tied output layer sharing its embedding's weight
-                    continue
-                done.add(weight.data_ptr())
-                table = tables.get(layer, tasks)
-                flat = weight.data.view(-1)
-                for t, w in group:
-                    if table.count(t):
-                        positions, values = table.values(t, flat.dtype)
-                        saved.append((flat, positions, flat[positions.long()].clone()))
-                        flat.index_add_(0, positions, values, alpha=w)
-                bias = table.bias_delta(group) if base is layer.get_base_layer() else None
-                if bias is not None:
-                    swapped.append((base, _swap(base, {"bias": base.bias + bias.to(base.bias.dtype)})))
-        for wrapper in slots.heads:
-            if head is not None and head in wrapper.modules_to_save:
-                heads.append((wrapper, wrapper._modules["original_module"]))
-                wrapper._modules["original_module"] = wrapper.modules_to_save[head]
-        yield
+        with _stand_ins() as replace:
+            for layer in slots.layers:
+                base = layer.get_base_layer()
+                if getattr(base, "weight", None) is not None and base.weight.dim() >= 2:
+                    table = tables.get(layer, tasks)
+                    if not plan.uses(table):
+                        continue
+                    kind = layer_kind(base)
+                    if in_place and kind != EMBEDDING and not _shared_with_tied(slots, base.weight):
+                        with torch.no_grad():
+                            restores.append(add_in_place(base.weight.data.view(-1), table, plan.groups[0]))
+                            bias = table.bias_delta(plan.groups[0])
+                            if bias is not None:
+                                original = base.bias.data.clone()
+                                base.bias.data.add_(bias.to(base.bias.dtype))
+                                restores.append(lambda b=base.bias, o=original: b.data.copy_(o))
+                    else:
+                        replace(layer, "base_layer", _StreamedCall(base, table, kind, plan))
+                else:  # norm layers: small composed parameters per group
+                    targets = [(base, tables.norm_parameters(layer, tasks, tuple(g))) for g in plan.groups]
+                    if any(params for _, params in targets):
+                        replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
+            for tied in slots.tied:
+                table = tables.get(tied.source, tasks)
+                if plan.uses(table):
+                    replace(tied, "base_layer", _StreamedCall(tied.get_base_layer(), table, LINEAR, plan))
+            _replace_heads(replace, slots, heads, head_of_sample)
+            yield
     finally:
-        for wrapper, original in reversed(heads):
-            wrapper._modules["original_module"] = original
-        for module, values in reversed(swapped):
-            _restore(module, values)
         with torch.no_grad():
-            for flat, positions, originals in reversed(saved):
-                flat[positions.long()] = originals
+            for put_back in reversed(restores):
+                put_back()
+
+
+def _shared_with_tied(slots: ModelSlots, weight: torch.Tensor) -> bool:
+    """Whether a tied output layer reads this weight (it must then stay the base weight)."""
+    return any(tied.get_base_layer().weight.data_ptr() == weight.data_ptr() for tied in slots.tied)
