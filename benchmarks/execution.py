@@ -300,7 +300,8 @@ def _markdown(payload: dict) -> str:
         f"numba kernels: {env['numba_kernels']}. Load average (1 min) at start {env['load_average'][0]:.1f}.",
         "Timings: fastest of the interleaved repeats in one process, as ratios against the plain base model; in "
         "parentheses the ratio of process CPU time with one torch thread (the work done, less disturbed by other "
-        "load on a shared machine).",
+        "load on a shared machine; it also counts the numba kernels' own worker threads, which spin while they "
+        "wait, so it overstates the work of the entry-wise path).",
         "",
         "## Forward, MiniLM + 8 switches (density 0.05), mixed batch of 64 texts over 8 tasks",
         "",
