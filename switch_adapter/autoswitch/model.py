@@ -188,13 +188,15 @@ class AutoSwitchModel(nn.Module):
     Build it with :meth:`from_pretrained`. Each call computes routing features from the base model (no switch
     active, the forward pass stopped at ``config.feature_layer``), retrieves the k nearest query examples, and runs
     every sample with ``base + sum_t w_t * switch_t`` (and the top task's head for sequence classification).
-    Samples that share a composition run together; composed parameters are cached (LRU, ``cache_budget_bytes``).
+    All samples run in one pass, each layer reading the switches' kept entries; dense composed parameters are kept
+    only with a ``cache_budget_bytes`` (LRU).
 
     Thread-safety: every public method that uses the model or the router's state (routing, forward, generate,
     adding or removing tasks, saving, ``to`` / ``float`` / ``cuda`` and other device or dtype moves, ``train`` /
     ``eval``, the cache and memory figures, the ``tasks`` / ``query_features`` / ``radius`` properties) holds one
     re-entrant lock, so concurrent calls from several threads are safe and run one after another.
-    The wrapped ``PeftModel`` is owned by the router: its adapters stay disabled (it computes the base model).
+    The wrapped ``PeftModel`` is owned by the router: its adapters stay disabled (it computes the base model); during
+    a call whose samples share one composition its base weights hold that composition (restored afterwards).
     """
 
     def __init__(
@@ -626,9 +628,8 @@ class AutoSwitchModel(nn.Module):
         ``inputs``: a list of strings (tokenized with left padding), a tensor of token ids, or a dict /
         BatchEncoding; every ``generate`` keyword of transformers works (greedy, sampling, beam search,
         ``use_cache``, ``streamer``, ...). Returns what ``generate`` returns (``(output, routing)`` with
-        ``return_routing=True``). All prompts advance in one decoding loop: with up to two compositions each
-        switched layer runs the rows of each with its composed parameters; with more, linear layers run the base
-        matmul once and add each task's sparse delta to its rows (see the README, "How a batch runs").
+        ``return_routing=True``). All prompts advance in one decoding loop, each row with its own composition
+        (see the Auto-Switch guide, "How a batch runs").
         """
         with self._lock:
             if self._spec.input_kind != "text" or not self._can_generate:
@@ -658,6 +659,9 @@ class AutoSwitchModel(nn.Module):
         """Run ``run(sample indices or None)`` with every sample's composition substituted (``kind``: ``forward``
         or ``generate``). Strategies (see the README, "How a batch runs"):
 
+        - ``stream`` (default without a cache budget): one call; every switched layer applies each row's own
+          composition from the per-layer entry tables (entry-wise or composed in a scratch buffer); a single
+          composition is added to the weights in place and restored afterwards.
         - ``single``: one composition for the batch: composed parameters swapped in, one call.
         - ``sequential`` (forward): one call per composition on its sub-batch, outputs reassembled.
         - ``grouped`` (generate, ``execution="compose"``): one call; every switched layer runs each composition's
