@@ -359,6 +359,23 @@ def test_streamed_execution_on_cuda_equals_cpu(bert_switches, llama_switches, pa
     assert torch.equal(llama.generate(**{k: v.cuda() for k, v in _prompts().items()}, **settings).cpu(), expected)
 
 
+@pytest.mark.parametrize("path", ["entry-wise", "composed"])
+def test_streamed_execution_in_bfloat16(llama_switches, path, monkeypatch):
+    limit = 1e9 if path == "entry-wise" else 0.0
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT", limit)
+    monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT_TORCH", limit)
+    router = make_router(tiny_llama, llama_switches, mode="top1").to(torch.bfloat16)
+    prompts = _prompts()
+    with torch.no_grad():
+        logits = router(**prompts).logits
+        for t, name in enumerate(TASKS):
+            single = PeftModel.from_pretrained(tiny_llama(), llama_switches[name]).eval().to(torch.bfloat16)
+            rows = [t, t + 3]
+            expected = single(**{k: v[rows] for k, v in prompts.items()}).logits
+            torch.testing.assert_close(logits[rows].float(), expected.float(), rtol=0.05, atol=0.05)
+        assert router.generate(**prompts, max_new_tokens=3, pad_token_id=0).shape == (6, 9)
+
+
 def test_single_composition_is_added_in_place_and_restored_exactly(llama_switches, single_adapter_models):
     router = make_router(tiny_llama, llama_switches, mode="top1")
     before = {name: value.clone() for name, value in router.model.state_dict().items()}

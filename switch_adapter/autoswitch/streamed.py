@@ -8,7 +8,9 @@ Each switched layer is replaced for the call by a stand-in that reads the tasks'
   (embeddings always run this way);
 - **heavy** groups (many rows, e.g. a prefill or a forward pass): the group's composed weight is written into a
   scratch buffer (base weight + scattered entries) and the base layer runs the group's rows with it. The buffer is
-  reused by every layer of the same shape and dropped when the call ends.
+  reused by every layer of the same shape and dropped when the call ends;
+- a call whose samples all share one composition (``in_place``): linear and convolution weights get its entries
+  added in place for the call and their saved values back afterwards.
 
 A group is light when ``rows * kept entries of its tasks <= LIGHT_ENTRIES_PER_WEIGHT * weight size``: the
 entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get their composed parameters
