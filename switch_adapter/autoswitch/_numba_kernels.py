@@ -10,6 +10,20 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always", nogil=True)
+def _add_row_entries(out, r, factor, t, start, stop, row_start, positions, multipliers, scales, chunk, cols):
+    """``out[r, col] += factor * scale * multiplier`` for the entries ``start:stop`` of stored row ``row_start //
+    cols`` of task ``t`` (one scale per row when the task's scale chunks are whole rows)."""
+    if chunk % cols == 0:
+        fs = factor * scales[t, row_start // chunk]
+        for j in range(start, stop):
+            out[r, positions[j] - row_start] += fs * multipliers[j]
+    else:
+        for j in range(start, stop):
+            p = positions[j]
+            out[r, p - row_start] += factor * scales[t, p // chunk] * multipliers[j]
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def row_deltas(y, x, ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks, cols, transposed):
     stored_rows = row_ptr.shape[1] - 1
@@ -30,14 +44,7 @@ def row_deltas(y, x, ptr, task, weight, positions, multipliers, offsets, row_ptr
                     xo = x[r, o] * w
                     if xo == 0:
                         continue
-                    if per_row_scale:
-                        xs = xo * scales[t, row_start // chunk]
-                        for j in range(start, stop):
-                            y[r, positions[j] - row_start] += xs * multipliers[j]
-                    else:
-                        for j in range(start, stop):
-                            p = positions[j]
-                            y[r, p - row_start] += xo * scales[t, p // chunk] * multipliers[j]
+                    _add_row_entries(y, r, xo, t, start, stop, row_start, positions, multipliers, scales, chunk, cols)
                 elif per_row_scale:
                     acc = 0.0
                     for j in range(start, stop):
@@ -65,14 +72,7 @@ def embedding_deltas(y, ids, ptr, task, weight, positions, multipliers, offsets,
             stop = first + row_ptr[t, i + 1]
             if start == stop:
                 continue
-            if chunk % cols == 0:  # one scale per stored row
-                ws = w * scales[t, row_start // chunk]
-                for j in range(start, stop):
-                    y[r, positions[j] - row_start] += ws * multipliers[j]
-            else:
-                for j in range(start, stop):
-                    p = positions[j]
-                    y[r, p - row_start] += w * scales[t, p // chunk] * multipliers[j]
+            _add_row_entries(y, r, w, t, start, stop, row_start, positions, multipliers, scales, chunk, cols)
 
 
 @njit(cache=True, nogil=True)

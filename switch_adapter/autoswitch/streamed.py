@@ -67,13 +67,7 @@ class StreamPlan:
 
     def uses(self, table: EntryTable) -> bool:
         """Whether a task of this call changes the layer of ``table`` (its weight or bias)."""
-        return any(
-            table.count(t) or (table.bias is not None and bool(table.bias[t].any())) for g in self.groups for t, _ in g
-        )
-
-    @property
-    def last_rows(self) -> int:
-        return self.rows.last_rows
+        return any(table.changes[t] for g in self.groups for t, _ in g)
 
     def light_groups(self, table: EntryTable, rows: int, tokens: int) -> list[bool]:
         """Per group: whether its rows take the entry-wise path in a call of ``rows`` rows of ``tokens`` tokens."""

@@ -58,6 +58,8 @@ class EntryTable:
     def __post_init__(self) -> None:
         self._bias_sums: dict[tuple, torch.Tensor | None] = {}
         self.counts = torch.diff(self.offsets).tolist()  # kept entries per task
+        self.bias_changed = self.bias.any(dim=1).tolist() if self.bias is not None else [False] * len(self.counts)
+        self.changes = [bool(c) or b for c, b in zip(self.counts, self.bias_changed)]  # the task changes this layer
         # every task has one scale per tensor or per stored row (what the run kernel handles)
         self.aligned_scales = all(int(c) >= self.numel or int(c) % self.cols == 0 for c in self.chunks.tolist())
         self._arrays: dict[torch.dtype, tuple] = {}
@@ -84,7 +86,7 @@ class EntryTable:
         if key not in self._bias_sums:
             if len(self._bias_sums) > 1024:
                 self._bias_sums.clear()
-            used = [(t, w) for t, w in weights if bool(self.bias[t].any())]
+            used = [(t, w) for t, w in weights if self.bias_changed[t]]
             self._bias_sums[key] = sum(self.bias[t] * w for t, w in used) if used else None
         return self._bias_sums[key]
 
