@@ -80,3 +80,30 @@ def test_lora_router_example_runs_as_written(tmp_path, hub_server, hub_repo_id):
     # The saved router, reloaded here, routes the prompts to their tasks too.
     router = AutoSwitchModel.from_pretrained(out / "router", base_model=tiny_llama(vocab_size=len(tokenizer)))
     assert router.route([prompt for prompt, _ in example.PROMPTS]).top_task == expected
+
+
+def test_lora_router_example_takes_given_loras_from_folders_and_the_hub(tmp_path, hub_repo_id, capsys):
+    """The ``--lora`` / ``--examples`` path, in process, on LoRAs fine-tuned by the example (one of them on the Hub)."""
+    example = example_module()
+    texts = [text for pairs in example.TASKS.values() for pair in pairs for text in pair]
+    tokenizer = chat_tokenizer(texts + [prompt for prompt, _ in example.PROMPTS])
+    base = tmp_path / "tiny-chat-llama"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    argv = ["--base", str(base), "--max-new-tokens", "2"]
+    for task, pairs in example.TASKS.items():
+        example.finetune_lora(str(base), tokenizer, pairs, tmp_path / "loras" / task, steps=1)
+        (tmp_path / f"{task}.txt").write_text("\n".join(prompt for prompt, _ in pairs) + "\n\n")
+        argv += ["--examples", f"{task}={tmp_path / f'{task}.txt'}"]
+    HfApi().create_repo(hub_repo_id)
+    HfApi().upload_folder(repo_id=hub_repo_id, folder_path=tmp_path / "loras" / "capitals")
+    argv += ["--lora", f"capitals={hub_repo_id}", "--lora", f"arithmetic={tmp_path / 'loras' / 'arithmetic'}"]
+    argv += ["--lora", f"antonyms={tmp_path / 'loras' / 'antonyms'}", "--output-dir", str(tmp_path / "out")]
+    prompts = [prompt for prompt, _ in example.PROMPTS[:3]]
+    capsys.readouterr()
+    example.main(argv + [arg for prompt in prompts for arg in ("--prompt", prompt)])
+    stdout = capsys.readouterr().out
+    routed = re.findall(r"^\[(\w+)\] (.+) -> ", stdout, flags=re.MULTILINE)
+    assert routed == [(task, prompt) for prompt, task in example.PROMPTS[:3]], stdout
+    assert "Fine-tuning" not in stdout and "same routing" in stdout
+    assert sorted(path.name for path in (tmp_path / "out" / "switches").iterdir()) == sorted(example.TASKS)
