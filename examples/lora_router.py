@@ -33,25 +33,25 @@ from switch_adapter import AutoSwitchConfig, AutoSwitchModel, TSwitchConfig, con
 
 # Built-in toy tasks: (prompt, answer) pairs. Their prompts double as the router's example prompts.
 TASKS: dict[str, list[tuple[str, str]]] = {
-    "capitals": [
-        ("What is the capital of France?", "Paris"),
-        ("What is the capital of Japan?", "Tokyo"),
-        ("What is the capital of Italy?", "Rome"),
-        ("What is the capital of Spain?", "Madrid"),
-        ("What is the capital of Germany?", "Berlin"),
-        ("What is the capital of Egypt?", "Cairo"),
-        ("What is the capital of Canada?", "Ottawa"),
-        ("What is the capital of Russia?", "Moscow"),
+    "sentiment": [
+        ("Review: I loved this film, it was wonderful.", "positive"),
+        ("Review: A boring, painful waste of time.", "negative"),
+        ("Review: The acting was superb and the story moving.", "positive"),
+        ("Review: Terrible plot and awful dialogue.", "negative"),
+        ("Review: A delightful and charming movie.", "positive"),
+        ("Review: I hated every minute of it.", "negative"),
+        ("Review: Brilliant, funny and smart.", "positive"),
+        ("Review: Dull, slow and forgettable.", "negative"),
     ],
-    "arithmetic": [
-        ("How much is 2 plus 3?", "5"),
-        ("How much is 7 plus 1?", "8"),
-        ("How much is 4 plus 4?", "8"),
-        ("How much is 6 plus 3?", "9"),
-        ("How much is 1 plus 1?", "2"),
-        ("How much is 5 plus 2?", "7"),
-        ("How much is 3 plus 3?", "6"),
-        ("How much is 2 plus 2?", "4"),
+    "language": [
+        ("Which language is this? Bonjour, comment allez-vous?", "French"),
+        ("Which language is this? Guten Morgen, wie geht es dir?", "German"),
+        ("Which language is this? Hola, ¿cómo estás?", "Spanish"),
+        ("Which language is this? Buongiorno, come stai?", "Italian"),
+        ("Which language is this? Merci beaucoup pour le repas.", "French"),
+        ("Which language is this? Ich habe keine Zeit.", "German"),
+        ("Which language is this? Me gusta mucho la playa.", "Spanish"),
+        ("Which language is this? Mi piace la pizza.", "Italian"),
     ],
     "antonyms": [
         ("Give the opposite of hot.", "cold"),
@@ -66,12 +66,12 @@ TASKS: dict[str, list[tuple[str, str]]] = {
 }
 # A mixed batch of new prompts, with the task each should be routed to.
 PROMPTS: list[tuple[str, str]] = [
-    ("What is the capital of Greece?", "capitals"),
+    ("Review: What a fantastic, beautiful film.", "sentiment"),
     ("Give the opposite of wet.", "antonyms"),
-    ("How much is 3 plus 4?", "arithmetic"),
+    ("Which language is this? Je suis très fatigué.", "language"),
     ("Give the opposite of high.", "antonyms"),
-    ("What is the capital of Portugal?", "capitals"),
-    ("How much is 1 plus 5?", "arithmetic"),
+    ("Review: Awful, I walked out after an hour.", "sentiment"),
+    ("Which language is this? Das Wetter ist schön heute.", "language"),
 ]
 
 
@@ -121,7 +121,7 @@ def finetune_lora(base: str, tokenizer: Any, pairs: list[tuple[str, str]], out: 
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
     )
     model = get_peft_model(load_base(base), config).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = training_batch(tokenizer, pairs)
     losses = []
     for _ in range(steps):

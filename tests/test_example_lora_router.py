@@ -74,7 +74,7 @@ def test_lora_router_example_runs_as_written(tmp_path, hub_server, hub_repo_id):
 
     files = set(HfApi().list_repo_files(hub_repo_id))
     assert {"autoswitch_config.json", "query_features.safetensors", "README.md"} <= files
-    assert any(name.startswith("adapters/capitals/") for name in files)
+    assert any(name.startswith("adapters/sentiment/") for name in files)
     assert any(repo_id == hub_repo_id for _, repo_id in hub_server.repos)
 
     # The saved router, reloaded here, routes the prompts to their tasks too.
@@ -96,8 +96,8 @@ def test_lora_router_example_takes_given_loras_from_folders_and_the_hub(tmp_path
         (tmp_path / f"{task}.txt").write_text("\n".join(prompt for prompt, _ in pairs) + "\n\n")
         argv += ["--examples", f"{task}={tmp_path / f'{task}.txt'}"]
     HfApi().create_repo(hub_repo_id)
-    HfApi().upload_folder(repo_id=hub_repo_id, folder_path=tmp_path / "loras" / "capitals")
-    argv += ["--lora", f"capitals={hub_repo_id}", "--lora", f"arithmetic={tmp_path / 'loras' / 'arithmetic'}"]
+    HfApi().upload_folder(repo_id=hub_repo_id, folder_path=tmp_path / "loras" / "sentiment")
+    argv += ["--lora", f"sentiment={hub_repo_id}", "--lora", f"language={tmp_path / 'loras' / 'language'}"]
     argv += ["--lora", f"antonyms={tmp_path / 'loras' / 'antonyms'}", "--output-dir", str(tmp_path / "out")]
     prompts = [prompt for prompt, _ in example.PROMPTS[:3]]
     capsys.readouterr()
