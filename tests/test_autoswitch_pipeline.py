@@ -84,6 +84,33 @@ def test_text_generation_pipeline_generates_as_the_router(tmp_path):
         assert answer == tok.decode(ids[0, prompt_length:], skip_special_tokens=True)
 
 
+def test_tokenize_gives_the_batch_generate_runs(tmp_path):
+    tok = tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}w4 {{ m['content'] }} w5 {% endfor %}{% if add_generation_prompt %}w6 {% endif %}"
+    )
+    router = AutoSwitchModel.from_pretrained(
+        tiny_llama(), adapters=_switches(tiny_llama, tmp_path), tokenizer=tok, progress=False,
+        query_sets={name: texts(t, 12) for t, name in enumerate(TASKS)},
+        config=AutoSwitchConfig(metric="euclidean", chat_template=True),
+    )  # fmt: skip
+    prompts = [texts(0, 1, seed=9)[0], " ".join(texts(2, 1, seed=9)[0].split()[:3])]  # 6 and 3 words
+    batch = router.tokenize(prompts, padding_side="left")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    templated = [f"w4 {prompt} w5 w6 " for prompt in prompts]
+    expected = tok(templated, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"]) and batch["attention_mask"][1, 0] == 0
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    from_strings, routing = router.generate(prompts, return_routing=True, **settings)
+    from_batch, again = router.generate(batch, return_routing=True, **settings)
+    assert torch.equal(from_strings, from_batch) and again.top_task == routing.top_task
+    assert torch.equal(from_batch[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # new tokens follow
+    with pytest.raises(TypeError, match="tokenize takes text"):
+        router.tokenize(batch["input_ids"])
+
+
 def test_image_classification_pipeline_answers_as_the_router(tmp_path):
     pil = pytest.importorskip("PIL.Image")
     from test_autoswitch_vision import SIZE, images, tiny_vit

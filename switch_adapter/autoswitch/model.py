@@ -52,6 +52,7 @@ from .features import (
     base_fingerprint,
     find_block_stack,
     find_layer_stack,
+    is_text_batch,
     layer_features,
     num_hidden_layers,
     text_format,
@@ -542,6 +543,20 @@ class AutoSwitchModel(nn.Module):
             )
 
     # -- routing ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, inputs: Any, *, padding_side: str | None = None) -> dict[str, torch.Tensor]:
+        """The batch the router runs for text ``inputs`` (strings or chats, templated as ``config.chat_template``
+        says): ``input_ids`` and ``attention_mask``. Pass it to :meth:`generate` (with ``padding_side="left"``,
+        as ``generate`` pads strings) to know where the prompts end: the new tokens of every row start at
+        ``batch["input_ids"].shape[1]``. ``padding_side``: ``"left"``, ``"right"`` or the tokenizer's own."""
+        with self._lock:
+            if self._spec.input_kind != "text" or not is_text_batch(inputs):
+                raise TypeError("tokenize takes text: a string, a chat, or a list of them (and a text router).")
+            self._check_format(inputs)
+            batch = to_model_inputs(
+                inputs, self.tokenizer, self.config.max_length, padding_side, self.config.chat_template
+            )
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def features(self, inputs: Any = None, **kwargs: Any) -> torch.Tensor:
         """Routing features ``[batch, hidden]`` (fp32) of a batch, from the base model (no switch active)."""
