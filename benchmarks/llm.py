@@ -63,19 +63,19 @@ class LLMBenchConfig:
     out_dir: str = "results"
     cache_dir: str | None = None
     seed: int = 0
-    max_train: int = 384
+    max_train: int = 256
     max_query: int = 16
     max_test: int = 24
     max_input_tokens: int = 24
-    few_shot: int = 3
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    few_shot: int = 2
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(steps=32, batch_size=8))
     densities: tuple[float, ...] = (0.05, 0.2)
     factor_densities: tuple[float, ...] = (0.05,)
     autoswitch_density: float = 0.05
     flexswitch_fraction: float = 0.5
-    flexswitch_steps: int = 24
-    flexswitch_batch: int = 8
-    flexswitch_examples: int = 64
+    flexswitch_steps: int = 8
+    flexswitch_batch: int = 4
+    flexswitch_examples: int = 32
     merge_weight: float = 1.0
     merge_density: float = 0.5
     arrow_top_k: int = 3
@@ -95,15 +95,15 @@ class LLMBenchConfig:
 def quick_llm_config(**overrides: Any) -> LLMBenchConfig:
     """A reduced suite (the same rows, few examples and steps): a few minutes on 2 cores."""
     values: dict[str, Any] = dict(
-        max_train=48,
-        max_query=6,
-        max_test=6,
-        lora=LoraSettings(steps=6, batch_size=8),
+        max_train=32,
+        max_query=4,
+        max_test=4,
+        lora=LoraSettings(steps=4, batch_size=8),
         densities=(0.05,),
         factor_densities=(0.05,),
-        flexswitch_steps=4,
+        flexswitch_steps=2,
         flexswitch_batch=4,
-        flexswitch_examples=16,
+        flexswitch_examples=8,
         speed_prompts=8,
         speed_new_tokens=4,
     )
