@@ -58,19 +58,20 @@ def _base(folder):
 
 @pytest.fixture(scope="module")
 def switches(smollm2, tmp_path_factory):
-    """One LoRA per task (r=4 on every projection, seeded random factors: a real task vector of LoRA shape), converted
-    in delta mode; a factors-mode conversion of the first one."""
+    """One LoRA per task (r=4 on every projection of the first and last layers, seeded random factors: a real task
+    vector of LoRA shape, small enough for CI), converted in delta mode; a factors-mode conversion of one."""
     folder, _ = smollm2
     root = tmp_path_factory.mktemp("smollm2-switches")
     out = {}
     for seed, task in enumerate(QUERIES):
         torch.manual_seed(seed)
-        lora = get_peft_model(_base(folder), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                        init_lora_weights=False))  # fmt: skip
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, layers_to_transform=[0, 29],
+                            init_lora_weights=False)  # fmt: skip
+        lora = get_peft_model(_base(folder), config)
         with torch.no_grad():
             for name, param in lora.named_parameters():
                 if "lora_" in name:
-                    param.mul_(0.5)
+                    param.mul_(2.0)
         lora.save_pretrained(root / f"lora-{task}")
         convert_lora(folder, root / f"lora-{task}", root / task, TSwitchConfig(density=0.1), progress=False)
         out[task] = str(root / task)
@@ -92,13 +93,15 @@ def test_converted_loras_route_and_generate_on_the_real_model(smollm2, switches)
     output, routing = router.generate(prompts, return_routing=True, **settings)
     assert routing.top_task == [task for task, _ in PROMPTS]
 
-    # Each prompt alone, templated the same way, with its own switch through peft: the same tokens.
+    # A prompt of each task alone, templated the same way, with its own switch through peft: the same tokens.
     width = output.shape[1] - settings["max_new_tokens"]
-    for i, (task, text) in enumerate(PROMPTS):
+    for i, (task, text) in list(enumerate(PROMPTS))[:2]:
         single = PeftModel.from_pretrained(_base(folder), adapters[task]).eval()
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)  # fmt: skip
         alone = single.generate(**ids, pad_token_id=tokenizer.pad_token_id, **settings)[0, ids["input_ids"].shape[1] :]
+        with torch.inference_mode():  # the switch changes the model: the comparison is not the base against itself
+            assert not torch.allclose(single(**ids).logits, _base(folder)(**ids).logits, atol=1e-3)
         routed = output[i, width:][: len(alone)]
         assert torch.equal(routed, alone), (task, tokenizer.decode(routed), tokenizer.decode(alone))
         if tokenizer.eos_token_id in alone.tolist():  # stopped at <|im_end|>: the rest of the row is padding
