@@ -56,6 +56,7 @@ import torch
 
 from switch_adapter.codec import elias_fano, grouped_coo
 from switch_adapter.codec.bitpack import pack_bits, pack_fields, unpack_bits, unpack_fields
+from switch_adapter.codec.kernels import numba_codec
 from switch_adapter.errors import CodecError
 
 #: Newest blob format version this module reads and writes.
@@ -450,6 +451,49 @@ def decode_values(
     header, positions, value_bits = _decode(blob, device)
     levels = unpack_fields(value_bits, header.kept, header.value_bits, torch.uint8)
     return header.numel, positions, level_multipliers(levels, header.value_bits), header.value_bits
+
+
+#: Positions of a tensor with at most this many entries fit in int32.
+INT32_LIMIT: int = 2**31 - 1
+
+
+def compact_dtypes(numel: int, value_bits: int) -> tuple[torch.dtype, torch.dtype]:
+    """The narrowest exact dtypes of decoded ``(positions, multipliers)``: int32 positions (int64 for a tensor of
+    ``2**31`` entries or more), int8 multipliers for up to 7 value bits (``|2u - (2**b - 1)| <= 127``), else int16."""
+    return (
+        torch.int32 if numel <= INT32_LIMIT else torch.int64,
+        torch.int8 if value_bits <= 7 else torch.int16,
+    )
+
+
+def decode_compact(
+    blob: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """:func:`decode_values` with the positions and multipliers in :func:`compact_dtypes` (the same values).
+
+    On the CPU with the numba kernels (encodings BITMAP, POSITIONS, COMPLEMENT) the packed payload is decoded in one
+    pass straight into those arrays; otherwise, and to report a corrupt blob, through :func:`decode_values`. Raises
+    :class:`CodecError` like :func:`decode`."""
+    header, parameter, start, payload_bits = _parse(blob)
+    position_dtype, multiplier_dtype = compact_dtypes(header.numel, header.value_bits)
+    target = blob.device if device is None else torch.device(device)
+    kernels = numba_codec()
+    if (
+        kernels is not None
+        and blob.device.type == "cpu"
+        and target.type == "cpu"
+        and header.encoding != Encoding.GROUPED_COO
+    ):
+        positions = torch.empty(header.kept, dtype=position_dtype)
+        multipliers = torch.empty(header.kept, dtype=multiplier_dtype)
+        status = kernels.decode_payload(
+            blob.contiguous().numpy()[start:], int(header.encoding), header.numel, header.kept, parameter,
+            payload_bits, header.value_bits, positions.numpy(), multipliers.numpy(),
+        )  # fmt: skip
+        if status == 0:
+            return header.numel, positions, multipliers, header.value_bits
+    numel, positions, multipliers, value_bits = decode_values(blob, device)
+    return numel, positions.to(position_dtype), multipliers.to(multiplier_dtype), value_bits
 
 
 def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
