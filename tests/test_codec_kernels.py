@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from switch_adapter.codec import elias_fano, kernels, sass
-from switch_adapter.codec.bitpack import pack_bits
 from switch_adapter.codec.binarize import BinarySwitch
+from switch_adapter.codec.bitpack import pack_bits
 from switch_adapter.codec.kernels import add_kept_values, fast_codec_available
 from switch_adapter.codec.sass import Encoding
 from switch_adapter.errors import CodecError
