@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from switch_adapter.codec import elias_fano, kernels, sass
-from switch_adapter.codec.binarize import BinarySwitch
+from switch_adapter.codec.binarize import BinarySwitch, binarize, binarize_encoded
 from switch_adapter.codec.bitpack import pack_bits
 from switch_adapter.codec.kernels import add_kept_values, fast_codec_available
 from switch_adapter.codec.sass import Encoding
@@ -158,3 +158,43 @@ def test_merge_is_bit_identical_on_both_paths(value_bits, reference):
         layer.unmerge()
     assert torch.equal(merged[0], merged[1])
     assert torch.equal(merged[0], base.weight.detach() + switch.to_dense())
+
+
+def _task_vectors() -> list[torch.Tensor]:
+    """Task vectors with ties at every cut, zeros (both signs), subnormals, one sign only, and plain noise."""
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(20_011, generator=generator) * 1e-3
+    ties = torch.round(torch.randn(5000, generator=generator) * 3) / 4
+    ties[::7] = -0.0
+    tiny = torch.randn(3000, generator=generator) * 1e-40  # subnormal floats
+    one_sign = torch.rand(64, 33, generator=generator)
+    return [noise, ties, tiny, one_sign, -one_sign, torch.tensor([0.5]), torch.tensor([0.0, -0.25, 0.0])]
+
+
+@pytest.mark.parametrize("keep_ties", [False, True])
+@pytest.mark.parametrize("scale_rule", ["norm", "rms"])
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.3, 0.5, 0.7, 1.0])
+def test_binarize_encoded_matches_binarize_then_encode(density, scale_rule, keep_ties, reference):
+    """The fused path writes the blob and scale that binarize + encode produce, byte for byte, bit for bit."""
+    for task_vector in _task_vectors():
+        blob, scale = binarize_encoded(task_vector, density, scale_rule=scale_rule, keep_ties=keep_ties)
+        switch = binarize(task_vector, density, scale_rule=scale_rule, keep_ties=keep_ties)
+        assert torch.equal(blob, sass.encode(switch.mask, switch.positive))
+        assert torch.equal(scale, switch.scale)
+        with reference:
+            slow_blob, slow_scale = binarize_encoded(task_vector, density, scale_rule=scale_rule, keep_ties=keep_ties)
+        assert torch.equal(blob, slow_blob) and torch.equal(scale, slow_scale)
+
+
+def test_binarize_encoded_falls_back_for_what_it_does_not_fuse():
+    """Row scales, non-contiguous and non-CPU-float32 inputs take the reference path; NaN/Inf raise its error."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 30, generator=generator)
+    for task_vector, granularity in ((weight, "row"), (weight.T, "tensor"), (weight.to(torch.bfloat16), "tensor")):
+        blob, scale = binarize_encoded(task_vector, 0.2, granularity)
+        switch = binarize(task_vector, 0.2, granularity)
+        assert torch.equal(blob, sass.encode(switch.mask, switch.positive)) and torch.equal(scale, switch.scale)
+    broken = weight.clone()
+    broken[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        binarize_encoded(broken, 0.2, name="layer.weight")

@@ -87,7 +87,7 @@ def decode_payload(payload, encoding, numel, kept, parameter, payload_bits, valu
         count = numel - kept if complement else kept
         low_bits = parameter
         upper_start = count * low_bits
-        upper_stop = upper_start + count + ((numel - count) >> low_bits)
+        upper_stop = upper_start + (count + ((numel - count) >> low_bits) if count else 0)
         if upper_stop != value_bits_at:
             return CORRUPT
         found = 0  # Elias-Fano entries decoded
@@ -147,3 +147,167 @@ def add_kept(flat, positions, multipliers, scales, chunk, alpha):
         for j in range(positions.shape[0]):
             p = positions[j]
             flat[p] += alpha * (multipliers[j] * scales[p // chunk])
+
+
+# -- binarize + encode (the converter's fused path) ------------------------------------------------------------------
+
+_SIGN = np.uint32(0x80000000)
+_MAGNITUDE = np.uint32(0x7FFFFFFF)
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(cache=True, nogil=True)
+def sign_histograms(bits, histograms):
+    """One pass over the float32 bit patterns ``bits``: ``histograms[s, h]`` counts the nonzero entries of sign ``s``
+    (0 positive, 1 negative) whose magnitude's high 16 bits are ``h`` (magnitudes of IEEE floats order like their
+    bit patterns). Returns False when ``bits`` holds a NaN/Inf (the histograms are then meaningless)."""
+    largest = np.uint32(0)
+    for index in range(bits.shape[0]):
+        value = bits[index]
+        magnitude = value & _MAGNITUDE
+        largest = max(largest, magnitude)
+        histograms[value >> 31, magnitude >> 16] += magnitude != 0
+    return largest < _EXPONENT
+
+
+@njit(cache=True, nogil=True)
+def low_histograms(bits, bins, histograms):
+    """``histograms[s, l]`` counts the nonzero entries of sign ``s`` whose magnitude's high 16 bits are ``bins[s]``
+    (-1: none) and low 16 bits are ``l``."""
+    for index in range(bits.shape[0]):
+        value = bits[index]
+        sign = value >> 31
+        magnitude = value & _MAGNITUDE
+        if np.int64(magnitude >> 16) == bins[sign] and magnitude != 0:  # rare: a branch, not a scattered add
+            histograms[sign, magnitude & 0xFFFF] += 1
+
+
+@njit(cache=True, nogil=True)
+def top_rank(histogram, rank):
+    """``(bin, above)``: the bin holding the ``rank``-th largest entry (1-based) of ``histogram`` and the number of
+    entries in higher bins."""
+    above = 0
+    for index in range(histogram.shape[0] - 1, -1, -1):
+        if above + histogram[index] >= rank:
+            return index, above
+        above += histogram[index]
+    return -1, above
+
+
+@njit(inline="always", nogil=True)
+def _set_bit(out, bit):
+    out[bit >> 3] |= np.uint8(1 << (bit & 7))
+
+
+@njit(inline="always", nogil=True)
+def _put_field(out, bit, value, width):
+    """OR the low ``width`` bits of ``value`` into ``out`` from bit ``bit`` on (LSB first)."""
+    value &= (np.int64(1) << width) - 1
+    while width > 0:
+        shift = bit & 7
+        out[bit >> 3] |= np.uint8((value << shift) & 0xFF)
+        taken = 8 - shift
+        value >>= taken
+        bit += taken
+        width -= taken
+
+
+@njit(inline="always", nogil=True)
+def _or_bits(out, at, word, width):
+    """OR the low ``width`` (<= 64) bits of the int64 ``word`` into ``out`` from bit ``at`` on, LSB first."""
+    if width < 64:
+        word &= (np.int64(1) << width) - 1
+    shift = at & 7
+    byte = at >> 3
+    out[byte] |= np.uint8((word << shift) & 0xFF)
+    done = 8 - shift
+    byte += 1
+    while done < width:
+        # an arithmetic shift copies the sign bit: keep only the bits below ``width``
+        out[byte] |= np.uint8((word >> done) & ((np.int64(1) << min(8, width - done)) - 1))
+        done += 8
+        byte += 1
+
+
+@njit(inline="always", nogil=True)
+def _push(out, at, word, filled, value, width):
+    """Append the ``width``-bit ``value`` to the 64-bit buffer ``word`` (``filled`` bits used) that goes to ``out``
+    at bit ``at``; a full buffer is written out. Returns the new ``(at, word, filled)``."""
+    word |= value << filled
+    if filled + width < 64:
+        return at, word, filled + width
+    _or_bits(out, at, word, 64)
+    spill = filled + width - 64
+    rest = (value >> (64 - filled)) if filled else np.int64(0)
+    return at + 64, rest & ((np.int64(1) << spill) - 1), spill
+
+
+@njit(cache=True, nogil=True)
+def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_bits):
+    """Decide every entry's keep bit and write the blob payload into the zeroed ``out``.
+
+    An entry of sign ``s`` (0 positive, 1 negative) is kept when its magnitude bits exceed ``cuts[s]``, or equal it
+    while ``ties[s]`` (decremented in place) still allows, in position order; a cut of 0 keeps the whole sign.
+    ``encoding`` is 0 (BITMAP), 1 (POSITIONS) or 2 (COMPLEMENT) with Elias-Fano ``low_bits`` (<= 56); the sign bits
+    follow the position stream. One pass over ``bits`` writes the sign bits (and the mask bits of a BITMAP) and
+    collects the positions Elias-Fano codes into ``coded`` (one spare slot); a second pass over those writes the
+    Elias-Fano stream. ``out`` needs 8 spare bytes past the payload, left zero. The kept entries' bit patterns go to
+    ``kept_bits`` when it has room for them. Returns the number kept; the caller checks that it equals ``kept`` (the
+    kernel stops early rather than write past the payload)."""
+    numel = bits.shape[0]
+    store_values = kept_bits.shape[0] >= kept
+    count = kept if encoding == 1 else numel - kept
+    upper_at = count * low_bits
+    if encoding == 0:
+        values_at = numel
+    elif count == 0:  # an empty Elias-Fano stream has no bits at all
+        values_at = 0
+    else:
+        values_at = upper_at + count + ((numel - count) >> low_bits)
+    sign_at, sign_word, sign_filled = values_at, np.int64(0), 0
+    mask_at, mask_word, mask_filled = 0, np.int64(0), 0
+    taken = 0  # kept so far
+    listed = 0  # positions collected in ``coded``
+    for index in range(numel):
+        value = bits[index]
+        sign = np.int64(value >> 31)
+        magnitude = np.int64(value & _MAGNITUDE)
+        cut = cuts[sign]
+        keep = np.int64(magnitude > cut)
+        if magnitude == cut and magnitude != 0 and ties[sign] > 0:  # rare: only entries tied at the cut
+            ties[sign] -= 1
+            keep = np.int64(1)
+        if keep and taken >= kept:
+            return kept + 1
+        sign_at, sign_word, sign_filled = _push(out, sign_at, sign_word, sign_filled, keep & (1 - sign), keep)
+        if store_values and keep:
+            kept_bits[taken] = value
+        if encoding == 0:
+            mask_at, mask_word, mask_filled = _push(out, mask_at, mask_word, mask_filled, keep, 1)
+        else:  # branch-free: always write the slot, advance only for a listed entry
+            if listed > count:
+                return kept + 1
+            coded[listed] = index
+            listed += keep if encoding == 1 else 1 - keep
+        taken += keep
+    _or_bits(out, sign_at, sign_word, sign_filled)
+    if encoding == 0:
+        _or_bits(out, mask_at, mask_word, mask_filled)
+    elif listed != count:
+        return kept + 1
+    elif count:
+        low_mask = (np.int64(1) << low_bits) - 1
+        low_at, low_word, low_filled = 0, np.int64(0), 0
+        upper_window, upper_word = upper_at, np.int64(0)
+        for rank in range(count):
+            shifted = np.int64(coded[rank]) - rank
+            low_at, low_word, low_filled = _push(out, low_at, low_word, low_filled, shifted & low_mask, low_bits)
+            upper = upper_at + (shifted >> low_bits) + rank
+            while upper >= upper_window + 64:
+                _or_bits(out, upper_window, upper_word, 64)
+                upper_window += 64
+                upper_word = np.int64(0)
+            upper_word |= np.int64(1) << (upper - upper_window)
+        _or_bits(out, low_at, low_word, low_filled)
+        _or_bits(out, upper_window, upper_word, 64)
+    return taken

@@ -261,6 +261,46 @@ def encode(
     return blob
 
 
+def _coded_scratch(encoding: Encoding, numel: int, kept: int) -> np.ndarray:
+    """Room for the positions an Elias-Fano encoding codes (plus one spare slot), int32 when they fit."""
+    if encoding == Encoding.BITMAP:
+        return np.zeros(0, dtype=np.int32)
+    count = kept if encoding == Encoding.POSITIONS else numel - kept
+    return np.empty(count + 1, dtype=np.int32 if numel <= INT32_LIMIT else np.int64)
+
+
+def encode_signs_fast(
+    bits: np.ndarray, cuts: tuple[int, int], ties: tuple[int, int], kept: int, kept_bits: np.ndarray | None = None
+) -> torch.Tensor | None:
+    """The blob :func:`encode` writes for a 1-bit switch whose mask and signs are given by thresholds on the float32
+    bit patterns ``bits`` (see :func:`switch_adapter.codec._numba_codec.encode_switch`: ``cuts`` and ``ties`` per
+    sign, positive first), built in one pass by the numba kernel; None when the kernels are unavailable or SASS picks
+    GROUPED_COO (the caller then encodes the mask). ``kept`` must be the number of entries the cuts keep; the bit
+    patterns of the kept entries go to ``kept_bits`` (uint32, ``kept`` long) when given."""
+    kernels = numba_codec()
+    numel = bits.shape[0]
+    sizes = encoded_sizes_for_counts(numel, kept, VALUE_BITS)
+    encoding = _choose(sizes)
+    if kernels is None or encoding == Encoding.GROUPED_COO:
+        return None
+    low_bits = 0
+    if encoding != Encoding.BITMAP:
+        low_bits = elias_fano.best_low_bits(numel, kept if encoding == Encoding.POSITIONS else numel - kept)
+    header = _HEADER_STRUCT.pack(MAGIC, blob_version(encoding, VALUE_BITS), int(encoding), VALUE_BITS, numel, kept)
+    prefix = header + (b"" if encoding == Encoding.BITMAP else bytes([low_bits]))
+    size = -(-sizes[encoding] // 8)
+    blob = np.zeros(size + 9, dtype=np.uint8)  # spare bytes for the kernel's 64-bit writes, dropped below
+    blob[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    taken = kernels.encode_switch(
+        bits, np.array(cuts, dtype=np.int64), np.array(ties, dtype=np.int64), int(encoding), kept, low_bits,
+        blob[len(prefix) :], _coded_scratch(encoding, numel, kept),
+        np.zeros(0, dtype=np.uint32) if kept_bits is None else kept_bits,
+    )  # fmt: skip
+    if taken != kept or blob[size:].any():
+        raise RuntimeError(f"internal error: the switch keeps {taken} entries, expected {kept}")
+    return torch.from_numpy(blob[:size])
+
+
 # -- decoding --------------------------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from .._staging import check_output_dir
 from ..codec import sass
+from ..codec.binarize import binarize_encoded
 from ..format import (
     KEY_PREFIX,
     STATISTICS,
@@ -506,8 +507,11 @@ class _Work:
             self.unchanged += 1
             return None
         density = self.config.density_for(module_name)
-        try:
-            switch = self.config.binarize(tau, module_name, param_name)  # checks for NaN/Inf on the way
+        try:  # checks for NaN/Inf on the way
+            blob, scale = binarize_encoded(
+                tau, density, self.config.scale_granularity, name=f"{module_name}.{param_name}",
+                scale_rule=self.config.scale_rule, keep_ties=self.config.keep_ties,
+            )  # fmt: skip
         except ValueError:
             if torch.isfinite(tau).all():
                 raise
@@ -518,8 +522,10 @@ class _Work:
                 f"{culprit} in the {source.description} holds NaN/Inf values; check the checkpoint (a diverged run "
                 "or a broken file). Nothing was written."
             ) from None
+        shape = tau.shape
         del tau
-        return encoded_entry(switch, density)
+        entry = layout_entry(shape, blob, int(scale.numel()))
+        return {**entry, "density": density, "_tensors": (blob, scale.to(torch.float32))}
 
 
 def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:
