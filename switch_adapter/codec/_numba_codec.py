@@ -249,11 +249,12 @@ def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_b
     An entry of sign ``s`` (0 positive, 1 negative) is kept when its magnitude bits exceed ``cuts[s]``, or equal it
     while ``ties[s]`` (decremented in place) still allows, in position order; a cut of 0 keeps the whole sign.
     ``encoding`` is 0 (BITMAP), 1 (POSITIONS) or 2 (COMPLEMENT) with Elias-Fano ``low_bits`` (<= 56); the sign bits
-    follow the position stream. One pass over ``bits`` writes the sign bits (and the mask bits of a BITMAP) and
-    collects the positions Elias-Fano codes into ``coded`` (one spare slot); a second pass over those writes the
-    Elias-Fano stream. ``out`` needs 8 spare bytes past the payload, left zero. The kept entries' bit patterns go to
-    ``kept_bits`` when it has room for them. Returns the number kept; the caller checks that it equals ``kept`` (the
-    kernel stops early rather than write past the payload)."""
+    follow the position stream. One pass over ``bits`` collects the positions Elias-Fano codes into ``coded`` (one
+    spare slot) and writes the mask bits of a BITMAP; a second pass over ``coded`` writes the Elias-Fano stream. The
+    sign bits are written by the pass that sees the kept entries in order (the second one for POSITIONS). ``out``
+    needs 8 spare bytes past the payload, left zero. The kept entries' bit patterns go to ``kept_bits`` when it has
+    room for them. Returns the number kept; the caller checks that it equals ``kept`` (the kernel stops early
+    rather than write past the payload)."""
     numel = bits.shape[0]
     store_values = kept_bits.shape[0] >= kept
     count = kept if encoding == 1 else numel - kept
@@ -268,29 +269,47 @@ def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_b
     mask_at, mask_word, mask_filled = 0, np.int64(0), 0
     taken = 0  # kept so far
     listed = 0  # positions collected in ``coded``
-    for index in range(numel):
-        value = bits[index]
-        sign = np.int64(value >> 31)
-        magnitude = np.int64(value & _MAGNITUDE)
-        cut = cuts[sign]
-        keep = np.int64(magnitude > cut)
-        if magnitude == cut and magnitude != 0 and ties[sign] > 0:  # rare: only entries tied at the cut
-            ties[sign] -= 1
-            keep = np.int64(1)
-        if keep and taken >= kept:
-            return kept + 1
-        sign_at, sign_word, sign_filled = _push(out, sign_at, sign_word, sign_filled, keep & (1 - sign), keep)
-        if store_values and keep:
-            kept_bits[taken] = value
-        if encoding == 0:
-            mask_at, mask_word, mask_filled = _push(out, mask_at, mask_word, mask_filled, keep, 1)
-        else:  # branch-free: always write the slot, advance only for a listed entry
-            if listed > count:
+    if encoding == 1 and not store_values:  # the common case, as a tight loop of its own
+        for index in range(numel):
+            value = bits[index]
+            sign = np.int64(value >> 31)
+            magnitude = np.int64(value & _MAGNITUDE)
+            cut = cuts[sign]
+            keep = np.int64(magnitude > cut)
+            if magnitude == cut and magnitude != 0 and ties[sign] > 0:  # rare: only entries tied at the cut
+                ties[sign] -= 1
+                keep = np.int64(1)
+            coded[taken] = index  # branch-free: always write the slot (one spare), advance only when kept
+            taken += keep
+            if taken > kept:
+                return taken
+        listed = taken
+    else:
+        for index in range(numel):
+            value = bits[index]
+            sign = np.int64(value >> 31)
+            magnitude = np.int64(value & _MAGNITUDE)
+            cut = cuts[sign]
+            keep = np.int64(magnitude > cut)
+            if magnitude == cut and magnitude != 0 and ties[sign] > 0:  # rare: only entries tied at the cut
+                ties[sign] -= 1
+                keep = np.int64(1)
+            if keep and taken >= kept:
                 return kept + 1
-            coded[listed] = index
-            listed += keep if encoding == 1 else 1 - keep
-        taken += keep
-    _or_bits(out, sign_at, sign_word, sign_filled)
+            if encoding != 1:  # POSITIONS writes the signs in the second pass, from the listed positions
+                sign_at, sign_word, sign_filled = _push(out, sign_at, sign_word, sign_filled, keep & (1 - sign), keep)
+            if store_values and keep:
+                kept_bits[taken] = value
+            if encoding == 0:
+                mask_at, mask_word, mask_filled = _push(out, mask_at, mask_word, mask_filled, keep, 1)
+            else:  # branch-free: always write the slot, advance only for a listed entry
+                if listed > count:
+                    return kept + 1
+                coded[listed] = index
+                listed += keep if encoding == 1 else 1 - keep
+            taken += keep
+    if encoding != 1:
+        _or_bits(out, sign_at, sign_word, sign_filled)
     if encoding == 0:
         _or_bits(out, mask_at, mask_word, mask_filled)
     elif listed != count:
@@ -308,6 +327,17 @@ def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_b
                 upper_window += 64
                 upper_word = np.int64(0)
             upper_word |= np.int64(1) << (upper - upper_window)
+            if encoding == 1:
+                sign = np.int64(bits[coded[rank]] >> 31)
+                sign_at, sign_word, sign_filled = _push(out, sign_at, sign_word, sign_filled, 1 - sign, 1)
+        _or_bits(out, sign_at, sign_word, sign_filled)
         _or_bits(out, low_at, low_word, low_filled)
         _or_bits(out, upper_window, upper_word, 64)
     return taken
+
+
+@njit(cache=True, nogil=True)
+def square_in_place(values):
+    """``values[i] = values[i] * values[i]`` (the IEEE product torch's ``square`` computes), on one thread."""
+    for index in range(values.shape[0]):
+        values[index] = values[index] * values[index]

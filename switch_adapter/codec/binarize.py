@@ -298,14 +298,17 @@ def binarize_encoded(
     name: str = "tensor",
     scale_rule: str = "norm",
     keep_ties: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(blob, scale)``: the SASS blob (:func:`switch_adapter.codec.sass.encode`) and the scale of
     :func:`binarize` of ``task_vector``, byte for byte and bit for bit, without building the mask.
 
     With the numba kernels, for a contiguous CPU tensor and one scale per tensor, the cuts come from two histogram
     passes over the float32 bit patterns (no sort, no copy) and one more pass writes the blob; everything else (and
-    every error: density, NaN/Inf, ...) goes through :func:`binarize` + ``encode``."""
-    fast = _binarize_encoded_fast(task_vector, density, scale_granularity, scale_rule, keep_ties)
+    every error: density, NaN/Inf, ...) goes through :func:`binarize` + ``encode``. ``overwrite=True`` lets the
+    fast path square a float32 ``task_vector`` in place for the scale (the caller's scratch buffer: no copy)."""
+    fast = _binarize_encoded_fast(task_vector, density, scale_granularity, scale_rule, keep_ties, overwrite)
     if fast is not None:
         return fast
     switch = binarize(task_vector, density, scale_granularity, name, scale_rule, keep_ties)
@@ -330,7 +333,12 @@ def _cut(kernels: ModuleType, high: np.ndarray, count: int, quota: int, low: np.
 
 
 def _binarize_encoded_fast(
-    task_vector: torch.Tensor, density: float, scale_granularity: str, scale_rule: str, keep_ties: bool
+    task_vector: torch.Tensor,
+    density: float,
+    scale_granularity: str,
+    scale_rule: str,
+    keep_ties: bool,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`binarize_encoded` through the numba kernels; None where they do not apply or something needs the
     reference path (its checks and error messages)."""
@@ -371,5 +379,11 @@ def _binarize_encoded_fast(
         return None
     if kept == 0:
         return blob, torch.zeros(1, dtype=torch.float32)
-    squares = flat.square().sum() if kept_bits is None else torch.from_numpy(kept_bits.view(np.float32)).square().sum()
+    if kept_bits is not None:
+        squares = torch.from_numpy(kept_bits.view(np.float32)).square().sum()
+    elif overwrite and task_vector.dtype == torch.float32:
+        kernels.square_in_place(flat.numpy())  # flat.square()'s values without a copy or torch's thread pool
+        squares = flat.sum()
+    else:
+        squares = flat.square().sum()
     return blob, torch.sqrt(squares / kept).reshape(1)

@@ -510,7 +510,7 @@ class _Work:
         try:  # checks for NaN/Inf on the way
             blob, scale = binarize_encoded(
                 tau, density, self.config.scale_granularity, name=f"{module_name}.{param_name}",
-                scale_rule=self.config.scale_rule, keep_ties=self.config.keep_ties,
+                scale_rule=self.config.scale_rule, keep_ties=self.config.keep_ties, overwrite=True,
             )  # fmt: skip
         except ValueError:
             if torch.isfinite(tau).all():
