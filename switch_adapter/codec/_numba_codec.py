@@ -160,14 +160,15 @@ _EXPONENT = np.uint32(0x7F800000)
 def sign_histograms(bits, histograms):
     """One pass over the float32 bit patterns ``bits``: ``histograms[s, h]`` counts the nonzero entries of sign ``s``
     (0 positive, 1 negative) whose magnitude's high 16 bits are ``h`` (magnitudes of IEEE floats order like their
-    bit patterns). Returns False when ``bits`` holds a NaN/Inf (the histograms are then meaningless)."""
+    bit patterns). Returns the largest magnitude's bit pattern: ``>= 0x7F800000`` when ``bits`` holds a NaN/Inf
+    (the histograms are then meaningless)."""
     largest = np.uint32(0)
     for index in range(bits.shape[0]):
         value = bits[index]
         magnitude = value & _MAGNITUDE
         largest = max(largest, magnitude)
         histograms[value >> 31, magnitude >> 16] += magnitude != 0
-    return largest < _EXPONENT
+    return largest
 
 
 @njit(cache=True, nogil=True)
@@ -183,11 +184,11 @@ def low_histograms(bits, bins, histograms):
 
 
 @njit(cache=True, nogil=True)
-def top_rank(histogram, rank):
+def top_rank(histogram, rank, top):
     """``(bin, above)``: the bin holding the ``rank``-th largest entry (1-based) of ``histogram`` and the number of
-    entries in higher bins."""
+    entries in higher bins; the bins above ``top`` must be empty."""
     above = 0
-    for index in range(histogram.shape[0] - 1, -1, -1):
+    for index in range(min(top, histogram.shape[0] - 1), -1, -1):
         if above + histogram[index] >= rank:
             return index, above
         above += histogram[index]
@@ -341,3 +342,12 @@ def square_in_place(values):
     """``values[i] = values[i] * values[i]`` (the IEEE product torch's ``square`` computes), on one thread."""
     for index in range(values.shape[0]):
         values[index] = values[index] * values[index]
+
+
+@njit(cache=True, nogil=True)
+def any_nonzero(values):
+    """Whether ``values`` holds an entry that is not zero (NaN counts), stopping at the first one."""
+    for index in range(values.shape[0]):
+        if values[index] != 0:
+            return True
+    return False

@@ -319,16 +319,18 @@ def binarize_encoded(
 _HIGH_BINS = 1 << 16
 
 
-def _cut(kernels: ModuleType, high: np.ndarray, count: int, quota: int, low: np.ndarray | None) -> tuple[int, int, int]:
+def _cut(
+    kernels: ModuleType, high: np.ndarray, count: int, quota: int, low: np.ndarray | None, top: int
+) -> tuple[int, int, int]:
     """``(cut, above, ties)`` of one sign from its magnitude-bit histograms: the bit pattern of the ``quota``-th
     largest magnitude, the entries strictly above it and those equal to it; ``(0, count, 0)`` keeps the sign whole.
-    Without ``low`` (the low-bit histogram of the cut's bin) the cut is only the bin."""
+    Without ``low`` (the low-bit histogram of the cut's bin) the cut is only the bin. ``top``: no entries above."""
     if quota == 0 or quota >= count:
         return 0, count, 0
-    bin_index, above = kernels.top_rank(high, quota)
+    bin_index, above = kernels.top_rank(high, quota, top >> 16)
     if low is None:
         return int(bin_index), int(above), 0
-    low_index, low_above = kernels.top_rank(low, quota - above)
+    low_index, low_above = kernels.top_rank(low, quota - above, _HIGH_BINS - 1)
     return (int(bin_index) << 16) | int(low_index), int(above + low_above), int(low[low_index])
 
 
@@ -356,19 +358,21 @@ def _binarize_encoded_fast(
         return None
     bits = flat.numpy().view(np.uint32)
     highs = np.zeros((2, _HIGH_BINS), dtype=np.int64)
-    if not kernels.sign_histograms(bits, highs):
+    largest = int(kernels.sign_histograms(bits, highs))
+    if largest >= 0x7F800000:  # NaN/Inf: the reference path raises the error
         return None
     counts = (int(highs[0].sum()), int(highs[1].sum()))  # nonzero positive and negative entries
     quotas = (_quota(counts[0], density), _quota(counts[1], density))
     partial = [0 < quotas[side] < counts[side] for side in (0, 1)]
     lows = np.zeros((2, _HIGH_BINS), dtype=np.int64)
     if any(partial):
-        coarse = [_cut(kernels, highs[side], counts[side], quotas[side], None)[0] for side in (0, 1)]
+        coarse = [_cut(kernels, highs[side], counts[side], quotas[side], None, largest)[0] for side in (0, 1)]
         bins = np.array([coarse[side] if partial[side] else -1 for side in (0, 1)], dtype=np.int64)
         kernels.low_histograms(bits, bins, lows)
     cuts, ties, kept = [], [], 0
     for side in (0, 1):
-        cut, above, tied = _cut(kernels, highs[side], counts[side], quotas[side], lows[side] if partial[side] else None)
+        low = lows[side] if partial[side] else None
+        cut, above, tied = _cut(kernels, highs[side], counts[side], quotas[side], low, largest)
         keep_tied = tied if keep_ties or not partial[side] else quotas[side] - above
         cuts.append(cut)
         ties.append(keep_tied)

@@ -18,6 +18,7 @@ from transformers import AutoModel, PreTrainedModel
 from .._staging import check_output_dir
 from ..codec import sass
 from ..codec.binarize import binarize_encoded
+from ..codec.kernels import numba_codec
 from ..format import (
     KEY_PREFIX,
     STATISTICS,
@@ -537,8 +538,11 @@ def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:
 
 
 def _any_nonzero(tau: torch.Tensor) -> bool:
-    """Whether ``tau`` holds a nonzero entry (numpy on the CPU)."""
+    """Whether ``tau`` holds a nonzero entry (numba, stopping at the first one, or numpy on the CPU)."""
     if tau.device.type == "cpu" and tau.is_contiguous():
+        kernels = numba_codec()
+        if kernels is not None:
+            return bool(kernels.any_nonzero(tau.reshape(-1).numpy()))
         return bool(np.count_nonzero(tau.numpy()))
     return bool(torch.count_nonzero(tau))
 
