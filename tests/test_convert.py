@@ -558,3 +558,22 @@ def test_unchanged_tensors_get_no_switch_and_the_folder_loads(tmp_path):
     loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "base"), tmp_path / "empty")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).last_hidden_state, base(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_chunked_base_subtraction_equals_whole_tensor(tmp_path, monkeypatch, dtype):
+    """The converter subtracts the base tensor chunk by chunk; the task vector is the one of the whole tensors."""
+    from switch_adapter.convert import sources
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 29, generator=generator).to(dtype)
+    save_file({"w": base, "v": base[:5].clone()}, tmp_path / "base.safetensors")
+    monkeypatch.setattr(sources, "SUBTRACT_CHUNK_BYTES", 64)  # many chunks, the last one partial
+    tuned = torch.randn(37, 29, generator=generator)
+    source = sources.SafetensorsSource([str(tmp_path / "base.safetensors")], "base")
+    out = tuned.clone()
+    assert source.subtract_from("w", out)
+    assert torch.equal(out, tuned - base.to(torch.float32))
+    assert not source.subtract_from("v", tuned.clone())  # another shape: the caller reads it whole
+    assert not source.subtract_from("w", tuned.T.contiguous())
+    source.close()

@@ -498,12 +498,15 @@ class _Work:
     def _switch(self, slot: tuple[str, str], tuned_key: str, base_key: str) -> dict | None:
         module_name, param_name = slot
         tuned = self._read(self.tuned_src, tuned_key)
-        base_value = self._read(self.base_src, base_key)
         # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less at the peak)
         tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
         del tuned
-        _subtract(tau, base_value.to(torch.float32))
-        del base_value
+        if isinstance(self.base_src, SafetensorsSource) and self.base_src.subtract_from(base_key, tau):
+            self.tensors_read += 1  # the base tensor was read in chunks, never whole
+        else:
+            base_value = self._read(self.base_src, base_key)
+            _subtract(tau, base_value.to(torch.float32))
+            del base_value
         if not _any_nonzero(tau):
             self.unchanged += 1
             return None
