@@ -319,12 +319,19 @@ def _check_blob_type(blob: object) -> None:
         )
 
 
+def _head(blob: torch.Tensor, count: int) -> bytes:
+    """The first ``count`` bytes of ``blob`` (through numpy on the CPU: no torch indexing per header field)."""
+    if blob.device.type == "cpu":
+        return blob.numpy()[:count].tobytes()
+    return bytes(blob[:count].cpu().tolist())
+
+
 def _read_version(blob: torch.Tensor) -> int:
     """The version byte, after checking the length and the magic."""
     length = blob.numel()
     if length < 5:
         raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {HEADER_BYTES})")
-    start_bytes = bytes(blob[:5].cpu().tolist())
+    start_bytes = _head(blob, 5)
     if start_bytes[:4] != MAGIC:
         raise _corrupt(f"is corrupt or not a switch blob (magic {start_bytes[:4]!r}, expected {MAGIC!r})")
     version = start_bytes[4]
@@ -370,7 +377,7 @@ def _read_header(blob: torch.Tensor) -> tuple[Header, int]:
     layout = _HEADER_STRUCTS[version]
     if blob.numel() < layout.size:
         raise _corrupt(f"is truncated or corrupt (only {blob.numel()} bytes, the header needs {layout.size})")
-    fields = layout.unpack(bytes(blob[: layout.size].cpu().tolist()))
+    fields = layout.unpack(_head(blob, layout.size))
     if version == 1:
         _, _, encoding_id, numel, kept = fields
         value_bits = VALUE_BITS
@@ -390,7 +397,7 @@ def _read_parameter(blob: torch.Tensor, header: Header, header_bytes: int) -> in
     minimum = header_bytes + _PARAM_BYTES
     if blob.numel() < minimum:
         raise _corrupt(f"is truncated or corrupt (expected {minimum} bytes or more, got {blob.numel()})")
-    parameter = int(blob[header_bytes])
+    parameter = _head(blob, header_bytes + 1)[header_bytes]
     if header.encoding == Encoding.GROUPED_COO:
         if not grouped_coo.MIN_GROUP_BITS <= parameter <= grouped_coo.MAX_GROUP_BITS:
             raise _corrupt(
