@@ -187,7 +187,8 @@ def test_binarize_encoded_matches_binarize_then_encode(density, scale_rule, keep
 
 
 def test_binarize_encoded_falls_back_for_what_it_does_not_fuse():
-    """Row scales, non-contiguous and non-CPU-float32 inputs take the reference path; NaN/Inf raise its error."""
+    """Row scales take the reference path, transposed and bfloat16 inputs the fused one after their float32 copy:
+    the same blob and scale either way; NaN/Inf raise the reference's error."""
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(40, 30, generator=generator)
     for task_vector, granularity in ((weight, "row"), (weight.T, "tensor"), (weight.to(torch.bfloat16), "tensor")):

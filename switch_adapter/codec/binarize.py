@@ -304,7 +304,7 @@ def binarize_encoded(
     """``(blob, scale)``: the SASS blob (:func:`switch_adapter.codec.sass.encode`) and the scale of
     :func:`binarize` of ``task_vector``, byte for byte and bit for bit, without building the mask.
 
-    With the numba kernels, for a contiguous CPU tensor and one scale per tensor, the cuts come from two histogram
+    With the numba kernels, for a CPU tensor (as float32) and one scale per tensor, the cuts come from two histogram
     passes over the float32 bit patterns (no sort, no copy) and one more pass writes the blob; everything else (and
     every error: density, NaN/Inf, ...) goes through :func:`binarize` + ``encode``. ``overwrite=True`` lets the
     fast path square a float32 ``task_vector`` in place for the scale (the caller's scratch buffer: no copy)."""

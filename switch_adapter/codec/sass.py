@@ -261,6 +261,10 @@ def encode(
     return blob
 
 
+#: Widest Elias-Fano low field the fused encoder writes.
+_KERNEL_LOW_BITS = 56
+
+
 def _coded_scratch(encoding: Encoding, numel: int, kept: int) -> np.ndarray:
     """Room for the positions an Elias-Fano encoding codes (plus one spare slot), int32 when they fit."""
     if encoding == Encoding.BITMAP:
@@ -274,9 +278,10 @@ def encode_signs_fast(
 ) -> torch.Tensor | None:
     """The blob :func:`encode` writes for a 1-bit switch whose mask and signs are given by thresholds on the float32
     bit patterns ``bits`` (see :func:`switch_adapter.codec._numba_codec.encode_switch`: ``cuts`` and ``ties`` per
-    sign, positive first), built in one pass by the numba kernel; None when the kernels are unavailable or SASS picks
-    GROUPED_COO (the caller then encodes the mask). ``kept`` must be the number of entries the cuts keep; the bit
-    patterns of the kept entries go to ``kept_bits`` (uint32, ``kept`` long) when given."""
+    sign, positive first), built by the numba kernel; None when the kernels are unavailable, SASS picks GROUPED_COO
+    or the Elias-Fano fields are wider than 56 bits (the caller then encodes the mask). ``kept`` must be the number
+    of entries the cuts keep; the bit patterns of the kept entries go to ``kept_bits`` (uint32, ``kept`` long) when
+    given."""
     kernels = numba_codec()
     numel = bits.shape[0]
     sizes = encoded_sizes_for_counts(numel, kept, VALUE_BITS)
@@ -286,6 +291,8 @@ def encode_signs_fast(
     low_bits = 0
     if encoding != Encoding.BITMAP:
         low_bits = elias_fano.best_low_bits(numel, kept if encoding == Encoding.POSITIONS else numel - kept)
+        if low_bits > _KERNEL_LOW_BITS:  # wider fields than the kernel's 64-bit writer takes (huge sparse tensors)
+            return None
     header = _HEADER_STRUCT.pack(MAGIC, blob_version(encoding, VALUE_BITS), int(encoding), VALUE_BITS, numel, kept)
     prefix = header + (b"" if encoding == Encoding.BITMAP else bytes([low_bits]))
     size = -(-sizes[encoding] // 8)
