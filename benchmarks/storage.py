@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("apply vs load on all-MiniLM-L6-v2 ...", flush=True)
     sections["apply_vs_load"] = (
         "Decode + apply a switch to all-MiniLM-L6-v2 vs loading the fine-tuned checkpoint (seconds, median; "
-        "target apply/load < 0.5)",
+        "target merge_only/safetensors <= 1.5, issue 12)",
         apply_vs_load_rows(repeats=2 if args.quick else 5),
     )
 

@@ -113,6 +113,35 @@ def test_loaded_models_give_the_same_folder(bert_pair, tmp_path):
     assert isinstance(base, torch.nn.Module) and not hasattr(base, "peft_config")  # inputs untouched
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
+def test_fast_and_fallback_paths_write_the_same_folder(bert_pair, tmp_path, monkeypatch, density):
+    """The numba path (fused thresholding and encoding, numba decoding when merging) and the numpy/torch fallback
+    (``SWITCH_ADAPTER_KERNELS=torch``) write byte-identical adapters that merge to identical weights."""
+    pytest.importorskip("numba")
+    from switch_adapter.codec import kernels as codec_kernels
+
+    folders, merged = {}, {}
+    for path in ("fast", "fallback"):
+        if path == "fallback":
+            monkeypatch.setenv("SWITCH_ADAPTER_KERNELS", "torch")
+        codec_kernels.numba_codec.cache_clear()
+        assert codec_kernels.fast_codec_available() == (path == "fast")
+        folders[path] = tmp_path / path
+        convert_finetuned(
+            bert_pair / "base", bert_pair / "tuned", folders[path], TSwitchConfig(density=density), progress=False
+        )
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert_pair / "base"),
+                                          folders[path])  # fmt: skip
+        merged[path] = model.merge_and_unload().state_dict()
+    monkeypatch.delenv("SWITCH_ADAPTER_KERNELS")
+    codec_kernels.numba_codec.cache_clear()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (folders["fast"] / name).read_bytes() == (folders["fallback"] / name).read_bytes()
+    assert merged["fast"].keys() == merged["fallback"].keys()
+    for key, value in merged["fast"].items():
+        assert torch.equal(value, merged["fallback"][key]), key
+
+
 def test_fp16_checkpoint_computed_in_fp32(tmp_path):
     base = tiny_llama()
     tuned = finetune_copy(base, noise=0.05)
@@ -529,3 +558,22 @@ def test_unchanged_tensors_get_no_switch_and_the_folder_loads(tmp_path):
     loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "base"), tmp_path / "empty")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).last_hidden_state, base(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_chunked_base_subtraction_equals_whole_tensor(tmp_path, monkeypatch, dtype):
+    """The converter subtracts the base tensor chunk by chunk; the task vector is the one of the whole tensors."""
+    from switch_adapter.convert import sources
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 29, generator=generator).to(dtype)
+    save_file({"w": base, "v": base[:5].clone()}, tmp_path / "base.safetensors")
+    monkeypatch.setattr(sources, "SUBTRACT_CHUNK_BYTES", 64)  # many chunks, the last one partial
+    tuned = torch.randn(37, 29, generator=generator)
+    source = sources.SafetensorsSource([str(tmp_path / "base.safetensors")], "base")
+    out = tuned.clone()
+    assert source.subtract_from("w", out)
+    assert torch.equal(out, tuned - base.to(torch.float32))
+    assert not source.subtract_from("v", tuned.clone())  # another shape: the caller reads it whole
+    assert not source.subtract_from("w", tuned.T.contiguous())
+    source.close()

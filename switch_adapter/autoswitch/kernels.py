@@ -13,7 +13,6 @@ the same sums; only the order of float additions differs. ``SWITCH_ADAPTER_KERNE
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .._jit import load_kernels
 from .tables import TRANSPOSED, EntryTable
 
 logger = logging.getLogger(__name__)
@@ -29,14 +29,7 @@ logger = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def _numba_kernels():
     """The compiled numba kernels, or None when numba is missing or disabled."""
-    if os.environ.get("SWITCH_ADAPTER_KERNELS", "").lower() == "torch":
-        return None
-    try:
-        from . import _numba_kernels as kernels
-    except ImportError:
-        logger.debug("numba is not installed: switch entries are applied with torch ops.")
-        return None
-    return kernels
+    return load_kernels(f"{__package__}._numba_kernels")
 
 
 def fast_kernels_available() -> bool:

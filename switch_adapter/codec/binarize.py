@@ -27,10 +27,13 @@ T-Switch is the case ``value_bits=1``, where the level is the sign bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 
+from . import sass
+from .kernels import numba_codec
 from .sass import check_value_bits, level_multipliers
 
 SCALE_GRANULARITIES = ("tensor", "row")
@@ -286,3 +289,105 @@ def _scale(
         return torch.zeros(1, dtype=torch.float32, device=flat.device)
     squares = flat.square().sum() if rule == "norm" else kept_values.square().sum()
     return torch.sqrt(squares / kept_values.numel()).reshape(1)
+
+
+def binarize_encoded(
+    task_vector: torch.Tensor,
+    density: float,
+    scale_granularity: str = "tensor",
+    name: str = "tensor",
+    scale_rule: str = "norm",
+    keep_ties: bool = False,
+    *,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blob, scale)``: the SASS blob (:func:`switch_adapter.codec.sass.encode`) and the scale of
+    :func:`binarize` of ``task_vector``, byte for byte and bit for bit, without building the mask.
+
+    With the numba kernels, for a CPU tensor (as float32) and one scale per tensor, the cuts come from two histogram
+    passes over the float32 bit patterns (no sort, no copy) and one more pass writes the blob; everything else (and
+    every error: density, NaN/Inf, ...) goes through :func:`binarize` + ``encode``. ``overwrite=True`` lets the
+    fast path square a float32 ``task_vector`` in place for the scale (the caller's scratch buffer: no copy)."""
+    fast = _binarize_encoded_fast(task_vector, density, scale_granularity, scale_rule, keep_ties, overwrite)
+    if fast is not None:
+        return fast
+    switch = binarize(task_vector, density, scale_granularity, name, scale_rule, keep_ties)
+    blob = sass.encode(switch.mask, switch.positive, value_bits=switch.value_bits, levels=switch.levels)
+    return blob, switch.scale
+
+
+_HIGH_BINS = 1 << 16
+
+
+def _cut(
+    kernels: ModuleType, high: np.ndarray, count: int, quota: int, low: np.ndarray | None, top: int
+) -> tuple[int, int, int]:
+    """``(cut, above, ties)`` of one sign from its magnitude-bit histograms: the bit pattern of the ``quota``-th
+    largest magnitude, the entries strictly above it and those equal to it; ``(0, count, 0)`` keeps the sign whole.
+    Without ``low`` (the low-bit histogram of the cut's bin) the cut is only the bin. ``top``: no entries above."""
+    if quota == 0 or quota >= count:
+        return 0, count, 0
+    bin_index, above = kernels.top_rank(high, quota, top >> 16)
+    if low is None:
+        return int(bin_index), int(above), 0
+    low_index, low_above = kernels.top_rank(low, quota - above, _HIGH_BINS - 1)
+    return (int(bin_index) << 16) | int(low_index), int(above + low_above), int(low[low_index])
+
+
+def _binarize_encoded_fast(
+    task_vector: torch.Tensor,
+    density: float,
+    scale_granularity: str,
+    scale_rule: str,
+    keep_ties: bool,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`binarize_encoded` through the numba kernels; None where they do not apply or something needs the
+    reference path (its checks and error messages)."""
+    kernels = numba_codec()
+    if (
+        kernels is None
+        or task_vector.device.type != "cpu"
+        or scale_granularity != "tensor"
+        or scale_rule not in SCALE_RULES
+        or not 0.0 < float(density) <= 1.0
+    ):
+        return None
+    flat = task_vector.detach().to(torch.float32).reshape(-1)
+    if not flat.is_contiguous() or flat.numel() == 0:
+        return None
+    bits = flat.numpy().view(np.uint32)
+    highs = np.zeros((2, _HIGH_BINS), dtype=np.int64)
+    largest = int(kernels.sign_histograms(bits, highs))
+    if largest >= 0x7F800000:  # NaN/Inf: the reference path raises the error
+        return None
+    counts = (int(highs[0].sum()), int(highs[1].sum()))  # nonzero positive and negative entries
+    quotas = (_quota(counts[0], density), _quota(counts[1], density))
+    partial = [0 < quotas[side] < counts[side] for side in (0, 1)]
+    lows = np.zeros((2, _HIGH_BINS), dtype=np.int64)
+    if any(partial):
+        coarse = [_cut(kernels, highs[side], counts[side], quotas[side], None, largest)[0] for side in (0, 1)]
+        bins = np.array([coarse[side] if partial[side] else -1 for side in (0, 1)], dtype=np.int64)
+        kernels.low_histograms(bits, bins, lows)
+    cuts, ties, kept = [], [], 0
+    for side in (0, 1):
+        low = lows[side] if partial[side] else None
+        cut, above, tied = _cut(kernels, highs[side], counts[side], quotas[side], low, largest)
+        keep_tied = tied if keep_ties or not partial[side] else quotas[side] - above
+        cuts.append(cut)
+        ties.append(keep_tied)
+        kept += above + keep_tied
+    kept_bits = np.empty(kept, dtype=np.uint32) if scale_rule == "rms" else None
+    blob = sass.encode_signs_fast(bits, (cuts[0], cuts[1]), (ties[0], ties[1]), kept, kept_bits)
+    if blob is None:
+        return None
+    if kept == 0:
+        return blob, torch.zeros(1, dtype=torch.float32)
+    if kept_bits is not None:
+        squares = torch.from_numpy(kept_bits.view(np.float32)).square().sum()
+    elif overwrite and task_vector.dtype == torch.float32:
+        kernels.square_in_place(flat.numpy())  # flat.square()'s values without a copy or torch's thread pool
+        squares = flat.sum()
+    else:
+        squares = flat.square().sum()
+    return blob, torch.sqrt(squares / kept).reshape(1)

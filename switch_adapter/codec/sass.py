@@ -56,6 +56,7 @@ import torch
 
 from switch_adapter.codec import elias_fano, grouped_coo
 from switch_adapter.codec.bitpack import pack_bits, pack_fields, unpack_bits, unpack_fields
+from switch_adapter.codec.kernels import numba_codec
 from switch_adapter.errors import CodecError
 
 #: Newest blob format version this module reads and writes.
@@ -260,6 +261,53 @@ def encode(
     return blob
 
 
+#: Widest Elias-Fano low field the fused encoder writes.
+_KERNEL_LOW_BITS = 56
+
+
+def _coded_scratch(encoding: Encoding, numel: int, kept: int) -> np.ndarray:
+    """Room for the positions an Elias-Fano encoding codes (plus one spare slot), int32 when they fit."""
+    if encoding == Encoding.BITMAP:
+        return np.zeros(0, dtype=np.int32)
+    count = kept if encoding == Encoding.POSITIONS else numel - kept
+    return np.empty(count + 1, dtype=np.int32 if numel <= INT32_LIMIT else np.int64)
+
+
+def encode_signs_fast(
+    bits: np.ndarray, cuts: tuple[int, int], ties: tuple[int, int], kept: int, kept_bits: np.ndarray | None = None
+) -> torch.Tensor | None:
+    """The blob :func:`encode` writes for a 1-bit switch whose mask and signs are given by thresholds on the float32
+    bit patterns ``bits`` (see :func:`switch_adapter.codec._numba_codec.encode_switch`: ``cuts`` and ``ties`` per
+    sign, positive first), built by the numba kernel; None when the kernels are unavailable, SASS picks GROUPED_COO
+    or the Elias-Fano fields are wider than 56 bits (the caller then encodes the mask). ``kept`` must be the number
+    of entries the cuts keep; the bit patterns of the kept entries go to ``kept_bits`` (uint32, ``kept`` long) when
+    given."""
+    kernels = numba_codec()
+    numel = bits.shape[0]
+    sizes = encoded_sizes_for_counts(numel, kept, VALUE_BITS)
+    encoding = _choose(sizes)
+    if kernels is None or encoding == Encoding.GROUPED_COO:
+        return None
+    low_bits = 0
+    if encoding != Encoding.BITMAP:
+        low_bits = elias_fano.best_low_bits(numel, kept if encoding == Encoding.POSITIONS else numel - kept)
+        if low_bits > _KERNEL_LOW_BITS:  # wider fields than the kernel's 64-bit writer takes (huge sparse tensors)
+            return None
+    header = _HEADER_STRUCT.pack(MAGIC, blob_version(encoding, VALUE_BITS), int(encoding), VALUE_BITS, numel, kept)
+    prefix = header + (b"" if encoding == Encoding.BITMAP else bytes([low_bits]))
+    size = -(-sizes[encoding] // 8)
+    blob = np.zeros(size + 9, dtype=np.uint8)  # spare bytes for the kernel's 64-bit writes, dropped below
+    blob[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    taken = kernels.encode_switch(
+        bits, np.array(cuts, dtype=np.int64), np.array(ties, dtype=np.int64), int(encoding), kept, low_bits,
+        blob[len(prefix) :], _coded_scratch(encoding, numel, kept),
+        np.zeros(0, dtype=np.uint32) if kept_bits is None else kept_bits,
+    )  # fmt: skip
+    if taken != kept or blob[size:].any():
+        raise RuntimeError(f"internal error: the switch keeps {taken} entries, expected {kept}")
+    return torch.from_numpy(blob[:size])
+
+
 # -- decoding --------------------------------------------------------------------------------------------------------
 
 
@@ -278,12 +326,19 @@ def _check_blob_type(blob: object) -> None:
         )
 
 
+def _head(blob: torch.Tensor, count: int) -> bytes:
+    """The first ``count`` bytes of ``blob`` (through numpy on the CPU: no torch indexing per header field)."""
+    if blob.device.type == "cpu":
+        return blob.numpy()[:count].tobytes()
+    return bytes(blob[:count].cpu().tolist())
+
+
 def _read_version(blob: torch.Tensor) -> int:
     """The version byte, after checking the length and the magic."""
     length = blob.numel()
     if length < 5:
         raise _corrupt(f"is truncated or corrupt (only {length} bytes, the header needs {HEADER_BYTES})")
-    start_bytes = bytes(blob[:5].cpu().tolist())
+    start_bytes = _head(blob, 5)
     if start_bytes[:4] != MAGIC:
         raise _corrupt(f"is corrupt or not a switch blob (magic {start_bytes[:4]!r}, expected {MAGIC!r})")
     version = start_bytes[4]
@@ -329,7 +384,7 @@ def _read_header(blob: torch.Tensor) -> tuple[Header, int]:
     layout = _HEADER_STRUCTS[version]
     if blob.numel() < layout.size:
         raise _corrupt(f"is truncated or corrupt (only {blob.numel()} bytes, the header needs {layout.size})")
-    fields = layout.unpack(bytes(blob[: layout.size].cpu().tolist()))
+    fields = layout.unpack(_head(blob, layout.size))
     if version == 1:
         _, _, encoding_id, numel, kept = fields
         value_bits = VALUE_BITS
@@ -349,7 +404,7 @@ def _read_parameter(blob: torch.Tensor, header: Header, header_bytes: int) -> in
     minimum = header_bytes + _PARAM_BYTES
     if blob.numel() < minimum:
         raise _corrupt(f"is truncated or corrupt (expected {minimum} bytes or more, got {blob.numel()})")
-    parameter = int(blob[header_bytes])
+    parameter = _head(blob, header_bytes + 1)[header_bytes]
     if header.encoding == Encoding.GROUPED_COO:
         if not grouped_coo.MIN_GROUP_BITS <= parameter <= grouped_coo.MAX_GROUP_BITS:
             raise _corrupt(
@@ -450,6 +505,49 @@ def decode_values(
     header, positions, value_bits = _decode(blob, device)
     levels = unpack_fields(value_bits, header.kept, header.value_bits, torch.uint8)
     return header.numel, positions, level_multipliers(levels, header.value_bits), header.value_bits
+
+
+#: Positions of a tensor with at most this many entries fit in int32.
+INT32_LIMIT: int = 2**31 - 1
+
+
+def compact_dtypes(numel: int, value_bits: int) -> tuple[torch.dtype, torch.dtype]:
+    """The narrowest exact dtypes of decoded ``(positions, multipliers)``: int32 positions (int64 for a tensor of
+    ``2**31`` entries or more), int8 multipliers for up to 7 value bits (``|2u - (2**b - 1)| <= 127``), else int16."""
+    return (
+        torch.int32 if numel <= INT32_LIMIT else torch.int64,
+        torch.int8 if value_bits <= 7 else torch.int16,
+    )
+
+
+def decode_compact(
+    blob: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """:func:`decode_values` with the positions and multipliers in :func:`compact_dtypes` (the same values).
+
+    On the CPU with the numba kernels (encodings BITMAP, POSITIONS, COMPLEMENT) the packed payload is decoded in one
+    pass straight into those arrays; otherwise, and to report a corrupt blob, through :func:`decode_values`. Raises
+    :class:`CodecError` like :func:`decode`."""
+    header, parameter, start, payload_bits = _parse(blob)
+    position_dtype, multiplier_dtype = compact_dtypes(header.numel, header.value_bits)
+    target = blob.device if device is None else torch.device(device)
+    kernels = numba_codec()
+    if (
+        kernels is not None
+        and blob.device.type == "cpu"
+        and target.type == "cpu"
+        and header.encoding != Encoding.GROUPED_COO
+    ):
+        positions = torch.empty(header.kept, dtype=position_dtype)
+        multipliers = torch.empty(header.kept, dtype=multiplier_dtype)
+        status = kernels.decode_payload(
+            blob.contiguous().numpy()[start:], int(header.encoding), header.numel, header.kept, parameter,
+            payload_bits, header.value_bits, positions.numpy(), multipliers.numpy(),
+        )  # fmt: skip
+        if status == 0:
+            return header.numel, positions, multipliers, header.value_bits
+    numel, positions, multipliers, value_bits = decode_values(blob, device)
+    return numel, positions.to(position_dtype), multipliers.to(multiplier_dtype), value_bits
 
 
 def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,8 @@ from transformers import AutoModel, PreTrainedModel
 
 from .._staging import check_output_dir
 from ..codec import sass
+from ..codec.binarize import binarize_encoded
+from ..codec.kernels import numba_codec
 from ..format import (
     KEY_PREFIX,
     STATISTICS,
@@ -496,18 +498,24 @@ class _Work:
     def _switch(self, slot: tuple[str, str], tuned_key: str, base_key: str) -> dict | None:
         module_name, param_name = slot
         tuned = self._read(self.tuned_src, tuned_key)
-        base_value = self._read(self.base_src, base_key)
         # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less at the peak)
         tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
         del tuned
-        _subtract(tau, base_value.to(torch.float32))
-        del base_value
+        if isinstance(self.base_src, SafetensorsSource) and self.base_src.subtract_from(base_key, tau):
+            self.tensors_read += 1  # the base tensor was read in chunks, never whole
+        else:
+            base_value = self._read(self.base_src, base_key)
+            _subtract(tau, base_value.to(torch.float32))
+            del base_value
         if not _any_nonzero(tau):
             self.unchanged += 1
             return None
         density = self.config.density_for(module_name)
-        try:
-            switch = self.config.binarize(tau, module_name, param_name)  # checks for NaN/Inf on the way
+        try:  # checks for NaN/Inf on the way
+            blob, scale = binarize_encoded(
+                tau, density, self.config.scale_granularity, name=f"{module_name}.{param_name}",
+                scale_rule=self.config.scale_rule, keep_ties=self.config.keep_ties, overwrite=True,
+            )  # fmt: skip
         except ValueError:
             if torch.isfinite(tau).all():
                 raise
@@ -518,8 +526,10 @@ class _Work:
                 f"{culprit} in the {source.description} holds NaN/Inf values; check the checkpoint (a diverged run "
                 "or a broken file). Nothing was written."
             ) from None
+        shape = tau.shape
         del tau
-        return encoded_entry(switch, density)
+        entry = layout_entry(shape, blob, int(scale.numel()))
+        return {**entry, "density": density, "_tensors": (blob, scale.to(torch.float32))}
 
 
 def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:
@@ -531,8 +541,11 @@ def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:
 
 
 def _any_nonzero(tau: torch.Tensor) -> bool:
-    """Whether ``tau`` holds a nonzero entry (numpy on the CPU)."""
+    """Whether ``tau`` holds a nonzero entry (numba, stopping at the first one, or numpy on the CPU)."""
     if tau.device.type == "cpu" and tau.is_contiguous():
+        kernels = numba_codec()
+        if kernels is not None:
+            return bool(kernels.any_nonzero(tau.reshape(-1).numpy()))
         return bool(np.count_nonzero(tau.numpy()))
     return bool(torch.count_nonzero(tau))
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -110,7 +111,8 @@ class SafetensorsSource(TensorSource):
     def info(self) -> dict[str, TensorInfo]:
         return self._info
 
-    def get(self, key: str) -> torch.Tensor:
+    def _seek(self, key: str) -> tuple[TensorInfo, torch.dtype, int]:
+        """Open ``key``'s shard (closing the previous one), seek to the tensor; ``(info, dtype, byte count)``."""
         info = self._info[key]
         if info.file != self._open_path:
             self.close()
@@ -120,19 +122,64 @@ class SafetensorsSource(TensorSource):
         dtype = _TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise ValueError(f"{self.description}: {key} has dtype {info.dtype}, which this converter cannot read.")
-        buffer = torch.empty(count, dtype=torch.uint8)
         self._file.seek(start)
+        return info, dtype, count
+
+    def _read_into(self, buffer: torch.Tensor, key: str) -> None:
+        count = buffer.numel()
         if count and self._file.readinto(memoryview(buffer.numpy())) != count:
-            raise ValueError(f"{self.description}: {info.file} is truncated ({key}); re-download or re-save it.")
+            raise ValueError(f"{self.description}: {self._open_path} is truncated ({key}); re-download or re-save it.")
+
+    def get(self, key: str) -> torch.Tensor:
+        info, dtype, count = self._seek(key)
+        buffer = torch.empty(count, dtype=torch.uint8)
+        self._read_into(buffer, key)
         if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian: reverse each value
             buffer = buffer.view(-1, dtype.itemsize).flip(1).reshape(-1)
         return buffer.view(dtype).reshape(info.shape)
+
+    def subtract_from(self, key: str, out: torch.Tensor) -> bool:
+        """``out -= tensor(key)`` for a contiguous float32 CPU ``out`` of the tensor's shape, reading the tensor in
+        chunks of :data:`SUBTRACT_CHUNK_BYTES` (so it is never in memory whole); the difference of each entry is
+        computed in float32, exactly as ``out -= tensor(key).to(float32)``. Returns False, having read nothing,
+        where it does not apply (other sizes, dtypes or byte orders): the caller then uses :meth:`get`."""
+        info = self._info[key]
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        numel = out.numel()
+        if (
+            tuple(info.shape) != tuple(out.shape)
+            or dtype is None
+            or not dtype.is_floating_point
+            or (sys.byteorder != "little" and dtype.itemsize > 1)
+            or out.dtype != torch.float32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+        ):
+            return False
+        _, dtype, count = self._seek(key)
+        flat = out.view(-1)
+        per_chunk = max(SUBTRACT_CHUNK_BYTES // dtype.itemsize, 1)
+        buffer = torch.empty(min(per_chunk, numel) * dtype.itemsize, dtype=torch.uint8)
+        for first in range(0, numel, per_chunk):
+            size = min(per_chunk, numel - first)
+            chunk = buffer[: size * dtype.itemsize]
+            self._read_into(chunk, key)
+            values = chunk.view(dtype)
+            target = flat[first : first + size].numpy()
+            if dtype == torch.float32:
+                np.subtract(target, values.numpy(), out=target)
+            else:
+                target -= values.to(torch.float32).numpy()
+        return True
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         self._file, self._open_path = None, None
 
+
+#: Bytes read at a time by :meth:`SafetensorsSource.subtract_from`.
+SUBTRACT_CHUNK_BYTES = 1 << 23
 
 _TORCH_DTYPES = {
     "F64": torch.float64,

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..codec import sass
 from ..codec.binarize import BinarySwitch
+from ..codec.kernels import add_kept_values
 from ..errors import CodecError
 from ..format import (
     STATISTICS,
@@ -33,7 +34,6 @@ from ..format import (
 logger = logging.getLogger(__name__)
 
 SWITCHABLE_PARAMETERS = ("weight", "bias")
-_INT32_LIMIT = 2**31 - 1  # positions of a tensor with at most this many entries fit in int32
 _NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
 
 
@@ -82,11 +82,8 @@ def compact_decoded(
     """The decoded ``(positions, multipliers)`` in the narrowest exact dtypes: int32 positions (int64 for a tensor of
     ``2**31`` entries or more) and int8 multipliers for units of up to 7 value bits (``|2u - (2**b - 1)| <= 127``;
     8-bit units keep int16). At most 5 bytes per kept entry for units of up to 7 bits, 6 for 8-bit units."""
-    if numel <= _INT32_LIMIT:
-        positions = positions.to(torch.int32)
-    if value_bits <= 7:
-        multipliers = multipliers.to(torch.int8)
-    return positions, multipliers
+    position_dtype, multiplier_dtype = sass.compact_dtypes(numel, value_bits)
+    return positions.to(position_dtype), multipliers.to(multiplier_dtype)
 
 
 class TSwitchLayer(BaseTunerLayer):
@@ -281,11 +278,10 @@ class TSwitchLayer(BaseTunerLayer):
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            numel, positions, multipliers, value_bits = sass.decode_values(code, device=code.device)
+            _, positions, multipliers, _ = sass.decode_compact(code, device=code.device)
         except CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
             raise CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
-        positions, multipliers = compact_decoded(numel, positions, multipliers, value_bits)
         self._sparse_cache[(adapter_name, param_name)] = (key, (positions, multipliers))
         return positions, multipliers
 
@@ -334,8 +330,9 @@ class TSwitchLayer(BaseTunerLayer):
                 continue
             if result is None:
                 result = value.clone()
-            positions, values = self._kept_values(adapter_name, param_name, value)
-            result.view(-1).index_add_(0, positions, values, alpha=float(weight))
+            positions, multipliers = self._sparse(adapter_name, param_name)
+            scale = self._scales(param_name)[adapter_name]
+            add_kept_values(result.view(-1), positions, multipliers, scale, float(weight))
         return result
 
     def add_weighted_deltas(
