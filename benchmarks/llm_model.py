@@ -82,6 +82,7 @@ class LoraSettings:
     lr: float = 2e-3
     targets: tuple[str, ...] = LORA_TARGETS
     seed: int = 0
+    batching: str = "one prompt style per batch"  # part of the cache key
 
 
 def lora_cache_key(model_id: str, task: str, settings: LoraSettings, rows: Rows) -> str:
@@ -115,13 +116,18 @@ def finetune_lora(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / settings.steps)
     generator = torch.Generator().manual_seed(settings.seed)
-    order: list[int] = []
+    # Batches alternate between the two prompt styles (even rows: instruction, odd: raw): less padding per batch.
+    pools = [list(range(0, len(rows), 2)), list(range(1, len(rows), 2))]
+    pools = [pool for pool in pools if pool]
+    orders: list[list[int]] = [[] for _ in pools]
     losses = []
     start = time.perf_counter()
-    for _ in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False):
+        which = step % len(pools)
+        pool, order = pools[which], orders[which]
         while len(order) < settings.batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
-        chosen, order = order[: settings.batch_size], order[settings.batch_size :]
+            order += [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        chosen, orders[which] = order[: settings.batch_size], order[settings.batch_size :]
         loss = model(**training_batch(tokenizer, [rows[i] for i in chosen])).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -103,18 +103,18 @@ def targets(report: dict[str, Any]) -> list[str]:
     lora = _row(report, "lora")
     lora_bytes = lora["bytes_per_task"] if lora else None
     auto = _row(report, f"auto_tswitch_delta_{report['settings']['autoswitch_density']:g}")
-    arrow = _row(report, "arrow")
+    arrows = [row for row in report["rows"] if row["method"].startswith("arrow")]
     if auto and lora:
         for style, goal in AUTOSWITCH_TARGETS.items():
             value = auto["results"][style]["percent_of_lora"]
             lines.append(f"Auto-Switch routed generate keeps >= {goal:g}% of the LoRAs' EM ({style}): "
                          f"{_percent(value)}: {_met(value is not None and value >= goal)}")  # fmt: skip
-        if arrow:
+        if arrows:
             ours = [auto["results"][s]["routing_accuracy"] for s in ("instruction", "raw")]
-            theirs = [arrow["results"][s]["routing_accuracy"] for s in ("instruction", "raw")]
+            theirs = [max(a["results"][s]["routing_accuracy"] for a in arrows) for s in ("instruction", "raw")]
             ok = all(a >= b for a, b in zip(ours, theirs))
             lines.append(
-                "Auto-Switch routes at least as accurately as Arrow (instruction / raw): "
+                "Auto-Switch routes at least as accurately as Arrow, its best top_k (instruction / raw): "
                 f"{100 * ours[0]:.1f}% / {100 * ours[1]:.1f}% vs {100 * theirs[0]:.1f}% / {100 * theirs[1]:.1f}%: "
                 f"{_met(ok)}"
             )

@@ -161,7 +161,7 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
     report = LLMBenchmark(config, command="python -m benchmarks --suite llm (test)").run()
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
-        "base", "few_shot", "lora", "merge_linear", "merge_ties", "merge_dare_linear", "arrow",
+        "base", "few_shot", "lora", "merge_linear", "merge_ties", "merge_dare_linear", "arrow_k1", "arrow_k2",
         "tswitch_delta_0.1", "auto_tswitch_delta_0.1", "tswitch_delta_0.5", "tswitch_factors_0.1",
         "flexswitch", "auto_flexswitch",
     ]  # fmt: skip
@@ -173,12 +173,12 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
             assert set(result["exact_match"]) == {"sms_spam", "trec"}
             assert 0.0 <= result["mean"] <= 1.0
     # Routing is recorded where a row routes, and only there.
-    for method in ("arrow", "auto_tswitch_delta_0.1", "auto_flexswitch"):
+    for method in ("arrow_k1", "arrow_k2", "auto_tswitch_delta_0.1", "auto_flexswitch"):
         assert all(0.0 <= r["routing_accuracy"] <= 1.0 for r in rows[method]["results"].values())
     assert "routing_accuracy" not in rows["lora"]["results"]["raw"]
     # Speeds against the plain model, which ran twice.
     assert len(report["plain_speed_seconds"]) == 2
-    assert all(rows[m]["speed"] > 0 for m in ("base", "lora", "arrow", "tswitch_delta_0.1", "auto_flexswitch"))
+    assert all(rows[m]["speed"] > 0 for m in ("base", "lora", "arrow_k1", "tswitch_delta_0.1", "auto_flexswitch"))
     # Sizes: the denser switch is bigger; FlexSwitch was learned within its budget of half the LoRA's fp16 bytes.
     assert rows["tswitch_delta_0.5"]["bytes_per_task"] > rows["tswitch_delta_0.1"]["bytes_per_task"]
     lora_fp16 = rows["lora"]["bytes_per_task"]
@@ -264,7 +264,8 @@ def test_report_targets_read_the_rows():
         },
         "rows": [
             row("lora", 1000, 100, 100, speed=0.8),
-            row("arrow", 1000, 90, 80, routing=(0.9, 0.8)),
+            row("arrow_k1", 1000, 90, 80, routing=(0.9, 0.7)),
+            row("arrow_k3", 1000, 90, 80, routing=(0.6, 0.8)),
             row("tswitch_delta_0.05", 900, 99, 98.5),
             row("tswitch_delta_0.2", 3000, 100, 100),
             row("auto_tswitch_delta_0.05", 900, 98.5, 94, routing=(0.95, 0.85), speed=0.95),
