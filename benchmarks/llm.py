@@ -94,8 +94,9 @@ class LLMBenchConfig:
 
 
 def quick_llm_config(**overrides: Any) -> LLMBenchConfig:
-    """A reduced suite (the same rows, few examples and steps): a few minutes on 2 cores."""
+    """A reduced suite (the same rows, 2 tasks, few examples and steps): a smoke run of a few minutes on 2 cores."""
     values: dict[str, Any] = dict(
+        tasks=("trec", "language_id"),
         max_train=32,
         max_query=4,
         max_test=4,
