@@ -25,7 +25,8 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .llm_model import (
     exact_match,
     finetune_lora,
     generation_settings,
+    left_padded,
     lora_cache_key,
     lora_fp16_bytes,
     prompt_ids,
@@ -254,8 +256,6 @@ class LLMBenchmark:
     def speed(self, generate: Callable[[dict[str, torch.Tensor]], Any]) -> float:
         """Seconds of one mixed batch of instruction prompts with exactly ``speed_new_tokens`` new tokens."""
         c = self.config
-        from .llm_model import left_padded
-
         batch = left_padded(self.tokenizer, self.prompts["instruction"][: c.speed_prompts])
         with torch.inference_mode():
             start = time.perf_counter()
@@ -593,17 +593,14 @@ class ArrowProbe:
         weighted = (coefficients * self.mask[..., None]).sum(dim=1)
         self.totals = weighted if self.totals is None else self.totals + weighted
 
-    def watch(self, mask: torch.Tensor) -> Any:
-        probe = self
-
-        class _Watch:
-            def __enter__(self_inner) -> None:
-                probe.mask, probe.totals = mask.to(torch.float32), None
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                probe.mask = None
-
-        return _Watch()
+    @contextmanager
+    def watch(self, mask: torch.Tensor) -> Iterator[None]:
+        """Within the block, the prompt batch with this attention mask is the one whose routing is recorded."""
+        self.mask, self.totals = mask.to(torch.float32), None
+        try:
+            yield
+        finally:
+            self.mask = None
 
     def top_tasks(self) -> list[int]:
         if self.totals is None:

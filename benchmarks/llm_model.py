@@ -18,17 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .flexswitch_llm import chat_ids
 from .llm_tasks import Example, GenerativeTask, messages, normalise
 
 logger = logging.getLogger("benchmarks.llm")
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def chat_ids(tokenizer: Any, chat: list[dict[str, str]], **kwargs: Any) -> list[int]:
-    """Token ids of a conversation (``apply_chat_template`` returns a list or a ``BatchEncoding``)."""
-    ids = tokenizer.apply_chat_template(chat, tokenize=True, **kwargs)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def prompt_ids(tokenizer: Any, task: GenerativeTask, example: Example, style: str, shots: Sequence[Example] = ()):
