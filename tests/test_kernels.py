@@ -76,18 +76,27 @@ SAMPLES = [[(0, 1.0)], [(2, 0.5), (3, 0.5)], [], [(1, 1.0)], [(3, 0.25), (0, 0.7
 @pytest.mark.parametrize("wide", [False, True], ids=["1-bit", "multi-bit"])
 @pytest.mark.parametrize("kind", [LINEAR, TRANSPOSED])
 @pytest.mark.parametrize("tokens", [3, 17], ids=["short-runs", "runs-of-8-and-more"])
-def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide, tokens):
+@pytest.mark.parametrize("order", ["sample-after-sample", "interleaved"])
+def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide, tokens, order):
+    """Rows sample after sample (a forward pass) or interleaved (decoding steps of a mixed batch: the rows of one
+    composition are spread over the call, in lanes of 8 and a remainder)."""
     table = random_table(24, 40, 4, seed=1, per_row_scale=per_row_scale, wide=wide)
     deltas = dense_deltas(table)
     x = torch.randn(len(SAMPLES) * tokens, table.cols if kind == LINEAR else table.rows)
-    row_sample = np.repeat(np.arange(len(SAMPLES)), tokens)
+    if order == "interleaved":
+        row_sample = np.tile(np.arange(len(SAMPLES)), tokens)
+    else:
+        row_sample = np.repeat(np.arange(len(SAMPLES)), tokens)
     y = torch.randn(x.shape[0], table.rows if kind == LINEAR else table.cols)
     expected = y.double().clone()
     for r, s in enumerate(row_sample):
         for t, w in SAMPLES[s]:
             weight = deltas[t] if kind == LINEAR else deltas[t].T  # as [out, in]
             expected[r] += w * (weight @ x[r].double())
-    add_row_deltas(y, x, table, assignment_for_rows(row_sample, SAMPLES), kind)
+    assignment = assignment_for_rows(row_sample, SAMPLES)
+    used = assignment.lane_rows[assignment.lane_rows < len(row_sample)]
+    assert sorted(used.tolist()) == list(range(len(row_sample)))  # every row in exactly one lane slot
+    add_row_deltas(y, x, table, assignment, kind)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
 
 

@@ -92,61 +92,68 @@ def scatter(flat, tasks, weights, positions, multipliers, offsets, row_ptr, scal
                 flat[p] += w * scales[t, p // chunk] * multipliers[j]
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def pack_lanes(lanes, x, lane_rows):
+    """``lanes[(l * cols + c) * 8 + k] = x[lane_rows[l * 8 + k], c]``, zero where ``lane_rows`` is past ``x``."""
+    rows, cols = x.shape
+    for lane in prange(lane_rows.shape[0] // 8):
+        base = lane * cols * 8
+        for k in range(8):
+            r = lane_rows[lane * 8 + k]
+            if r < rows:
+                for c in range(cols):
+                    lanes[base + c * 8 + k] = x[r, c]
+            else:
+                for c in range(cols):
+                    lanes[base + c * 8 + k] = 0.0
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def run_deltas(y, xt, run_start, run_stop, run_ptr, task, weight, positions, multipliers, offsets, row_ptr, scales,
-               chunks, cols):  # fmt: skip
-    """``row_deltas`` for a linear layer whose rows come in runs sharing their tasks, with ``xt = x.T`` contiguous:
-    each kept entry is read once per run and applied to 8 rows at a time. Every task's scale must be one per tensor
-    or one per stored row. Work is split over (run, block of output rows), so no two threads write one value."""
+def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks,
+                cols):  # fmt: skip
+    """``row_deltas`` for a linear layer whose rows are grouped in lanes of up to 8 rows sharing their tasks: slot
+    ``k`` of lane ``l`` is row ``lane_rows[l * 8 + k]`` (empty when past ``y``'s rows), its inputs are
+    ``lanes[(l * cols + c) * 8 + k]`` (:func:`pack_lanes`) and the lane uses ``task[lane_ptr[l]:lane_ptr[l + 1]]``.
+    Each kept entry is read once per lane and applied to its 8 slots. Every task's scale must be one per tensor or
+    one per stored row. Work is split over (lane, block of output rows), so no two threads write one value; indices
+    are unsigned, so the inner loop has no wraparound checks."""
+    rows = y.shape[0]
     outputs = row_ptr.shape[1] - 1
-    block = 32
+    block = 64
     blocks = (outputs + block - 1) // block
-    for job in prange(run_start.shape[0] * blocks):
-        run = job // blocks
+    eight = np.uint64(8)
+    for job in prange((lane_rows.shape[0] // 8) * blocks):
+        lane = job // blocks
         o_first = (job % blocks) * block
         o_last = min(outputs, o_first + block)
-        r_first = run_start[run]
-        r_last = run_stop[run]
-        for a in range(run_ptr[run], run_ptr[run + 1]):
+        slots = lane_rows[lane * 8 : lane * 8 + 8]
+        x = lanes[lane * cols * 8 : (lane + 1) * cols * 8]
+        for a in range(lane_ptr[lane], lane_ptr[lane + 1]):
             t = task[a]
             first = offsets[t]
-            chunk = chunks[t]
             for o in range(o_first, o_last):
                 start = first + row_ptr[t, o]
                 stop = first + row_ptr[t, o + 1]
                 if start == stop:
                     continue
                 row_start = o * cols
-                ws = weight[a] * scales[t, row_start // chunk]
-                r = r_first
-                while r + 8 <= r_last:
-                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                    for j in range(start, stop):
-                        m = np.float32(multipliers[j])
-                        c = positions[j] - row_start
-                        a0 += m * xt[c, r]
-                        a1 += m * xt[c, r + 1]
-                        a2 += m * xt[c, r + 2]
-                        a3 += m * xt[c, r + 3]
-                        a4 += m * xt[c, r + 4]
-                        a5 += m * xt[c, r + 5]
-                        a6 += m * xt[c, r + 6]
-                        a7 += m * xt[c, r + 7]
-                    y[r, o] += ws * a0
-                    y[r + 1, o] += ws * a1
-                    y[r + 2, o] += ws * a2
-                    y[r + 3, o] += ws * a3
-                    y[r + 4, o] += ws * a4
-                    y[r + 5, o] += ws * a5
-                    y[r + 6, o] += ws * a6
-                    y[r + 7, o] += ws * a7
-                    r += 8
-                while r < r_last:
-                    acc = np.float32(0.0)
-                    for j in range(start, stop):
-                        acc += np.float32(multipliers[j]) * xt[positions[j] - row_start, r]
-                    y[r, o] += ws * acc
-                    r += 1
+                ws = weight[a] * scales[t, row_start // chunks[t]]
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                for j in range(np.uint64(start), np.uint64(stop)):
+                    m = np.float32(multipliers[j])
+                    b = np.uint64(positions[j] - row_start) * eight
+                    a0 += m * x[b]
+                    a1 += m * x[b + np.uint64(1)]
+                    a2 += m * x[b + np.uint64(2)]
+                    a3 += m * x[b + np.uint64(3)]
+                    a4 += m * x[b + np.uint64(4)]
+                    a5 += m * x[b + np.uint64(5)]
+                    a6 += m * x[b + np.uint64(6)]
+                    a7 += m * x[b + np.uint64(7)]
+                sums = (a0, a1, a2, a3, a4, a5, a6, a7)
+                for k in range(8):
+                    if slots[k] < rows:
+                        y[slots[k], o] += ws * sums[k]
 
 
 @njit(cache=True, nogil=True)

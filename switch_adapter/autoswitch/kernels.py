@@ -25,6 +25,8 @@ from .tables import TRANSPOSED, EntryTable
 
 logger = logging.getLogger(__name__)
 
+LANE = 8  # rows the lane kernel applies each kept entry to at once
+
 
 @lru_cache(maxsize=1)
 def _numba_kernels():
@@ -45,13 +47,12 @@ class RowAssignment:
     ptr: np.ndarray  # int64 [rows + 1]
     task: np.ndarray  # int64 [assignments]
     weight: np.ndarray  # float32 [assignments]
-    # The same as runs of consecutive rows that share their tasks: rows run_start[i]:run_stop[i] use
-    # task[run_ptr[i]:run_ptr[i + 1]] (indices into ``task`` / ``weight`` of the run's first row's entries).
-    run_start: np.ndarray | None = None
-    run_stop: np.ndarray | None = None
-    run_ptr: np.ndarray | None = None
-    run_task: np.ndarray | None = None
-    run_weight: np.ndarray | None = None
+    # The rows grouped by their tasks, in lanes of at most LANE rows: slot k of lane i is row lane_rows[i * LANE + k]
+    # (``rows`` for an empty slot); the lane uses task[lane_ptr[i]:lane_ptr[i + 1]] (copies of its rows' entries).
+    lane_rows: np.ndarray | None = None
+    lane_ptr: np.ndarray | None = None
+    lane_task: np.ndarray | None = None
+    lane_weight: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -72,6 +73,13 @@ class RowAssignment:
             )
         return out
 
+    def lane_inputs(self, x: torch.Tensor) -> np.ndarray:
+        """``x`` ``[rows, in]`` (float32, CPU) laid out lane after lane for the lane kernel: ``[(lane * in + c) *
+        LANE + k] = x[row of slot k, c]``, zero in empty slots."""
+        lanes = np.empty(len(self.lane_rows) * x.shape[1], dtype=np.float32)
+        _numba_kernels().pack_lanes(lanes, x.numpy(), self.lane_rows)
+        return lanes
+
 
 def _numba_ready(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
@@ -88,10 +96,10 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
     transposed = kind == TRANSPOSED
     if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
-        if not transposed and y.dtype == torch.float32 and table.aligned_scales and assignment.run_start is not None:
-            _numba_kernels().run_deltas(
-                y.numpy(), x.T.contiguous().numpy(), assignment.run_start, assignment.run_stop, assignment.run_ptr,
-                assignment.run_task, assignment.run_weight, *table.arrays(y.dtype), table.cols,
+        if not transposed and y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
+            _numba_kernels().lane_deltas(
+                y.numpy(), assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr, assignment.lane_task,
+                assignment.lane_weight, *table.arrays(y.dtype), table.cols,
             )  # fmt: skip
             return
         _numba_kernels().row_deltas(
@@ -194,20 +202,27 @@ def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[in
     within = np.arange(ptr[-1]) - np.repeat(ptr[:-1], per_row)
     source = np.repeat(starts[row_sample], per_row) + within
     assignment = RowAssignment(ptr, flat_task[source], flat_weight[source])
-    if len(row_sample):
+    if len(row_sample):  # lanes: rows of one composition (in row order), LANE at a time
         ids: dict[tuple, int] = {}
         composition = np.array([ids.setdefault(tuple(a), len(ids)) for a in sample_tasks], dtype=np.int64)
-        row_composition = composition[row_sample]
-        change = np.flatnonzero(np.diff(row_composition)) + 1
-        assignment.run_start = np.concatenate([[0], change]).astype(np.int64)
-        assignment.run_stop = np.concatenate([change, [len(row_sample)]]).astype(np.int64)
-        run_sample = row_sample[assignment.run_start]
-        run_counts = counts[run_sample]
-        assignment.run_ptr = np.concatenate([[0], np.cumsum(run_counts)]).astype(np.int64)
-        within = np.arange(assignment.run_ptr[-1]) - np.repeat(assignment.run_ptr[:-1], run_counts)
-        run_source = np.repeat(starts[run_sample], run_counts) + within
-        assignment.run_task = flat_task[run_source]
-        assignment.run_weight = flat_weight[run_source]
+        order = np.argsort(composition[row_sample], kind="stable")
+        sizes = np.bincount(composition[row_sample])
+        sizes = sizes[sizes > 0]
+        per_group = (sizes + LANE - 1) // LANE
+        group_of_lane = np.repeat(np.arange(len(sizes)), per_group)
+        lane_in_group = np.arange(len(group_of_lane)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
+        first = (np.cumsum(sizes) - sizes)[group_of_lane] + LANE * lane_in_group  # into ``order``
+        stop = np.cumsum(sizes)[group_of_lane]
+        slots = first[:, None] + np.arange(LANE)
+        sorted_rows = np.append(order, len(row_sample))  # the empty slot's marker at the end
+        assignment.lane_rows = sorted_rows[np.where(slots < stop[:, None], slots, len(row_sample))].reshape(-1)
+        lane_sample = row_sample[order[first]]
+        lane_counts = counts[lane_sample]
+        assignment.lane_ptr = np.concatenate([[0], np.cumsum(lane_counts)]).astype(np.int64)
+        within = np.arange(assignment.lane_ptr[-1]) - np.repeat(assignment.lane_ptr[:-1], lane_counts)
+        lane_source = np.repeat(starts[lane_sample], lane_counts) + within
+        assignment.lane_task = flat_task[lane_source]
+        assignment.lane_weight = flat_weight[lane_source]
     return assignment
 
 

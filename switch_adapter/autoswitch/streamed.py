@@ -42,9 +42,10 @@ from .kernels import (
 from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache, layer_kind
 
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
-# chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba kernel costs ~0.35 ns
-# per entry and row in runs of 8 rows, composing ~0.3 ns per weight plus the less efficient small matmuls; 2.0 sends
-# decoding steps of up to ~40 rows per task at density 0.05 entry-wise and 64-row prefill groups to composition.
+# chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba lane kernel costs
+# ~0.25 ns per entry and row (rows of one composition in lanes of 8), composing ~0.3 ns per weight plus the less
+# efficient small matmuls; 2.0 sends decoding steps of up to ~40 rows per task at density 0.05 entry-wise and
+# 64-row prefill groups to composition (4.0 measured no faster on the MiniLM forward of 8 tokens).
 LIGHT_ENTRIES_PER_WEIGHT = 2.0
 LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
 
@@ -61,6 +62,7 @@ class StreamPlan:
         self.rows = _RowPlan([[(g, 1.0)] for g in sample_group], len(groups))
         self._sizes = np.bincount(self.sample_group, minlength=len(groups))
         self._assignments: dict[tuple, RowAssignment] = {}
+        self._group_rows: dict[tuple, torch.Tensor] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._light: dict[tuple, list[bool]] = {}
         self.light_limit = LIGHT_ENTRIES_PER_WEIGHT if fast_kernels_available() else LIGHT_ENTRIES_PER_WEIGHT_TORCH
@@ -95,6 +97,15 @@ class StreamPlan:
             row_sample = np.repeat(samples, per_sample_rows)
             found = assignment_for_rows(row_sample, [self.groups[g] for g in self.sample_group])
             self._assignments[key] = found
+        return found
+
+    def rows_of_groups(self, groups: tuple[int, ...], rows: int, device: torch.device) -> torch.Tensor:
+        """The rows of a call of ``rows`` rows that belong to the samples of ``groups``, group after group."""
+        key = (groups, rows, device)
+        found = self._group_rows.get(key)
+        if found is None:
+            part = {g: index for g, index, _ in self.rows.parts(rows, device, torch.float32)}
+            found = self._group_rows[key] = torch.cat([_as_index(part[g]).to(device) for g in groups])
         return found
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
@@ -141,7 +152,7 @@ class _StreamedCall(_StandIn):
         y = self._composed_groups(x, rows, heavy, args, kwargs)
         light_groups = tuple(g for g, is_light in enumerate(light) if is_light)
         if light_groups:
-            index = torch.cat([_as_index(part) for g, part, _ in plan.rows.parts(rows, x.device, x.dtype) if light[g]])
+            index = plan.rows_of_groups(light_groups, rows, x.device)
             y[index] = self._entry_wise(x[index], rows, tokens, light_groups, args, kwargs)
         return y
 
