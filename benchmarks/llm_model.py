@@ -6,9 +6,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +14,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from switch_adapter._staging import atomic_output_dir
 
 from .flexswitch_llm import chat_ids
 from .llm_tasks import Example, GenerativeTask, messages, normalise
@@ -130,23 +129,15 @@ def finetune_lora(
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    record = {
+        "seconds": round(seconds, 1),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(sum(losses[-4:]) / len(losses[-4:]), 4),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    with atomic_output_dir(out, overwrite=True) as staging:
         model.save_pretrained(staging)
-        record = {
-            "seconds": round(seconds, 1),
-            "first_loss": round(losses[0], 4),
-            "last_loss": round(sum(losses[-4:]) / len(losses[-4:]), 4),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        }
-        (staging / "training.json").write_text(json.dumps(record, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (Path(staging) / "training.json").write_text(json.dumps(record, indent=1))
     del model
     gc.collect()
     return record

@@ -46,13 +46,19 @@ def chat_tokenizer(texts: list[str]):
     return tokenizer
 
 
-def test_lora_router_example_runs_as_written(tmp_path, hub_server, hub_repo_id):
+def example_and_base(tmp_path):
+    """The example module, and a tiny chat Llama folder whose tokenizer knows the example's words."""
     example = example_module()
     texts = [text for pairs in example.TASKS.values() for pair in pairs for text in pair]
     tokenizer = chat_tokenizer(texts + [prompt for prompt, _ in example.PROMPTS])
     base = tmp_path / "tiny-chat-llama"
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained(base)
     tokenizer.save_pretrained(base)
+    return example, tokenizer, base
+
+
+def test_lora_router_example_runs_as_written(tmp_path, hub_server, hub_repo_id):
+    example, tokenizer, base = example_and_base(tmp_path)
 
     out = tmp_path / "out"
     command = [sys.executable, str(EXAMPLE), "--base", str(base), "--output-dir", str(out), "--steps", "3"]
@@ -84,12 +90,7 @@ def test_lora_router_example_runs_as_written(tmp_path, hub_server, hub_repo_id):
 
 def test_lora_router_example_takes_given_loras_from_folders_and_the_hub(tmp_path, hub_repo_id, capsys):
     """The ``--lora`` / ``--examples`` path, in process, on LoRAs fine-tuned by the example (one of them on the Hub)."""
-    example = example_module()
-    texts = [text for pairs in example.TASKS.values() for pair in pairs for text in pair]
-    tokenizer = chat_tokenizer(texts + [prompt for prompt, _ in example.PROMPTS])
-    base = tmp_path / "tiny-chat-llama"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    example, tokenizer, base = example_and_base(tmp_path)
     argv = ["--base", str(base), "--max-new-tokens", "2"]
     for task, pairs in example.TASKS.items():
         example.finetune_lora(str(base), tokenizer, pairs, tmp_path / "loras" / task, steps=1)
