@@ -7,6 +7,7 @@ import torch
 from switch_adapter.autoswitch import kernels
 from switch_adapter.autoswitch.kernels import (
     add_embedding_deltas,
+    add_in_place,
     add_row_deltas,
     assignment_for_rows,
     fast_kernels_available,
@@ -123,6 +124,21 @@ def test_scatter_composes_the_weight(backend, per_row_scale):
     expected = weight.double() + 0.25 * deltas[0] + 0.75 * deltas[3]
     scatter_deltas(weight.view(-1), table, [(0, 0.25), (3, 0.75), (1, 1.0)])
     torch.testing.assert_close(weight.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row_scale", [False, True], ids=["one-scale", "row-scales"])
+def test_in_place_composition_is_put_back_exactly(backend, per_row_scale):
+    """Two tasks that share kept positions added to a live weight (the one-composition path), then put back: the
+    weight in between is the composition, and afterwards bit for bit the original."""
+    table = random_table(40, 64, 4, seed=5, per_row_scale=per_row_scale, wide=True)
+    deltas = dense_deltas(table)
+    weight = torch.randn(40, 64)
+    original = weight.clone()
+    put_back = add_in_place(weight.view(-1), table, [(2, 0.5), (3, -1.5), (1, 1.0)])
+    expected = original.double() + 0.5 * deltas[2] - 1.5 * deltas[3]
+    torch.testing.assert_close(weight.double(), expected, rtol=1e-6, atol=1e-6)
+    put_back()
+    assert torch.equal(weight, original)
 
 
 def test_torch_path_is_chosen_when_forced_or_for_other_dtypes(monkeypatch):

@@ -9,6 +9,8 @@ once, in order.
 import numpy as np
 from numba import njit, prange
 
+from ._simd import add8, fma8, lane8, load8, zeros8
+
 
 @njit(inline="always", nogil=True)
 def _add_row_entries(out, r, factor, t, start, stop, row_start, positions, multipliers, scales, chunk, cols):
@@ -108,20 +110,38 @@ def pack_lanes(lanes, x, lane_rows):
                     lanes[base + c * 8 + k] = 0.0
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@njit(inline="always", nogil=True)
+def _lane_sum(x, positions, multipliers, start, stop, row_start):
+    """``sum_j multipliers[j] * x[8 * (positions[j] - row_start) : +8]`` over the entries ``start:stop`` (unsigned),
+    in four independent vector accumulators."""
+    one, two, three, four, eight = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4), np.uint64(8)
+    a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
+    j = start
+    while j + three < stop:
+        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(positions[j] - row_start) * eight))
+        a1 = fma8(a1, multipliers[j + one], load8(x, np.uint64(positions[j + one] - row_start) * eight))
+        a2 = fma8(a2, multipliers[j + two], load8(x, np.uint64(positions[j + two] - row_start) * eight))
+        a3 = fma8(a3, multipliers[j + three], load8(x, np.uint64(positions[j + three] - row_start) * eight))
+        j += four
+    while j < stop:
+        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(positions[j] - row_start) * eight))
+        j += one
+    return add8(add8(a0, a1), add8(a2, a3))
+
+
+@njit(parallel=True, cache=True, nogil=True)
 def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks,
                 cols):  # fmt: skip
     """``row_deltas`` for a linear layer whose rows are grouped in lanes of up to 8 rows sharing their tasks: slot
     ``k`` of lane ``l`` is row ``lane_rows[l * 8 + k]`` (empty when past ``y``'s rows), its inputs are
     ``lanes[(l * cols + c) * 8 + k]`` (:func:`pack_lanes`) and the lane uses ``task[lane_ptr[l]:lane_ptr[l + 1]]``.
-    Each kept entry is read once per lane and applied to its 8 slots. Every task's scale must be one per tensor or
-    one per stored row. Work is split over (lane, block of output rows), so no two threads write one value; indices
-    are unsigned, so the inner loop has no wraparound checks."""
+    Each kept entry is read once per lane and applied to its 8 slots as one vector multiply-add. Every task's scale
+    must be one per tensor or one per stored row. Work is split over (lane, block of output rows), so no two threads
+    write one value."""
     rows = y.shape[0]
     outputs = row_ptr.shape[1] - 1
     block = 64
     blocks = (outputs + block - 1) // block
-    eight = np.uint64(8)
     for job in prange((lane_rows.shape[0] // 8) * blocks):
         lane = job // blocks
         o_first = (job % blocks) * block
@@ -131,56 +151,52 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipli
         for a in range(lane_ptr[lane], lane_ptr[lane + 1]):
             t = task[a]
             first = offsets[t]
+            rows_per_scale = chunks[t] // cols  # at least ``outputs``: one scale for the tensor
             for o in range(o_first, o_last):
-                start = first + row_ptr[t, o]
-                stop = first + row_ptr[t, o + 1]
+                start = np.uint64(first + row_ptr[t, o])
+                stop = np.uint64(first + row_ptr[t, o + 1])
                 if start == stop:
                     continue
-                row_start = o * cols
-                ws = weight[a] * scales[t, row_start // chunks[t]]
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                for j in range(np.uint64(start), np.uint64(stop)):
-                    m = np.float32(multipliers[j])
-                    b = np.uint64(positions[j] - row_start) * eight
-                    a0 += m * x[b]
-                    a1 += m * x[b + np.uint64(1)]
-                    a2 += m * x[b + np.uint64(2)]
-                    a3 += m * x[b + np.uint64(3)]
-                    a4 += m * x[b + np.uint64(4)]
-                    a5 += m * x[b + np.uint64(5)]
-                    a6 += m * x[b + np.uint64(6)]
-                    a7 += m * x[b + np.uint64(7)]
-                sums = (a0, a1, a2, a3, a4, a5, a6, a7)
+                scale = scales[t, 0] if rows_per_scale >= outputs else scales[t, o // rows_per_scale]
+                ws = weight[a] * scale
+                sums = _lane_sum(x, positions, multipliers, start, stop, o * cols)
                 for k in range(8):
                     if slots[k] < rows:
-                        y[slots[k], o] += ws * sums[k]
+                        y[slots[k], o] += ws * lane8(sums, k)
 
 
-@njit(cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def scatter_saving(flat, tasks, weights, saved, positions, multipliers, offsets, row_ptr, scales, chunks):
-    """``scatter``, first saving each touched value in ``saved`` (task after task, entry after entry)."""
+    """``scatter``, first saving each touched value in ``saved`` (task after task, entry after entry). Tasks run
+    one after another (two may touch one value); the entries of a task, all distinct, in parallel."""
     numel = flat.shape[0]
     q = 0
     for index in range(tasks.shape[0]):
         t = tasks[index]
         w = weights[index]
+        ws = w * scales[t, 0]
         chunk = chunks[t]
-        for j in range(offsets[t], offsets[t + 1]):
+        first = offsets[t]
+        count = offsets[t + 1] - first
+        for i in prange(count):
+            j = first + i
             p = positions[j]
-            saved[q] = flat[p]
-            q += 1
+            saved[q + i] = flat[p]
             if chunk >= numel:
-                flat[p] += w * scales[t, 0] * multipliers[j]
+                flat[p] += ws * multipliers[j]
             else:
                 flat[p] += w * scales[t, p // chunk] * multipliers[j]
+        q += count
 
 
-@njit(cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def restore(flat, tasks, saved, positions, offsets):
-    """Undo ``scatter_saving``: put the saved values back, last saved first."""
+    """Undo ``scatter_saving``: put the saved values back, the last task's first."""
     q = saved.shape[0]
     for index in range(tasks.shape[0] - 1, -1, -1):
         t = tasks[index]
-        for j in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
-            q -= 1
-            flat[positions[j]] = saved[q]
+        first = offsets[t]
+        count = offsets[t + 1] - first
+        q -= count
+        for i in prange(count):
+            flat[positions[first + i]] = saved[q + i]

@@ -43,10 +43,11 @@ from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache
 
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
 # chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba lane kernel costs
-# ~0.25 ns per entry and row (rows of one composition in lanes of 8), composing ~0.3 ns per weight plus the less
-# efficient small matmuls; 2.0 sends decoding steps of up to ~40 rows per task at density 0.05 entry-wise and
-# 64-row prefill groups to composition (4.0 measured no faster on the MiniLM forward of 8 tokens).
-LIGHT_ENTRIES_PER_WEIGHT = 2.0
+# ~0.1 ns per entry and row on one core (rows of one composition in lanes of 8, one vector multiply-add per entry),
+# composing ~0.3 ns per weight plus the less efficient small matmuls; 4.0 sends decoding steps of up to ~80 rows
+# per task at density 0.05 and the 64-row groups of an 8-token forward entry-wise (faster than composing them,
+# 1.6-1.8x of the plain forward against 1.75-2.35x at 2.0), and 192-row prefill groups to composition.
+LIGHT_ENTRIES_PER_WEIGHT = 4.0
 LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
 
 
@@ -92,12 +93,28 @@ class StreamPlan:
         if found is None:
             per_sample_rows = rows // self.batch * tokens
             samples = np.arange(self.batch)
-            if groups is not None:  # group after group, as the row plan orders them
-                samples = np.concatenate([np.flatnonzero(self.sample_group == g) for g in groups])
+            if groups is not None:
+                samples = self._samples_of(groups)
             row_sample = np.repeat(samples, per_sample_rows)
             found = assignment_for_rows(row_sample, [self.groups[g] for g in self.sample_group])
             self._assignments[key] = found
         return found
+
+    def row_biases(self, table: EntryTable, rows: int, groups: tuple[int, ...] | None) -> torch.Tensor | None:
+        """``[leading rows, out]``: the bias change of each leading row's group, for a call of ``rows`` rows (all of
+        them, or those of the samples of ``groups`` group after group); None when no group changes the bias."""
+        changes = [table.bias_delta(tasks) for tasks in self.groups]
+        if all(c is None for c in changes):
+            return None
+        present = next(c for c in changes if c is not None)
+        stacked = torch.stack([present.new_zeros(present.shape) if c is None else c for c in changes])
+        samples = np.arange(self.batch) if groups is None else self._samples_of(groups)
+        order = torch.from_numpy(np.repeat(self.sample_group[samples], rows // self.batch)).to(stacked.device)
+        return stacked.index_select(0, order)
+
+    def _samples_of(self, groups: tuple[int, ...]) -> np.ndarray:
+        """The samples of ``groups``, group after group (the order of the row plan)."""
+        return np.concatenate([np.flatnonzero(self.sample_group == g) for g in groups])
 
     def rows_of_groups(self, groups: tuple[int, ...], rows: int, device: torch.device) -> torch.Tensor:
         """The rows of a call of ``rows`` rows that belong to the samples of ``groups``, group after group."""
@@ -166,23 +183,10 @@ class _StreamedCall(_StandIn):
             y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self._table, assignment, self._kind
         )
         if getattr(self._original[0], "bias", None) is not None:
-            for g, index in self._group_rows(rows, y.device, y.dtype, groups):
-                delta = self._table.bias_delta(plan.groups[g])
-                if delta is not None:
-                    y[index] += delta.to(y.dtype)
+            bias = plan.row_biases(self._table, rows, groups)
+            if bias is not None:  # [leading rows, out]: each row's own group's bias change
+                y += bias.to(y.dtype).view(bias.shape[0], *([1] * (y.dim() - 2)), bias.shape[1])
         return y
-
-    def _group_rows(self, rows: int, device, dtype, groups) -> list[tuple[int, slice | torch.Tensor]]:
-        """``[(group, rows)]`` of an input holding all ``rows`` rows, or only those of ``groups`` back to back."""
-        parts = self._stream.rows.parts(rows, device, dtype)
-        if groups is None:
-            return [(g, index) for g, index, _ in parts]
-        out, position = [], 0
-        for g, index, _ in parts:
-            if g in groups:
-                out.append((g, slice(position, position + _count(index))))
-                position += _count(index)
-        return out
 
     def _composed_groups(self, x: torch.Tensor, rows: int, groups, args, kwargs) -> torch.Tensor:
         """Run each group of ``groups`` on its rows with its composed parameters (scratch buffers)."""
@@ -246,10 +250,6 @@ def _linear_into(module: nn.Module, x: torch.Tensor, params: dict, out: torch.Te
 
 def _as_index(part) -> torch.Tensor:
     return torch.arange(part.start, part.stop) if isinstance(part, slice) else part
-
-
-def _count(part) -> int:
-    return part.stop - part.start if isinstance(part, slice) else int(part.numel())
 
 
 @contextmanager

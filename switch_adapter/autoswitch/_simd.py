@@ -1,0 +1,104 @@
+"""Eight-float vectors for numba kernels (imported only when numba is present).
+
+numba has no vector type, and LLVM does not turn eight scalar accumulators into one vector register by itself (it
+vectorizes the entry loop instead, gathering one float per entry). :data:`float32x8` is an LLVM ``<8 x float>``
+value that numba code can carry in variables; the intrinsics below load, multiply-add and read it. On AVX2 one such
+value is one register; elsewhere LLVM splits it into the registers the target has.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, models, register_model
+
+_VECTOR = ir.VectorType(ir.FloatType(), 8)
+_CONTRACT = ("contract",)  # lets LLVM fuse a multiply and an add into one FMA where the target has it
+
+
+class Float32x8(types.Type):
+    """numba type of an LLVM ``<8 x float>`` value."""
+
+    def __init__(self) -> None:
+        super().__init__(name="float32x8")
+
+
+float32x8 = Float32x8()
+
+
+@register_model(Float32x8)
+class _Float32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VECTOR)
+
+
+def _pointer(context, builder, array_type, array, index):
+    """Pointer to ``array[index]`` (a flat C-contiguous float32 array), seen as a pointer to 8 floats."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index], inbounds=True), _VECTOR.as_pointer())
+
+
+def _splat(context, builder, value, value_type):
+    """``value`` cast to float32 in all 8 lanes."""
+    value = context.cast(builder, value, value_type, types.float32)
+    one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        one, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+    )
+
+
+@intrinsic
+def zeros8(typingctx):
+    """A vector of 8 zeros."""
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_VECTOR, None)
+
+    return float32x8(), codegen
+
+
+@intrinsic
+def load8(typingctx, array, index):
+    """``array[index:index + 8]`` of a flat float32 array, as a vector (no bounds check)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], args[1]), align=4)
+
+    return float32x8(array, index), codegen
+
+
+@intrinsic
+def fma8(typingctx, accumulator, factor, vector):
+    """``accumulator + factor * vector`` with a scalar ``factor``."""
+    if accumulator != float32x8 or vector != float32x8 or not isinstance(factor, (types.Integer, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        product = builder.fmul(_splat(context, builder, args[1], signature.args[1]), args[2], flags=_CONTRACT)
+        return builder.fadd(args[0], product, flags=_CONTRACT)
+
+    return float32x8(accumulator, factor, vector), codegen
+
+
+@intrinsic
+def add8(typingctx, left, right):
+    """``left + right``."""
+    if left != float32x8 or right != float32x8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return float32x8(left, right), codegen
+
+
+@intrinsic
+def lane8(typingctx, vector, index):
+    """Element ``index`` (0-7) of ``vector``, as a float32."""
+    if vector != float32x8 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], args[1])
+
+    return types.float32(vector, index), codegen
