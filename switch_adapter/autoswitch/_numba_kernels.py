@@ -9,7 +9,7 @@ once, in order.
 import numpy as np
 from numba import njit, prange
 
-from ._simd import add8, fma8, lane8, load8, zeros8
+from ._simd import add8, fma8, fma8_into, lane8, load8, zeros8
 
 
 @njit(inline="always", nogil=True)
@@ -163,6 +163,41 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipli
                 for k in range(8):
                     if slots[k] < rows:
                         y[slots[k], o] += ws * lane8(sums, k)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipliers, offsets, row_ptr,
+                           scales, chunks, cols):  # fmt: skip
+    """:func:`lane_deltas` for a Conv1D layer (stored ``[in, out]``: stored row ``i`` is input ``i``, ``cols`` the
+    outputs). Each lane sums its rows' changes in its own ``[out, 8]`` buffer, each kept entry one 8-wide
+    multiply-add of its input's 8 values into its output's 8 sums; lanes run in parallel."""
+    rows = y.shape[0]
+    inputs = row_ptr.shape[1] - 1
+    eight = np.uint64(8)
+    for lane in prange(lane_rows.shape[0] // 8):
+        slots = lane_rows[lane * 8 : lane * 8 + 8]
+        x = lanes[lane * inputs * 8 : (lane + 1) * inputs * 8]
+        sums = np.zeros(cols * 8, dtype=np.float32)
+        for a in range(lane_ptr[lane], lane_ptr[lane + 1]):
+            t = task[a]
+            first = offsets[t]
+            rows_per_scale = chunks[t] // cols  # at least ``inputs``: one scale for the tensor
+            for i in range(inputs):
+                start = np.uint64(first + row_ptr[t, i])
+                stop = np.uint64(first + row_ptr[t, i + 1])
+                if start == stop:
+                    continue
+                scale = scales[t, 0] if rows_per_scale >= inputs else scales[t, i // rows_per_scale]
+                ws = np.float32(weight[a] * scale)
+                inputs_i = load8(x, np.uint64(i) * eight)
+                row_start = i * cols
+                for j in range(start, stop):
+                    fma8_into(sums, np.uint64(positions[j] - row_start) * eight, ws * multipliers[j], inputs_i)
+        for k in range(8):
+            r = slots[k]
+            if r < rows:
+                for c in range(cols):
+                    y[r, c] += sums[c * 8 + k]
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -102,3 +102,18 @@ def lane8(typingctx, vector, index):
         return builder.extract_element(args[0], args[1])
 
     return types.float32(vector, index), codegen
+
+
+@intrinsic
+def fma8_into(typingctx, array, index, factor, vector):
+    """``array[index:index + 8] += factor * vector`` in a flat float32 array (no bounds check)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and vector == float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _pointer(context, builder, signature.args[0], args[0], args[1])
+        product = builder.fmul(_splat(context, builder, args[2], signature.args[2]), args[3], flags=_CONTRACT)
+        builder.store(builder.fadd(builder.load(pointer, align=4), product, flags=_CONTRACT), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, index, factor, vector), codegen

@@ -96,8 +96,9 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
     transposed = kind == TRANSPOSED
     if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
-        if not transposed and y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
-            _numba_kernels().lane_deltas(
+        if y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
+            kernel = _numba_kernels().lane_deltas_transposed if transposed else _numba_kernels().lane_deltas
+            kernel(
                 y.numpy(), assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr, assignment.lane_task,
                 assignment.lane_weight, *table.arrays(y.dtype), table.cols,
             )  # fmt: skip
