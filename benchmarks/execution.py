@@ -299,9 +299,8 @@ def _markdown(payload: dict) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, {env['machine']}; "
         f"numba kernels: {env['numba_kernels']}. Load average (1 min) at start {env['load_average'][0]:.1f}.",
         "Timings: fastest of the interleaved repeats in one process, as ratios against the plain base model; in "
-        "parentheses the ratio of process CPU time with one torch thread (the work done, less disturbed by other "
-        "load on a shared machine; it also counts the numba kernels' own worker threads, which spin while they "
-        "wait, so it overstates the work of the entry-wise path).",
+        "parentheses the ratio of process CPU time with one torch thread and one numba thread (the work done, less "
+        "disturbed by other load on a shared machine).",
         "",
         "## Forward, MiniLM + 8 switches (density 0.05), mixed batch of 64 texts over 8 tasks",
         "",
@@ -394,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
     repeats = 2 if args.quick else 5
+    generate_repeats, smollm2_repeats = (2, 2) if args.quick else (5, 3)
     lengths = [32] if args.quick else [8, 32, 128]
     counts = [1, 8, 32] if args.quick else [1, 2, 4, 8, 16, 32]
     torch.manual_seed(0)
@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
         forward = forward_study(scratch / "minilm", domains, tokenizer, lengths, repeats)
         tasks = tasks_study(scratch / "minilm", domains, tokenizer, counts, repeats)
-        generate = llama_generate_study(scratch / "llama", counts, max(2, repeats - 2))
+        generate = llama_generate_study(scratch / "llama", counts, generate_repeats)
         if not args.no_smollm2:
-            generate += smollm2_generate_study(scratch / "smollm2", max(2, repeats - 3))
+            generate += smollm2_generate_study(scratch / "smollm2", smollm2_repeats)
     command = "python -m benchmarks.execution" + (" --quick" if args.quick else "")
     command += " --no-smollm2" if args.no_smollm2 else ""
     payload = {
@@ -421,7 +421,15 @@ def main(argv: list[str] | None = None) -> None:
             "load_average": list(load),
             "seconds": time.time() - started,
         },
-        "settings": {"repeats": repeats, "lengths": lengths, "task_counts": counts, "density": 0.05, "seed": 0},
+        "settings": {
+            "repeats": repeats,
+            "generate_repeats": generate_repeats,
+            "smollm2_repeats": smollm2_repeats,
+            "lengths": lengths,
+            "task_counts": counts,
+            "density": 0.05,
+            "seed": 0,
+        },
         "forward": forward,
         "tasks": tasks,
         "generate": generate,

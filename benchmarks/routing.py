@@ -110,14 +110,26 @@ def load_domains(seed: int = 0) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _numba_threads() -> Callable[[int | None], None]:
+    """A setter of numba's thread count (None: back to its count now); does nothing without numba."""
+    try:
+        import numba
+    except ImportError:
+        return lambda count: None
+    default = numba.get_num_threads()
+    return lambda count: numba.set_num_threads(default if count is None else count)
+
+
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Seconds per call, the calls alternating so that machine load affects all of them alike.
 
     Keys: ``name``: the fastest wall-clock repeat with torch's default threads (the least disturbed by other load);
-    ``name:median``: the median; ``name:cpu1``: the smallest CPU time of the process with one thread, a measure
-    of the work done that other processes on a shared machine barely disturb.
+    ``name:median``: the median; ``name:cpu1``: the smallest CPU time of the process with one torch thread and one
+    numba thread (a measure of the work done that other processes on a shared machine barely disturb; with more
+    numba threads it would also count their spinning while they wait).
     """
     threads = torch.get_num_threads()
+    numba_threads = _numba_threads()
     for _ in range(warmup):
         for call in calls.values():
             call()
@@ -129,12 +141,14 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
             call()
             wall[name].append(time.perf_counter() - start)
             torch.set_num_threads(1)
+            numba_threads(1)
             try:
                 start = time.process_time()
                 call()
                 cpu[name].append(time.process_time() - start)
             finally:
                 torch.set_num_threads(threads)
+                numba_threads(None)
     out = {name: min(values) for name, values in wall.items()}
     out.update({f"{name}:median": statistics.median(values) for name, values in wall.items()})
     out.update({f"{name}:cpu1": min(values) for name, values in cpu.items()})
