@@ -76,11 +76,12 @@ SAMPLES = [[(0, 1.0)], [(2, 0.5), (3, 0.5)], [], [(1, 1.0)], [(3, 0.25), (0, 0.7
 @pytest.mark.parametrize("per_row_scale", [False, True], ids=["one-scale", "row-scales"])
 @pytest.mark.parametrize("wide", [False, True], ids=["1-bit", "multi-bit"])
 @pytest.mark.parametrize("kind", [LINEAR, TRANSPOSED])
-@pytest.mark.parametrize("tokens", [3, 17], ids=["short-runs", "runs-of-8-and-more"])
+@pytest.mark.parametrize("tokens", [3, 17, 40], ids=["short-runs", "runs-of-8-and-more", "spans-of-4-lanes"])
 @pytest.mark.parametrize("order", ["sample-after-sample", "interleaved"])
 def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide, tokens, order):
     """Rows sample after sample (a forward pass) or interleaved (decoding steps of a mixed batch: the rows of one
-    composition are spread over the call, in lanes of 8 and a remainder)."""
+    composition are spread over the call, in lanes of 8 and a remainder); 40 rows per sample make spans of 4 lanes
+    that share one read of the entries."""
     table = random_table(24, 40, 4, seed=1, per_row_scale=per_row_scale, wide=wide)
     deltas = dense_deltas(table)
     x = torch.randn(len(SAMPLES) * tokens, table.cols if kind == LINEAR else table.rows)
@@ -97,6 +98,11 @@ def test_row_deltas_equal_dense_deltas(backend, kind, per_row_scale, wide, token
     assignment = assignment_for_rows(row_sample, SAMPLES)
     used = assignment.lane_rows[assignment.lane_rows < len(row_sample)]
     assert sorted(used.tolist()) == list(range(len(row_sample)))  # every row in exactly one lane slot
+    spans = assignment.span_ptr
+    assert spans[0] == 0 and spans[-1] == len(assignment.lane_ptr) - 1 and (np.diff(spans) <= 4).all()
+    for first, stop in zip(spans[:-1], spans[1:]):  # a span's lanes share one composition
+        compositions = {tuple(SAMPLES[row_sample[assignment.lane_rows[8 * lane]]]) for lane in range(first, stop)}
+        assert len(compositions) == 1
     add_row_deltas(y, x, table, assignment, kind)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
 

@@ -129,26 +129,68 @@ def _lane_sum(x, positions, multipliers, start, stop, row_start):
     return add8(add8(a0, a1), add8(a2, a3))
 
 
+@njit(inline="always", nogil=True)
+def _span_sums(lanes, base, stride, positions, multipliers, start, stop, row_start):
+    """:func:`_lane_sum` of four lanes at once, the lanes at ``lanes[base:]``, ``lanes[base + stride:]``, ...: each
+    entry's position and multiplier are read once for the four; two entries per step, in eight accumulators."""
+    one, two, three, eight = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(8)
+    s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
+    t0, t1, t2, t3 = zeros8(), zeros8(), zeros8(), zeros8()
+    j = start
+    while j + one < stop:
+        m = multipliers[j]
+        b = base + np.uint64(positions[j] - row_start) * eight
+        s0 = fma8(s0, m, load8(lanes, b))
+        s1 = fma8(s1, m, load8(lanes, b + stride))
+        s2 = fma8(s2, m, load8(lanes, b + two * stride))
+        s3 = fma8(s3, m, load8(lanes, b + three * stride))
+        m = multipliers[j + one]
+        b = base + np.uint64(positions[j + one] - row_start) * eight
+        t0 = fma8(t0, m, load8(lanes, b))
+        t1 = fma8(t1, m, load8(lanes, b + stride))
+        t2 = fma8(t2, m, load8(lanes, b + two * stride))
+        t3 = fma8(t3, m, load8(lanes, b + three * stride))
+        j += two
+    if j < stop:
+        m = multipliers[j]
+        b = base + np.uint64(positions[j] - row_start) * eight
+        s0 = fma8(s0, m, load8(lanes, b))
+        s1 = fma8(s1, m, load8(lanes, b + stride))
+        s2 = fma8(s2, m, load8(lanes, b + two * stride))
+        s3 = fma8(s3, m, load8(lanes, b + three * stride))
+    return add8(s0, t0), add8(s1, t1), add8(s2, t2), add8(s3, t3)
+
+
+@njit(inline="always", nogil=True)
+def _add_lane(y, lane_rows, lane, o, factor, sums):
+    """``y[row of slot k, o] += factor * sums[k]`` for the non-empty slots of ``lane``."""
+    for k in range(8):
+        r = lane_rows[lane * 8 + k]
+        if r < y.shape[0]:
+            y[r, o] += factor * lane8(sums, k)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks,
-                cols):  # fmt: skip
+def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions, multipliers, offsets, row_ptr,
+                scales, chunks, cols):  # fmt: skip
     """``row_deltas`` for a linear layer whose rows are grouped in lanes of up to 8 rows sharing their tasks: slot
     ``k`` of lane ``l`` is row ``lane_rows[l * 8 + k]`` (empty when past ``y``'s rows), its inputs are
     ``lanes[(l * cols + c) * 8 + k]`` (:func:`pack_lanes`) and the lane uses ``task[lane_ptr[l]:lane_ptr[l + 1]]``.
-    Each kept entry is read once per lane and applied to its 8 slots as one vector multiply-add. Every task's scale
-    must be one per tensor or one per stored row. Work is split over (lane, block of output rows), so no two threads
+    Lanes ``span_ptr[s]:span_ptr[s + 1]`` (at most 4) share their tasks: a span of 4 reads each kept entry once for
+    its 32 rows, other spans once per lane, and every entry is one vector multiply-add per lane. Every task's scale
+    must be one per tensor or one per stored row. Work is split over (span, block of output rows), so no two threads
     write one value."""
-    rows = y.shape[0]
     outputs = row_ptr.shape[1] - 1
     block = 64
     blocks = (outputs + block - 1) // block
-    for job in prange((lane_rows.shape[0] // 8) * blocks):
-        lane = job // blocks
+    stride = np.uint64(cols * 8)
+    for job in prange((span_ptr.shape[0] - 1) * blocks):
+        span = job // blocks
+        lane0 = span_ptr[span]
+        width = span_ptr[span + 1] - lane0
         o_first = (job % blocks) * block
         o_last = min(outputs, o_first + block)
-        slots = lane_rows[lane * 8 : lane * 8 + 8]
-        x = lanes[lane * cols * 8 : (lane + 1) * cols * 8]
-        for a in range(lane_ptr[lane], lane_ptr[lane + 1]):
+        for a in range(lane_ptr[lane0], lane_ptr[lane0 + 1]):
             t = task[a]
             first = offsets[t]
             rows_per_scale = chunks[t] // cols  # at least ``outputs``: one scale for the tensor
@@ -159,10 +201,18 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipli
                     continue
                 scale = scales[t, 0] if rows_per_scale >= outputs else scales[t, o // rows_per_scale]
                 ws = weight[a] * scale
-                sums = _lane_sum(x, positions, multipliers, start, stop, o * cols)
-                for k in range(8):
-                    if slots[k] < rows:
-                        y[slots[k], o] += ws * lane8(sums, k)
+                if width == 4:
+                    s0, s1, s2, s3 = _span_sums(
+                        lanes, np.uint64(lane0) * stride, stride, positions, multipliers, start, stop, o * cols
+                    )
+                    _add_lane(y, lane_rows, lane0, o, ws, s0)
+                    _add_lane(y, lane_rows, lane0 + 1, o, ws, s1)
+                    _add_lane(y, lane_rows, lane0 + 2, o, ws, s2)
+                    _add_lane(y, lane_rows, lane0 + 3, o, ws, s3)
+                    continue
+                for lane in range(lane0, lane0 + width):
+                    x = lanes[lane * cols * 8 : (lane + 1) * cols * 8]
+                    _add_lane(y, lane_rows, lane, o, ws, _lane_sum(x, positions, multipliers, start, stop, o * cols))
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -26,6 +26,7 @@ from .tables import TRANSPOSED, EntryTable
 logger = logging.getLogger(__name__)
 
 LANE = 8  # rows the lane kernel applies each kept entry to at once
+SPAN = 4  # lanes of one composition whose kept entries the lane kernel reads once for all of them
 
 
 @lru_cache(maxsize=1)
@@ -53,6 +54,8 @@ class RowAssignment:
     lane_ptr: np.ndarray | None = None
     lane_task: np.ndarray | None = None
     lane_weight: np.ndarray | None = None
+    # Spans of at most SPAN consecutive lanes of one composition: span s is lanes span_ptr[s]:span_ptr[s + 1].
+    span_ptr: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -97,11 +100,16 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     transposed = kind == TRANSPOSED
     if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
         if y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
-            kernel = _numba_kernels().lane_deltas_transposed if transposed else _numba_kernels().lane_deltas
-            kernel(
-                y.numpy(), assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr, assignment.lane_task,
-                assignment.lane_weight, *table.arrays(y.dtype), table.cols,
-            )  # fmt: skip
+            lanes = (assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr)
+            if transposed:
+                _numba_kernels().lane_deltas_transposed(
+                    y.numpy(), *lanes, assignment.lane_task, assignment.lane_weight, *table.arrays(y.dtype), table.cols
+                )
+            else:
+                _numba_kernels().lane_deltas(
+                    y.numpy(), *lanes, assignment.span_ptr, assignment.lane_task, assignment.lane_weight,
+                    *table.arrays(y.dtype), table.cols,
+                )  # fmt: skip
             return
         _numba_kernels().row_deltas(
             y.numpy(), x.numpy(), assignment.ptr, assignment.task, assignment.weight,
@@ -224,6 +232,9 @@ def assignment_for_rows(row_sample: np.ndarray, sample_tasks: list[list[tuple[in
         lane_source = np.repeat(starts[lane_sample], lane_counts) + within
         assignment.lane_task = flat_task[lane_source]
         assignment.lane_weight = flat_weight[lane_source]
+        group_first = np.cumsum(per_group) - per_group
+        spans = [np.arange(f, f + n, SPAN) for f, n in zip(group_first.tolist(), per_group.tolist())]
+        assignment.span_ptr = np.append(np.concatenate(spans), len(group_of_lane)).astype(np.int64)
     return assignment
 
 
