@@ -131,6 +131,7 @@ class Row:
     bytes_per_task: int | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # per style
     speed_seconds: float | None = None  # the speed batch's seconds
+    plain_seconds: float | None = None  # the plain model's seconds on the speed batch, timed right before
     speed: float | None = None  # tokens/s against the plain model on the speed batch (plain seconds / these)
     notes: str = ""
 
@@ -262,6 +263,13 @@ class LLMBenchmark:
             generate(batch)
             return time.perf_counter() - start
 
+    def time_speed(self, row: Row, generate: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+        """``row.speed_seconds`` of ``generate`` on the speed batch, and ``row.plain_seconds`` of the plain model on
+        it timed right before, so that the machine's drift over the suite does not enter the row's ratio."""
+        settings = self.speed_settings()
+        row.plain_seconds = self.speed(lambda b: self._plain.generate(**b, **settings))
+        row.speed_seconds = self.speed(generate)
+
     def speed_settings(self) -> dict[str, Any]:
         c = self.config
         settings = generation_settings(self.tokenizer, c.speed_new_tokens)
@@ -318,7 +326,7 @@ class LLMBenchmark:
             self.score(row, style, generate)
         speed = self.speed_settings()
         tasks = [names[t] for t in self.speed_tasks()]
-        row.speed_seconds = self.speed(lambda b: model.generate(**b, adapter_names=tasks, **speed))
+        self.time_speed(row, lambda b: model.generate(**b, adapter_names=tasks, **speed))
         self.add(row)
         self.run_merges(model)
 
@@ -370,7 +378,7 @@ class LLMBenchmark:
         for style in STYLES:
             self.score(row, style, generate)
         speed = self.speed_settings()
-        row.speed_seconds = self.speed(lambda b: model.generate(**b, **speed))
+        self.time_speed(row, lambda b: model.generate(**b, **speed))
         self.add(row)
         probe.remove()
 
@@ -443,16 +451,14 @@ class LLMBenchmark:
             self.score(row, style, with_task_id)
         speed = self.speed_settings()
         batch_tasks = self.speed_tasks()
-        row.speed_seconds = self.speed(
-            lambda b: router.generate(b, routing=forced_routing(router, b, batch_tasks), **speed)
-        )
+        self.time_speed(row, lambda b: router.generate(b, routing=forced_routing(router, b, batch_tasks), **speed))
         self.add(row)
         if routed:
             auto = Row(f"auto_{method}", f"{label}, routed per prompt (Auto-Switch)", bytes_per_task=size,
                        notes=notes)  # fmt: skip
             for style in STYLES:
                 self.score(auto, style, routed_generate)
-            auto.speed_seconds = self.speed(lambda b: router.generate(b, **speed))
+            self.time_speed(auto, lambda b: router.generate(b, **speed))
             self.add(auto)
 
     def run_tswitch(self) -> None:
@@ -501,11 +507,12 @@ class LLMBenchmark:
         return report
 
     def finish_speeds(self) -> None:
-        """Each row's speed against the plain model's mean over its two runs (first and last step)."""
+        """Each row's speed against the plain model timed right before it (the base row: against the mean of the
+        plain model's first and last runs)."""
         plain = sum(self.plain_speed_seconds) / len(self.plain_speed_seconds)
         for row in self.rows:
             if row.speed_seconds is not None:
-                row.speed = round(plain / row.speed_seconds, 3)
+                row.speed = round((row.plain_seconds or plain) / row.speed_seconds, 3)
 
     @staticmethod
     def _mean(values: Any) -> int:

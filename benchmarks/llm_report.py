@@ -53,7 +53,7 @@ def markdown(report: dict[str, Any]) -> str:
         "routed to their own task (instruction / raw). Bytes: adapter file per task (LoRA at fp16; a merge's one "
         "adapter divided by the tasks). Speed: tokens/s against the plain model on one mixed batch of "
         f"{s['speed_prompts']} instruction prompts generating exactly {s['speed_new_tokens']} tokens (routing "
-        "included where the row routes).",
+        "included where the row routes), the plain model timed on that batch right before each row.",
         "",
         "| method | bytes per task | EM instruction | EM raw | routing | speed vs plain |",
         "|---|---:|---:|---:|---:|---:|",
