@@ -44,9 +44,10 @@ from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
 # chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba lane kernel costs
 # ~0.1 ns per entry and row on one core (rows of one composition in lanes of 8, one vector multiply-add per entry),
-# composing ~0.3 ns per weight plus the less efficient small matmuls; 4.0 sends decoding steps of up to ~80 rows
-# per task at density 0.05 and the 64-row groups of an 8-token forward entry-wise (faster than composing them,
-# 1.6-1.8x of the plain forward against 1.75-2.35x at 2.0), and 192-row prefill groups to composition.
+# composing ~0.3 ns per weight plus the less efficient small matmuls. 4.0 sends decoding steps of up to ~80 rows per
+# task at density 0.05 and the 64-row groups of an 8-token forward entry-wise, and 192-row prefill groups to
+# composition. On the 8-token MiniLM forward it was faster than 2.0 in each of five runs (each interleaving the
+# limits in one process), and 8.0 within noise of 4.0.
 LIGHT_ENTRIES_PER_WEIGHT = 4.0
 LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
 
