@@ -130,35 +130,41 @@ def _lane_sum(x, positions, multipliers, start, stop, row_start):
 
 
 @njit(inline="always", nogil=True)
+def _span_step(lanes, at, stride, m, s0, s1, s2, s3):
+    """``s_i + m * lanes[at + i * stride : +8]`` for the four lanes of a span."""
+    two, three = np.uint64(2), np.uint64(3)
+    s0 = fma8(s0, m, load8(lanes, at))
+    s1 = fma8(s1, m, load8(lanes, at + stride))
+    s2 = fma8(s2, m, load8(lanes, at + two * stride))
+    s3 = fma8(s3, m, load8(lanes, at + three * stride))
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", nogil=True)
 def _span_sums(lanes, base, stride, positions, multipliers, start, stop, row_start):
     """:func:`_lane_sum` of four lanes at once, the lanes at ``lanes[base:]``, ``lanes[base + stride:]``, ...: each
     entry's position and multiplier are read once for the four; two entries per step, in eight accumulators."""
-    one, two, three, eight = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(8)
+    one, two, eight = np.uint64(1), np.uint64(2), np.uint64(8)
     s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
     t0, t1, t2, t3 = zeros8(), zeros8(), zeros8(), zeros8()
     j = start
     while j + one < stop:
-        m = multipliers[j]
-        b = base + np.uint64(positions[j] - row_start) * eight
-        s0 = fma8(s0, m, load8(lanes, b))
-        s1 = fma8(s1, m, load8(lanes, b + stride))
-        s2 = fma8(s2, m, load8(lanes, b + two * stride))
-        s3 = fma8(s3, m, load8(lanes, b + three * stride))
-        m = multipliers[j + one]
-        b = base + np.uint64(positions[j + one] - row_start) * eight
-        t0 = fma8(t0, m, load8(lanes, b))
-        t1 = fma8(t1, m, load8(lanes, b + stride))
-        t2 = fma8(t2, m, load8(lanes, b + two * stride))
-        t3 = fma8(t3, m, load8(lanes, b + three * stride))
+        at = base + np.uint64(positions[j] - row_start) * eight
+        s0, s1, s2, s3 = _span_step(lanes, at, stride, multipliers[j], s0, s1, s2, s3)
+        at = base + np.uint64(positions[j + one] - row_start) * eight
+        t0, t1, t2, t3 = _span_step(lanes, at, stride, multipliers[j + one], t0, t1, t2, t3)
         j += two
     if j < stop:
-        m = multipliers[j]
-        b = base + np.uint64(positions[j] - row_start) * eight
-        s0 = fma8(s0, m, load8(lanes, b))
-        s1 = fma8(s1, m, load8(lanes, b + stride))
-        s2 = fma8(s2, m, load8(lanes, b + two * stride))
-        s3 = fma8(s3, m, load8(lanes, b + three * stride))
+        at = base + np.uint64(positions[j] - row_start) * eight
+        s0, s1, s2, s3 = _span_step(lanes, at, stride, multipliers[j], s0, s1, s2, s3)
     return add8(s0, t0), add8(s1, t1), add8(s2, t2), add8(s3, t3)
+
+
+@njit(inline="always", nogil=True)
+def _row_scale(scales, t, rows_per_scale, row, rows):
+    """Task ``t``'s scale for stored row ``row`` of ``rows``: one per tensor (``rows_per_scale >= rows``) or one per
+    ``rows_per_scale`` rows."""
+    return scales[t, 0] if rows_per_scale >= rows else scales[t, row // rows_per_scale]
 
 
 @njit(inline="always", nogil=True)
@@ -199,8 +205,7 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
                 stop = np.uint64(first + row_ptr[t, o + 1])
                 if start == stop:
                     continue
-                scale = scales[t, 0] if rows_per_scale >= outputs else scales[t, o // rows_per_scale]
-                ws = weight[a] * scale
+                ws = weight[a] * _row_scale(scales, t, rows_per_scale, o, outputs)
                 if width == 4:
                     s0, s1, s2, s3 = _span_sums(
                         lanes, np.uint64(lane0) * stride, stride, positions, multipliers, start, stop, o * cols
@@ -237,8 +242,7 @@ def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, position
                 stop = np.uint64(first + row_ptr[t, i + 1])
                 if start == stop:
                     continue
-                scale = scales[t, 0] if rows_per_scale >= inputs else scales[t, i // rows_per_scale]
-                ws = np.float32(weight[a] * scale)
+                ws = np.float32(weight[a] * _row_scale(scales, t, rows_per_scale, i, inputs))
                 inputs_i = load8(x, np.uint64(i) * eight)
                 row_start = i * cols
                 for j in range(start, stop):

@@ -45,6 +45,12 @@ def _splat(context, builder, value, value_type):
     )
 
 
+def _multiply_add(context, builder, accumulator, factor, factor_type, vector):
+    """LLVM ``accumulator + splat(factor) * vector``, fusable into one FMA."""
+    product = builder.fmul(_splat(context, builder, factor, factor_type), vector, flags=_CONTRACT)
+    return builder.fadd(accumulator, product, flags=_CONTRACT)
+
+
 @intrinsic
 def zeros8(typingctx):
     """A vector of 8 zeros."""
@@ -74,8 +80,7 @@ def fma8(typingctx, accumulator, factor, vector):
         return None
 
     def codegen(context, builder, signature, args):
-        product = builder.fmul(_splat(context, builder, args[1], signature.args[1]), args[2], flags=_CONTRACT)
-        return builder.fadd(args[0], product, flags=_CONTRACT)
+        return _multiply_add(context, builder, args[0], args[1], signature.args[1], args[2])
 
     return float32x8(accumulator, factor, vector), codegen
 
@@ -112,8 +117,8 @@ def fma8_into(typingctx, array, index, factor, vector):
 
     def codegen(context, builder, signature, args):
         pointer = _pointer(context, builder, signature.args[0], args[0], args[1])
-        product = builder.fmul(_splat(context, builder, args[2], signature.args[2]), args[3], flags=_CONTRACT)
-        builder.store(builder.fadd(builder.load(pointer, align=4), product, flags=_CONTRACT), pointer, align=4)
+        summed = _multiply_add(context, builder, builder.load(pointer, align=4), args[2], signature.args[2], args[3])
+        builder.store(summed, pointer, align=4)
         return context.get_dummy_value()
 
     return types.none(array, index, factor, vector), codegen

@@ -65,6 +65,8 @@ class StreamPlan:
         self._sizes = np.bincount(self.sample_group, minlength=len(groups))
         self._assignments: dict[tuple, RowAssignment] = {}
         self._group_rows: dict[tuple, torch.Tensor] = {}
+        self._bias_stacks: dict[int, torch.Tensor | None] = {}
+        self._bias_order: dict[tuple, torch.Tensor] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._light: dict[tuple, list[bool]] = {}
         self.light_limit = LIGHT_ENTRIES_PER_WEIGHT if fast_kernels_available() else LIGHT_ENTRIES_PER_WEIGHT_TORCH
@@ -104,13 +106,23 @@ class StreamPlan:
     def row_biases(self, table: EntryTable, rows: int, groups: tuple[int, ...] | None) -> torch.Tensor | None:
         """``[leading rows, out]``: the bias change of each leading row's group, for a call of ``rows`` rows (all of
         them, or those of the samples of ``groups`` group after group); None when no group changes the bias."""
-        changes = [table.bias_delta(tasks) for tasks in self.groups]
-        if all(c is None for c in changes):
+        if id(table) not in self._bias_stacks:  # [groups, out], once per call and layer
+            changes = [table.bias_delta(tasks) for tasks in self.groups]
+            present = next((c for c in changes if c is not None), None)
+            self._bias_stacks[id(table)] = (
+                None
+                if present is None
+                else torch.stack([present.new_zeros(present.shape) if c is None else c for c in changes])
+            )
+        stacked = self._bias_stacks[id(table)]
+        if stacked is None:
             return None
-        present = next(c for c in changes if c is not None)
-        stacked = torch.stack([present.new_zeros(present.shape) if c is None else c for c in changes])
-        samples = np.arange(self.batch) if groups is None else self._samples_of(groups)
-        order = torch.from_numpy(np.repeat(self.sample_group[samples], rows // self.batch)).to(stacked.device)
+        key = (rows, groups, stacked.device)
+        order = self._bias_order.get(key)
+        if order is None:
+            samples = np.arange(self.batch) if groups is None else self._samples_of(groups)
+            order = torch.from_numpy(np.repeat(self.sample_group[samples], rows // self.batch)).to(stacked.device)
+            self._bias_order[key] = order
         return stacked.index_select(0, order)
 
     def _samples_of(self, groups: tuple[int, ...]) -> np.ndarray:
