@@ -9,7 +9,7 @@ once, in order.
 import numpy as np
 from numba import njit, prange
 
-from ._simd import add8, fma8, fma8_into, lane8, load8, zeros8
+from .._simd import add8, fma8, fma8_into, lane8, load8, zeros8
 
 
 @njit(inline="always", nogil=True)

@@ -9,10 +9,19 @@ which raises the documented error. No kernel writes outside its output arrays, w
 import numpy as np
 from numba import njit
 
+from .._simd import above_mask8, high_mask8, store_offsets8, tie_mask8
+
 OK = 0
 CORRUPT = 1
 #: Index of the lowest set bit of each byte value (8 for 0).
 _LOWEST_BIT = np.array([8] + [(value & -value).bit_length() - 1 for value in range(1, 256)], dtype=np.int64)
+#: Set bits of each byte value, as a row of 8 offsets: the bits' indices first, then zeros (for store_offsets8).
+_SET_BITS = np.array(
+    [[bit for bit in range(8) if value >> bit & 1] + [0] * (8 - bin(value).count("1")) for value in range(256)],
+    dtype=np.int32,
+).reshape(-1)
+#: Number of set bits of each byte value.
+_BIT_COUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.int64)
 
 
 @njit(inline="always", nogil=True)
@@ -158,29 +167,99 @@ _EXPONENT = np.uint32(0x7F800000)
 
 @njit(cache=True, nogil=True)
 def sign_histograms(bits, histograms):
-    """One pass over the float32 bit patterns ``bits``: ``histograms[s, h]`` counts the nonzero entries of sign ``s``
-    (0 positive, 1 negative) whose magnitude's high 16 bits are ``h`` (magnitudes of IEEE floats order like their
-    bit patterns). Returns the largest magnitude's bit pattern: ``>= 0x7F800000`` when ``bits`` holds a NaN/Inf
-    (the histograms are then meaningless)."""
+    """One pass over the float32 bit patterns ``bits``: ``histograms`` (65536 long, seen as ``[2, 32768]``) counts
+    at ``[s, h]`` the nonzero entries of sign ``s`` (0 positive, 1 negative) whose magnitude's high 16 bits are
+    ``h`` (magnitudes of IEEE floats order like their bit patterns): one increment at the entry's own high 16 bits,
+    zeros taken out at the end. Returns the largest magnitude's bit pattern: ``>= 0x7F800000`` when ``bits`` holds
+    a NaN/Inf (the histograms are then meaningless)."""
     largest = np.uint32(0)
+    positive_zeros = 0
+    negative_zeros = 0
     for index in range(bits.shape[0]):
         value = bits[index]
-        magnitude = value & _MAGNITUDE
-        largest = max(largest, magnitude)
-        histograms[value >> 31, magnitude >> 16] += magnitude != 0
+        largest = max(largest, value & _MAGNITUDE)
+        histograms[value >> 16] += 1
+        positive_zeros += value == 0
+        negative_zeros += value == 0x80000000
+    histograms[0] -= positive_zeros
+    histograms[0x8000] -= negative_zeros
     return largest
 
 
 @njit(cache=True, nogil=True)
 def low_histograms(bits, bins, histograms):
     """``histograms[s, l]`` counts the nonzero entries of sign ``s`` whose magnitude's high 16 bits are ``bins[s]``
-    (-1: none) and low 16 bits are ``l``."""
-    for index in range(bits.shape[0]):
+    (-1: none) and low 16 bits are ``l``. Eight entries are compared at once; the few in a bin are counted one by
+    one."""
+    first = np.int64(bins[0]) if bins[0] >= 0 else np.int64(-1)  # high 16 bits of a positive entry: its bin
+    second = (np.int64(bins[1]) | 0x8000) if bins[1] >= 0 else np.int64(-1)  # of a negative one: sign bit too
+    numel = bits.shape[0]
+    vectored = numel - numel % 8
+    for start in range(0, vectored, 8):
+        found = high_mask8(bits, start, first, second)
+        while found:
+            value = bits[start + _LOWEST_BIT[found]]
+            found &= found - 1
+            magnitude = value & _MAGNITUDE
+            if magnitude != 0:
+                histograms[value >> 31, magnitude & 0xFFFF] += 1
+    for index in range(vectored, numel):
         value = bits[index]
         sign = value >> 31
         magnitude = value & _MAGNITUDE
-        if np.int64(magnitude >> 16) == bins[sign] and magnitude != 0:  # rare: a branch, not a scattered add
+        if np.int64(magnitude >> 16) == bins[sign] and magnitude != 0:
             histograms[sign, magnitude & 0xFFFF] += 1
+
+
+@njit(cache=True, nogil=True)
+def list_kept(bits, cuts, ties, positions):
+    """The positions of the entries :func:`encode_switch` keeps, in order, into the int32 ``positions`` (which
+    needs 8 spare slots past the kept ones), eight entries compared at once; ``ties`` is decremented in place as
+    there. Returns the number kept, or more than ``len(positions) - 8`` when the cuts keep more (stopping early)."""
+    numel = bits.shape[0]
+    cut_positive, cut_negative = cuts[0], cuts[1]
+    tied_positive, tied_negative = ties[0], ties[1]
+    room = positions.shape[0] - 8
+    taken = 0
+    vectored = numel - numel % 8
+    for start in range(0, vectored, 8):
+        keep = above_mask8(bits, start, cut_positive, cut_negative)
+        if tied_positive > 0 or tied_negative > 0:
+            tied = tie_mask8(bits, start, cut_positive, cut_negative)
+            while tied:  # rare: entries equal to a cut, kept in position order while their sign allows
+                bit = _LOWEST_BIT[tied]
+                tied &= tied - 1
+                if bits[start + bit] >> 31:
+                    if tied_negative > 0:
+                        tied_negative -= 1
+                        keep |= np.int64(1) << bit
+                elif tied_positive > 0:
+                    tied_positive -= 1
+                    keep |= np.int64(1) << bit
+        if taken > room:
+            return taken
+        store_offsets8(positions, taken, _SET_BITS, keep, start)
+        taken += _BIT_COUNT[keep]
+    for index in range(vectored, numel):
+        value = bits[index]
+        magnitude = np.int64(value & _MAGNITUDE)
+        negative = value >> 31
+        cut = cut_negative if negative else cut_positive
+        keep = magnitude > cut
+        if magnitude == cut and magnitude != 0:
+            if negative and tied_negative > 0:
+                tied_negative -= 1
+                keep = True
+            elif not negative and tied_positive > 0:
+                tied_positive -= 1
+                keep = True
+        if keep:
+            if taken >= room:
+                return taken + 1
+            positions[taken] = index
+            taken += 1
+    ties[0], ties[1] = tied_positive, tied_negative
+    return taken
 
 
 @njit(cache=True, nogil=True)
@@ -244,7 +323,7 @@ def _push(out, at, word, filled, value, width):
 
 
 @njit(cache=True, nogil=True)
-def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_bits):
+def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_bits, listed_kept=-1):
     """Decide every entry's keep bit and write the blob payload into the zeroed ``out``.
 
     An entry of sign ``s`` (0 positive, 1 negative) is kept when its magnitude bits exceed ``cuts[s]``, or equal it
@@ -255,7 +334,8 @@ def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_b
     sign bits are written by the pass that sees the kept entries in order (the second one for POSITIONS). ``out``
     needs 8 spare bytes past the payload, left zero. The kept entries' bit patterns go to ``kept_bits`` when it has
     room for them. Returns the number kept; the caller checks that it equals ``kept`` (the kernel stops early
-    rather than write past the payload)."""
+    rather than write past the payload). ``listed_kept >= 0``: ``coded`` already holds that many kept positions
+    (:func:`list_kept`, POSITIONS without ``kept_bits``) and the first pass is skipped."""
     numel = bits.shape[0]
     store_values = kept_bits.shape[0] >= kept
     count = kept if encoding == 1 else numel - kept
@@ -270,7 +350,9 @@ def encode_switch(bits, cuts, ties, encoding, kept, low_bits, out, coded, kept_b
     mask_at, mask_word, mask_filled = 0, np.int64(0), 0
     taken = 0  # kept so far
     listed = 0  # positions collected in ``coded``
-    if encoding == 1 and not store_values:  # the common case, as a tight loop of its own
+    if listed_kept >= 0:
+        taken = listed = listed_kept
+    elif encoding == 1 and not store_values:  # the common case, as a tight loop of its own
         for index in range(numel):
             value = bits[index]
             sign = np.int64(value >> 31)

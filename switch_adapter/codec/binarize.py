@@ -357,8 +357,9 @@ def _binarize_encoded_fast(
     if not flat.is_contiguous() or flat.numel() == 0:
         return None
     bits = flat.numpy().view(np.uint32)
-    highs = np.zeros((2, _HIGH_BINS), dtype=np.int64)
+    highs = np.zeros(_HIGH_BINS, dtype=np.int64)  # indexed by an entry's high 16 bits: sign, then magnitude
     largest = int(kernels.sign_histograms(bits, highs))
+    highs = highs.reshape(2, _HIGH_BINS // 2)  # [sign, high 16 bits of the magnitude] (magnitudes are below 2**31)
     if largest >= 0x7F800000:  # NaN/Inf: the reference path raises the error
         return None
     counts = (int(highs[0].sum()), int(highs[1].sum()))  # nonzero positive and negative entries

@@ -298,10 +298,16 @@ def encode_signs_fast(
     size = -(-sizes[encoding] // 8)
     blob = np.zeros(size + 9, dtype=np.uint8)  # spare bytes for the kernel's 64-bit writes, dropped below
     blob[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    cut_array, tie_array = np.array(cuts, dtype=np.int64), np.array(ties, dtype=np.int64)
+    listed = -1
+    if encoding == Encoding.POSITIONS and kept_bits is None and numel <= INT32_LIMIT:
+        coded = np.empty(kept + 9, dtype=np.int32)  # 8 spare slots for the kernel's 8-wide stores
+        listed = kernels.list_kept(bits, cut_array, tie_array, coded)
+    else:
+        coded = _coded_scratch(encoding, numel, kept)
     taken = kernels.encode_switch(
-        bits, np.array(cuts, dtype=np.int64), np.array(ties, dtype=np.int64), int(encoding), kept, low_bits,
-        blob[len(prefix) :], _coded_scratch(encoding, numel, kept),
-        np.zeros(0, dtype=np.uint32) if kept_bits is None else kept_bits,
+        bits, cut_array, tie_array, int(encoding), kept, low_bits, blob[len(prefix) :], coded,
+        np.zeros(0, dtype=np.uint32) if kept_bits is None else kept_bits, listed,
     )  # fmt: skip
     if taken != kept or blob[size:].any():
         raise RuntimeError(f"internal error: the switch keeps {taken} entries, expected {kept}")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
+import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +35,7 @@ from ..format import (
 )
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
+from .pipeline import default_workers, run_in_order
 from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
     PlainSkeleton,
@@ -42,7 +47,7 @@ from .skeleton import (
     module_owners,
     task_type_of,
 )
-from .sources import ModelLike, SafetensorsSource, TensorSource, open_checkpoint
+from .sources import ModelLike, SafetensorsSource, TensorSource, open_checkpoint, task_vector_into
 from .summary import ConversionSummary, SkippedTensor
 from .writer import write_adapter
 
@@ -89,7 +94,8 @@ def convert_finetuned(
     The adapter is made for the fine-tune's model class (its ``config.architectures``): load it with
     ``PeftModel.from_pretrained(AutoModelFor<Task>.from_pretrained(base), output_dir)``. It is identical to what
     :func:`~switch_adapter.from_finetuned` saves for the same models and config. Tensors are read from the
-    safetensors shards one at a time (fp16 / bf16 are computed in fp32); tensors that only the fine-tune has, and task
+    safetensors shards a few at a time, on up to 4 threads (the memory they hold together stays that of the two
+    largest; fp16 / bf16 are computed in fp32); tensors that only the fine-tune has, and task
     heads, are stored in full precision as ``modules_to_save`` (with ``modules_to_save_shapes`` when their shapes
     differ from the base's); everything else that is not in the switch is listed with the reason in
     ``summary.skipped``.
@@ -116,10 +122,17 @@ def convert_finetuned(
         _refuse_converted_keys(skeleton, (base_src, base_map), (tuned_src, tuned_map))
         analysis = _analyse(skeleton, base_src, tuned_src, base_map.to_source, tuned_map.to_source, config)
         config = _prepare_config(config, skeleton, analysis, base, base_revision)
-        plan = skeleton.plan(config)
-        work = _Work(skeleton, plan, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
-        work.check_heads()
-        tensors = work.run(progress)
+        work = _Work(skeleton, config, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
+        with tqdm(desc="Converting", unit="tensor", total=0, disable=not progress) as work.bar:
+            # peft's injection into a meta model (pure Python) overlaps the encoding of the expected slots (kernels
+            # that release the GIL); run() keeps what the plan confirms
+            with ThreadPoolExecutor(1, thread_name_prefix="switch-plan") as planner:
+                planned = planner.submit(skeleton.plan, config)
+                work.encode(_expected_slots(skeleton, config))
+                plan = planned.result()
+            work.attach(plan)
+            work.check_heads()
+            tensors = work.run()
     config = plan.config
     config.unit_layout = work.layout
     config.modules_to_save_shapes = work.head_shapes
@@ -138,6 +151,15 @@ def convert_finetuned(
     summary = make_summary(output_dir, "finetuned", config, start, work, skipped)
     logger.info("%s", summary)
     return summary
+
+
+def _expected_slots(skeleton: Skeleton, config: TSwitchConfig) -> list[tuple[str, str]]:
+    """:meth:`Skeleton.predicted_slots`, or none when the guess fails (it only saves time; the plan decides)."""
+    try:
+        return skeleton.predicted_slots(config)
+    except Exception as error:  # the plan reports real problems with the targets itself
+        logger.debug("No slots encoded ahead of the plan (%s: %s).", type(error).__name__, error)
+        return []
 
 
 def _copy_config(config: TSwitchConfig | None) -> TSwitchConfig:
@@ -343,21 +365,26 @@ def record_base(config: TSwitchConfig, base: ModelLike, base_revision: str | Non
 
 
 class _Work:
-    """The streaming pass: switches for the targeted tensors, full-precision heads, and a check of the rest."""
+    """The streaming pass: switches for the targeted tensors, full-precision heads, and a check of the rest.
+
+    :meth:`encode` may start on the slots the plan is expected to have (:meth:`Skeleton.predicted_slots`) while
+    another thread makes the plan; :meth:`run`, once the plan is attached, uses those results for the slots the plan
+    has, drops the others, and computes whatever is left.
+    """
 
     def __init__(
         self,
         skeleton: Skeleton,
-        plan: SwitchPlan,
+        config: TSwitchConfig,
         base_src: TensorSource,
         tuned_src: TensorSource,
         base_keys: dict[str, str],
         tuned_keys: dict[str, str],
     ) -> None:
-        self.skeleton, self.plan = skeleton, plan
+        self.skeleton = skeleton
+        self.encoding = config  # density, scale rule, ties: as in the plan's config, which peft copies from it
         self.base_src, self.tuned_src = base_src, tuned_src
         self.base_keys, self.tuned_keys = base_keys, tuned_keys
-        self.config = plan.config
         self.layout: dict[str, dict[str, dict]] = {}
         self.head_shapes: dict[str, dict[str, list[int]]] = {}
         self.skipped: list[tuple[str, str]] = []
@@ -365,8 +392,40 @@ class _Work:
         self.tensors_read = 0
         self.head_bytes = 0
         self.statistics: dict[str, dict[str, list[int]]] = {}  # config.norm_statistics
+        self.workers = default_workers()  # threads that read and encode tensors (pipeline.py)
+        self.encoded: dict[tuple[str, str], dict | None] = {}  # results of encode(), by slot
+        self.bar = None
+
+    def attach(self, plan: SwitchPlan) -> None:
+        """Take the plan: what peft saves, hence which tensors become switches, heads or checked tensors."""
+        self.plan = plan
         self.switch_keys, self.head_keys = plan.split_keys()
         self.placeholders = plan.placeholders()
+
+    def _switch_job(self, slot: tuple[str, str], index: int) -> tuple:
+        name = f"{slot[0]}.{slot[1]}"
+        return ("switch", slot, self.tuned_keys.get(name), self.base_keys.get(name), index)
+
+    def _execute(self, jobs: list[tuple]):
+        """``(job, result)`` of ``jobs`` (those with their tensors in both checkpoints), in shard order, on the
+        worker threads, with the progress bar advanced for each."""
+        ordered = [job for job in self._order(jobs) if job[0] == "head" or (job[2] is not None and job[3] is not None)]
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + len(ordered)
+            self.bar.refresh()
+        costs = sorted((self._cost(job) for job in ordered), reverse=True)
+        budget = sum(costs[:2])  # the two largest jobs may run together (and any smaller ones)
+        with contextlib.closing(run_in_order(ordered, self._compute, self._cost, budget, self.workers)) as results:
+            for job, value in results:
+                if self.bar is not None:
+                    self.bar.update()
+                yield job, value
+
+    def encode(self, slots: list[tuple[str, str]]) -> None:
+        """Build the switches of ``slots`` ahead of the plan (kept in :attr:`encoded` until :meth:`run`)."""
+        jobs = [self._switch_job(slot, index) for index, slot in enumerate(slots)]
+        for (_, slot, _, _, _), value in self._execute(jobs):
+            self.encoded[slot] = value
 
     def check_heads(self) -> None:
         """Every ``modules_to_save`` tensor must come from the fine-tune; record shapes that differ from the base."""
@@ -393,15 +452,12 @@ class _Work:
             key=lambda job: (shard(self.tuned_src, job[2]), shard(self.base_src, job[3]), job[4]),
         )
 
-    def run(self, progress: bool) -> dict[str, torch.Tensor]:
+    def run(self) -> dict[str, torch.Tensor]:
+        """Every tensor the adapter file holds (switches, heads, statistics, placeholders), after the plan is
+        attached; fills the layout, the skipped tensors and the counts."""
         slot_names = {f"{m}.{p}" for m, p in self.plan.slots}
         head_names = {name for _, name in self.head_keys.values()}
-        jobs = []
-        for index, (module_name, param_name) in enumerate(self.plan.slots):
-            name = f"{module_name}.{param_name}"
-            jobs.append(
-                ("switch", (module_name, param_name), self.tuned_keys.get(name), self.base_keys.get(name), index)
-            )
+        jobs = [self._switch_job(slot, index) for index, slot in enumerate(self.plan.slots) if slot not in self.encoded]
         for key, (_, name) in self.head_keys.items():
             jobs.append(("head", key, self.tuned_keys[name], None, len(jobs)))
         statistic_names = {f"{module}.{part}" for module in self.plan.statistics for part in STATISTICS}
@@ -415,23 +471,15 @@ class _Work:
                 jobs.append(("check", name, self.tuned_keys[name], self.base_keys[name], len(jobs)))
         tensors = dict(self.placeholders)
         switches: dict[tuple[str, str], dict] = {}
-        for kind, what, tuned_key, base_key, _ in tqdm(
-            self._order(jobs), desc="Converting", unit="tensor", disable=not progress
-        ):
+        planned = set(self.plan.slots)
+        ahead = [(self._switch_job(slot, 0), value) for slot, value in self.encoded.items() if slot in planned]
+        for (kind, what, tuned_key, _, _), value in itertools.chain(ahead, self._execute(jobs)):
+            self.tensors_read += 1 if kind == "head" else 2
             if kind == "head":
-                value = self._read(self.tuned_src, tuned_key).clone()
-                if value.is_floating_point() and not torch.isfinite(value).all():
-                    raise ValueError(
-                        f"{tuned_key} in the {self.tuned_src.description} holds NaN/Inf values; check the fine-tuned "
-                        "checkpoint (a diverged run or a broken file). Nothing was written."
-                    )
                 tensors[what] = value
                 self.head_bytes += value.numel() * value.element_size()
-            elif tuned_key is None or base_key is None:
-                continue  # reported by the analysis (missing from one checkpoint)
             elif kind == "check":
-                tuned, base_value = self._read(self.tuned_src, tuned_key), self._read(self.base_src, base_key)
-                if not torch.equal(tuned.to(base_value.dtype), base_value):
+                if not value:
                     self.skipped.append(
                         (
                             tuned_key,
@@ -439,13 +487,14 @@ class _Work:
                             "modules_to_save to keep it)",
                         )
                     )
+            elif value is None:
+                self.unchanged += 1
             else:
-                entry = self._switch(what, tuned_key, base_key)
-                if entry is not None:
-                    switches[what] = entry
-                    code, scale = entry.pop("_tensors")
-                    code_key, scale_key = self.switch_keys[what]
-                    tensors[code_key], tensors[scale_key] = code, scale.to(tensors[scale_key].dtype)
+                switches[what] = value
+                code, scale = value.pop("_tensors")
+                code_key, scale_key = self.switch_keys[what]
+                tensors[code_key], tensors[scale_key] = code, scale.to(tensors[scale_key].dtype)
+        self.encoded.clear()
         for module_name, param_name in self.plan.slots:  # layout in model order, as from_finetuned writes it
             entry = switches.get((module_name, param_name))
             if entry is not None:
@@ -495,26 +544,49 @@ class _Work:
         self.tensors_read += 1
         return source.get(key)
 
+    def _cost(self, job: tuple) -> int:
+        """Bytes a job holds while it runs: its tensors in float32 (a check holds both of its tensors)."""
+        kind, _, tuned_key, base_key, _ = job
+        numel = self.tuned_src.info()[tuned_key].numel
+        return numel * 4 * (2 if kind == "check" else 1)
+
+    def _compute(self, job: tuple):
+        """A job's result, without side effects (it runs on a worker thread): a head's tensor, whether a checked
+        tensor is unchanged, or a switch's layout entry (None when the fine-tune left the tensor unchanged)."""
+        kind, what, tuned_key, base_key, _ = job
+        if kind == "head":
+            value = self.tuned_src.get(tuned_key).clone()
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"{tuned_key} in the {self.tuned_src.description} holds NaN/Inf values; check the fine-tuned "
+                    "checkpoint (a diverged run or a broken file). Nothing was written."
+                )
+            return value
+        if kind == "check":
+            tuned, base_value = self.tuned_src.get(tuned_key), self.base_src.get(base_key)
+            return torch.equal(tuned.to(base_value.dtype), base_value)
+        return self._switch(what, tuned_key, base_key)
+
     def _switch(self, slot: tuple[str, str], tuned_key: str, base_key: str) -> dict | None:
         module_name, param_name = slot
-        tuned = self._read(self.tuned_src, tuned_key)
-        # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less at the peak)
-        tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
-        del tuned
-        if isinstance(self.base_src, SafetensorsSource) and self.base_src.subtract_from(base_key, tau):
-            self.tensors_read += 1  # the base tensor was read in chunks, never whole
-        else:
-            base_value = self._read(self.base_src, base_key)
-            _subtract(tau, base_value.to(torch.float32))
-            del base_value
+        tau = _scratch(self.tuned_src.info()[tuned_key].shape)
+        if not task_vector_into(self.tuned_src, tuned_key, self.base_src, base_key, tau):  # both float32 files
+            tuned = self.tuned_src.get(tuned_key)
+            # fp32 task vector, computed in place when the tensor read from a file is ours (one buffer less)
+            tau = tuned.to(torch.float32, copy=not isinstance(self.tuned_src, SafetensorsSource))
+            del tuned
+            if not (isinstance(self.base_src, SafetensorsSource) and self.base_src.subtract_from(base_key, tau)):
+                base_value = self.base_src.get(base_key)  # else read in chunks, never whole
+                _subtract(tau, base_value.to(torch.float32))
+                del base_value
         if not _any_nonzero(tau):
-            self.unchanged += 1
             return None
-        density = self.config.density_for(module_name)
+        config = self.encoding
+        density = config.density_for(module_name)
         try:  # checks for NaN/Inf on the way
             blob, scale = binarize_encoded(
-                tau, density, self.config.scale_granularity, name=f"{module_name}.{param_name}",
-                scale_rule=self.config.scale_rule, keep_ties=self.config.keep_ties, overwrite=True,
+                tau, density, config.scale_granularity, name=f"{module_name}.{param_name}",
+                scale_rule=config.scale_rule, keep_ties=config.keep_ties, overwrite=True,
             )  # fmt: skip
         except ValueError:
             if torch.isfinite(tau).all():
@@ -530,6 +602,23 @@ class _Work:
         del tau
         entry = layout_entry(shape, blob, int(scale.numel()))
         return {**entry, "density": density, "_tensors": (blob, scale.to(torch.float32))}
+
+
+#: Largest float32 buffer a worker thread keeps for the next task vector (bytes); larger ones are freed after use.
+SCRATCH_BYTES = 64 << 20
+_scratch_buffers = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``shape`` for this thread's next task vector: the same memory from one
+    tensor to the next (no fresh pages to fault in) up to :data:`SCRATCH_BYTES`."""
+    numel = math.prod(shape)
+    if numel * 4 > SCRATCH_BYTES:
+        return torch.empty(shape, dtype=torch.float32)
+    buffer = getattr(_scratch_buffers, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch_buffers.buffer = torch.empty(max(numel, 1 << 18), dtype=torch.float32)
+    return buffer[:numel].view(shape)
 
 
 def _subtract(tau: torch.Tensor, base: torch.Tensor) -> None:

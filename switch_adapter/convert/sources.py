@@ -1,16 +1,18 @@
 """Where tensors come from: a local folder, a Hub repository or a loaded model, read one tensor at a time.
 
 Checkpoints are read through ``safetensors.safe_open``: the shard headers give every tensor's name, shape and dtype
-without reading data, and :meth:`TensorSource.get` reads one tensor. At most one shard per source is open at a time,
-so the memory held is one or two tensors, never a whole model. Only safetensors are read (never pickles).
+without reading data, and :meth:`TensorSource.get` reads one tensor (positional reads: threads may read at once).
+The memory held is the tensors being read, never a whole model. Only safetensors are read (never pickles).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +83,8 @@ class SafetensorsSource(TensorSource):
     ``safe_open`` validates every file and lists its tensors up front. Reading a tensor is one positioned read of
     its bytes into memory the returned tensor owns, instead of ``safe_open``'s memory map: pages of a mapped shard
     count towards the process's resident memory for as long as the shard is open, so a converter holding two
-    shards open would hold two shards in memory.
+    shards open would hold two shards in memory. :func:`task_vector_into` does map the shards, and hands each
+    chunk's pages back as soon as it has used them. Reads are positional: several threads may read at once.
     """
 
     def __init__(self, files: list[str], description: str, config: Any = None) -> None:
@@ -105,35 +108,41 @@ class SafetensorsSource(TensorSource):
                     f"{description}: {path} is not a readable safetensors file ({error}); re-save or re-download it."
                 ) from None
             self._offsets.update(_data_offsets(path))
-        self._file = None
-        self._open_path: str | None = None
+        self._descriptors: dict[str, int] = {}  # shard path -> open file descriptor
+        self._maps: dict[str, mmap.mmap] = {}  # shard path -> read-only memory map (task_vector_into)
+        self._lock = threading.Lock()
 
     def info(self) -> dict[str, TensorInfo]:
         return self._info
 
-    def _seek(self, key: str) -> tuple[TensorInfo, torch.dtype, int]:
-        """Open ``key``'s shard (closing the previous one), seek to the tensor; ``(info, dtype, byte count)``."""
+    def _locate(self, key: str) -> tuple[TensorInfo, torch.dtype, int, int]:
+        """``(info, dtype, file descriptor, absolute offset)`` of ``key``, opening its shard on first use."""
         info = self._info[key]
-        if info.file != self._open_path:
-            self.close()
-            self._file = open(info.file, "rb")  # noqa: SIM115 - kept open while reading this shard
-            self._open_path = info.file
-        start, count = self._offsets[key]
         dtype = _TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise ValueError(f"{self.description}: {key} has dtype {info.dtype}, which this converter cannot read.")
-        self._file.seek(start)
-        return info, dtype, count
+        with self._lock:
+            descriptor = self._descriptors.get(info.file)
+            if descriptor is None:
+                descriptor = self._descriptors[info.file] = os.open(info.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return info, dtype, descriptor, self._offsets[key][0]
 
-    def _read_into(self, buffer: torch.Tensor, key: str) -> None:
-        count = buffer.numel()
-        if count and self._file.readinto(memoryview(buffer.numpy())) != count:
-            raise ValueError(f"{self.description}: {self._open_path} is truncated ({key}); re-download or re-save it.")
+    def _read_into(self, buffer: torch.Tensor, key: str, descriptor: int, offset: int) -> None:
+        """Fill the uint8 ``buffer`` from ``offset`` of the file (positional reads: safe from several threads)."""
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            got = _pread_into(descriptor, view[done:], offset + done)
+            if got <= 0:
+                path = self._info[key].file
+                raise ValueError(f"{self.description}: {path} is truncated ({key}); re-download or re-save it.")
+            done += got
 
     def get(self, key: str) -> torch.Tensor:
-        info, dtype, count = self._seek(key)
-        buffer = torch.empty(count, dtype=torch.uint8)
-        self._read_into(buffer, key)
+        """The tensor ``key``, read into memory it owns. Safe to call from several threads at once."""
+        info, dtype, descriptor, offset = self._locate(key)
+        buffer = torch.empty(self._offsets[key][1], dtype=torch.uint8)
+        self._read_into(buffer, key, descriptor, offset)
         if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian: reverse each value
             buffer = buffer.view(-1, dtype.itemsize).flip(1).reshape(-1)
         return buffer.view(dtype).reshape(info.shape)
@@ -156,14 +165,14 @@ class SafetensorsSource(TensorSource):
             or not out.is_contiguous()
         ):
             return False
-        _, dtype, count = self._seek(key)
+        _, dtype, descriptor, offset = self._locate(key)
         flat = out.view(-1)
         per_chunk = max(SUBTRACT_CHUNK_BYTES // dtype.itemsize, 1)
         buffer = torch.empty(min(per_chunk, numel) * dtype.itemsize, dtype=torch.uint8)
         for first in range(0, numel, per_chunk):
             size = min(per_chunk, numel - first)
             chunk = buffer[: size * dtype.itemsize]
-            self._read_into(chunk, key)
+            self._read_into(chunk, key, descriptor, offset + first * dtype.itemsize)
             values = chunk.view(dtype)
             target = flat[first : first + size].numpy()
             if dtype == torch.float32:
@@ -172,10 +181,87 @@ class SafetensorsSource(TensorSource):
                 target -= values.to(torch.float32).numpy()
         return True
 
+    def mapped_float32(self, key: str) -> tuple[mmap.mmap, int, np.ndarray]:
+        """``(map, offset, values)``: a read-only view of the float32 tensor ``key`` (little-endian machines) in a
+        memory map of its shard. Hand the pages back with :func:`drop_pages` once read."""
+        info = self._info[key]
+        if info.dtype != "F32" or sys.byteorder != "little":
+            raise ValueError(f"{self.description}: {key} is {info.dtype}, not a float32 tensor this machine can map.")
+        with self._lock:
+            mapping = self._maps.get(info.file)
+            if mapping is None:
+                with open(info.file, "rb") as handle:
+                    mapping = self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        start, count = self._offsets[key]
+        if start + count > len(mapping):
+            raise ValueError(f"{self.description}: {info.file} is truncated ({key}); re-download or re-save it.")
+        values = np.frombuffer(mapping, dtype=np.float32, count=count // 4, offset=start)
+        return mapping, start, values
+
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._open_path = None, None
+        with self._lock:
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
+            for mapping in self._maps.values():
+                try:
+                    mapping.close()
+                except BufferError:  # a view is still alive (an error elsewhere): the map goes with it
+                    pass
+            self._maps.clear()
+
+
+def drop_pages(mapping: mmap.mmap, start: int, length: int) -> None:
+    """Hand the pages of ``mapping[start:start + length]`` back (they stop counting as resident memory; reading them
+    again reads the file). A no-op where ``madvise`` is missing."""
+    if length <= 0 or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = start - start % mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, first, min(start + length, len(mapping)) - first)
+
+
+def task_vector_into(
+    tuned_src: TensorSource, tuned_key: str, base_src: TensorSource, base_key: str, out: torch.Tensor
+) -> bool:
+    """``out = tuned - base`` for two float32 safetensors tensors of ``out``'s shape, read through memory maps in
+    chunks of :data:`SUBTRACT_CHUNK_BYTES` whose pages are dropped once used (no copy of either tensor is made).
+    Returns False, having done nothing, where it does not apply (other sources, dtypes, shapes or byte orders)."""
+    if not (isinstance(tuned_src, SafetensorsSource) and isinstance(base_src, SafetensorsSource)):
+        return False
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or sys.byteorder != "little":
+        return False
+    shape = tuple(out.shape)
+    if tuple(tuned_src.info()[tuned_key].shape) != shape or tuple(base_src.info()[base_key].shape) != shape:
+        return False
+    if tuned_src.info()[tuned_key].dtype != "F32" or base_src.info()[base_key].dtype != "F32":
+        return False
+    tuned_map, tuned_start, tuned_values = tuned_src.mapped_float32(tuned_key)
+    base_map, base_start, base_values = base_src.mapped_float32(base_key)
+    target = out.view(-1).numpy()
+    step = max(SUBTRACT_CHUNK_BYTES // 4, 1)
+    for first in range(0, target.shape[0], step):
+        last = min(first + step, target.shape[0])
+        np.subtract(tuned_values[first:last], base_values[first:last], out=target[first:last])
+        drop_pages(tuned_map, tuned_start + first * 4, (last - first) * 4)
+        drop_pages(base_map, base_start + first * 4, (last - first) * 4)
+    return True
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread_into(descriptor: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` without moving a file position; the bytes read (0 at the end)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(descriptor, [view], offset)
+    if hasattr(os, "pread"):  # macOS before 11
+        data = os.pread(descriptor, len(view), offset)
+    else:  # Windows: seek and read, one thread at a time
+        with _SEEK_LOCK:
+            os.lseek(descriptor, offset, os.SEEK_SET)
+            data = os.read(descriptor, len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 #: Bytes read at a time by :meth:`SafetensorsSource.subtract_from`.

@@ -1,0 +1,69 @@
+"""Run a converter's per-tensor jobs on a few threads, with their results handed back in order.
+
+Reading a tensor (positional reads), subtracting, and the codec's kernels release the GIL, so the threads overlap
+reading one tensor with encoding another. The memory the jobs in flight may hold together is bounded: a job starts
+only when its bytes fit in the budget next to the running ones (or when nothing else runs), so the peak stays that of
+the largest job run alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+#: Most threads a conversion uses (each encodes one tensor at a time).
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Threads for a conversion: the CPUs this process may use, at most :data:`MAX_WORKERS`."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, available))
+
+
+def run_in_order(
+    jobs: Iterable[Job],
+    work: Callable[[Job], Result],
+    cost: Callable[[Job], int],
+    budget: int,
+    workers: int | None = None,
+) -> Iterator[tuple[Job, Result]]:
+    """``(job, work(job))`` for every job, in the order of ``jobs``, computed on up to ``workers`` threads.
+
+    A job of ``cost(job)`` bytes starts when the costs of the jobs in flight plus its own stay within ``budget``,
+    or when no job is in flight. An error in ``work`` is raised when its job's turn comes; the jobs not started by
+    then are cancelled and the running ones finish before it propagates. With one worker the jobs run one by one in
+    this thread.
+    """
+    workers = default_workers() if workers is None else max(1, int(workers))
+    if workers == 1:
+        for job in jobs:
+            yield job, work(job)
+        return
+    pending: collections.deque[tuple[Job, int, Future]] = collections.deque()
+    in_flight = 0
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="switch-convert")
+    try:
+        for job in jobs:
+            size = max(0, int(cost(job)))
+            while pending and (len(pending) >= workers + 1 or in_flight + size > budget):
+                done, done_size, future = pending.popleft()
+                in_flight -= done_size
+                yield done, future.result()
+            pending.append((job, size, executor.submit(work, job)))
+            in_flight += size
+        while pending:
+            done, done_size, future = pending.popleft()
+            in_flight -= done_size
+            yield done, future.result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
