@@ -183,3 +183,22 @@ def test_one_worker_and_several_write_the_same_file(tmp_path, monkeypatch):
         convert_finetuned(tmp_path / "base", tmp_path / "tuned", out, TSwitchConfig(density=0.1), progress=False)
         files.append((out / "adapter_model.safetensors").read_bytes())
     assert files[0] == files[1]
+
+
+def test_the_cyclic_collector_is_paused_during_a_conversion_and_restored(tmp_path, monkeypatch):
+    import gc
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    finetune_copy(base).save_pretrained(tmp_path / "tuned")
+    states = []
+    real_plan = Skeleton.plan
+    monkeypatch.setattr(Skeleton, "plan", lambda self, config: states.append(gc.isenabled()) or real_plan(self, config))
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            convert_finetuned(tmp_path / "base", tmp_path / "tuned", tmp_path / f"out{enabled}", progress=False)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    assert states == [False, False]

@@ -35,7 +35,7 @@ from ..format import (
 )
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .pipeline import default_workers, run_in_order
+from .pipeline import cyclic_gc_paused, default_workers, run_in_order
 from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
     PlainSkeleton,
@@ -54,6 +54,7 @@ from .writer import write_adapter
 logger = logging.getLogger(__name__)
 
 
+@cyclic_gc_paused()
 def convert_finetuned(
     base: ModelLike,
     finetuned: ModelLike,

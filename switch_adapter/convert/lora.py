@@ -36,6 +36,7 @@ from .._staging import check_output_dir
 from ..format import KEY_PREFIX
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .finetuned import _copy_config, encode_switch, encoded_entry, make_summary, record_base
+from .pipeline import cyclic_gc_paused
 from .plain import ModelFactory, build_model, factory_name, is_plain_module, meta_copy
 from .skeleton import (
     PlainSkeleton,
@@ -262,6 +263,7 @@ class LoraDeltas:
         return self.adapter.tensors.get(key).to(torch.float32) * self.settings.scaling(name)[1]
 
 
+@cyclic_gc_paused()
 def convert_lora(
     base: ModelLike,
     lora: str | os.PathLike,

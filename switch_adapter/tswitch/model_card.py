@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -204,6 +205,12 @@ def _saved_factory(path: str) -> str | None:
     return match.group(1) if match else None
 
 
+@functools.lru_cache(maxsize=1)
+def _default_card() -> str:
+    """huggingface_hub's default model card, rendered once (its template takes jinja tens of ms to compile)."""
+    return str(ModelCard.from_template(ModelCardData()))
+
+
 def write_model_card(
     folder: str, config: TSwitchConfig, repo_id: str | None = None, *, base_factory: str | None = None
 ) -> str:
@@ -212,7 +219,7 @@ def write_model_card(
     (``auto_mapping``); ``base_factory`` (``"module:function"``) names the function that built it, if any."""
     path = os.path.join(folder, MODEL_CARD_NAME)
     base_factory = base_factory or _saved_factory(path)
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard(_default_card())
     card.data["library_name"] = "peft"
     tags = list(card.data.get("tags") or [])
     wanted = CARD_TAGS + (FLEXSWITCH_TAG,) if config.flexswitch else CARD_TAGS
