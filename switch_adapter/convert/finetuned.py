@@ -416,11 +416,14 @@ class _Work:
             self.bar.refresh()
         costs = sorted((self._cost(job) for job in ordered), reverse=True)
         budget = sum(costs[:2])  # the two largest jobs may run together (and any smaller ones)
-        with contextlib.closing(run_in_order(ordered, self._compute, self._cost, budget, self.workers)) as results:
-            for job, value in results:
-                if self.bar is not None:
-                    self.bar.update()
-                yield job, value
+        try:
+            with contextlib.closing(run_in_order(ordered, self._compute, self._cost, budget, self.workers)) as results:
+                for job, value in results:
+                    if self.bar is not None:
+                        self.bar.update()
+                    yield job, value
+        finally:
+            _scratch_buffers.__dict__.clear()  # one worker runs the jobs in this thread: do not keep its buffer
 
     def encode(self, slots: list[tuple[str, str]]) -> None:
         """Build the switches of ``slots`` ahead of the plan (kept in :attr:`encoded` until :meth:`run`)."""
