@@ -202,3 +202,28 @@ def test_the_cyclic_collector_is_paused_during_a_conversion_and_restored(tmp_pat
         finally:
             gc.enable()
     assert states == [False, False]
+
+
+def test_an_error_in_a_guessed_slot_the_plan_does_not_switch_is_not_raised(tmp_path, monkeypatch):
+    """NaN in a tensor the guess wrongly includes: the conversion goes on (the tensor is only checked, and reported
+    as changed but not targeted); NaN in a tensor the plan switches is raised, naming it."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    tuned = finetune_copy(base, seed=5)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+    tuned.save_pretrained(tmp_path / "tuned")
+    monkeypatch.setattr(
+        Skeleton,
+        "predicted_slots",
+        lambda self, config: [(name, "weight") for name, _ in self.model.named_modules() if name.endswith("_proj")],
+    )
+    config = TSwitchConfig(target_modules=["q_proj"], density=0.2)
+    summary = convert_finetuned(tmp_path / "base", tmp_path / "tuned", tmp_path / "q", config, progress=False)
+    assert summary.units == 2
+    assert any("k_proj" in item.name and "not targeted" in item.reason for item in summary.skipped)
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*NaN/Inf"):
+        convert_finetuned(
+            tmp_path / "base", tmp_path / "tuned", tmp_path / "k", TSwitchConfig(target_modules=["k_proj"])
+        )
+    assert not (tmp_path / "k").exists()

@@ -394,7 +394,7 @@ class _Work:
         self.head_bytes = 0
         self.statistics: dict[str, dict[str, list[int]]] = {}  # config.norm_statistics
         self.workers = default_workers()  # threads that read and encode tensors (pipeline.py)
-        self.encoded: dict[tuple[str, str], dict | None] = {}  # results of encode(), by slot
+        self.encoded: dict[tuple[str, str], tuple[bool, object]] = {}  # encode()'s (succeeded, result or error)
         self.bar = None
 
     def attach(self, plan: SwitchPlan) -> None:
@@ -407,9 +407,9 @@ class _Work:
         name = f"{slot[0]}.{slot[1]}"
         return ("switch", slot, self.tuned_keys.get(name), self.base_keys.get(name), index)
 
-    def _execute(self, jobs: list[tuple]):
-        """``(job, result)`` of ``jobs`` (those with their tensors in both checkpoints), in shard order, on the
-        worker threads, with the progress bar advanced for each."""
+    def _execute(self, jobs: list[tuple], compute=None):
+        """``(job, compute(job))`` of ``jobs`` (those with their tensors in both checkpoints; ``compute`` defaults to
+        :meth:`_compute`), in shard order, on the worker threads, with the progress bar advanced for each."""
         ordered = [job for job in self._order(jobs) if job[0] == "head" or (job[2] is not None and job[3] is not None)]
         if self.bar is not None:
             self.bar.total = (self.bar.total or 0) + len(ordered)
@@ -417,7 +417,8 @@ class _Work:
         costs = sorted((self._cost(job) for job in ordered), reverse=True)
         budget = sum(costs[:2])  # the two largest jobs may run together (and any smaller ones)
         try:
-            with contextlib.closing(run_in_order(ordered, self._compute, self._cost, budget, self.workers)) as results:
+            results = run_in_order(ordered, compute or self._compute, self._cost, budget, self.workers)
+            with contextlib.closing(results):
                 for job, value in results:
                     if self.bar is not None:
                         self.bar.update()
@@ -426,10 +427,21 @@ class _Work:
             _scratch_buffers.__dict__.clear()  # one worker runs the jobs in this thread: do not keep its buffer
 
     def encode(self, slots: list[tuple[str, str]]) -> None:
-        """Build the switches of ``slots`` ahead of the plan (kept in :attr:`encoded` until :meth:`run`)."""
+        """Build the switches of ``slots`` ahead of the plan (kept in :attr:`encoded` until :meth:`run`). The first
+        error stops it and is kept with its slot: raised if the plan switches that slot; if not, the slots left are
+        encoded after the plan."""
+
+        def attempt(job: tuple) -> tuple[bool, object]:
+            try:
+                return True, self._compute(job)
+            except Exception as error:
+                return False, error
+
         jobs = [self._switch_job(slot, index) for index, slot in enumerate(slots)]
-        for (_, slot, _, _, _), value in self._execute(jobs):
-            self.encoded[slot] = value
+        for (_, slot, _, _, _), outcome in self._execute(jobs, attempt):
+            self.encoded[slot] = outcome
+            if not outcome[0]:
+                break
 
     def check_heads(self) -> None:
         """Every ``modules_to_save`` tensor must come from the fine-tune; record shapes that differ from the base."""
@@ -476,7 +488,12 @@ class _Work:
         tensors = dict(self.placeholders)
         switches: dict[tuple[str, str], dict] = {}
         planned = set(self.plan.slots)
-        ahead = [(self._switch_job(slot, 0), value) for slot, value in self.encoded.items() if slot in planned]
+        ahead = []
+        for slot, (succeeded, value) in self.encoded.items():
+            if slot in planned:
+                if not succeeded:
+                    raise value
+                ahead.append((self._switch_job(slot, 0), value))
         for (kind, what, tuned_key, _, _), value in itertools.chain(ahead, self._execute(jobs)):
             self.tensors_read += 1 if kind == "head" else 2
             if kind == "head":
