@@ -135,6 +135,31 @@ def test_add_kept_values_bit_identical(dtype, rows_scaled, alpha, reference):
     assert not torch.equal(fast, weight)
 
 
+@pytest.mark.parametrize("encoding", [Encoding.BITMAP, Encoding.POSITIONS, Encoding.COMPLEMENT], ids=lambda e: e.name)
+@pytest.mark.parametrize("value_bits", [1, 4])
+@pytest.mark.parametrize(("numel", "kept"), [(1, 1), (64, 0), (1000, 3), (20_011, 6000), (4099, 2049)])
+@pytest.mark.parametrize("rows", [1, 0])
+def test_decoding_straight_into_weights_adds_what_decoding_first_adds(encoding, value_bits, numel, kept, rows):
+    """sass.add_decoded (a merge: one numba call, nothing kept decoded) adds exactly what decode_compact +
+    add_kept_values add; a damaged blob is declined with the weights untouched."""
+    blob = _blob(numel, kept, value_bits, encoding, seed=numel + kept)
+    generator = torch.Generator().manual_seed(kept)
+    scale = torch.rand(rows or next(r for r in (7, 3, 1) if numel % r == 0), generator=generator) + 0.1
+    weight = torch.randn(numel, generator=generator)
+    fused, reference_weight = weight.clone(), weight.clone()
+    assert sass.add_decoded(blob, fused, scale, -0.5)
+    _, positions, multipliers, _ = sass.decode_compact(blob)
+    add_kept_values(reference_weight, positions, multipliers, scale, -0.5)
+    assert torch.equal(fused, reference_weight)
+    if kept:
+        damaged = blob.clone()
+        damaged[-1] = 0xFF  # padding bits or a corrupt stream
+        untouched = weight.clone()
+        if not sass.add_decoded(damaged, untouched, scale, 1.0):
+            assert torch.equal(untouched, weight)
+    assert not sass.add_decoded(blob, weight.to(torch.bfloat16), scale, 1.0)  # the caller decodes bfloat16
+
+
 @pytest.mark.parametrize("value_bits", [1, 4, 8])
 def test_merge_is_bit_identical_on_both_paths(value_bits, reference):
     generator = torch.Generator().manual_seed(value_bits)
@@ -155,6 +180,7 @@ def test_merge_is_bit_identical_on_both_paths(value_bits, reference):
         else:
             layer.merge()
         merged.append(layer.base_layer.weight.detach().clone())
+        assert layer.decoded_nbytes() == 0  # a merge decodes into the weights and keeps nothing decoded
         layer.unmerge()
     assert torch.equal(merged[0], merged[1])
     assert torch.equal(merged[0], base.weight.detach() + switch.to_dense())

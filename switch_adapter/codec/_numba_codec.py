@@ -144,6 +144,19 @@ def decode_payload(payload, encoding, numel, kept, parameter, payload_bits, valu
 
 
 @njit(cache=True, nogil=True)
+def decode_and_add(
+    payload, encoding, numel, kept, parameter, payload_bits, value_bits, positions, multipliers, flat, scales, chunk,
+    alpha,
+):  # fmt: skip
+    """:func:`decode_payload` into the scratch ``positions`` and ``multipliers``, then, for a sound payload only,
+    :func:`add_kept` into ``flat``. Returns the decoder's status (nothing is added to ``flat`` unless ``OK``)."""
+    status = decode_payload(payload, encoding, numel, kept, parameter, payload_bits, value_bits, positions, multipliers)
+    if status == OK:
+        add_kept(flat, positions, multipliers, scales, chunk, alpha)
+    return status
+
+
+@njit(cache=True, nogil=True)
 def add_kept(flat, positions, multipliers, scales, chunk, alpha):
     """``flat[p] += alpha * (multiplier * scale)`` at every kept position ``p``, rounded as torch's ``index_add_``
     of :func:`switch_adapter.format.kept_values` (``scales`` and ``alpha`` in ``flat``'s dtype; one scale, or one per

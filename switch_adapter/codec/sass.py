@@ -556,6 +556,42 @@ def decode_compact(
     return numel, positions.to(position_dtype), multipliers.to(multiplier_dtype), value_bits
 
 
+def add_decoded(blob: torch.Tensor, flat: torch.Tensor, scale: torch.Tensor, alpha: float) -> bool:
+    """In place, ``flat += alpha * delta`` of ``blob``'s kept entries (scaled by ``scale``: one, or one per row), as
+    :func:`decode_compact` + :func:`~switch_adapter.codec.kernels.add_kept_values` compute it, bit for bit, in one
+    numba call with no tensors built. Returns False, having changed nothing, where that does not apply (no numba, not
+    a contiguous float32/float64 CPU ``flat``, GROUPED_COO) or the blob is damaged: the caller then decodes it, which
+    reports the damage."""
+    kernels = numba_codec()
+    if (
+        kernels is None
+        or blob.device.type != "cpu"
+        or flat.device.type != "cpu"
+        or flat.dtype not in (torch.float32, torch.float64)
+        or not flat.is_contiguous()
+    ):
+        return False
+    try:
+        header, parameter, start, payload_bits = _parse(blob)
+    except CodecError:
+        return False
+    if header.encoding == Encoding.GROUPED_COO or header.numel != flat.numel():
+        return False
+    position_dtype, multiplier_dtype = compact_dtypes(header.numel, header.value_bits)
+    scales = scale.detach().to(device="cpu", dtype=flat.dtype).reshape(-1).contiguous().numpy()
+    array = flat.numpy()
+    status = kernels.decode_and_add(
+        blob.contiguous().numpy()[start:], int(header.encoding), header.numel, header.kept, parameter, payload_bits,
+        header.value_bits, np.empty(header.kept, dtype=_NUMPY_DTYPES[position_dtype]),
+        np.empty(header.kept, dtype=_NUMPY_DTYPES[multiplier_dtype]), array, scales,
+        max(flat.numel() // scales.shape[0], 1), array.dtype.type(alpha),
+    )  # fmt: skip
+    return status == 0
+
+
+_NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.int8: np.int8, torch.int16: np.int16}
+
+
 def decode(blob: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`encode`: ``(mask, levels)``, a flat bool mask of ``numel`` entries and the ``kept`` levels as
     :func:`decode_positions` returns them (bool signs for a 1-bit blob, uint8 levels otherwise).

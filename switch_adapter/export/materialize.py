@@ -179,7 +179,9 @@ def _merge(model: nn.Module, switches: dict[str, SwitchFolder], scale: dict[str,
                 if param is None:
                     continue
                 for name, peft_name in peft_names.items():
-                    layer._add_deltas(param_name, param.data, {peft_name: scale[name]}, inplace=True)
+                    layer._add_deltas(
+                        param_name, param.data, {peft_name: scale[name]}, inplace=True, keep_decoded=False
+                    )
             statistics = layer.composed_statistics({peft_names[name]: scale[name] for name in switches})
             for stat_name, value in (statistics or {}).items():  # BatchNorm: the adapters' running statistics
                 getattr(base_layer, stat_name).copy_(value)

@@ -277,12 +277,18 @@ class TSwitchLayer(BaseTunerLayer):
         cached = self._sparse_cache.get((adapter_name, param_name))
         if cached is not None and cached[0] == key:
             return cached[1]
+        positions, multipliers = self._decode(adapter_name, param_name)
+        self._sparse_cache[(adapter_name, param_name)] = (key, (positions, multipliers))
+        return positions, multipliers
+
+    def _decode(self, adapter_name: str, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_sparse`'s arrays, decoded now and not kept."""
+        code = self._codes(param_name)[adapter_name]
         try:
             _, positions, multipliers, _ = sass.decode_compact(code, device=code.device)
         except CodecError as error:
             where = f"{self.tswitch_module_name}.{param_name}" if self.tswitch_module_name else param_name
             raise CodecError(f"T-Switch adapter {adapter_name!r}, {where}: {error}") from None
-        self._sparse_cache[(adapter_name, param_name)] = (key, (positions, multipliers))
         return positions, multipliers
 
     def decoded_nbytes(self) -> int:
@@ -317,12 +323,19 @@ class TSwitchLayer(BaseTunerLayer):
         return self.get_delta(adapter_name, "weight")
 
     def _add_deltas(
-        self, param_name: str, value: torch.Tensor, weights: Mapping[str, float], inplace: bool = False
+        self,
+        param_name: str,
+        value: torch.Tensor,
+        weights: Mapping[str, float],
+        inplace: bool = False,
+        keep_decoded: bool = True,
     ) -> torch.Tensor | None:
         """``value + sum_a weights[a] * delta_a`` (a new tensor unless ``inplace``); None if no adapter with a
         non-zero weight switches ``param_name``.
 
-        Only the kept entries are touched: the cost is a copy of ``value`` plus work proportional to them.
+        Only the kept entries are touched: the cost is a copy of ``value`` plus work proportional to them. Decoded
+        switches are kept for the next call; a one-off (a merge: ``keep_decoded=False``) decodes straight into the
+        weights where it can, keeping nothing.
         """
         result = value if inplace else None
         for adapter_name, weight in weights.items():
@@ -330,8 +343,13 @@ class TSwitchLayer(BaseTunerLayer):
                 continue
             if result is None:
                 result = value.clone()
-            positions, multipliers = self._sparse(adapter_name, param_name)
             scale = self._scales(param_name)[adapter_name]
+            if keep_decoded or (adapter_name, param_name) in self._sparse_cache:
+                positions, multipliers = self._sparse(adapter_name, param_name)
+            elif sass.add_decoded(self._codes(param_name)[adapter_name], result.view(-1), scale, float(weight)):
+                continue  # a one-off (a merge) decoded straight into the weights
+            else:
+                positions, multipliers = self._decode(adapter_name, param_name)  # a one-off: not kept
             add_kept_values(result.view(-1), positions, multipliers, scale, float(weight))
         return result
 
@@ -397,7 +415,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
                         )
                 merged[param_name] = param
             for param_name, param in merged.items():
-                self._add_deltas(param_name, param.data, {adapter_name: 1.0}, inplace=True)
+                self._add_deltas(param_name, param.data, {adapter_name: 1.0}, inplace=True, keep_decoded=False)
             self._merge_statistics(adapter_name)
             self.merged_adapters.append(adapter_name)
 
@@ -432,7 +450,7 @@ class SwitchedModule(nn.Module, TSwitchLayer):
             for param_name in SWITCHABLE_PARAMETERS:
                 param = getattr(base, param_name, None)
                 if param is not None:
-                    self._add_deltas(param_name, param.data, {adapter_name: -1.0}, inplace=True)
+                    self._add_deltas(param_name, param.data, {adapter_name: -1.0}, inplace=True, keep_decoded=False)
         if self._premerge_statistics is not None:
             with torch.no_grad():
                 for name, value in self._premerge_statistics.items():
