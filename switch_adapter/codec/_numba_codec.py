@@ -60,6 +60,35 @@ def _byte(payload, bit, stop):
     return value & 0xFF
 
 
+#: De Bruijn sequence and table for the index of a 64-bit word's lowest set bit.
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+_DE_BRUIJN_INDEX = np.zeros(64, dtype=np.int64)
+for _index in range(64):
+    _DE_BRUIJN_INDEX[((1 << _index) * 0x03F79D71B4CB0A89 % (1 << 64)) >> 58] = _index
+
+
+@njit(inline="always", nogil=True)
+def _lowest_set_bit(word):
+    """Index of the lowest set bit of the nonzero int64 ``word`` (bits 0-55 used)."""
+    lowest = np.uint64(word & -word)
+    return _DE_BRUIJN_INDEX[(lowest * _DE_BRUIJN) >> np.uint64(58)]
+
+
+@njit(inline="always", nogil=True)
+def _window56(payload, bit, stop):
+    """The 56 bits of ``payload`` from bit ``bit`` (LSB first) as an int64, those at or past bit ``stop`` cleared."""
+    byte = bit >> 3
+    shift = bit & 7
+    last = min(byte + 8, payload.shape[0])
+    value = np.int64(0)
+    for index in range(byte, last):
+        value |= np.int64(payload[index]) << (8 * (index - byte))
+    value = (value >> shift) & ((np.int64(1) << 56) - 1) if shift else value & ((np.int64(1) << 56) - 1)
+    if stop - bit < 56:
+        value &= (np.int64(1) << (stop - bit)) - 1
+    return value
+
+
 @njit(inline="always", nogil=True)
 def _bit(payload, bit):
     return (payload[bit >> 3] >> (bit & 7)) & 1
@@ -103,14 +132,24 @@ def decode_payload(payload, encoding, numel, kept, parameter, payload_bits, valu
         emitted = 0  # kept positions written (complement)
         skipped = np.int64(-1)  # the last position that is not kept (complement)
         previous = np.int64(0)
-        for bit in range(upper_start, upper_stop, 8):
-            chunk = _byte(payload, bit, upper_stop)
-            while chunk:
+        low_mask = (np.int64(1) << low_bits) - 1
+        low_word = np.int64(0)  # the low-bit fields, read in order into a bit buffer
+        low_filled = 0
+        low_byte = 0
+        for bit in range(upper_start, upper_stop, 56):  # the upper bits, 56 at a time
+            word = _window56(payload, bit, upper_stop)
+            while word:
                 if found >= count:
                     return CORRUPT
-                at = bit + _LOWEST_BIT[chunk]
-                chunk &= chunk - 1
-                value = ((at - upper_start - found) << low_bits) | _field(payload, found * low_bits, low_bits)
+                at = bit + _lowest_set_bit(word)
+                word &= word - 1
+                while low_filled < low_bits:  # low_bits <= 56: the buffer never overflows
+                    low_word |= np.int64(payload[low_byte]) << low_filled
+                    low_byte += 1
+                    low_filled += 8
+                value = ((at - upper_start - found) << low_bits) | (low_word & low_mask)
+                low_word >>= low_bits
+                low_filled -= low_bits
                 if value < previous or value > numel - count:
                     return CORRUPT
                 previous = value
