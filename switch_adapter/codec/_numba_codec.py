@@ -62,9 +62,8 @@ def _byte(payload, bit, stop):
 
 #: De Bruijn sequence and table for the index of a 64-bit word's lowest set bit.
 _DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
-_DE_BRUIJN_INDEX = np.zeros(64, dtype=np.int64)
-for _index in range(64):
-    _DE_BRUIJN_INDEX[((1 << _index) * 0x03F79D71B4CB0A89 % (1 << 64)) >> 58] = _index
+_DE_BRUIJN_KEYS = [((1 << bit) * 0x03F79D71B4CB0A89 % (1 << 64)) >> 58 for bit in range(64)]  # a permutation of 0-63
+_DE_BRUIJN_INDEX = np.argsort(_DE_BRUIJN_KEYS).astype(np.int64)  # key -> bit
 
 
 @njit(inline="always", nogil=True)
