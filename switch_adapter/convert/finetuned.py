@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from .._staging import check_output_dir
+from .._workers import default_workers
 from ..codec import sass
 from ..codec.binarize import binarize_encoded
 from ..codec.kernels import numba_codec
@@ -35,7 +36,7 @@ from ..format import (
 )
 from ..heads import changed_heads, head_parameter_names, log_heads, output_head_candidates, tensors_differ
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .pipeline import cyclic_gc_paused, default_workers, run_in_order
+from .pipeline import cyclic_gc_paused, run_in_order
 from .plain import ModelFactory, build_model, check_state_keys, factory_name, meta_copy, resolve_factory
 from .skeleton import (
     PlainSkeleton,

@@ -2,8 +2,7 @@
 
 Reading a tensor (positional reads), subtracting, and the codec's kernels release the GIL, so the threads overlap
 reading one tensor with encoding another. The memory the jobs in flight may hold together is bounded: a job starts
-only when its bytes fit in the budget next to the running ones (or when nothing else runs), so the peak stays that of
-the largest job run alone.
+only when its bytes fit in the caller's budget next to the running ones, or when nothing else runs.
 """
 
 from __future__ import annotations
@@ -11,16 +10,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from .._workers import default_workers
+
 Job = TypeVar("Job")
 Result = TypeVar("Result")
-
-#: Most threads a conversion uses (each encodes one tensor at a time).
-MAX_WORKERS = 4
 
 
 @contextlib.contextmanager
@@ -39,15 +36,6 @@ def cyclic_gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def default_workers() -> int:
-    """Threads for a conversion: the CPUs this process may use, at most :data:`MAX_WORKERS`."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, available))
 
 
 def run_in_order(

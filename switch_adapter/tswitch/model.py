@@ -44,6 +44,7 @@ from .layer import (
     is_supported_layer,
     switched_parameter_names,
 )
+from .parallel_merge import merge_in_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,13 @@ class TSwitchModel(BaseTuner):
     prefix: str = "tswitch_"
     tuner_layer_cls = TSwitchLayer
     target_module_mapping: dict = {}
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """peft's ``merge_adapter``, with the layers merged on a few threads when they all live on the CPU (see
+        :mod:`switch_adapter.tswitch.parallel_merge`); the same weights as merging them one by one."""
+        self._check_merge_allowed()
+        if not merge_in_parallel(self.model, adapter_names, safe_merge):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # Module names that "all" / switch_norms resolved to, per config. They stay out of the config itself so
