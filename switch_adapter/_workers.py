@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import torch
 
 #: Most threads a conversion or a merge uses.
 MAX_WORKERS = 4
 
 
 def default_workers() -> int:
-    """The CPUs this process may use, at most :data:`MAX_WORKERS`."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, available))
+    """``torch.get_num_threads()`` (what ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` set; by default the
+    machine's cores), at most :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
