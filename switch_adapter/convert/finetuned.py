@@ -124,17 +124,17 @@ def convert_finetuned(
         _refuse_converted_keys(skeleton, (base_src, base_map), (tuned_src, tuned_map))
         analysis = _analyse(skeleton, base_src, tuned_src, base_map.to_source, tuned_map.to_source, config)
         config = _prepare_config(config, skeleton, analysis, base, base_revision)
-        work = _Work(skeleton, config, base_src, tuned_src, base_map.to_source, tuned_map.to_source)
-        with tqdm(desc="Converting", unit="tensor", total=0, disable=not progress) as work.bar:
-            # peft's injection into a meta model (pure Python) overlaps the encoding of the expected slots (kernels
-            # that release the GIL); run() keeps what the plan confirms
-            with ThreadPoolExecutor(1, thread_name_prefix="switch-plan") as planner:
-                planned = planner.submit(skeleton.plan, config)
-                work.encode(_expected_slots(skeleton, config))
-                plan = planned.result()
-            work.attach(plan)
-            work.check_heads()
-            tensors = work.run()
+        work = _Work(skeleton, config, base_src, tuned_src, base_map.to_source, tuned_map.to_source, progress)
+        stack.callback(work.close_bar)
+        # peft's injection into a meta model (pure Python) overlaps the encoding of the expected slots (kernels that
+        # release the GIL); run() keeps what the plan confirms
+        with ThreadPoolExecutor(1, thread_name_prefix="switch-plan") as planner:
+            planned = planner.submit(skeleton.plan, config)
+            work.encode(_expected_slots(skeleton, config))
+            plan = planned.result()
+        work.attach(plan)
+        work.check_heads()
+        tensors = work.run()
     config = plan.config
     config.unit_layout = work.layout
     config.modules_to_save_shapes = work.head_shapes
@@ -382,8 +382,10 @@ class _Work:
         tuned_src: TensorSource,
         base_keys: dict[str, str],
         tuned_keys: dict[str, str],
+        progress: bool = False,
     ) -> None:
         self.skeleton = skeleton
+        self.progress = progress
         self.encoding = config  # density, scale rule, ties: as in the plan's config, which peft copies from it
         self.base_src, self.tuned_src = base_src, tuned_src
         self.base_keys, self.tuned_keys = base_keys, tuned_keys
@@ -397,6 +399,10 @@ class _Work:
         self.workers = default_workers()  # threads that read and encode tensors (pipeline.py)
         self.encoded: dict[tuple[str, str], tuple[bool, object]] = {}  # encode()'s (succeeded, result or error)
         self.bar = None
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def attach(self, plan: SwitchPlan) -> None:
         """Take the plan: what peft saves, hence which tensors become switches, heads or checked tensors."""
@@ -412,8 +418,10 @@ class _Work:
         """``(job, compute(job))`` of ``jobs`` (those with their tensors in both checkpoints; ``compute`` defaults to
         :meth:`_compute`), in shard order, on the worker threads, with the progress bar advanced for each."""
         ordered = [job for job in self._order(jobs) if job[0] == "head" or (job[2] is not None and job[3] is not None)]
-        if self.bar is not None:
-            self.bar.total = (self.bar.total or 0) + len(ordered)
+        if self.bar is None:
+            self.bar = tqdm(desc="Converting", unit="tensor", total=len(ordered), disable=not self.progress)
+        else:
+            self.bar.total += len(ordered)
             self.bar.refresh()
         costs = sorted((self._cost(job) for job in ordered), reverse=True)
         budget = sum(costs[:2])  # the two largest jobs may run together (and any smaller ones)
@@ -421,8 +429,7 @@ class _Work:
             results = run_in_order(ordered, compute or self._compute, self._cost, budget, self.workers)
             with contextlib.closing(results):
                 for job, value in results:
-                    if self.bar is not None:
-                        self.bar.update()
+                    self.bar.update()
                     yield job, value
         finally:
             _scratch_buffers.__dict__.clear()  # one worker runs the jobs in this thread: do not keep its buffer
