@@ -425,14 +425,17 @@ class _Work:
             self.bar.refresh()
         costs = sorted((self._cost(job) for job in ordered), reverse=True)
         budget = sum(costs[:2])  # the two largest jobs may run together (and any smaller ones)
+        done = 0
         try:
             results = run_in_order(ordered, compute or self._compute, self._cost, budget, self.workers)
             with contextlib.closing(results):
                 for job, value in results:
                     self.bar.update()
+                    done += 1
                     yield job, value
         finally:
             _scratch_buffers.__dict__.clear()  # one worker runs the jobs in this thread: do not keep its buffer
+            self.bar.total -= len(ordered) - done  # stopped early: the jobs left are not this bar's any more
 
     def encode(self, slots: list[tuple[str, str]]) -> None:
         """Build the switches of ``slots`` ahead of the plan (kept in :attr:`encoded` until :meth:`run`). The first
@@ -466,7 +469,7 @@ class _Work:
             raise ValueError("Cannot store the task heads:\n  " + "\n  ".join(problems) + "\nNothing was written.")
 
     def _order(self, jobs: list[tuple]) -> list[tuple]:
-        """Group the reads by shard, so that each source has one shard open at a time."""
+        """The jobs in shard order (fine-tune's, then base's), then in model order: reads stay local to a shard."""
 
         def shard(source: TensorSource, key: str | None) -> str:
             return (source.info()[key].file or "") if key else ""
