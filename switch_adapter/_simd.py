@@ -13,6 +13,7 @@ from numba import types
 from numba.extending import intrinsic, models, register_model
 
 _VECTOR = ir.VectorType(ir.FloatType(), 8)
+_INTS = ir.VectorType(ir.IntType(32), 8)
 _CONTRACT = ("contract",)  # lets LLVM fuse a multiply and an add into one FMA where the target has it
 
 
@@ -32,18 +33,19 @@ class _Float32x8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VECTOR)
 
 
-def _pointer(context, builder, array_type, array, index):
-    """Pointer to ``array[index]`` (a flat C-contiguous float32 array), seen as a pointer to 8 floats."""
+def _pointer(context, builder, array_type, array, index, vector=_VECTOR):
+    """Pointer to ``array[index]`` (a flat C-contiguous array), seen as a pointer to one ``vector`` (8 floats by
+    default)."""
     data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index], inbounds=True), _VECTOR.as_pointer())
+    return builder.bitcast(builder.gep(data, [index], inbounds=True), vector.as_pointer())
 
 
-def _splat(context, builder, value, value_type):
-    """``value`` cast to float32 in all 8 lanes."""
-    value = context.cast(builder, value, value_type, types.float32)
-    one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+def _splat(context, builder, value, value_type, vector=_VECTOR, element=types.float32):
+    """``value`` cast to ``element`` in all 8 lanes of a ``vector``."""
+    value = context.cast(builder, value, value_type, element)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(
-        one, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+        one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
     )
 
 
@@ -128,22 +130,15 @@ def fma8_into(typingctx, array, index, factor, vector):
 
 # -- bit patterns: 8 uint32 entries compared at once, one result bit per entry ------------------------------------
 
-_INTS = ir.VectorType(ir.IntType(32), 8)
-
 
 def _int_splat(context, builder, value, value_type):
     """``value`` cast to int32 in all 8 lanes."""
-    value = context.cast(builder, value, value_type, types.int32)
-    one = builder.insert_element(ir.Constant(_INTS, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(
-        one, ir.Constant(_INTS, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-    )
+    return _splat(context, builder, value, value_type, _INTS, types.int32)
 
 
 def _load_ints(context, builder, array_type, array, index):
-    data = context.make_array(array_type)(context, builder, array).data
-    pointer = builder.bitcast(builder.gep(data, [index], inbounds=True), _INTS.as_pointer())
-    return builder.load(pointer, align=4)
+    """``array[index:index + 8]`` of a flat 32-bit integer array, as an ``<8 x i32>``."""
+    return builder.load(_pointer(context, builder, array_type, array, index, _INTS), align=4)
 
 
 def _to_mask(builder, bits):
@@ -230,10 +225,8 @@ def store_offsets8(typingctx, out, at, table, mask, start):
         row = builder.mul(mask, ir.Constant(ir.IntType(64), 8))
         offsets = _load_ints(context, builder, signature.args[2], args[2], row)
         positions = builder.add(offsets, _int_splat(context, builder, args[4], signature.args[4]))
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
         index = context.cast(builder, args[1], signature.args[1], types.int64)
-        pointer = builder.bitcast(builder.gep(data, [index], inbounds=True), _INTS.as_pointer())
-        builder.store(positions, pointer, align=4)
+        builder.store(positions, _pointer(context, builder, signature.args[0], args[0], index, _INTS), align=4)
         return context.get_dummy_value()
 
     return types.none(out, at, table, mask, start), codegen

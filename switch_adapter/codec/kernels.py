@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 
 from .._jit import load_kernels
@@ -26,6 +28,19 @@ def fast_codec_available() -> bool:
     return numba_codec() is not None
 
 
+def adds_in_kernel(flat: torch.Tensor) -> bool:
+    """Whether the numba kernels can add kept entries into ``flat``: a contiguous float32/float64 CPU tensor."""
+    return flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and flat.is_contiguous()
+
+
+def add_arguments(flat: torch.Tensor, scale: torch.Tensor, alpha: float) -> tuple[np.ndarray, np.ndarray, int, Any]:
+    """``(flat, scales, chunk, alpha)`` as the numba add kernels take them: numpy views, the scales in ``flat``'s
+    dtype, the positions per scale (one scale, or one per row) and ``alpha`` in ``flat``'s dtype."""
+    scales = scale.detach().to(device="cpu", dtype=flat.dtype).reshape(-1).contiguous().numpy()
+    array = flat.numpy()
+    return array, scales, max(flat.numel() // scales.shape[0], 1), array.dtype.type(alpha)
+
+
 def add_kept_values(
     flat: torch.Tensor, positions: torch.Tensor, multipliers: torch.Tensor, scale: torch.Tensor, alpha: float
 ) -> None:
@@ -35,18 +50,13 @@ def add_kept_values(
     kernels = numba_codec()
     if (
         kernels is not None
-        and flat.device.type == "cpu"
-        and flat.dtype in (torch.float32, torch.float64)
-        and flat.is_contiguous()
+        and adds_in_kernel(flat)
         and positions.device.type == "cpu"
         and multipliers.device.type == "cpu"
         and not multipliers.is_floating_point()
     ):
-        scales = scale.detach().to(device="cpu", dtype=flat.dtype).reshape(-1).contiguous().numpy()
-        chunk = max(flat.numel() // scales.shape[0], 1)
-        array = flat.numpy()
-        kernels.add_kept(array, positions.contiguous().numpy(), multipliers.contiguous().numpy(), scales, chunk,
-                         array.dtype.type(alpha))  # fmt: skip
+        array, scales, chunk, factor = add_arguments(flat, scale, alpha)
+        kernels.add_kept(array, positions.contiguous().numpy(), multipliers.contiguous().numpy(), scales, chunk, factor)
         return
     from ..format import kept_values
 

@@ -56,7 +56,7 @@ import torch
 
 from switch_adapter.codec import elias_fano, grouped_coo
 from switch_adapter.codec.bitpack import pack_bits, pack_fields, unpack_bits, unpack_fields
-from switch_adapter.codec.kernels import numba_codec
+from switch_adapter.codec.kernels import add_arguments, adds_in_kernel, numba_codec
 from switch_adapter.errors import CodecError
 
 #: Newest blob format version this module reads and writes.
@@ -563,13 +563,7 @@ def add_decoded(blob: torch.Tensor, flat: torch.Tensor, scale: torch.Tensor, alp
     a contiguous float32/float64 CPU ``flat``, GROUPED_COO) or the blob is damaged: the caller then decodes it, which
     reports the damage."""
     kernels = numba_codec()
-    if (
-        kernels is None
-        or blob.device.type != "cpu"
-        or flat.device.type != "cpu"
-        or flat.dtype not in (torch.float32, torch.float64)
-        or not flat.is_contiguous()
-    ):
+    if kernels is None or blob.device.type != "cpu" or not adds_in_kernel(flat):
         return False
     try:
         header, parameter, start, payload_bits = _parse(blob)
@@ -578,13 +572,10 @@ def add_decoded(blob: torch.Tensor, flat: torch.Tensor, scale: torch.Tensor, alp
     if header.encoding == Encoding.GROUPED_COO or header.numel != flat.numel():
         return False
     position_dtype, multiplier_dtype = compact_dtypes(header.numel, header.value_bits)
-    scales = scale.detach().to(device="cpu", dtype=flat.dtype).reshape(-1).contiguous().numpy()
-    array = flat.numpy()
     status = kernels.decode_and_add(
         blob.contiguous().numpy()[start:], int(header.encoding), header.numel, header.kept, parameter, payload_bits,
         header.value_bits, np.empty(header.kept, dtype=_NUMPY_DTYPES[position_dtype]),
-        np.empty(header.kept, dtype=_NUMPY_DTYPES[multiplier_dtype]), array, scales,
-        max(flat.numel() // scales.shape[0], 1), array.dtype.type(alpha),
+        np.empty(header.kept, dtype=_NUMPY_DTYPES[multiplier_dtype]), *add_arguments(flat, scale, alpha),
     )  # fmt: skip
     return status == 0
 

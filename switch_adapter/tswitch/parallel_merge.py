@@ -1,13 +1,14 @@
 """Merge a model's switched layers on a few threads.
 
 A switch's merge on the CPU is one numba call per parameter that releases the GIL (decode the switch, add its kept
-entries), so layers merged on separate threads overlap. Layers whose parameters share memory (tied weights) are
-merged one after the other, in model order, on one thread. Offloaded layers (accelerate hooks) and layers off the
-CPU are left to peft's sequential loop.
+entries), so layers merged on separate threads overlap. Layers whose parameters share memory with another layer's
+(tied weights) are merged one after the other, in model order, on one thread. Offloaded layers (accelerate hooks)
+and layers off the CPU are left to peft's sequential loop.
 """
 
 from __future__ import annotations
 
+import collections
 from concurrent.futures import ThreadPoolExecutor
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -27,27 +28,23 @@ def _can_run_in_parallel(layers: list[BaseTunerLayer]) -> bool:
 
 
 def _groups_sharing_memory(layers: list[BaseTunerLayer]) -> list[list[BaseTunerLayer]]:
-    """``layers`` split into groups, in model order, so that layers whose base parameters share storage are in one."""
-    owner: dict[int, int] = {}  # storage address -> group index
+    """``layers`` in groups, in model order: one group of every layer whose base parameters share storage with
+    another layer's (tied weights, rare), and one group per other layer."""
+
+    def addresses(layer: BaseTunerLayer) -> set[int]:
+        return {param.untyped_storage().data_ptr() for param in layer.get_base_layer().parameters(recurse=False)}
+
+    uses = collections.Counter(address for layer in layers for address in addresses(layer))
     groups: list[list[BaseTunerLayer]] = []
+    shared: list[BaseTunerLayer] = []
     for layer in layers:
-        addresses = {param.untyped_storage().data_ptr() for param in layer.get_base_layer().parameters(recurse=False)}
-        found = sorted({owner[address] for address in addresses if address in owner})
-        if not found:
-            index = len(groups)
-            groups.append([])
-        else:  # join every group this layer shares memory with into the first
-            index = found[0]
-            for other in found[1:]:
-                groups[index].extend(groups[other])
-                for address, group in owner.items():
-                    if group == other:
-                        owner[address] = index
-                groups[other] = []
-        groups[index].append(layer)
-        for address in addresses:
-            owner[address] = index
-    return [group for group in groups if group]
+        if any(uses[address] > 1 for address in addresses(layer)):
+            if not shared:
+                groups.append(shared)
+            shared.append(layer)
+        else:
+            groups.append([layer])
+    return groups
 
 
 def _merge_group(group: list[BaseTunerLayer], adapter_names: list[str] | None, safe_merge: bool) -> None:
