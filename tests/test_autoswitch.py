@@ -30,11 +30,13 @@ from switch_adapter.autoswitch import (
     DuplicateTaskError,
     EmptyQuerySetError,
     FeatureMismatchError,
+    execute,
     kernels,
     knn,
     streamed,
 )
 from switch_adapter.autoswitch.features import FeatureExtractor, FeatureSpec, base_fingerprint, find_layer_stack
+from switch_adapter.autoswitch.tables import NormGroups
 
 TASKS = ("alpha", "beta", "gamma")
 ATOL = 1e-5
@@ -321,6 +323,61 @@ def test_streamed_paths_are_exact_per_sample(bert_switches, kernel_backend, path
     monkeypatch.setattr(streamed, "LIGHT_ENTRIES_PER_WEIGHT_TORCH", limit)
     _assert_samples_match_reference(router, batch, tiny_bert, bert_switches, lambda out: out.last_hidden_state)
     assert router.memory_footprint()["cache"] == 0
+
+
+class _OffsetRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm: scales by ``1 + weight`` (a norm whose output is not zero for a zero weight)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(channels) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (normalised * (1.0 + self.weight.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "make_norm", [lambda: torch.nn.LayerNorm(16), lambda: torch.nn.RMSNorm(16), lambda: _OffsetRMSNorm(16)]
+)
+@pytest.mark.parametrize("shape", [(5, 7, 16), (35, 16), (1, 7, 16)])
+def test_channel_norm_runs_every_group_in_two_calls(make_norm, shape):
+    """Two calls of a channel norm serve every group: each row equals the norm run with its own group's parameters
+    (3-D, flattened rows, and a broadcast row)."""
+    torch.manual_seed(0)
+    norm = make_norm()
+    plan = streamed.StreamPlan(("a", "b", "c"), [{"a": 1.0}, {"b": 0.5, "c": 0.5}, {"c": 1.0}], [0, 1, 2, 1, 0])
+    targets = []
+    for _ in plan.groups:
+        params = {"weight": (norm.weight + torch.randn(16) * 0.2).detach()}
+        if getattr(norm, "bias", None) is not None:
+            params["bias"] = (norm.bias + torch.randn(16) * 0.2).detach()
+        targets.append(params)
+    grouped = execute._GroupedCall(norm, [(norm, params) for params in targets], plan.rows)
+    channel = streamed._ChannelNormCall(norm, NormGroups(targets).stacks(norm), plan, grouped)
+    calls = []
+    norm.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(shape)
+    if shape[0] == 1:  # a broadcast row follows a call of the batch's rows
+        plan.rows.last_rows = 5
+    with torch.no_grad():
+        got = channel(x)
+        assert len(calls) == 2
+        expected = grouped(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(norm._parameters["weight"], torch.nn.Parameter)  # the layer's own parameters are back
+
+
+def test_scales_channels_only_for_last_dimension_norms():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert streamed.scales_channels(torch.nn.LayerNorm(8))
+    assert streamed.scales_channels(LlamaRMSNorm(8))
+    assert streamed.scales_channels(_OffsetRMSNorm(8))
+    assert not streamed.scales_channels(torch.nn.LayerNorm((4, 8)))
+    assert not streamed.scales_channels(torch.nn.GroupNorm(2, 8))
+    assert not streamed.scales_channels(torch.nn.BatchNorm1d(8))
+    assert not streamed.scales_channels(torch.nn.LayerNorm(8, elementwise_affine=False))
 
 
 @pytest.mark.parametrize("path", ["entry-wise", "composed"])

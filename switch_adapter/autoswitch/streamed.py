@@ -14,8 +14,10 @@ Each switched layer is replaced for the call by a stand-in that reads the tasks'
 
 A group is light when ``rows * kept entries of its tasks <= LIGHT_ENTRIES_PER_WEIGHT * weight size``: the
 entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get their composed parameters
-directly. Nothing dense outlives the call; the extra resident memory is the tables (5 bytes per kept entry plus 4
-bytes per stored row and task).
+directly: one that scales and shifts the channels of the last dimension (LayerNorm, RMSNorm, model-specific
+``*LayerNorm`` / ``*RMSNorm`` classes) runs twice for all rows whatever the number of groups
+(:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
+memory is the tables (5 bytes per kept entry plus 4 bytes per stored row and task).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..tswitch.layer import has_running_statistics
 from .compose import ModelSlots
 from .execute import _GroupedCall, _replace_heads, _restore, _RowPlan, _stand_ins, _StandIn, _swap
 from .kernels import (
@@ -66,7 +69,7 @@ class StreamPlan:
         self._assignments: dict[tuple, RowAssignment] = {}
         self._group_rows: dict[tuple, torch.Tensor] = {}
         self._bias_stacks: dict[int, torch.Tensor | None] = {}
-        self._bias_order: dict[tuple, torch.Tensor] = {}
+        self._row_groups: dict[tuple, torch.Tensor] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._light: dict[tuple, list[bool]] = {}
         self.light_limit = LIGHT_ENTRIES_PER_WEIGHT if fast_kernels_available() else LIGHT_ENTRIES_PER_WEIGHT_TORCH
@@ -117,13 +120,18 @@ class StreamPlan:
         stacked = self._bias_stacks[id(table)]
         if stacked is None:
             return None
-        key = (rows, groups, stacked.device)
-        order = self._bias_order.get(key)
-        if order is None:
+        return stacked.index_select(0, self.row_groups(rows, groups, stacked.device))
+
+    def row_groups(self, rows: int, groups: tuple[int, ...] | None, device: torch.device) -> torch.Tensor:
+        """The group of each leading row of a call of ``rows`` rows: all of them, or those of the samples of
+        ``groups`` group after group."""
+        key = (rows, groups, device)
+        found = self._row_groups.get(key)
+        if found is None:
             samples = np.arange(self.batch) if groups is None else self._samples_of(groups)
-            order = torch.from_numpy(np.repeat(self.sample_group[samples], rows // self.batch)).to(stacked.device)
-            self._bias_order[key] = order
-        return stacked.index_select(0, order)
+            found = torch.from_numpy(np.repeat(self.sample_group[samples], rows // self.batch)).to(device)
+            self._row_groups[key] = found
+        return found
 
     def _samples_of(self, groups: tuple[int, ...]) -> np.ndarray:
         """The samples of ``groups``, group after group (the order of the row plan)."""
@@ -244,6 +252,63 @@ class _StreamedCall(_StandIn):
         return result
 
 
+class _ChannelNormCall(_StandIn):
+    """Stands in for a norm layer that scales and shifts each channel of the last dimension (``scales_channels``)
+    when its samples run several compositions.
+
+    Such a layer computes ``f(x; w, b) = a(x) + m(x) * w + b`` per channel (``a`` is zero for LayerNorm, ``x``
+    normalised for Gemma's ``1 + w`` RMSNorm), so two calls with ``w`` 0 and 1 (exact in every dtype) and ``b`` 0
+    give ``a`` and ``m`` for all rows, and every row then takes its own group's composed ``w`` and ``b``. Inputs
+    whose last dimension is not the channels go to ``fallback`` (one call per group).
+    """
+
+    def __init__(self, original: nn.Module, stacks: dict[str, torch.Tensor], plan: StreamPlan, fallback: nn.Module
+                 ) -> None:  # fmt: skip
+        super().__init__(original, plan.rows)
+        self._stream = plan
+        self._fallback = (fallback,)
+        self._stacks = stacks  # [groups, channels] per parameter: each group's composed weight (and bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        module = self._original[0]
+        weight = self._stacks["weight"]
+        if x.shape[-1] != weight.shape[1] or _needs_graph(x, module.weight):
+            return self._fallback[0](x, *args, **kwargs)
+        rows, broadcast = self._rows(x)
+        if broadcast:
+            x = x.expand(rows, *x.shape[1:])
+        zeros, ones = torch.zeros_like(module.weight), torch.ones_like(module.weight)
+        values = {"weight": zeros} | ({"bias": torch.zeros_like(module.bias)} if "bias" in self._stacks else {})
+        saved = _swap(module, values)
+        try:
+            offset = module(x, *args, **kwargs)
+            module._parameters["weight"] = ones
+            slope = module(x, *args, **kwargs)
+        finally:
+            _restore(module, saved)
+        order = self._stream.row_groups(rows, None, x.device)
+        shape = (rows,) + (1,) * (x.dim() - 2) + (weight.shape[1],)
+        y = torch.addcmul(offset, slope - offset, weight.index_select(0, order).to(offset.dtype).view(shape))
+        if "bias" in self._stacks:
+            y += self._stacks["bias"].index_select(0, order).to(y.dtype).view(shape)
+        return y
+
+
+def scales_channels(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer known to scale (and shift) each channel of its input's last dimension by
+    its ``weight`` (and ``bias``): torch's LayerNorm and RMSNorm over one dimension, and model-specific classes named
+    ``*LayerNorm`` / ``*RMSNorm`` with a 1-D weight (transformers' LlamaRMSNorm, T5LayerNorm, ...)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or has_running_statistics(module):
+        return False
+    bias = getattr(module, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape):
+        return False
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return len(module.normalized_shape) == 1
+    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _needs_graph(*tensors: torch.Tensor) -> bool:
     """Whether autograd records a call on these tensors (then buffers must not be reused or written into)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -308,9 +373,12 @@ def streamed_execution(
                     else:
                         replace(layer, "base_layer", _StreamedCall(base, table, kind, plan))
                 else:  # norm layers: small composed parameters per group
-                    targets = [(base, tables.norm_parameters(layer, tasks, tuple(g))) for g in plan.groups]
-                    if any(params for _, params in targets):
-                        replace(layer, "base_layer", _GroupedCall(base, targets, plan.rows))
+                    composed = tables.norm_groups(layer, tasks, plan.groups)
+                    if any(composed.per_group):
+                        grouped = _GroupedCall(base, [(base, params) for params in composed.per_group], plan.rows)
+                        if len(plan.groups) > 1 and scales_channels(base):
+                            grouped = _ChannelNormCall(base, composed.stacks(base), plan, grouped)
+                        replace(layer, "base_layer", grouped)
             for tied in slots.tied:
                 table = tables.get(tied.source, tasks)
                 if plan.uses(table):

@@ -196,13 +196,38 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
     )
 
 
+class NormGroups:
+    """A norm layer's composed parameters per group of a call (``per_group[g]``: only those a task changes), and
+    the same stacked ``[groups, channels]`` per parameter (built on first use)."""
+
+    def __init__(self, per_group: list[dict[str, torch.Tensor]]) -> None:
+        self.per_group = per_group
+        self._stacks: dict[str, torch.Tensor] | None = None
+
+    def stacks(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``{name: [groups, channels]}`` for the module's ``weight`` and ``bias`` (its own value where a group does not
+        change it)."""
+        if self._stacks is None:
+            self._stacks = {
+                name: torch.stack([params.get(name, getattr(module, name)) for params in self.per_group]).detach()
+                for name in ("weight", "bias")
+                if getattr(module, name, None) is not None
+            }
+        return self._stacks
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [v for params in self.per_group for v in params.values()] + list((self._stacks or {}).values())
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+
 class TableCache:
     """Entry tables per switched layer for the router's current tasks; rebuilt when the tasks, a switch's code or
     the layer's device change."""
 
     def __init__(self) -> None:
         self._tables: dict[int, EntryTable] = {}
-        self._norms: dict[tuple, tuple[tuple, dict]] = {}
+        self._norms: dict[tuple, tuple[tuple, NormGroups]] = {}
         self._lock = threading.Lock()
 
     def get(self, layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
@@ -222,22 +247,23 @@ class TableCache:
             return False
         return switch_keys(layer, table.tasks) == table.keys
 
-    def norm_parameters(self, layer: SwitchedModule, tasks: tuple[str, ...], weights: tuple) -> dict:
-        """A norm layer's composed parameters for ``weights`` (``((task index, weight), ...)``), memoised while the
-        switches are unchanged: they are a few vectors."""
+    def norm_groups(self, layer: SwitchedModule, tasks: tuple[str, ...], groups: list[list[tuple[int, float]]]
+                    ) -> NormGroups:  # fmt: skip
+        """A norm layer's composed parameters for each group of ``groups`` (``[(task index, weight), ...]``),
+        memoised while the switches are unchanged: they are a few vectors."""
         keys = switch_keys(layer, tasks)
-        cache_key = (id(layer), tasks, weights)
+        cache_key = (id(layer), tasks, tuple(tuple(g) for g in groups))
         with self._lock:
             found = self._norms.get(cache_key)
         if found is not None and found[0] == keys:
             return found[1]
         with torch.inference_mode(False):
-            params = layer_parameters(layer, {tasks[t]: w for t, w in weights})
+            composed = NormGroups([layer_parameters(layer, {tasks[t]: w for t, w in g}) for g in groups])
         with self._lock:
-            if len(self._norms) > 4096:
+            if len(self._norms) > 1024:
                 self._norms.clear()
-            self._norms[cache_key] = (keys, params)
-        return params
+            self._norms[cache_key] = (keys, composed)
+        return composed
 
     def clear(self) -> None:
         with self._lock:
@@ -248,5 +274,5 @@ class TableCache:
     def nbytes(self) -> int:
         with self._lock:
             tables = sum(table.nbytes for table in self._tables.values())
-            norms = sum(v.numel() * v.element_size() for _, params in self._norms.values() for v in params.values())
+            norms = sum(composed.nbytes for _, composed in self._norms.values())
         return tables + norms
