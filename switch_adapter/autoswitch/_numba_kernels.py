@@ -176,6 +176,17 @@ def _add_lane(y, lane_rows, lane, o, factor, sums):
             y[r, o] += factor * lane8(sums, k)
 
 
+@njit(inline="always", nogil=True)
+def _add_block(y, lane_rows, lane, sums, at, o_first, o_last):
+    """``y[row of slot k, o] += sums[at + (o - o_first) * 8 + k]`` for the non-empty slots of ``lane`` and the outputs
+    ``o_first:o_last``."""
+    for k in range(8):
+        r = lane_rows[lane * 8 + k]
+        if r < y.shape[0]:
+            for o in range(o_first, o_last):
+                y[r, o] += sums[at + (o - o_first) * 8 + k]
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions, multipliers, offsets, row_ptr,
                 scales, chunks, cols):  # fmt: skip
@@ -185,17 +196,20 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
     Lanes ``span_ptr[s]:span_ptr[s + 1]`` (at most 4) share their tasks: a span of 4 reads each kept entry once for
     its 32 rows, other spans once per lane, and every entry is one vector multiply-add per lane. Every task's scale
     must be one per tensor or one per stored row. Work is split over (span, block of output rows), so no two threads
-    write one value."""
+    write one value; a job sums its outputs' 8-row vectors in its own buffer and adds them to ``y`` at its end."""
     outputs = row_ptr.shape[1] - 1
     block = 64
     blocks = (outputs + block - 1) // block
     stride = np.uint64(cols * 8)
+    eight = np.uint64(8)
+    lane_sums = np.uint64(block * 8)  # one lane's part of a job's buffer
     for job in prange((span_ptr.shape[0] - 1) * blocks):
         span = job // blocks
         lane0 = span_ptr[span]
         width = span_ptr[span + 1] - lane0
         o_first = (job % blocks) * block
         o_last = min(outputs, o_first + block)
+        sums = np.zeros(width * block * 8 if width > 1 else 0, dtype=np.float32)
         for a in range(lane_ptr[lane0], lane_ptr[lane0 + 1]):
             t = task[a]
             first = offsets[t]
@@ -205,19 +219,28 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
                 stop = np.uint64(first + row_ptr[t, o + 1])
                 if start == stop:
                     continue
-                ws = weight[a] * _row_scale(scales, t, rows_per_scale, o, outputs)
+                ws = np.float32(weight[a] * _row_scale(scales, t, rows_per_scale, o, outputs))
+                at = np.uint64(o - o_first) * eight
                 if width == 4:
                     s0, s1, s2, s3 = _span_sums(
                         lanes, np.uint64(lane0) * stride, stride, positions, multipliers, start, stop, o * cols
                     )
-                    _add_lane(y, lane_rows, lane0, o, ws, s0)
-                    _add_lane(y, lane_rows, lane0 + 1, o, ws, s1)
-                    _add_lane(y, lane_rows, lane0 + 2, o, ws, s2)
-                    _add_lane(y, lane_rows, lane0 + 3, o, ws, s3)
+                    fma8_into(sums, at, ws, s0)
+                    fma8_into(sums, at + lane_sums, ws, s1)
+                    fma8_into(sums, at + np.uint64(2) * lane_sums, ws, s2)
+                    fma8_into(sums, at + np.uint64(3) * lane_sums, ws, s3)
                     continue
-                for lane in range(lane0, lane0 + width):
+                for i in range(width):
+                    lane = lane0 + i
                     x = lanes[lane * cols * 8 : (lane + 1) * cols * 8]
-                    _add_lane(y, lane_rows, lane, o, ws, _lane_sum(x, positions, multipliers, start, stop, o * cols))
+                    lane_sum = _lane_sum(x, positions, multipliers, start, stop, o * cols)
+                    if width == 1:  # one lane: straight into its rows
+                        _add_lane(y, lane_rows, lane, o, ws, lane_sum)
+                    else:
+                        fma8_into(sums, at + np.uint64(i) * lane_sums, ws, lane_sum)
+        if width > 1:
+            for i in range(width):
+                _add_block(y, lane_rows, lane0 + i, sums, i * block * 8, o_first, o_last)
 
 
 @njit(parallel=True, cache=True, nogil=True)
