@@ -659,13 +659,13 @@ def test_default_router_keeps_no_dense_copies_and_decodes_each_switch_once(bert_
     assert footprint["cache"] == 0 and router.cache_info().entries == 0
     assert footprint["switches"] < footprint["dense_task_copies"] / 5  # packed switches, not dense copies
     tables = list(router._tables._tables.values())
-    assert tables and all(t.positions.dtype == torch.int32 and t.multipliers.dtype == torch.int8 for t in tables)
-    kept = sum(t.positions.numel() for t in tables)
+    assert tables and all(t.columns.dtype == torch.uint16 and t.multipliers.dtype == torch.int8 for t in tables)
+    kept = sum(t.columns.numel() for t in tables)
     layers = sum(layer.decoded_nbytes() for layer in router._slots.layers)
     assert footprint["decoded_switches"] == layers + router._tables.nbytes  # tables + norm layers' composed vectors
     ranges = sum(t.row_ptr.numel() * 4 + t.scales.numel() * 4 for t in tables)
     biases = sum(t.bias.numel() * 4 for t in tables if t.bias is not None)  # dense bias changes: one row per task
-    assert sum(t.nbytes for t in tables) == 5 * kept + ranges + biases  # 5 bytes per kept entry + row ranges
+    assert sum(t.nbytes for t in tables) == 3 * kept + ranges + biases  # 3 bytes per kept entry + row ranges
     for layer in router._slots.layers:  # a layer with a table no longer holds its own decoded weight entries
         if layer.get_base_layer().weight.dim() >= 2:
             assert not any(param == "weight" for _, param in layer._sparse_cache)

@@ -29,7 +29,8 @@ def backend(request, monkeypatch):
 
 def random_table(rows: int, cols: int, tasks: int, seed: int, per_row_scale: bool, wide: bool) -> EntryTable:
     """``tasks`` random switches of a ``[rows, cols]`` weight: density 0.1-0.4 (one task empty), odd multipliers
-    (+-1, or up to +-15 for multi-bit units in int16 when ``wide``), one scale or one per row."""
+    (+-1, or up to +-15 for multi-bit units in int16 when ``wide``), one scale or one per row. Columns in 16 bits
+    up to 65,536 columns, as the router's tables."""
     generator = torch.Generator().manual_seed(seed)
     positions, multipliers, counts, row_ptrs, scales = [], [], [0], [], []
     for t in range(tasks):
@@ -51,7 +52,8 @@ def random_table(rows: int, cols: int, tasks: int, seed: int, per_row_scale: boo
     for t, s in enumerate(scales):
         padded[t, : s.numel()] = s
     return EntryTable(
-        tasks=tuple(f"t{t}" for t in range(tasks)), keys=(), positions=torch.cat(positions),
+        tasks=tuple(f"t{t}" for t in range(tasks)), keys=(),
+        columns=(torch.cat(positions) % cols).to(torch.uint16 if cols <= 2**16 else torch.int32),
         multipliers=torch.cat(multipliers), offsets=torch.cumsum(torch.tensor(counts), 0),
         row_ptr=torch.stack(row_ptrs), scales=padded,
         chunks=torch.tensor([rows * cols // s.numel() for s in scales]), rows=rows, cols=cols,
@@ -63,7 +65,7 @@ def dense_deltas(table: EntryTable) -> list[torch.Tensor]:
     for t in range(len(table.tasks)):
         delta = torch.zeros(table.numel, dtype=torch.float64)
         start, stop = int(table.offsets[t]), int(table.offsets[t + 1])
-        kept = table.positions[start:stop].long()
+        kept = table.positions(t)
         scale = table.scales[t].double()[kept // int(table.chunks[t])]
         delta[kept] = table.multipliers[start:stop].double() * scale
         out.append(delta.view(table.rows, table.cols))
@@ -143,6 +145,25 @@ def test_in_place_composition_is_put_back_exactly(backend, per_row_scale):
     put_back = add_in_place(weight.view(-1), table, [(2, 0.5), (3, -1.5), (1, 1.0)])
     expected = original.double() + 0.5 * deltas[2] - 1.5 * deltas[3]
     torch.testing.assert_close(weight.double(), expected, rtol=1e-6, atol=1e-6)
+    put_back()
+    assert torch.equal(weight, original)
+
+
+def test_rows_wider_than_16_bit_columns(backend):
+    """A weight with more than 65,536 columns keeps int32 columns; every kernel still equals the dense deltas."""
+    table = random_table(3, 70_001, 4, seed=6, per_row_scale=True, wide=False)
+    assert table.columns.dtype == torch.int32 and int(table.columns.max()) > 2**16
+    deltas = dense_deltas(table)
+    x = torch.randn(len(SAMPLES), table.cols)
+    y = torch.zeros(len(SAMPLES), table.rows)
+    add_row_deltas(y, x, table, assignment_for_rows(np.arange(len(SAMPLES)), SAMPLES), LINEAR)
+    zero = torch.zeros(table.rows, dtype=torch.float64)
+    expected = torch.stack([sum((w * deltas[t] @ x[r].double() for t, w in SAMPLES[r]), zero) for r in range(5)])
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    weight = torch.randn(table.rows, table.cols)
+    original = weight.clone()
+    put_back = add_in_place(weight.view(-1), table, [(0, 1.0), (3, 0.5)])
+    torch.testing.assert_close(weight.double(), original.double() + deltas[0] + 0.5 * deltas[3], rtol=1e-6, atol=1e-6)
     put_back()
     assert torch.equal(weight, original)
 

@@ -1,6 +1,6 @@
 """numba versions of the kernels in :mod:`switch_adapter.autoswitch.kernels` (imported only when numba is present).
 
-Arrays: ``positions`` / ``multipliers`` / ``offsets`` / ``row_ptr`` / ``scales`` / ``chunks`` as in
+Arrays: ``columns`` / ``multipliers`` / ``offsets`` / ``row_ptr`` / ``scales`` / ``chunks`` as in
 :class:`~switch_adapter.autoswitch.tables.EntryTable`; ``ptr`` / ``task`` / ``weight`` as in
 :class:`~switch_adapter.autoswitch.kernels.RowAssignment`. Rows run in parallel; within a row the entries are read
 once, in order.
@@ -13,21 +13,21 @@ from .._simd import add8, fma8, fma8_into, lane8, load8, zeros8
 
 
 @njit(inline="always", nogil=True)
-def _add_row_entries(out, r, factor, t, start, stop, row_start, positions, multipliers, scales, chunk, cols):
+def _add_row_entries(out, r, factor, t, start, stop, row_start, columns, multipliers, scales, chunk, cols):
     """``out[r, col] += factor * scale * multiplier`` for the entries ``start:stop`` of stored row ``row_start //
     cols`` of task ``t`` (one scale per row when the task's scale chunks are whole rows)."""
     if chunk % cols == 0:
         fs = factor * scales[t, row_start // chunk]
         for j in range(start, stop):
-            out[r, positions[j] - row_start] += fs * multipliers[j]
+            out[r, columns[j]] += fs * multipliers[j]
     else:
         for j in range(start, stop):
-            p = positions[j]
-            out[r, p - row_start] += factor * scales[t, p // chunk] * multipliers[j]
+            c = columns[j]
+            out[r, c] += factor * scales[t, (row_start + c) // chunk] * multipliers[j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def row_deltas(y, x, ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks, cols, transposed):
+def row_deltas(y, x, ptr, task, weight, columns, multipliers, offsets, row_ptr, scales, chunks, cols, transposed):
     stored_rows = row_ptr.shape[1] - 1
     for r in prange(x.shape[0]):
         for a in range(ptr[r], ptr[r + 1]):
@@ -46,22 +46,22 @@ def row_deltas(y, x, ptr, task, weight, positions, multipliers, offsets, row_ptr
                     xo = x[r, o] * w
                     if xo == 0:
                         continue
-                    _add_row_entries(y, r, xo, t, start, stop, row_start, positions, multipliers, scales, chunk, cols)
+                    _add_row_entries(y, r, xo, t, start, stop, row_start, columns, multipliers, scales, chunk, cols)
                 elif per_row_scale:
                     acc = 0.0
                     for j in range(start, stop):
-                        acc += multipliers[j] * x[r, positions[j] - row_start]
+                        acc += multipliers[j] * x[r, columns[j]]
                     y[r, o] += w * scales[t, row_start // chunk] * acc
                 else:
                     acc = 0.0
                     for j in range(start, stop):
-                        p = positions[j]
-                        acc += scales[t, p // chunk] * multipliers[j] * x[r, p - row_start]
+                        c = columns[j]
+                        acc += scales[t, (row_start + c) // chunk] * multipliers[j] * x[r, c]
                     y[r, o] += w * acc
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def embedding_deltas(y, ids, ptr, task, weight, positions, multipliers, offsets, row_ptr, scales, chunks, cols):
+def embedding_deltas(y, ids, ptr, task, weight, columns, multipliers, offsets, row_ptr, scales, chunks, cols):
     for r in prange(ids.shape[0]):
         i = ids[r]
         row_start = i * cols
@@ -74,24 +74,38 @@ def embedding_deltas(y, ids, ptr, task, weight, positions, multipliers, offsets,
             stop = first + row_ptr[t, i + 1]
             if start == stop:
                 continue
-            _add_row_entries(y, r, w, t, start, stop, row_start, positions, multipliers, scales, chunk, cols)
+            _add_row_entries(y, r, w, t, start, stop, row_start, columns, multipliers, scales, chunk, cols)
+
+
+@njit(inline="always", nogil=True)
+def _scatter_row(flat, saved, q, first, start, stop, row_start, t, w, columns, multipliers, scales, chunk, whole):
+    """``flat[p] += w * value`` for the entries ``start:stop`` of one stored row (``p = row_start + column``); with a
+    non-empty ``saved``, each touched value is saved first at ``saved[q + j - first]``."""
+    ws = w * scales[t, 0]
+    for j in range(start, stop):
+        p = row_start + columns[j]
+        if saved.shape[0]:
+            saved[q + j - first] = flat[p]
+        if whole:
+            flat[p] += ws * multipliers[j]
+        else:
+            flat[p] += w * scales[t, p // chunk] * multipliers[j]
 
 
 @njit(cache=True, nogil=True)
-def scatter(flat, tasks, weights, positions, multipliers, offsets, row_ptr, scales, chunks):
+def scatter(flat, tasks, weights, columns, multipliers, offsets, row_ptr, scales, chunks):
     numel = flat.shape[0]
+    rows = row_ptr.shape[1] - 1
+    cols = numel // rows
+    none = np.empty(0, dtype=flat.dtype)
     for index in range(tasks.shape[0]):
         t = tasks[index]
-        w = weights[index]
-        chunk = chunks[t]
-        if chunk >= numel:  # one scale for the whole tensor
-            ws = w * scales[t, 0]
-            for j in range(offsets[t], offsets[t + 1]):
-                flat[positions[j]] += ws * multipliers[j]
-        else:
-            for j in range(offsets[t], offsets[t + 1]):
-                p = positions[j]
-                flat[p] += w * scales[t, p // chunk] * multipliers[j]
+        first = offsets[t]
+        whole = chunks[t] >= numel  # one scale for the whole tensor
+        for o in range(rows):
+            start, stop = first + row_ptr[t, o], first + row_ptr[t, o + 1]
+            _scatter_row(flat, none, 0, first, start, stop, o * cols, t, weights[index], columns, multipliers, scales,
+                         chunks[t], whole)  # fmt: skip
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -111,20 +125,20 @@ def pack_lanes(lanes, x, lane_rows):
 
 
 @njit(inline="always", nogil=True)
-def _lane_sum(x, positions, multipliers, start, stop, row_start):
-    """``sum_j multipliers[j] * x[8 * (positions[j] - row_start) : +8]`` over the entries ``start:stop`` (unsigned),
+def _lane_sum(x, columns, multipliers, start, stop):
+    """``sum_j multipliers[j] * x[8 * columns[j] : +8]`` over the entries ``start:stop`` (unsigned),
     in four independent vector accumulators."""
     one, two, three, four, eight = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4), np.uint64(8)
     a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
     j = start
     while j + three < stop:
-        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(positions[j] - row_start) * eight))
-        a1 = fma8(a1, multipliers[j + one], load8(x, np.uint64(positions[j + one] - row_start) * eight))
-        a2 = fma8(a2, multipliers[j + two], load8(x, np.uint64(positions[j + two] - row_start) * eight))
-        a3 = fma8(a3, multipliers[j + three], load8(x, np.uint64(positions[j + three] - row_start) * eight))
+        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(columns[j]) * eight))
+        a1 = fma8(a1, multipliers[j + one], load8(x, np.uint64(columns[j + one]) * eight))
+        a2 = fma8(a2, multipliers[j + two], load8(x, np.uint64(columns[j + two]) * eight))
+        a3 = fma8(a3, multipliers[j + three], load8(x, np.uint64(columns[j + three]) * eight))
         j += four
     while j < stop:
-        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(positions[j] - row_start) * eight))
+        a0 = fma8(a0, multipliers[j], load8(x, np.uint64(columns[j]) * eight))
         j += one
     return add8(add8(a0, a1), add8(a2, a3))
 
@@ -141,7 +155,7 @@ def _span_step(lanes, at, stride, m, s0, s1, s2, s3):
 
 
 @njit(inline="always", nogil=True)
-def _span_sums(lanes, base, stride, positions, multipliers, start, stop, row_start):
+def _span_sums(lanes, base, stride, columns, multipliers, start, stop):
     """:func:`_lane_sum` of four lanes at once, the lanes at ``lanes[base:]``, ``lanes[base + stride:]``, ...: each
     entry's position and multiplier are read once for the four; two entries per step, in eight accumulators."""
     one, two, eight = np.uint64(1), np.uint64(2), np.uint64(8)
@@ -149,13 +163,13 @@ def _span_sums(lanes, base, stride, positions, multipliers, start, stop, row_sta
     t0, t1, t2, t3 = zeros8(), zeros8(), zeros8(), zeros8()
     j = start
     while j + one < stop:
-        at = base + np.uint64(positions[j] - row_start) * eight
+        at = base + np.uint64(columns[j]) * eight
         s0, s1, s2, s3 = _span_step(lanes, at, stride, multipliers[j], s0, s1, s2, s3)
-        at = base + np.uint64(positions[j + one] - row_start) * eight
+        at = base + np.uint64(columns[j + one]) * eight
         t0, t1, t2, t3 = _span_step(lanes, at, stride, multipliers[j + one], t0, t1, t2, t3)
         j += two
     if j < stop:
-        at = base + np.uint64(positions[j] - row_start) * eight
+        at = base + np.uint64(columns[j]) * eight
         s0, s1, s2, s3 = _span_step(lanes, at, stride, multipliers[j], s0, s1, s2, s3)
     return add8(s0, t0), add8(s1, t1), add8(s2, t2), add8(s3, t3)
 
@@ -188,7 +202,7 @@ def _add_block(y, lane_rows, lane, sums, at, o_first, o_last):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions, multipliers, offsets, row_ptr,
+def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, columns, multipliers, offsets, row_ptr,
                 scales, chunks, cols):  # fmt: skip
     """``row_deltas`` for a linear layer whose rows are grouped in lanes of up to 8 rows sharing their tasks: slot
     ``k`` of lane ``l`` is row ``lane_rows[l * 8 + k]`` (empty when past ``y``'s rows), its inputs are
@@ -223,7 +237,7 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
                 at = np.uint64(o - o_first) * eight
                 if width == 4:
                     s0, s1, s2, s3 = _span_sums(
-                        lanes, np.uint64(lane0) * stride, stride, positions, multipliers, start, stop, o * cols
+                        lanes, np.uint64(lane0) * stride, stride, columns, multipliers, start, stop
                     )
                     fma8_into(sums, at, ws, s0)
                     fma8_into(sums, at + lane_sums, ws, s1)
@@ -233,7 +247,7 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
                 for i in range(width):
                     lane = lane0 + i
                     x = lanes[lane * cols * 8 : (lane + 1) * cols * 8]
-                    lane_sum = _lane_sum(x, positions, multipliers, start, stop, o * cols)
+                    lane_sum = _lane_sum(x, columns, multipliers, start, stop)
                     if width == 1:  # one lane: straight into its rows
                         _add_lane(y, lane_rows, lane, o, ws, lane_sum)
                     else:
@@ -244,7 +258,7 @@ def lane_deltas(y, lanes, lane_rows, lane_ptr, span_ptr, task, weight, positions
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, positions, multipliers, offsets, row_ptr,
+def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, columns, multipliers, offsets, row_ptr,
                            scales, chunks, cols):  # fmt: skip
     """:func:`lane_deltas` for a Conv1D layer (stored ``[in, out]``: stored row ``i`` is input ``i``, ``cols`` the
     outputs). Each lane sums its rows' changes in its own ``[out, 8]`` buffer, each kept entry one 8-wide
@@ -267,9 +281,8 @@ def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, position
                     continue
                 ws = np.float32(weight[a] * _row_scale(scales, t, rows_per_scale, i, inputs))
                 inputs_i = load8(x, np.uint64(i) * eight)
-                row_start = i * cols
                 for j in range(start, stop):
-                    fma8_into(sums, np.uint64(positions[j] - row_start) * eight, ws * multipliers[j], inputs_i)
+                    fma8_into(sums, np.uint64(columns[j]) * eight, ws * multipliers[j], inputs_i)
         for k in range(8):
             r = slots[k]
             if r < rows:
@@ -278,37 +291,34 @@ def lane_deltas_transposed(y, lanes, lane_rows, lane_ptr, task, weight, position
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def scatter_saving(flat, tasks, weights, saved, positions, multipliers, offsets, row_ptr, scales, chunks):
+def scatter_saving(flat, tasks, weights, saved, columns, multipliers, offsets, row_ptr, scales, chunks):
     """``scatter``, first saving each touched value in ``saved`` (task after task, entry after entry). Tasks run
-    one after another (two may touch one value); the entries of a task, all distinct, in parallel."""
+    one after another (two may touch one value); the rows of a task, whose entries are all distinct, in parallel."""
     numel = flat.shape[0]
+    rows = row_ptr.shape[1] - 1
+    cols = numel // rows
     q = 0
     for index in range(tasks.shape[0]):
         t = tasks[index]
-        w = weights[index]
-        ws = w * scales[t, 0]
-        chunk = chunks[t]
         first = offsets[t]
-        count = offsets[t + 1] - first
-        for i in prange(count):
-            j = first + i
-            p = positions[j]
-            saved[q + i] = flat[p]
-            if chunk >= numel:
-                flat[p] += ws * multipliers[j]
-            else:
-                flat[p] += w * scales[t, p // chunk] * multipliers[j]
-        q += count
+        whole = chunks[t] >= numel
+        for o in prange(rows):
+            start, stop = first + row_ptr[t, o], first + row_ptr[t, o + 1]
+            _scatter_row(flat, saved, q, first, start, stop, o * cols, t, weights[index], columns, multipliers,
+                         scales, chunks[t], whole)  # fmt: skip
+        q += offsets[t + 1] - first
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def restore(flat, tasks, saved, positions, offsets):
+def restore(flat, tasks, saved, columns, offsets, row_ptr):
     """Undo ``scatter_saving``: put the saved values back, the last task's first."""
+    rows = row_ptr.shape[1] - 1
+    cols = flat.shape[0] // rows
     q = saved.shape[0]
     for index in range(tasks.shape[0] - 1, -1, -1):
         t = tasks[index]
         first = offsets[t]
-        count = offsets[t + 1] - first
-        q -= count
-        for i in prange(count):
-            flat[positions[first + i]] = saved[q + i]
+        q -= offsets[t + 1] - first
+        for o in prange(rows):
+            for j in range(first + row_ptr[t, o], first + row_ptr[t, o + 1]):
+                flat[o * cols + columns[j]] = saved[q + j - first]

@@ -63,7 +63,7 @@ class AutoSwitchConfig:
         execution: How a batch runs. ``"stream"``: one pass, every sample with its own composition, nothing dense
             kept: each switched layer either adds every row's own tasks' kept entries to one base call (few rows,
             e.g. decoding) or composes each group's weight in a scratch buffer reused across layers (many rows);
-            memory is the decoded tables (5 bytes per kept entry). ``"compose"``: dense composed parameters per
+            memory is the decoded tables (3 bytes per kept entry). ``"compose"``: dense composed parameters per
             distinct composition, cached within ``cache_budget_bytes`` (forward: one pass per composition on its
             sub-batch; generate: every switched layer runs each composition's rows). ``"delta"``: one pass; linear
             layers add per-task CSR deltas (about 8 bytes per kept entry) to one base matmul. ``"auto"``:

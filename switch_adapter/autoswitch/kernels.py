@@ -98,7 +98,7 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     """In place, ``y[r] += sum_(t, w) w * x[r] @ delta_t^T`` with ``x`` ``[rows, in]``, ``y`` ``[rows, out]`` and the
     deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
     transposed = kind == TRANSPOSED
-    if y.dtype == x.dtype and _numba_ready(y, x) and table.positions.device.type == "cpu":
+    if y.dtype == x.dtype and _numba_ready(y, x) and table.device.type == "cpu":
         if y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
             lanes = (assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr)
             if transposed:
@@ -130,7 +130,7 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
 
 def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, assignment: RowAssignment) -> None:
     """In place, ``y[r] += sum_(t, w) w * delta_t[ids[r]]`` with ``ids`` ``[rows]`` and ``y`` ``[rows, dim]``."""
-    if _numba_ready(y) and ids.device.type == "cpu" and table.positions.device.type == "cpu":
+    if _numba_ready(y) and ids.device.type == "cpu" and table.device.type == "cpu":
         _numba_kernels().embedding_deltas(
             y.numpy(), ids.long().contiguous().numpy(), assignment.ptr, assignment.task, assignment.weight,
             *table.arrays(y.dtype), table.cols,
@@ -151,9 +151,9 @@ def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, 
             torch.cumsum(counts, 0) - counts, counts
         )
         entries = start + torch.repeat_interleave(first, counts) + within
-        positions, values = table.values(task, torch.float32)
+        _, values = table.values(task, torch.float32)
         local = entries - start
-        columns = positions[local].long() % table.cols
+        columns = table.columns[entries].long()
         change = torch.zeros((rows.numel(), y.shape[1]), device=y.device)
         change.index_put_((owner, columns), values[local] * weights[owner], accumulate=True)
         y.index_add_(0, rows, change.to(y.dtype))
@@ -161,7 +161,7 @@ def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, 
 
 def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> None:
     """In place, ``flat += sum_(t, w) w * delta_t`` for a flat view of one layer's weight."""
-    if _numba_ready(flat) and table.positions.device.type == "cpu":
+    if _numba_ready(flat) and table.device.type == "cpu":
         tasks = np.array([t for t, _ in weights], dtype=np.int64)
         scaled = np.array([w for _, w in weights], dtype=np.float64)
         _numba_kernels().scatter(flat.numpy(), tasks, scaled, *table.arrays(flat.dtype))
@@ -178,14 +178,14 @@ def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int,
     used = [(t, w) for t, w in weights if table.count(t)]
     if not used:
         return lambda: None
-    if _numba_ready(flat) and table.positions.device.type == "cpu":
+    if _numba_ready(flat) and table.device.type == "cpu":
         arrays = table.arrays(flat.dtype)
         tasks = np.array([t for t, _ in used], dtype=np.int64)
         saved = np.empty(sum(table.count(t) for t, _ in used), dtype=flat.numpy().dtype)
         _numba_kernels().scatter_saving(
             flat.numpy(), tasks, np.array([w for _, w in used], dtype=np.float64), saved, *arrays
         )
-        return lambda: _numba_kernels().restore(flat.numpy(), tasks, saved, arrays[0], arrays[2])
+        return lambda: _numba_kernels().restore(flat.numpy(), tasks, saved, arrays[0], arrays[2], arrays[3])
     saved = []
     for task, weight in used:
         positions, values = table.values(task, flat.dtype)

@@ -864,7 +864,8 @@ class AutoSwitchModel(nn.Module):
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held: ``base`` parameters, packed ``switches`` (codes + scales), ``decoded_switches`` (kept
         positions and multipliers decoded on first use, as allocated: 5 bytes per kept entry, 6 for 8-bit units;
-        with streamed execution the per-layer entry tables, their row ranges, scales and bias changes, and the
+        with streamed execution instead the per-layer entry tables (a 16-bit column and the multiplier per kept
+        entry: 3 bytes, 4 for 8-bit units), their row ranges, scales and bias changes, and the
         composed vectors of norm layers), task ``heads``, the composition ``cache`` (0 unless
         ``cache_budget_bytes`` is set), ``sparse_deltas`` (``execution="delta"``), and for comparison
         ``dense_task_copies``: what one dense copy of the switched parameters per task would take."""

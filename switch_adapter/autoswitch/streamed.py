@@ -17,7 +17,7 @@ entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get
 directly: one that scales and shifts the channels of the last dimension (LayerNorm, RMSNorm, model-specific
 ``*LayerNorm`` / ``*RMSNorm`` classes) runs twice for all rows whatever the number of groups
 (:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
-memory is the tables (5 bytes per kept entry plus 4 bytes per stored row and task).
+memory is the tables (3 bytes per kept entry plus 4 bytes per stored row and task).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Per-layer tables of the kept entries of every routed task's switch, the state streamed execution reads.
 
-A table holds, for one switched weight, the decoded kept positions and multipliers of all tasks back to back (the
-5 bytes per kept entry the layer itself would hold, which it then drops), the range of each stored row per task
-(4 bytes per row and task) and each task's scales. Nothing dense is ever built from it except one layer at a time,
-in a scratch buffer, during a call.
+A table holds, for one switched weight, the kept entries of all tasks back to back: each entry's column in its stored
+row and its multiplier (3 bytes per kept entry; the layer's own decoded copy, 5 bytes per entry, is dropped), the
+range of each stored row per task (4 bytes per row and task) and each task's scales. Nothing dense is ever built
+from it except one layer at a time, in a scratch buffer, during a call.
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ class EntryTable:
     """Kept entries of the weight switches of ``tasks`` in one layer, concatenated task after task.
 
     Entries of task ``t`` in stored row ``o`` (row-major ``[rows, cols]`` view of the weight) are
-    ``offsets[t] + row_ptr[t, o] : offsets[t] + row_ptr[t, o + 1]``; an entry's value is
-    ``multipliers[j] * scales[t, positions[j] // chunks[t]]``.
+    ``offsets[t] + row_ptr[t, o] : offsets[t] + row_ptr[t, o + 1]``, in ascending column order; entry ``j`` of row
+    ``o`` sits at position ``p = o * cols + columns[j]`` of the weight and its value is
+    ``multipliers[j] * scales[t, p // chunks[t]]``.
     """
 
     tasks: tuple[str, ...]
     keys: tuple
-    positions: torch.Tensor  # int32 (int64 past 2**31 entries), ascending within a task
+    columns: torch.Tensor  # uint16 (int32 for rows of more than 65,536 columns)
     multipliers: torch.Tensor  # int8 (int16 for 8-bit units)
     offsets: torch.Tensor  # int64 [T + 1]
     row_ptr: torch.Tensor  # int32 [T, rows + 1]
@@ -69,7 +70,7 @@ class EntryTable:
         found = self._arrays.get(dtype)
         if found is None:
             found = self._arrays[dtype] = (
-                self.positions.numpy(),
+                self.columns.numpy(),
                 self.multipliers.numpy(),
                 self.offsets.numpy(),
                 self.row_ptr.numpy(),
@@ -94,13 +95,24 @@ class EntryTable:
     def numel(self) -> int:
         return self.rows * self.cols
 
+    @property
+    def device(self) -> torch.device:
+        return self.columns.device
+
+    def positions(self, task: int) -> torch.Tensor:
+        """int64 positions in the flattened weight of one task's kept entries (ascending)."""
+        start, stop = int(self.offsets[task]), int(self.offsets[task + 1])
+        per_row = torch.diff(self.row_ptr[task].long())
+        rows = torch.repeat_interleave(torch.arange(self.rows, device=self.device), per_row)
+        return rows * self.cols + self.columns[start:stop].long()
+
     def count(self, task: int) -> int:
         return self.counts[task]
 
     def values(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(positions, values)`` of one task's kept entries, values in ``dtype``."""
         start, stop = int(self.offsets[task]), int(self.offsets[task + 1])
-        positions = self.positions[start:stop]
+        positions = self.positions(task)
         scale = self.scales[task]
         if self.chunks[task] < self.numel:
             scale = scale[(positions // int(self.chunks[task])).long()]
@@ -110,7 +122,7 @@ class EntryTable:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.positions, self.multipliers, self.row_ptr, self.scales, self.bias)
+        parts = (self.columns, self.multipliers, self.row_ptr, self.scales, self.bias)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -179,12 +191,12 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
             layer._sparse_cache.pop((task, "bias"), None)
             if delta is not None:
                 bias_rows[index] = delta.reshape(-1)
-    position_dtype = torch.int64 if numel > 2**31 - 1 else torch.int32
+    column_dtype = torch.uint16 if cols <= 2**16 else torch.int32
     multiplier_dtype = torch.int16 if any(m.dtype == torch.int16 for m in multipliers) else torch.int8
     return EntryTable(
         tasks=tuple(tasks),
         keys=keys,
-        positions=torch.cat([p.to(position_dtype) for p in positions]),
+        columns=torch.cat([(p % cols).to(column_dtype) for p in positions]),
         multipliers=torch.cat([m.to(multiplier_dtype) for m in multipliers]),
         offsets=torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(device),
         row_ptr=torch.stack(row_ptrs),
@@ -243,7 +255,7 @@ class TableCache:
 
     @staticmethod
     def _current(table: EntryTable, layer: SwitchedModule) -> bool:
-        if table.positions.device != layer.get_base_layer().weight.device:
+        if table.device != layer.get_base_layer().weight.device:
             return False
         return switch_keys(layer, table.tasks) == table.keys
 
