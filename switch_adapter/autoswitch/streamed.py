@@ -45,13 +45,15 @@ from .kernels import (
 from .tables import EMBEDDING, LINEAR, OTHER, TRANSPOSED, EntryTable, TableCache, layer_kind
 
 # Entry-wise work per weight entry below which a group of rows skips composing the layer (see the module docstring):
-# chosen on 2 CPU cores (MiniLM forward, Llama generate; benchmarks/execution.py): the numba lane kernel costs
-# ~0.1 ns per entry and row on one core (rows of one composition in lanes of 8, one vector multiply-add per entry),
-# composing ~0.3 ns per weight plus the less efficient small matmuls. 4.0 sends decoding steps of up to ~80 rows per
-# task at density 0.05 and the 64-row groups of an 8-token forward entry-wise, and 192-row prefill groups to
-# composition. On the 8-token MiniLM forward it was faster than 2.0 in each of five runs (each interleaving the
-# limits in one process), and 8.0 within noise of 4.0.
-LIGHT_ENTRIES_PER_WEIGHT = 4.0
+# chosen on 2 CPU cores (benchmarks/execution.py models): the numba lane kernel costs ~0.1 ns per entry and row on one
+# core (rows of one composition in lanes of 8, one vector multiply-add per entry), composing ~0.3 ns per weight plus
+# the less efficient small matmuls. 6.0 sends decoding steps of up to ~120 rows per task at density 0.05, the 64-row
+# groups of an 8-token forward and SmolLM2's 96-row prefill groups entry-wise, and the 30M Llama's 192-row prefill
+# groups to composition. Measured by interleaving limits in one process: on the 8-token MiniLM forward 4.0 beat 2.0
+# in each of five runs and 8.0 was within noise of it; SmolLM2-135M's prefill of 16 prompts over 8 tasks ran at 0.64x
+# the plain model with 4.0, 0.76x with 6.0 and 0.79x with 12.0; the Llama's 192-row groups were 1.26x the plain
+# prefill composed and 1.60x entry-wise (one thread).
+LIGHT_ENTRIES_PER_WEIGHT = 6.0
 LIGHT_ENTRIES_PER_WEIGHT_TORCH = 0.1
 
 
