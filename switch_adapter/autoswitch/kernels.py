@@ -119,8 +119,8 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     for task, rows, weights in assignment.per_task(y.device):
         if table.count(task) == 0:
             continue
-        positions, values = table.values(task, torch.float32)
-        positions = positions.long()
+        positions = table.positions(task)
+        values = table.values(task, torch.float32, positions)
         stored_row, stored_col = positions // table.cols, positions % table.cols
         source, target = (stored_row, stored_col) if transposed else (stored_col, stored_row)
         gathered = x.index_select(0, rows).float().index_select(1, source) * values
@@ -151,7 +151,7 @@ def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, 
             torch.cumsum(counts, 0) - counts, counts
         )
         entries = start + torch.repeat_interleave(first, counts) + within
-        _, values = table.values(task, torch.float32)
+        values = table.values(task, torch.float32)
         local = entries - start
         columns = table.columns[entries].long()
         change = torch.zeros((rows.numel(), y.shape[1]), device=y.device)
@@ -168,8 +168,8 @@ def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[in
         return
     for task, weight in weights:
         if table.count(task):
-            positions, values = table.values(task, flat.dtype)
-            flat.index_add_(0, positions, values, alpha=weight)
+            positions = table.positions(task)
+            flat.index_add_(0, positions, table.values(task, flat.dtype, positions), alpha=weight)
 
 
 def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> Callable[[], None]:
@@ -188,8 +188,8 @@ def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int,
         return lambda: _numba_kernels().restore(flat.numpy(), tasks, saved, arrays[0], arrays[2], arrays[3])
     saved = []
     for task, weight in used:
-        positions, values = table.values(task, flat.dtype)
-        positions = positions.long()
+        positions = table.positions(task)
+        values = table.values(task, flat.dtype, positions)
         saved.append((positions, flat[positions].clone()))
         flat.index_add_(0, positions, values, alpha=weight)
 

@@ -270,6 +270,9 @@ class _ChannelNormCall(_StandIn):
         self._stream = plan
         self._fallback = (fallback,)
         self._stacks = stacks  # [groups, channels] per parameter: each group's composed weight (and bias)
+        # the parameters of the two calls, made once for all the steps of a generate
+        self._zeros = {name: torch.zeros_like(getattr(original, name).detach()) for name in stacks}
+        self._ones = {"weight": torch.ones_like(self._zeros["weight"])}
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self._original[0]
@@ -279,12 +282,10 @@ class _ChannelNormCall(_StandIn):
         rows, broadcast = self._rows(x)
         if broadcast:
             x = x.expand(rows, *x.shape[1:])
-        zeros, ones = torch.zeros_like(module.weight), torch.ones_like(module.weight)
-        values = {"weight": zeros} | ({"bias": torch.zeros_like(module.bias)} if "bias" in self._stacks else {})
-        saved = _swap(module, values)
+        saved = _swap(module, self._zeros)
         try:
             offset = module(x, *args, **kwargs)
-            module._parameters["weight"] = ones
+            _swap(module, self._ones)
             slope = module(x, *args, **kwargs)
         finally:
             _restore(module, saved)

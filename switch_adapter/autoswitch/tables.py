@@ -109,16 +109,17 @@ class EntryTable:
     def count(self, task: int) -> int:
         return self.counts[task]
 
-    def values(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, values)`` of one task's kept entries, values in ``dtype``."""
+    def values(self, task: int, dtype: torch.dtype, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The values of one task's kept entries in ``dtype``; ``positions`` (:meth:`positions`, where the caller
+        has them) are only needed for scales per chunk and are computed when missing."""
         start, stop = int(self.offsets[task]), int(self.offsets[task + 1])
-        positions = self.positions(task)
         scale = self.scales[task]
         if self.chunks[task] < self.numel:
+            positions = self.positions(task) if positions is None else positions
             scale = scale[(positions // int(self.chunks[task])).long()]
         else:
             scale = scale[0]
-        return positions, (self.multipliers[start:stop].to(dtype) * scale.to(dtype))
+        return self.multipliers[start:stop].to(dtype) * scale.to(dtype)
 
     @property
     def nbytes(self) -> int:
