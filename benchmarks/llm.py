@@ -9,7 +9,8 @@ by exact match (:mod:`benchmarks.llm_tasks`):
 - the LoRAs with the task id: peft's mixed batch (``adapter_names=``), each prompt with its own task's LoRA;
 - LoRA merges with peft's ``add_weighted_adapter`` (linear, TIES, DARE);
 - peft's Arrow router (``ArrowConfig``) over the same LoRAs;
-- T-Switch adapters converted from each LoRA (``convert_lora``, delta and factors modes) with the task id;
+- T-Switch adapters converted from each LoRA (``convert_lora``, delta mode) and low-rank switches (factors mode,
+  2 and 4 value bits) with the task id;
 - FlexSwitch from each LoRA at a fraction of the LoRA's fp16 bytes, with the task id;
 - Auto-Switch / Auto-FlexSwitch: one router over the switches, routing every prompt itself in ``generate``.
 
@@ -73,7 +74,9 @@ class LLMBenchConfig:
     few_shot: int = 2
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(steps=40, batch_size=8))
     densities: tuple[float, ...] = (0.05, 0.2)
-    factor_densities: tuple[float, ...] = (0.05,)
+    factor_bits: tuple[int, ...] = (2, 4)  # factors mode: value bits of the low-rank pairs' rows
+    factor_density: float = 1.0
+    autoswitch_factor_bits: int | None = 2  # the factors row that is also routed (None: none)
     autoswitch_density: float = 0.05
     flexswitch_fraction: float = 0.5
     flexswitch_steps: int = 8
@@ -93,6 +96,10 @@ class LLMBenchConfig:
             raise ValueError("The generative suite needs at least 2 tasks.")
         if self.autoswitch_density not in self.densities:
             raise ValueError(f"autoswitch_density {self.autoswitch_density} must be one of densities {self.densities}.")
+        if self.autoswitch_factor_bits is not None and self.autoswitch_factor_bits not in self.factor_bits:
+            raise ValueError(
+                f"autoswitch_factor_bits {self.autoswitch_factor_bits} must be one of factor_bits {self.factor_bits}."
+            )
 
 
 def quick_llm_config(**overrides: Any) -> LLMBenchConfig:
@@ -104,7 +111,7 @@ def quick_llm_config(**overrides: Any) -> LLMBenchConfig:
         max_test=4,
         lora=LoraSettings(steps=4, batch_size=8),
         densities=(0.05,),
-        factor_densities=(0.05,),
+        factor_bits=(2,),
         flexswitch_steps=2,
         flexswitch_batch=4,
         flexswitch_examples=8,
@@ -382,14 +389,14 @@ class LLMBenchmark:
         self.add(row)
         probe.remove()
 
-    def convert(self, mode: str, density: float) -> dict[str, str]:
+    def convert(self, mode: str, density: float, value_bits: int = 1) -> dict[str, str]:
         from switch_adapter import TSwitchConfig, convert_lora
 
         folders = {}
         for name in self.names:
-            out = self.work / f"tswitch-{mode}-{density:g}" / name
+            out = self.work / f"tswitch-{mode}-{density:g}-{value_bits}bit" / name
             convert_lora(self.folder, self.loras[name]["folder"], out, TSwitchConfig(density=density), mode=mode,
-                         overwrite=True, progress=False)  # fmt: skip
+                         value_bits=value_bits, overwrite=True, progress=False)  # fmt: skip
             folders[name] = str(out)
         return folders
 
@@ -463,12 +470,15 @@ class LLMBenchmark:
 
     def run_tswitch(self) -> None:
         c = self.config
-        for mode, densities in (("delta", c.densities), ("factors", c.factor_densities)):
-            for density in densities:
-                folders = self.convert(mode, density)
-                routed = mode == "delta" and density == c.autoswitch_density
-                label = f"T-Switch from the LoRA ({mode}, d={density:g})"
-                self.run_switches(f"tswitch_{mode}_{density:g}", label, folders, routed)
+        for density in c.densities:
+            folders = self.convert("delta", density)
+            label = f"T-Switch from the LoRA (delta, d={density:g})"
+            self.run_switches(f"tswitch_delta_{density:g}", label, folders, density == c.autoswitch_density)
+        for bits in c.factor_bits:
+            folders = self.convert("factors", c.factor_density, bits)
+            label = f"Switch from the LoRA (factors: low-rank pair, {bits}-bit, d={c.factor_density:g})"
+            routed = bits == c.autoswitch_factor_bits
+            self.run_switches(f"factors_{bits}bit_{c.factor_density:g}", label, folders, routed)
 
     def run_flexswitch(self) -> None:
         c = self.config

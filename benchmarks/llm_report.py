@@ -102,25 +102,27 @@ def targets(report: dict[str, Any]) -> list[str]:
     lines = []
     lora = _row(report, "lora")
     lora_bytes = lora["bytes_per_task"] if lora else None
-    auto = _row(report, f"auto_tswitch_delta_{report['settings']['autoswitch_density']:g}")
+    routed = [row for row in report["rows"] if row["method"].startswith(("auto_tswitch_", "auto_factors_"))]
     arrows = [row for row in report["rows"] if row["method"].startswith("arrow")]
-    if auto and lora:
+    for auto in routed if lora else []:
         for style, goal in AUTOSWITCH_TARGETS.items():
             value = auto["results"][style]["percent_of_lora"]
-            lines.append(f"Auto-Switch routed generate keeps >= {goal:g}% of the LoRAs' EM ({style}): "
+            lines.append(f"Auto-Switch routed generate keeps >= {goal:g}% of the LoRAs' EM ({style}), {auto['label']}: "
                          f"{_percent(value)}: {_met(value is not None and value >= goal)}")  # fmt: skip
         if arrows:
             ours = [auto["results"][s]["routing_accuracy"] for s in ("instruction", "raw")]
             theirs = [max(a["results"][s]["routing_accuracy"] for a in arrows) for s in ("instruction", "raw")]
             ok = all(a >= b for a, b in zip(ours, theirs))
             lines.append(
-                "Auto-Switch routes at least as accurately as Arrow, its best top_k (instruction / raw): "
-                f"{100 * ours[0]:.1f}% / {100 * ours[1]:.1f}% vs {100 * theirs[0]:.1f}% / {100 * theirs[1]:.1f}%: "
-                f"{_met(ok)}"
+                "Auto-Switch routes at least as accurately as Arrow, its best top_k (instruction / raw), "
+                f"{auto['label']}: {100 * ours[0]:.1f}% / {100 * ours[1]:.1f}% vs "
+                f"{100 * theirs[0]:.1f}% / {100 * theirs[1]:.1f}%: {_met(ok)}"
             )
     if lora_bytes:
         switches = [
-            r for r in report["rows"] if r["method"].startswith("tswitch_") and r["bytes_per_task"] <= lora_bytes
+            r
+            for r in report["rows"]
+            if r["method"].startswith(("tswitch_", "factors_")) and r["bytes_per_task"] <= lora_bytes
         ]
         best = _best(switches)
         if best:
@@ -138,9 +140,17 @@ def targets(report: dict[str, Any]) -> list[str]:
                 f"FlexSwitch from the LoRA keeps >= {CONVERSION_TARGET:g}% at half the LoRA's fp16 bytes "
                 f"({_bytes(flex['bytes_per_task'])} vs {_bytes(lora_bytes // 2)}): {_both(flex)}: {_met(ok)}"
             )
-    if auto and auto.get("speed") is not None:
-        lines.append(f"Routed generate tokens/s >= {SPEED_TARGET:g}x the plain model's: {auto['speed']:.2f}x: "
-                     f"{_met(auto['speed'] >= SPEED_TARGET)}")  # fmt: skip
+        halves = [r for r in switches if r["bytes_per_task"] <= lora_bytes / 2]
+        best = _best(halves)
+        if best:
+            lines.append(
+                f"(Not FlexSwitch) the best switch at <= half the LoRA's fp16 bytes: {best['label']} "
+                f"({_bytes(best['bytes_per_task'])}): {_both(best)}"
+            )
+    for auto in routed:
+        if auto.get("speed") is not None:
+            lines.append(f"Routed generate tokens/s >= {SPEED_TARGET:g}x the plain model's, {auto['label']}: "
+                         f"{auto['speed']:.2f}x: {_met(auto['speed'] >= SPEED_TARGET)}")  # fmt: skip
     if report["settings"]["max_test"] >= 24:
         seconds = report["seconds"]
         cached = any(r.get("cached") for r in report["loras"].values())

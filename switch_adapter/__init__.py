@@ -5,7 +5,7 @@ Importing this package registers the ``TSWITCH`` adapter type with peft, so that
 """
 
 from .autoswitch import AutoSwitchConfig, AutoSwitchModel, QueryFeatures, RoutingResult
-from .codec.binarize import BinarySwitch, binarize
+from .codec.binarize import BinarySwitch, binarize, quantize
 from .convert import ConversionSummary, convert_finetuned, convert_lora
 from .errors import (
     AdapterNotFoundError,
@@ -52,6 +52,7 @@ __all__ = [
     "TSwitchModel",
     "__version__",
     "binarize",
+    "quantize",
     "convert_finetuned",
     "convert_lora",
     "from_finetuned",

@@ -59,6 +59,7 @@ def convert_lora(args: argparse.Namespace) -> int:
         args.output,
         switch_config(args),
         mode=args.mode,
+        value_bits=args.value_bits,
         revision=args.revision,
         base_revision=args.base_revision,
         token=args.token,

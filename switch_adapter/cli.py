@@ -45,7 +45,7 @@ folder of shards) with --model-factory naming its class or a function that build
 examples:
   switch-adapter convert-lora ./base-model ./my-lora -o my-switch
   switch-adapter convert-lora HuggingFaceTB/SmolLM2-135M-Instruct you/smollm2-lora -o smollm2-switch \\
-      --mode factors --density 0.1
+      --mode factors --value-bits 2 --density 1.0
   switch-adapter convert-lora ./other-base ./my-lora -o my-switch --force   # LoRA made on another base""",
     "flex": """\
 examples:
@@ -207,7 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("delta", "factors"),
         default="delta",
-        help="binarize the product scaling * B @ A (delta, default) or lora_A and lora_B separately (factors)",
+        help="binarize the product scaling * B @ A (delta, default) or keep it low-rank: a pair of switched factors "
+        "per weight (factors; format version 5)",
+    )
+    lora.add_argument(
+        "--value-bits",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=1,
+        help="bits per kept value of the factors in factors mode (default 1: the sign); with --density 1.0, 2 bits "
+        "take about 1/8 of the LoRA's fp16 bytes",
     )
     lora.add_argument("--force", action="store_true", help="convert even if the LoRA names another base model")
     lora.add_argument("--revision", help="Hub revision of the LoRA adapter")

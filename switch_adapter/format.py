@@ -15,6 +15,14 @@ part        dtype    content
                      (format version 2 and later)
 =========== ======== =================================================================================
 
+A weight can instead be switched by a **low-rank pair** (made from a LoRA's factors, see
+:func:`switch_adapter.convert_lora` with ``mode="factors"``): the units ``weight_left`` (shape ``[rows, r]``) and
+``weight_right`` (``[r, cols]``), each an ordinary unit of its own (code, scale, checksum), whose product is the
+change of the weight viewed as ``[rows, cols]`` = ``[shape[0], numel // shape[0]]`` (its stored layout: ``[out, in]``
+for ``nn.Linear``, ``[in, out]`` for Conv1D). Their layout entries also record the weight's shape
+(``target_shape``). A module has a ``weight`` unit or the pair, never both. A file with a pair is of format
+version 5.
+
 A norm layer with running statistics (BatchNorm ...) can carry the fine-tuned statistics, in the precision of the
 base model's buffers, under ``base_model.model.<module>.tswitch_stat_running_mean``, ``tswitch_stat_running_var`` and
 ``tswitch_stat_crc`` (4 bytes, CRC32 over the mean bytes then the variance bytes); the config's ``norm_statistics``
@@ -54,8 +62,13 @@ ATTR_PREFIX = "tswitch_"
 PARTS = ("code", "scale", "checksum")
 
 #: Newest file format version this library reads and writes: 2 adds a checksum per unit, 3 units with value bits
-#: above 1 and/or the grouped-COO encoding, 4 running statistics of norm layers.
-FORMAT_VERSION = 4
+#: above 1 and/or the grouped-COO encoding, 4 running statistics of norm layers, 5 low-rank pairs.
+FORMAT_VERSION = 5
+#: The first format version whose weights may be switched by a low-rank pair (``weight_left`` @ ``weight_right``).
+LOW_RANK_SINCE = 5
+#: The units of a low-rank pair, and the parameter whose change their product is.
+LOW_RANK_UNITS = ("weight_left", "weight_right")
+LOW_RANK_TARGET = "weight"
 #: The first format version whose files may carry running statistics of norm layers (BatchNorm).
 STATISTICS_SINCE = 4
 #: The running statistics a norm layer's switch carries, and the attribute of their checksum.
@@ -152,9 +165,11 @@ def entry_value_bits(entry: Mapping[str, Any]) -> int:
 def required_format_version(
     unit_layout: Mapping[str, Mapping[str, Mapping[str, Any]]], norm_statistics: Mapping[str, Any] | None = None
 ) -> int:
-    """The file format version an adapter with this ``unit_layout`` (and ``norm_statistics``) needs: 4 if it carries
-    running statistics, 3 if a unit has more than one value bit or uses grouped COO, else 2 (readable by
-    switch-adapter versions that predate multi-bit units)."""
+    """The file format version an adapter with this ``unit_layout`` (and ``norm_statistics``) needs: 5 if a weight is
+    switched by a low-rank pair, 4 if it carries running statistics, 3 if a unit has more than one value bit or uses
+    grouped COO, else 2 (readable by switch-adapter versions that predate multi-bit units)."""
+    if any(LOW_RANK_UNITS[0] in params for params in unit_layout.values()):
+        return LOW_RANK_SINCE
     if norm_statistics:
         return STATISTICS_SINCE
     grouped = sass.Encoding.GROUPED_COO.name.lower()
@@ -163,6 +178,27 @@ def required_format_version(
             if entry_value_bits(entry) > 1 or entry.get("encoding") == grouped:
                 return MULTIBIT_SINCE
     return PLAIN_FORMAT_VERSION
+
+
+def low_rank_problems(params: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What is wrong with the low-rank pair of one module's layout entries (``{param: entry}``): one unit without the
+    other, a ``weight`` unit next to the pair, factor shapes that do not chain, or a product that does not have the
+    weight's size. Empty when the module has no pair or a sound one."""
+    left, right = (params.get(name) for name in LOW_RANK_UNITS)
+    if left is None and right is None:
+        return []
+    if left is None or right is None:
+        return [f"a low-rank pair needs both {LOW_RANK_UNITS[0]} and {LOW_RANK_UNITS[1]}; only one is listed"]
+    problems = []
+    if LOW_RANK_TARGET in params:
+        problems.append(f"has both a {LOW_RANK_TARGET} unit and a low-rank pair")
+    left_shape, right_shape = list(left["shape"]), list(right["shape"])
+    target = left.get("target_shape")
+    if len(left_shape) != 2 or len(right_shape) != 2 or left_shape[1] != right_shape[0]:
+        problems.append(f"low-rank factors of shapes {left_shape} and {right_shape} do not chain")
+    elif not target or math.prod(target) != left_shape[0] * right_shape[1] or target[0] != left_shape[0]:
+        problems.append(f"low-rank factors of shapes {left_shape} and {right_shape} make no weight of shape {target}")
+    return problems
 
 
 def find_layout_entry(layout: Mapping[str, dict], module_name: str, others: Collection[str] = ()) -> dict | None:
@@ -462,6 +498,9 @@ class AdapterFile:
                 unit = Unit(module, param)
                 if unit not in present:
                     statuses.append(UnitStatus(unit, problems=["listed in the config but missing from the file"]))
+            problems = low_rank_problems(params)
+            if problems:
+                statuses.append(UnitStatus(Unit(module, LOW_RANK_TARGET), problems=problems))
         return statuses
 
     def verify(
@@ -562,7 +601,9 @@ def _decoded_header(code: torch.Tensor) -> sass.Header:
 def iter_dense_deltas(
     file: AdapterFile, unit_layout: Mapping[str, dict], device: torch.device | str = "cpu"
 ) -> Iterator[tuple[Unit, torch.Tensor]]:
-    """``(unit, dense fp32 delta of the unit's shape)`` for every unit with a switch, one at a time."""
+    """``(unit, dense fp32 delta of the unit's shape)`` for every unit with a switch, one at a time; a low-rank pair
+    comes as its ``weight`` unit with the product of its factors, in the weight's shape."""
+    pending: dict[str, tuple[Unit, torch.Tensor]] = {}
     for unit in file.units(unit_layout):
         code = file.tensor(unit.key("code"))
         if code.numel() == 0:
@@ -571,14 +612,27 @@ def iter_dense_deltas(
             numel, positions, multipliers, _ = sass.decode_values(code, device=device)
         except CodecError as error:
             raise CodecError(f"{unit.name}: {error}") from None
-        entry = find_layout_entry(unit_layout, unit.module, file.unit_modules)
-        entry = entry.get(unit.param) if entry else None
+        params = find_layout_entry(unit_layout, unit.module, file.unit_modules)
+        entry = params.get(unit.param) if params else None
         shape = [int(size) for size in entry["shape"]] if entry else [numel]
         if math.prod(shape) != numel:
             raise CodecError(f"{unit.name} holds {numel} entries but the config says shape {shape}; {_REPAIR}.")
         values = kept_values(positions, multipliers, file.tensor(unit.key("scale")), numel, torch.float32)
-        delta = torch.zeros(numel, dtype=torch.float32, device=device)
-        yield unit, delta.index_put_((positions,), values).view(shape)
+        delta = torch.zeros(numel, dtype=torch.float32, device=device).index_put_((positions,), values).view(shape)
+        if unit.param not in LOW_RANK_UNITS:
+            yield unit, delta
+            continue
+        other = pending.pop(unit.module, None)
+        if other is None:
+            pending[unit.module] = (unit, delta)
+            continue
+        left, right = (other[1], delta) if unit.param == LOW_RANK_UNITS[1] else (delta, other[1])
+        weight_shape = (params or {}).get(LOW_RANK_UNITS[0], {}).get("target_shape")
+        product = left @ right
+        yield Unit(unit.module, LOW_RANK_TARGET), product.view(weight_shape) if weight_shape else product
+    if pending:
+        module = next(iter(pending))
+        raise CodecError(f"{module}: one unit of its low-rank pair {LOW_RANK_UNITS} is empty or missing; {_REPAIR}.")
 
 
 def verify_adapter_file(

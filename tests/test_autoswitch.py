@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, tiny_llama
 from transformers.generation.streamers import BaseStreamer
 
@@ -21,6 +22,7 @@ from switch_adapter import (
     AutoSwitchModel,
     FlexSwitchConfig,
     TSwitchConfig,
+    convert_lora,
     flexswitch,
     from_finetuned,
 )
@@ -34,6 +36,7 @@ from switch_adapter.autoswitch import (
     kernels,
     knn,
     streamed,
+    tables,
 )
 from switch_adapter.autoswitch.features import FeatureExtractor, FeatureSpec, base_fingerprint, find_layer_stack
 from switch_adapter.autoswitch.tables import NormGroups
@@ -604,6 +607,81 @@ def test_generate_with_multibit_flexswitch_adapters_equals_single_adapter_runs(f
             with torch.no_grad():
                 expected = single.generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
             assert torch.equal(sequences[rows], expected), (name, rows_of_batch)
+
+
+def _save_low_rank_switches(make_base, folder, targets: list[str]) -> dict[str, str]:
+    """Switches converted from random LoRAs in factors mode (4-bit low-rank pairs), one per task."""
+    make_base().save_pretrained(folder / "base")
+    paths = {}
+    for t, name in enumerate(TASKS):
+        torch.manual_seed(t + 1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        get_peft_model(make_base(), config).save_pretrained(folder / f"lora-{name}")
+        convert_lora(folder / "base", folder / f"lora-{name}", folder / name, TSwitchConfig(density=1.0),
+                     mode="factors", value_bits=4, progress=False)  # fmt: skip
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def low_rank_bert_switches(tmp_path_factory):
+    return _save_low_rank_switches(tiny_bert, tmp_path_factory.mktemp("lr-bert"), ["word_embeddings", "query", "dense"])
+
+
+@pytest.fixture(scope="module")
+def low_rank_llama_switches(tmp_path_factory):
+    return _save_low_rank_switches(tiny_llama, tmp_path_factory.mktemp("lr-llama"), ["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
+def test_mixed_batch_forward_with_low_rank_switches(low_rank_bert_switches, kernel_backend, execution):
+    """Switches converted from LoRAs (low-rank pairs on an embedding and linear layers), soft compositions."""
+    router = make_router(tiny_bert, low_rank_bert_switches, mode="soft", k=6, feature_layer=0, execution=execution)
+    batch = mixed_batch()
+    batch["input_ids"][0, :5] = task_ids(1, 1, 5)[0]
+    _assert_samples_match_reference(router, batch, tiny_bert, low_rank_bert_switches, lambda o: o.last_hidden_state)
+    layer = router.model.base_model.model.encoder.layer[0].attention.self.query
+    assert layer.is_low_rank("alpha") and not layer._has_unit("alpha", "weight")
+
+
+def test_low_rank_table_composes_and_refuses_in_place(low_rank_bert_switches, kernel_backend):
+    """A table keeps a low-rank pair as its decoded factors: composing a group adds ``w * left @ right`` to the
+    weight, row deltas equal ``x @ change^T``, and the in-place path (which restores saved entries) refuses it."""
+    router = make_router(tiny_bert, low_rank_bert_switches, feature_layer=0)
+    layer = router.model.base_model.model.encoder.layer[0].attention.self.query
+    table = tables.build_table(layer, TASKS)
+    assert table.has_low_rank and table.count(0) == 0 and table.low_rank_tasks([0, 1, 2]) == [0, 1, 2]
+    weight = layer.get_base_layer().weight.detach()
+    change = 0.5 * layer.get_delta("alpha", "weight") + layer.get_delta("gamma", "weight")
+    composed = weight.clone()
+    kernels.scatter_deltas(composed.view(-1), table, [(0, 0.5), (2, 1.0)])
+    torch.testing.assert_close(composed, weight + change, rtol=1e-6, atol=1e-6)
+    x = torch.randn(6, weight.shape[1])
+    y = torch.zeros(6, weight.shape[0])
+    assignment = kernels.assignment_for_rows(np.array([0, 0, 1, 1, 1, 0]), [[(0, 0.5), (2, 1.0)], [(1, 1.0)]])
+    kernels.add_row_deltas(y, x, table, assignment, tables.LINEAR)
+    expected = torch.cat([x[[0, 1, 5]] @ change.T, x[[2, 3, 4]] @ layer.get_delta("beta", "weight").T])
+    torch.testing.assert_close(y[[0, 1, 5, 2, 3, 4]], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="low-rank"):
+        kernels.add_in_place(weight.clone().view(-1), table, [(1, 1.0)])
+
+
+@pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
+def test_generate_with_low_rank_switches_equals_single_adapter_runs(low_rank_llama_switches, execution):
+    router = make_router(tiny_llama, low_rank_llama_switches, mode="top1", execution=execution)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    before = {name: value.clone() for name, value in router.model.state_dict().items()}
+    for rows_of_batch in ([0, 1, 2, 3, 4, 5], [1, 4]):  # 3 tasks; one task (added in place where it can be)
+        prompts = {k: v[rows_of_batch] for k, v in _prompts().items()}
+        sequences, routing = router.generate(**prompts, return_routing=True, **settings)
+        for name in dict.fromkeys(routing.top_task):
+            rows = [i for i, top in enumerate(routing.top_task) if top == name]
+            single = PeftModel.from_pretrained(tiny_llama(), low_rank_llama_switches[name]).eval()
+            with torch.no_grad():
+                expected = single.generate(**{k: v[rows] for k, v in prompts.items()}, **settings)
+            assert torch.equal(sequences[rows], expected), (name, rows_of_batch)
+    after = router.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # the base weights are untouched
 
 
 def test_generate_sampling_single_task_seeded_and_mixed_logits(llama_router, single_adapter_models):

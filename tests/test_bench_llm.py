@@ -141,7 +141,7 @@ def _config(folder: Path, tmp_path: Path, **overrides) -> LLMBenchConfig:
         few_shot=2,
         lora=LoraSettings(steps=2, batch_size=4, targets=("q_proj", "v_proj", "up_proj")),
         densities=(0.1, 0.5),
-        factor_densities=(0.1,),
+        factor_bits=(2,),
         autoswitch_density=0.1,
         flexswitch_steps=2,
         flexswitch_batch=2,
@@ -162,8 +162,8 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
     methods = [row["method"] for row in report["rows"]]
     assert methods == [
         "base", "few_shot", "lora", "merge_linear", "merge_ties", "merge_dare_linear", "arrow_k1", "arrow_k2",
-        "tswitch_delta_0.1", "auto_tswitch_delta_0.1", "tswitch_delta_0.5", "tswitch_factors_0.1",
-        "flexswitch", "auto_flexswitch",
+        "tswitch_delta_0.1", "auto_tswitch_delta_0.1", "tswitch_delta_0.5", "factors_2bit_1",
+        "auto_factors_2bit_1", "flexswitch", "auto_flexswitch",
     ]  # fmt: skip
     rows = {row["method"]: row for row in report["rows"]}
     for row in report["rows"]:
@@ -173,7 +173,7 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
             assert set(result["exact_match"]) == {"sms_spam", "trec"}
             assert 0.0 <= result["mean"] <= 1.0
     # Routing is recorded where a row routes, and only there.
-    for method in ("arrow_k1", "arrow_k2", "auto_tswitch_delta_0.1", "auto_flexswitch"):
+    for method in ("arrow_k1", "arrow_k2", "auto_tswitch_delta_0.1", "auto_factors_2bit_1", "auto_flexswitch"):
         assert all(0.0 <= r["routing_accuracy"] <= 1.0 for r in rows[method]["results"].values())
     assert "routing_accuracy" not in rows["lora"]["results"]["raw"]
     # Speeds against the plain model, which ran twice.
@@ -184,6 +184,7 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
     lora_fp16 = rows["lora"]["bytes_per_task"]
     assert lora_fp16 == 2 * next(iter(report["loras"].values()))["trainable_params"]
     assert rows["flexswitch"]["bytes_per_task"] <= 1.05 * lora_fp16 / 2
+    assert rows["factors_2bit_1"]["bytes_per_task"] < lora_fp16  # 2 bits per factor entry (tiny: headers weigh)
     # The files: JSON with what was run, a markdown table with every row, no machine path.
     out = Path(config.out_dir)
     saved = json.loads((out / "benchmark_llm.json").read_text())
@@ -194,7 +195,9 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
     assert not (out / "artifacts").exists()
     assert any("Arrow" in line for line in report["targets"])
     # A second run takes the LoRAs from the cache.
-    again = LLMBenchmark(_config(tiny_chat_llm, tmp_path, densities=(0.1,), factor_densities=())).run()
+    again = LLMBenchmark(
+        _config(tiny_chat_llm, tmp_path, densities=(0.1,), factor_bits=(), autoswitch_factor_bits=None)
+    ).run()
     assert all(record["cached"] for record in again["loras"].values())
 
 

@@ -183,10 +183,12 @@ def test_convert_lora_and_force(tmp_path, capsys):
     args = ["convert-lora", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "switch"), "-q"]
     assert main(args) == 1 and "another-model" in capsys.readouterr().err
     assert not (tmp_path / "switch").exists()
-    assert main([*args, "--force", "--mode", "factors", "--density", "0.3"]) == 0
+    assert main([*args, "--force", "--mode", "factors", "--value-bits", "4", "--density", "1.0"]) == 0
     assert "T-Switch written" in capsys.readouterr().out
     switch = PeftModel.from_pretrained(tiny_llama(), tmp_path / "switch")
-    assert switch.peft_config["default"].density == 0.3
+    assert switch.peft_config["default"].density == 1.0
+    entries = switch.peft_config["default"].unit_layout["model.layers.0.self_attn.q_proj"]
+    assert sorted(entries) == ["weight_left", "weight_right"] and entries["weight_left"]["value_bits"] == 4
 
 
 @pytest.mark.parametrize("command", ["convert", "convert-lora"])

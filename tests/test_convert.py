@@ -29,7 +29,14 @@ from transformers import (
 
 import switch_adapter
 from switch_adapter import TSwitchConfig, binarize, convert_finetuned, convert_lora, from_finetuned
-from switch_adapter.convert.lora import LoraDeltas, _pick_skeleton, group_lora_tensors, read_lora_settings
+from switch_adapter.codec.binarize import quantize
+from switch_adapter.convert.lora import (
+    LoraDeltas,
+    _pick_skeleton,
+    group_lora_tensors,
+    low_rank_form,
+    read_lora_settings,
+)
 from switch_adapter.convert.sources import open_adapter, open_config
 
 SHARD = "20KB"  # tiny models saved in several shards
@@ -418,25 +425,78 @@ def _peft_deltas(inner, modules):
 
 
 def test_lora_factors_mode_and_hub(hub_repo_id, tmp_path):
+    """Factors mode keeps each LoRA module as a low-rank pair: the stored factors are the quantized SVD form of the
+    exact update, the adapter (format version 5) loads from the Hub-converted folder and merges."""
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     _randomise_lora(peft_model)
     peft_model.push_to_hub(hub_repo_id)  # base_model_name_or_path: the model's name_or_path ("")
-    summary = convert_lora(
-        tmp_path / "base", hub_repo_id, tmp_path / "factors", TSwitchConfig(density=0.3), mode="factors", progress=False
-    )
-    assert summary.mode == "lora-factors" and summary.factor_bytes > 0 and "factors mode" in str(summary)
+    config = TSwitchConfig(density=0.5)
+    summary = convert_lora(tmp_path / "base", hub_repo_id, tmp_path / "factors", config, mode="factors",
+                           value_bits=2, progress=False)  # fmt: skip
+    assert summary.mode == "lora-factors" and summary.units == 2 * 4  # a pair per module
+    assert json.loads((tmp_path / "factors" / "adapter_config.json").read_text())["format_version"] == 5
     loaded = PeftModel.from_pretrained(tiny_llama().__class__.from_pretrained(tmp_path / "base"), tmp_path / "factors")
     name = "model.layers.0.self_attn.q_proj"
     peft_layer = peft_model.base_model.model.get_submodule(name)
-    a_hat = binarize(peft_layer.lora_A["default"].weight, 0.3).to_dense()
-    b_hat = binarize(peft_layer.lora_B["default"].weight, 0.3).to_dense()
-    want = binarize((b_hat @ a_hat) * peft_layer.scaling["default"], 0.3).to_dense()
-    got = loaded.base_model.model.get_submodule(name).get_delta("default", "weight")
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    delta = convert_lora(tmp_path / "base", hub_repo_id, tmp_path / "delta", TSwitchConfig(density=0.3), progress=False)
-    assert delta.mode == "lora-delta" and delta.factor_bytes is None and delta.units == summary.units
+    left, right = low_rank_form(peft_layer.lora_B["default"].weight * peft_layer.scaling["default"],
+                                peft_layer.lora_A["default"].weight)  # fmt: skip
+    torch.testing.assert_close(left @ right, peft_layer.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(left.T @ left, torch.eye(4), rtol=0, atol=1e-5)  # U: orthonormal columns
+    want = quantize(left, 0.5, 2, "tensor").to_dense() @ quantize(right, 0.5, 2, "row").to_dense()
+    layer = loaded.base_model.model.get_submodule(name)
+    assert layer.is_low_rank("default") and not layer._has_unit("default", "weight")
+    torch.testing.assert_close(layer.get_delta("default", "weight"), want, rtol=1e-6, atol=1e-7)
+    keys = load_file(tmp_path / "factors" / "adapter_model.safetensors")
+    assert f"base_model.model.{name}.tswitch_weight_left_code" in keys
+    assert not any(key.endswith("tswitch_weight_code") for key in keys)  # the pair stands for the weight's switch
+    loaded.save_pretrained(tmp_path / "resaved")  # peft's own save: the same units come back
+    assert load_file(tmp_path / "resaved" / "adapter_model.safetensors").keys() == keys.keys()
+    again = PeftModel.from_pretrained(tiny_llama().__class__.from_pretrained(tmp_path / "base"), tmp_path / "resaved")
+    torch.testing.assert_close(again.base_model.model.get_submodule(name).get_delta("default", "weight"), want)
+    inputs = token_batch(vocab_size=60)
+    with torch.no_grad():
+        unmerged = loaded(**inputs).logits
+        merged = loaded.merge_and_unload()(**inputs).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    delta = convert_lora(tmp_path / "base", hub_repo_id, tmp_path / "delta", config, progress=False)
+    assert delta.mode == "lora-delta" and delta.units == 4
+    with pytest.raises(ValueError, match="value_bits=2 needs mode='factors'"):
+        convert_lora(tmp_path / "base", hub_repo_id, tmp_path / "x", config, value_bits=2, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns", "fan_in_fan_out", "embedding", "lora_bias"])
+def test_lora_factors_keep_the_lora_at_8_bits(variant, tmp_path):
+    """At 8 bits and density 1 the low-rank pair reproduces the LoRA's outputs closely for Linear, Conv1D
+    (fan_in_fan_out), embeddings and rank/alpha patterns; a LoRA bias stays a switch of its own."""
+    build, options = LORA_VARIANTS[variant]
+    base = build()
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**options)).eval()
+    _randomise_lora(peft_model)
+    peft_model.save_pretrained(tmp_path / "lora")
+    convert_lora(tmp_path / "base", tmp_path / "lora", tmp_path / "out", TSwitchConfig(density=1.0),
+                 mode="factors", value_bits=8, progress=False)  # fmt: skip
+    loaded = PeftModel.from_pretrained(type(base).from_pretrained(tmp_path / "base"), tmp_path / "out").eval()
+    inner, switched = peft_model.base_model.model, loaded.base_model.model
+    for name, layer in inner.named_modules():
+        if (
+            hasattr(layer, "lora_A")
+            and "default" in (layer.lora_A or {})
+            or "default" in getattr(layer, "lora_embedding_A", {})
+        ):
+            want = layer.get_delta_weight("default")
+            got = switched.get_submodule(name).get_delta("default", "weight")
+            assert (got - want).norm() <= 0.02 * want.norm()
+    inputs = token_batch(vocab_size=60)
+    inputs.pop("attention_mask") if variant == "fan_in_fan_out" else None
+    with torch.no_grad():
+        key = "logits" if variant != "embedding" and variant != "lora_bias" else "last_hidden_state"
+        plain = base(**inputs)[key]
+        lora, ours = peft_model(**inputs)[key], loaded(**inputs)[key]
+    assert (ours - lora).norm() <= 0.05 * (lora - plain).norm()
 
 
 def test_bad_lora_inputs_write_nothing(tmp_path):

@@ -81,7 +81,7 @@ def test_key_grammar(key, expected):
 def test_saved_files_carry_a_checksum_per_unit(saved_switch):
     tensors = load_file(saved_switch / "adapter_model.safetensors")
     config = json.loads((saved_switch / "adapter_config.json").read_text())
-    assert config["format_version"] == PLAIN_FORMAT_VERSION == 2 and FORMAT_VERSION == 4
+    assert config["format_version"] == PLAIN_FORMAT_VERSION == 2 and FORMAT_VERSION == 5
     units = {parse_key(k)[0] for k in tensors if parse_key(k) and parse_key(k)[1] == "code"}
     assert units and all(isinstance(u, Unit) for u in units)
     entries = [entry for params in config["unit_layout"].values() for entry in params.values()]
@@ -304,7 +304,7 @@ def _dense(switch) -> torch.Tensor:
 def test_multibit_units_save_reload_and_merge_exactly(multibit_switch):
     folder, switches = multibit_switch
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["format_version"] == 3 and FORMAT_VERSION == 4
+    assert config["format_version"] == 3 and FORMAT_VERSION == 5
     for (module, param), switch in switches.items():
         entry = config["unit_layout"][module][param]
         assert (entry["value_bits"], entry["kept"]) == (switch.value_bits, switch.kept)
@@ -408,3 +408,61 @@ def test_model_card_of_a_flexswitch(multibit_switch):
     assert "value bits (mean per kept entry)" in text
     config.flexswitch = {"file_bytes": 10}  # any key may be missing
     assert "| file size reached | 10 bytes |" in card_section(config)
+
+
+# -- low-rank pairs ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def low_rank_switch(tmp_path_factory):
+    """A switch converted from a random LoRA of a tiny BERT in factors mode (2-bit low-rank pairs)."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("low-rank")
+    tiny_bert().save_pretrained(folder / "base")
+    torch.manual_seed(0)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["query", "dense"], init_lora_weights=False)
+    get_peft_model(tiny_bert(), config).save_pretrained(folder / "lora")
+    switch_adapter.convert_lora(folder / "base", folder / "lora", folder / "switch", TSwitchConfig(density=1.0),
+                                mode="factors", value_bits=2, progress=False)  # fmt: skip
+    return folder / "switch"
+
+
+def test_low_rank_pairs_are_version_5_with_checked_layouts(low_rank_switch):
+    from switch_adapter.format import LOW_RANK_UNITS, low_rank_problems
+
+    config = TSwitchConfig.from_pretrained(low_rank_switch)
+    assert config.format_version == 5 == required_format_version(config.unit_layout)
+    module, params = next(iter(config.unit_layout.items()))
+    assert sorted(params) == sorted(LOW_RANK_UNITS) and low_rank_problems(params) == []
+    left, right = params["weight_left"], params["weight_right"]
+    assert left["shape"][1] == right["shape"][0] == 3 and left["target_shape"] == [left["shape"][0], right["shape"][1]]
+    assert "only one" in low_rank_problems({"weight_left": left})[0]
+    assert "both a weight unit" in low_rank_problems({**params, "weight": left})[0]
+    assert "do not chain" in low_rank_problems({"weight_left": left, "weight_right": {**right, "shape": [2, 16]}})[0]
+    wrong = {"weight_left": {**left, "target_shape": [99, 16]}, "weight_right": right}
+    assert "make no weight" in low_rank_problems(wrong)[0]
+    # The file's dense deltas come as the weight's change: the product of the factors, as the loaded layer has it.
+    model = PeftModel.from_pretrained(tiny_bert(), low_rank_switch)
+    with AdapterFile(low_rank_switch / "adapter_model.safetensors") as file:
+        deltas = dict(iter_dense_deltas(file, config.unit_layout))
+    layer = model.base_model.model.get_submodule(module)
+    torch.testing.assert_close(deltas[Unit(module, "weight")], layer.get_delta("default", "weight"))
+    assert not any(unit.param in LOW_RANK_UNITS for unit in deltas)
+    assert "## Low-rank switch adapter" in (low_rank_switch / "README.md").read_text()
+
+
+def test_a_layout_with_half_a_pair_is_refused_before_loading(low_rank_switch, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("adapter_model.safetensors", "README.md"):
+        (broken / name).write_bytes((low_rank_switch / name).read_bytes())
+    config = json.loads((low_rank_switch / "adapter_config.json").read_text())
+    module = next(iter(config["unit_layout"]))
+    del config["unit_layout"][module]["weight_right"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    base = tiny_bert()
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(CodecError, match="low-rank pair needs both weight_left and weight_right"):
+        PeftModel.from_pretrained(base, broken)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())

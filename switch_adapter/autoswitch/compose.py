@@ -168,15 +168,21 @@ def is_delta_layer(layer: SwitchedModule) -> bool:
 
 @dataclass
 class SparseDelta:
-    """One task's change of a linear layer: ``weight`` as a CSR matrix ``[out, in]`` (int32 indices) and the
-    bias change as a dense vector (None when not switched)."""
+    """One task's change of a linear layer: ``weight`` as a CSR matrix ``[out, in]`` (``[tokens, dim]`` for an
+    embedding; int32 indices), or for a low-rank pair ``low_rank = (left, right)`` whose product is that matrix
+    (``weight`` None then); and the bias change as a dense vector (None when not switched)."""
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def changes_weight(self) -> bool:
+        return self.weight is not None or self.low_rank is not None
 
     @property
     def nbytes(self) -> int:
-        total = 0
+        total = sum(f.numel() * f.element_size() for f in self.low_rank) if self.low_rank is not None else 0
         if self.weight is not None:
             for part in (self.weight.crow_indices(), self.weight.col_indices(), self.weight.values()):
                 total += part.numel() * part.element_size()
@@ -190,6 +196,12 @@ def sparse_delta(layer: SwitchedModule, task: str) -> SparseDelta:
     """The task's delta of a linear layer from the switch's kept positions and signs (no dense matrix built)."""
     base = layer.get_base_layer()
     weight = None
+    bias = layer.get_delta(task, "bias") if getattr(base, "bias", None) is not None else None
+    if layer.is_low_rank(task):
+        left, right = layer.low_rank_factors(task)
+        if isinstance(base, Conv1D):  # stored [in, out] = left @ right: as [out, in], right^T @ left^T
+            left, right = right.T, left.T
+        return SparseDelta(None, bias, (left.contiguous(), right.contiguous()))
     if layer._has_switch(task, "weight"):
         positions, values = layer._kept_values(task, "weight", base.weight)
         if isinstance(base, Conv1D):  # weight [in, out], y = x @ W: store the transpose [out, in]
@@ -207,7 +219,6 @@ def sparse_delta(layer: SwitchedModule, task: str) -> SparseDelta:
             weight = torch.sparse_csr_tensor(
                 crow.to(torch.int32), cols.to(torch.int32), values.contiguous(), (out_features, in_features)
             )
-    bias = layer.get_delta(task, "bias") if getattr(base, "bias", None) is not None else None
     return SparseDelta(weight, bias)
 
 

@@ -389,7 +389,7 @@ class _DeltaCall(_StandIn):
         columns = None  # x as [features, rows * tokens], contiguous: the sparse matmul's fast layout
         for target, index, weights in plan.parts(rows, x.device, dtype):
             delta = self._deltas[target]
-            if delta is None or (delta.weight is None and delta.bias is None):  # base model, or nothing switched
+            if delta is None or not (delta.changes_weight or delta.bias is not None):  # base model, or nothing switched
                 continue
             if columns is None:
                 columns = _as_columns(x, delta)
@@ -411,9 +411,14 @@ class _DeltaCall(_StandIn):
         """Embedding lookups: add the kept entries of each task's delta rows for the looked-up ids."""
         for target, index, weights in self._plan.parts(rows, ids.device, dtype):
             delta = self._deltas[target]
-            if delta is None or delta.weight is None:
+            if delta is None or not delta.changes_weight:
                 continue
-            change = _gather_rows(delta.weight, ids[index].reshape(-1)).to(dtype).view(-1, *y.shape[1:])
+            looked_up = ids[index].reshape(-1)
+            if delta.low_rank is not None:
+                left, right = delta.low_rank
+                change = (left.index_select(0, looked_up) @ right).to(dtype).view(-1, *y.shape[1:])
+            else:
+                change = _gather_rows(delta.weight, looked_up).to(dtype).view(-1, *y.shape[1:])
             if weights is not None:
                 change = change * weights.view(-1, *([1] * (change.dim() - 1)))
             if isinstance(index, slice):
@@ -451,7 +456,10 @@ def _as_columns(x: torch.Tensor, delta) -> torch.Tensor:
 def _apply_delta(delta, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(delta.weight @ columns + delta.bias)^T``: ``[rows, out]`` from ``columns`` ``[in, rows]``."""
     weight = delta.weight
-    if weight is not None:
+    if delta.low_rank is not None:
+        left, right = (factor.to(columns.dtype) for factor in delta.low_rank)
+        out = (right @ columns).T @ left.T
+    elif weight is not None:
         if weight.dtype != columns.dtype:
             weight = weight.to(columns.dtype)
         out = torch.sparse.mm(weight, columns).T

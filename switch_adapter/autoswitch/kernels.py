@@ -98,6 +98,8 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     """In place, ``y[r] += sum_(t, w) w * x[r] @ delta_t^T`` with ``x`` ``[rows, in]``, ``y`` ``[rows, out]`` and the
     deltas of ``table`` (``kind`` ``linear``: stored ``[out, in]``; ``transposed``: stored ``[in, out]``)."""
     transposed = kind == TRANSPOSED
+    if table.has_low_rank:
+        _add_low_rank_rows(y, x, table, assignment, transposed)
     if y.dtype == x.dtype and _numba_ready(y, x) and table.device.type == "cpu":
         if y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
             lanes = (assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr)
@@ -128,8 +130,29 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
         y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
 
 
+def _add_low_rank_rows(
+    y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignment: RowAssignment, transposed: bool
+) -> None:
+    """The low-rank pairs' part of :func:`add_row_deltas`: ``y[rows of t] += w * x @ (left_t @ right_t)^T`` as two
+    thin matmuls per task (``x @ left @ right`` for a transposed layer), as peft runs a LoRA."""
+    for task, rows, weights in assignment.per_task(y.device):
+        pair = table.low_rank[task]
+        if pair is None:
+            continue
+        left, right = pair
+        inputs = x.index_select(0, rows).to(left.dtype)
+        change = (inputs @ left) @ right if transposed else (inputs @ right.T) @ left.T
+        y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
+
+
 def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, assignment: RowAssignment) -> None:
     """In place, ``y[r] += sum_(t, w) w * delta_t[ids[r]]`` with ``ids`` ``[rows]`` and ``y`` ``[rows, dim]``."""
+    if table.has_low_rank:
+        for task, rows, weights in assignment.per_task(y.device):
+            if table.low_rank[task] is not None:
+                left, right = table.low_rank[task]
+                change = left.index_select(0, ids.index_select(0, rows).long()) @ right
+                y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
     if _numba_ready(y) and ids.device.type == "cpu" and table.device.type == "cpu":
         _numba_kernels().embedding_deltas(
             y.numpy(), ids.long().contiguous().numpy(), assignment.ptr, assignment.task, assignment.weight,
@@ -161,6 +184,10 @@ def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, 
 
 def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> None:
     """In place, ``flat += sum_(t, w) w * delta_t`` for a flat view of one layer's weight."""
+    for task, weight in weights:
+        if table.low_rank[task] is not None:
+            left, right = table.low_rank[task]
+            flat.view(table.rows, table.cols).addmm_(left.to(flat.dtype), right.to(flat.dtype), alpha=weight)
     if _numba_ready(flat) and table.device.type == "cpu":
         tasks = np.array([t for t, _ in weights], dtype=np.int64)
         scaled = np.array([w for _, w in weights], dtype=np.float64)
@@ -174,7 +201,10 @@ def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[in
 
 def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> Callable[[], None]:
     """:func:`scatter_deltas` into a live weight, saving the values it changes; returns the function that puts them
-    back exactly (call it once, also when the work in between failed)."""
+    back exactly (call it once, also when the work in between failed). Entry tables only: a low-rank pair changes
+    every value, so its layer runs composed in a scratch buffer instead."""
+    if table.low_rank_tasks(t for t, _ in weights):
+        raise ValueError("add_in_place cannot save and restore a low-rank change; compose the layer instead.")
     used = [(t, w) for t, w in weights if table.count(t)]
     if not used:
         return lambda: None

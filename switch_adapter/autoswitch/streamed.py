@@ -18,6 +18,11 @@ directly: one that scales and shifts the channels of the last dimension (LayerNo
 ``*LayerNorm`` / ``*RMSNorm`` classes) runs twice for all rows whatever the number of groups
 (:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
 memory is the tables (3 bytes per kept entry plus 4 bytes per stored row and task).
+
+A switch converted from a LoRA in factors mode changes a weight by a low-rank pair: its table keeps the two decoded
+factors (4 bytes per factor entry), its rows always take the entry-wise path as two thin matmuls (as peft runs a
+LoRA), a composed group adds ``left @ right`` to its scratch buffer, and a call of one composition runs such a
+layer that way too instead of changing the live weight (an exact restore would need a copy of it).
 """
 
 from __future__ import annotations
@@ -365,7 +370,8 @@ def streamed_execution(
                     if not plan.uses(table):
                         continue
                     kind = layer_kind(base)
-                    if in_place and kind != EMBEDDING and not _shared_with_tied(slots, base.weight):
+                    low_rank = table.low_rank_tasks(t for t, _ in plan.groups[0]) if in_place else []
+                    if in_place and kind != EMBEDDING and not low_rank and not _shared_with_tied(slots, base.weight):
                         with torch.no_grad():
                             restores.append(add_in_place(base.weight.data.view(-1), table, plan.groups[0]))
                             bias = table.bias_delta(plan.groups[0])

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..tswitch.layer import SwitchedModule
+from ..format import LOW_RANK_UNITS
+from ..tswitch.layer import UNIT_PARAMETERS, SwitchedModule
 from .compose import layer_parameters
 
 # Layer kinds whose weight a table describes, and how rows of the stored weight relate to the computation.
@@ -55,12 +56,19 @@ class EntryTable:
     rows: int
     cols: int
     bias: torch.Tensor | None = None  # [T, out]: each task's dense bias change (None: no task switches the bias)
+    # per task: the decoded (left [rows, r], right [r, cols]) of a low-rank pair (no entries then), else None
+    low_rank: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def __post_init__(self) -> None:
         self._bias_sums: dict[tuple, torch.Tensor | None] = {}
         self.counts = torch.diff(self.offsets).tolist()  # kept entries per task
         self.bias_changed = self.bias.any(dim=1).tolist() if self.bias is not None else [False] * len(self.counts)
-        self.changes = [bool(c) or b for c, b in zip(self.counts, self.bias_changed)]  # the task changes this layer
+        if self.low_rank is None:
+            self.low_rank = [None] * len(self.counts)
+        self.has_low_rank = any(pair is not None for pair in self.low_rank)
+        self.changes = [  # the task changes this layer
+            bool(c) or b or f is not None for c, b, f in zip(self.counts, self.bias_changed, self.low_rank)
+        ]
         # every task has one scale per tensor or per stored row (what the run kernel handles)
         self.aligned_scales = all(int(c) >= self.numel or int(c) % self.cols == 0 for c in self.chunks.tolist())
         self._arrays: dict[torch.dtype, tuple] = {}
@@ -121,9 +129,14 @@ class EntryTable:
             scale = scale[0]
         return self.multipliers[start:stop].to(dtype) * scale.to(dtype)
 
+    def low_rank_tasks(self, tasks) -> list[int]:
+        """The tasks of ``tasks`` (indices) whose change of this layer's weight is a low-rank pair."""
+        return [t for t in tasks if self.low_rank[t] is not None]
+
     @property
     def nbytes(self) -> int:
-        parts = (self.columns, self.multipliers, self.row_ptr, self.scales, self.bias)
+        parts = [self.columns, self.multipliers, self.row_ptr, self.scales, self.bias]
+        parts += [factor for pair in self.low_rank if pair is not None for factor in pair]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -135,10 +148,10 @@ def _stored_shape(module: nn.Module) -> tuple[int, int]:
 def switch_keys(layer: SwitchedModule, tasks: tuple[str, ...]) -> tuple:
     """Identity of the weight and bias switches of ``tasks`` in ``layer`` (None for an absent or empty switch): a
     table built for other keys is stale (an adapter reloaded or replaced under the same name)."""
-    codes = (layer._codes("weight")._buffers, layer._codes("bias")._buffers)
+    codes = [layer._codes(name)._buffers for name in UNIT_PARAMETERS]
     keys = []
     for task in tasks:
-        for found in (codes[0].get(task), codes[1].get(task)):
+        for found in (units.get(task) for units in codes):
             keys.append(None if found is None or found.numel() == 0 else (found.data_ptr(), found._version))
     return tuple(keys)
 
@@ -146,15 +159,20 @@ def switch_keys(layer: SwitchedModule, tasks: tuple[str, ...]) -> tuple:
 @torch.no_grad()
 def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
     """Decode the weight switch of every task of ``tasks`` (an empty switch contributes no entry) into one table,
-    and release the layer's own decoded copy of them."""
+    and release the layer's own decoded copy of them; a low-rank pair is kept as its two decoded factors."""
     module = layer.get_base_layer()
     rows, cols = _stored_shape(module)
     numel = rows * cols
     device = module.weight.device
     keys = switch_keys(layer, tasks)
     positions, multipliers, counts, row_ptrs, scales, chunks = [], [], [0], [], [], []
-    for task in tasks:
-        if layer._has_switch(task, "weight"):
+    low_rank = [layer.low_rank_factors(task, torch.float32, device) if layer.is_low_rank(task) else None
+                for task in tasks]  # fmt: skip
+    for name in LOW_RANK_UNITS:
+        for task in tasks:
+            layer._sparse_cache.pop((task, name), None)
+    for task, pair in zip(tasks, low_rank):
+        if pair is None and layer._has_switch(task, "weight"):
             kept, mult = layer._sparse(task, "weight")
             layer._sparse_cache.pop((task, "weight"), None)
             kept, mult = kept.to(device), mult.to(device)
@@ -206,6 +224,7 @@ def build_table(layer: SwitchedModule, tasks: tuple[str, ...]) -> EntryTable:
         rows=rows,
         cols=cols,
         bias=bias_rows,
+        low_rank=[None if pair is None else (pair[0].detach(), pair[1].detach()) for pair in low_rank],
     )
 
 

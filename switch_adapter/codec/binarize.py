@@ -392,3 +392,48 @@ def _binarize_encoded_fast(
     else:
         squares = flat.square().sum()
     return blob, torch.sqrt(squares / kept).reshape(1)
+
+
+# Steps tried by :func:`quantize`, as fractions of ``max |kept value| / 2**(b - 1)`` (the step whose top level reaches
+# the largest value); the one with the least squared error is taken per row (or tensor).
+_STEP_FRACTIONS = torch.linspace(0.25, 1.0, 16)
+
+
+def quantize(
+    task_vector: torch.Tensor,
+    density: float,
+    value_bits: int,
+    scale_granularity: str = "tensor",
+    name: str = "tensor",
+    scale_rule: str = "norm",
+    keep_ties: bool = False,
+) -> BinarySwitch:
+    """A switch of ``task_vector`` with ``value_bits`` bits per kept value: T-Switch's mask (the same entries
+    :func:`binarize` keeps at ``density``) and the levels of a zero-free mid-rise quantiser whose step is chosen per
+    tensor or per row (``scale_granularity``) for the least squared error on the kept entries. ``value_bits=1`` is
+    :func:`binarize` itself (``scale_rule`` then applies)."""
+    switch = binarize(task_vector, density, scale_granularity, name, scale_rule, keep_ties)
+    if check_value_bits(value_bits) == 1:
+        return switch
+    shape = switch.shape
+    rows = shape[0] if scale_granularity == "row" and len(shape) >= 1 and shape[0] > 0 else 1
+    kept = task_vector.detach().to(torch.float32).reshape(rows, -1)
+    mask = switch.mask.view(rows, -1).to(kept.device)
+    kept = torch.where(mask, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
+    half = 1 << (value_bits - 1)
+    peak = kept.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    steps = peak * _STEP_FRACTIONS.to(kept.device) / half  # [rows, candidates]
+    best_error, best_step = None, None
+    for column in range(steps.shape[1]):
+        step = steps[:, column : column + 1]
+        levels = torch.clamp(torch.floor(kept / step), -half, half - 1)
+        error = torch.where(mask, (step * (levels + 0.5) - kept).square(), torch.zeros((), device=kept.device)).sum(1)
+        if best_error is None:
+            best_error, best_step = error, step.clone()
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_step = torch.where(better.unsqueeze(1), step, best_step)
+    levels = torch.clamp(torch.floor(kept / best_step), -half, half - 1) + half
+    scale = (best_step / 2).reshape(-1).cpu()
+    return BinarySwitch.from_levels(switch.mask, levels[mask].cpu(), scale, shape, value_bits)

@@ -8,10 +8,12 @@ formula of peft for convolutions, and ``scaling * lora_B.bias`` for the bias wit
 Two modes:
 
 * ``"delta"`` (default): the switch binarizes the exact ``delta_W`` of each module, as for a full fine-tune.
-* ``"factors"``: the reference's way: ``lora_A`` and ``lora_B`` are binarized separately. A T-Switch adapter stores
-  per-weight switches, so the stored switch is the binarization of ``scaling * B_hat @ A_hat`` (the product of the
-  binarized factors): two approximations in a row. The summary reports ``factor_bytes``, the size the binarized
-  factors alone would take, which this format cannot keep; ``benchmarks/convert.py`` measures the accuracy cost.
+* ``"factors"``: the LoRA stays low-rank, as the reference converts LoRAs (its factors switched separately): each
+  module's weight gets a low-rank pair (:data:`~switch_adapter.format.LOW_RANK_UNITS`) whose product approximates
+  ``delta_W``. The exact update is first put in SVD form, ``left = U`` (orthonormal columns: one scale for the
+  tensor) and ``right = S V^T`` (one scale per row, i.e. per singular value), so that no rank component is drowned
+  by another; then each factor is switched with the config's density and ``value_bits`` bits per kept value (1 is
+  T-Switch's sign). A LoRA on a convolution whose ``lora_B`` is not 1x1 keeps the delta form for that module.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from transformers import AutoModel
 from transformers.pytorch_utils import Conv1D
 
 from .._staging import check_output_dir
-from ..format import KEY_PREFIX
+from ..codec.binarize import quantize
+from ..codec.sass import check_value_bits
+from ..format import KEY_PREFIX, LOW_RANK_TARGET, LOW_RANK_UNITS
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
-from .finetuned import _copy_config, encode_switch, encoded_entry, make_summary, record_base
+from .finetuned import _copy_config, encoded_entry, make_summary, record_base
 from .pipeline import cyclic_gc_paused
 from .plain import ModelFactory, build_model, factory_name, is_plain_module, meta_copy
 from .skeleton import (
@@ -250,6 +254,21 @@ class LoraDeltas:
             return F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * scaling
         return (b @ a) * scaling
 
+    def stored_factors(
+        self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(left, right)`` with ``left @ right`` = the task vector of module ``name`` viewed as ``[shape[0], numel
+        // shape[0]]`` (the weight's stored layout), from factors ``a`` and ``b``; None for a convolution whose
+        ``lora_B`` is not 1x1 (its update is not one matrix product)."""
+        layer = self.skeleton.model.get_submodule(name)
+        if isinstance(layer, (nn.Embedding, Conv1D)):  # stored [in or tokens, out]: (B @ A).T * scaling
+            return a.T, b.T * scaling
+        if isinstance(layer, nn.Conv2d):
+            if b.dim() == 4 and tuple(b.shape[2:]) != (1, 1):
+                return None
+            return b.reshape(b.shape[0], -1) * scaling, a.reshape(a.shape[0], -1)
+        return b * scaling, a
+
     def delta(self, name: str) -> torch.Tensor:
         """The exact weight task vector of module ``name`` (fp32)."""
         a, b, scaling = self.factors(name)
@@ -271,6 +290,7 @@ def convert_lora(
     config: TSwitchConfig | None = None,
     *,
     mode: Literal["delta", "factors"] = "delta",
+    value_bits: int = 1,
     revision: str | None = None,
     base_revision: str | None = None,
     token: str | bool | None = None,
@@ -290,8 +310,12 @@ def convert_lora(
         output_dir: The adapter folder to write. It must not exist (or be empty) unless ``overwrite``.
         config: Density and other switch settings. ``target_modules="all"`` (the default) means "the modules the
             LoRA adapts"; explicit targets select among them. ``task_type`` defaults to the LoRA's.
-        mode: ``"delta"`` binarizes the exact ``scaling * B @ A``; ``"factors"`` binarizes ``A`` and ``B`` separately
-            (the reference's way) and stores the binarization of their product (see the module docstring).
+        mode: ``"delta"`` binarizes the exact ``scaling * B @ A`` (one switch per weight); ``"factors"`` keeps the
+            update low-rank: a pair of switched factors per weight, in SVD form (see the module docstring). A
+            factors-mode adapter is of format version 5.
+        value_bits: Bits per kept value of the factors (and of a LoRA bias) in ``"factors"`` mode: 1 (T-Switch's
+            sign, the default), 2, 4 or 8. With ``config.density=1.0``, 2 bits store a LoRA in about 1/8 of its fp16
+            bytes and 4 bits in about 1/4.
         revision: Hub revision of ``lora``. base_revision: of ``base``. token: Hub token.
         force: Convert even if the LoRA's ``base_model_name_or_path`` names another model than ``base``.
         overwrite: Replace an existing ``output_dir``.
@@ -306,6 +330,9 @@ def convert_lora(
     start = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if value_bits != 1 and mode != "factors":
+        raise ValueError(f"value_bits={value_bits} needs mode='factors'; delta mode stores 1-bit switches.")
+    check_value_bits(value_bits)
     config = _copy_config(config)
     output_dir = check_output_dir(output_dir, overwrite, [base, lora])
     adapter = open_adapter(lora, revision=revision, token=token)
@@ -354,17 +381,26 @@ def convert_lora(
         for module_name in tqdm(
             [n for n in modules if (n, "weight") in slots], desc="Converting LoRA", unit="module", disable=not progress
         ):
-            for param_name, entry in _module_switches(deltas, module_name, config, mode, state, adapter.description):
-                if (module_name, param_name) not in slots:
+            switches = _module_switches(deltas, module_name, config, mode, value_bits, state, adapter.description)
+            for param_name, entry in switches:
+                if (module_name, param_name) not in slots and param_name not in LOW_RANK_UNITS:
                     skipped.append((f"{module_name}.{param_name}", "switch_bias=False in the config"))
                     continue
                 blob, scale = entry.pop("_tensors")
-                code_key, scale_key = switch_keys[(module_name, param_name)]
-                tensors[code_key], tensors[scale_key] = blob, scale.to(tensors[scale_key].dtype)
+                code_key, scale_key = _unit_keys(switch_keys, module_name, param_name)
+                owner = LOW_RANK_TARGET if param_name in LOW_RANK_UNITS else param_name
+                tensors[code_key] = blob
+                tensors[scale_key] = scale.to(tensors[switch_keys[(module_name, owner)][1]].dtype)
                 entries[(module_name, param_name)] = entry
         for slot in plan.slots:
             if slot in entries:
                 layout.setdefault(slot[0], {})[slot[1]] = entries[slot]
+            if slot[1] == LOW_RANK_TARGET and (slot[0], LOW_RANK_UNITS[0]) in entries:
+                for name in LOW_RANK_UNITS:
+                    layout.setdefault(slot[0], {})[name] = entries[(slot[0], name)]
+                code_key = switch_keys[slot][0]  # the pair replaces the weight's empty placeholder
+                for part in ("code", "scale", "checksum"):
+                    tensors.pop(code_key.removesuffix("code") + part, None)
         config = plan.config
         config.unit_layout = layout
         config.modules_to_save_shapes = head_shapes
@@ -385,11 +421,10 @@ def convert_lora(
         state,
         [SkippedTensor(key, reason) for key, reason in skipped],
     )
-    if mode == "factors":
-        summary.factor_bytes = state.factor_bytes
+    if state.kept_delta:
         summary.notes.append(
-            "factors mode: the stored switch is the binarization of the product of the binarized lora_A and lora_B; "
-            "the low-rank form itself is not kept by the T-Switch format"
+            f"factors mode: {len(state.kept_delta)} convolution(s) whose lora_B is not 1x1 keep a delta switch, e.g. "
+            f"{state.kept_delta[0]}"
         )
     logger.info("%s", summary)
     return summary
@@ -400,7 +435,7 @@ class _State:
     tensors_read: int = 0
     unchanged: int = 0
     head_bytes: int = 0
-    factor_bytes: int = 0
+    kept_delta: list[str] = field(default_factory=list)  # factors mode: modules whose update is no matrix product
     plan: Any = None
 
 
@@ -412,22 +447,48 @@ def _check_finite(value: torch.Tensor, key: str, description: str) -> None:
         )
 
 
-def _module_switches(deltas: LoraDeltas, name: str, config: TSwitchConfig, mode: str, state: _State, description: str):
-    """``(param name, layout entry with "_tensors")`` for the weight (and bias) of one LoRA module."""
+def _unit_keys(switch_keys: dict, module_name: str, param_name: str) -> tuple[str, str]:
+    """The (code, scale) keys of a unit in the file: the plan's, or for a low-rank factor those of the weight with
+    the factor's name."""
+    if param_name not in LOW_RANK_UNITS:
+        return tuple(switch_keys[(module_name, param_name)])
+    weight_keys = switch_keys[(module_name, LOW_RANK_TARGET)]
+    own, factor = f"tswitch_{LOW_RANK_TARGET}_", f"tswitch_{param_name}_"
+    return tuple(key[: key.rindex(own)] + factor + key[key.rindex(own) + len(own) :] for key in weight_keys)
+
+
+def low_rank_form(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, S V^T)`` of the product ``left @ right`` (``[rows, r]``, ``[r, cols]``) without forming it: thin QR of
+    both factors, then the SVD of the small ``r x r`` core. ``U`` has orthonormal columns and row ``k`` of ``S V^T``
+    has norm ``s_k``."""
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u, singular, vh = torch.linalg.svd(r_left @ r_right.T)
+    return (q_left @ u).float(), (singular.unsqueeze(1) * (vh @ q_right.T)).float()
+
+
+def _module_switches(
+    deltas: LoraDeltas, name: str, config: TSwitchConfig, mode: str, value_bits: int, state: _State, description: str
+):
+    """``(param name, layout entry with "_tensors")`` for the weight (or its low-rank pair) and bias of one LoRA
+    module."""
     density = config.density_for(name)
     a, b, scaling = deltas.factors(name)
     state.tensors_read += 2
     for key, value in (("A", a), ("B", b)):
         _check_finite(value, deltas.modules[name].keys[key], description)
-    if mode == "factors":
-        a_switch = config.binarize(a, name, "lora_A")
-        b_switch = config.binarize(b, name, "lora_B")
-        for switch in (a_switch, b_switch):
-            state.factor_bytes += encode_switch(switch).numel() + 4 * switch.scale.numel()
-        a, b = a_switch.to_dense(), b_switch.to_dense()
-    delta = deltas.product(name, a, b, scaling)
     results = []
-    if torch.count_nonzero(delta):
+    pair = deltas.stored_factors(name, a, b, scaling) if mode == "factors" else None
+    if mode == "factors" and pair is None:
+        state.kept_delta.append(name)
+    if pair is not None and torch.count_nonzero(pair[0]) and torch.count_nonzero(pair[1]):
+        target_shape = [int(size) for size in deltas.skeleton.model.get_submodule(name).weight.shape]
+        left, right = low_rank_form(*pair)
+        for unit, factor, granularity in zip(LOW_RANK_UNITS, (left, right), ("tensor", "row")):
+            switch = quantize(factor, density, value_bits, granularity, f"{name}.{unit}", config.scale_rule,
+                              config.keep_ties)  # fmt: skip
+            results.append((unit, {**encoded_entry(switch, density), "target_shape": target_shape}))
+    elif pair is None and torch.count_nonzero(delta := deltas.product(name, a, b, scaling)):
         results.append(("weight", encoded_entry(config.binarize(delta, name, "weight"), density)))
     else:
         state.unchanged += 1
@@ -436,7 +497,9 @@ def _module_switches(deltas: LoraDeltas, name: str, config: TSwitchConfig, mode:
         state.tensors_read += 1
         _check_finite(bias, deltas.modules[name].keys["bias"], description)
         if torch.count_nonzero(bias):
-            results.append(("bias", encoded_entry(config.binarize(bias, name, "bias"), density)))
+            switch = quantize(bias, density, value_bits, config.scale_granularity, f"{name}.bias", config.scale_rule,
+                              config.keep_ties)  # fmt: skip
+            results.append(("bias", encoded_entry(switch, density)))
         else:
             state.unchanged += 1
     return results

@@ -43,7 +43,6 @@ class ConversionSummary(SizeFigures):
     skipped: list[SkippedTensor] = field(default_factory=list)
     statistics: list[str] = field(default_factory=list)  # norm layers whose running statistics are carried
     statistics_bytes: int = 0
-    factor_bytes: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -58,8 +57,6 @@ class ConversionSummary(SizeFigures):
         ]
         if self.mean_value_bits > 1:
             lines.append(f"  value bits         {self.mean_value_bits:.2f} per kept entry (mean)")
-        if self.factor_bytes is not None:
-            lines.append(f"  binarized factors  {self.factor_bytes:,} bytes (what the low-rank form alone would take)")
         if self.heads:
             lines.append(f"  full precision     {', '.join(self.heads)} ({self.head_bytes:,} bytes)")
         if self.statistics:

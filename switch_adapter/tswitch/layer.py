@@ -1,7 +1,8 @@
 """T-Switch tuner layer: wraps one base layer and adds ``scale * mask * multiplier`` to its weight (and bias).
 
 The multiplier of a kept entry is its sign for a 1-bit unit (T-Switch) and the odd integer ``2u - (2**b - 1)`` of its
-level ``u`` for a ``b``-bit unit (FlexSwitch); see :mod:`switch_adapter.codec.sass`.
+level ``u`` for a ``b``-bit unit (FlexSwitch); see :mod:`switch_adapter.codec.sass`. A weight switched by a low-rank
+pair (:data:`~switch_adapter.format.LOW_RANK_UNITS`) changes by the product of its two decoded factors.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from ..codec.binarize import BinarySwitch
 from ..codec.kernels import add_kept_values
 from ..errors import CodecError
 from ..format import (
+    LOW_RANK_TARGET,
+    LOW_RANK_UNITS,
     STATISTICS,
     attribute,
     kept_values,
     layout_entry,
+    low_rank_problems,
     statistics_attribute,
     statistics_checksum,
     unit_checksum,
@@ -34,6 +38,8 @@ from ..format import (
 logger = logging.getLogger(__name__)
 
 SWITCHABLE_PARAMETERS = ("weight", "bias")
+#: Every unit a layer may store: a switch per switchable parameter, and the two factors of a low-rank pair.
+UNIT_PARAMETERS = SWITCHABLE_PARAMETERS + LOW_RANK_UNITS
 _NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
 
 
@@ -96,12 +102,9 @@ class TSwitchLayer(BaseTunerLayer):
     follows loads and device moves.
     """
 
-    adapter_layer_names = ("tswitch_weight_scale", "tswitch_bias_scale")
+    adapter_layer_names = tuple(attribute(name, "scale") for name in UNIT_PARAMETERS)
     other_param_names = (
-        "tswitch_weight_code",
-        "tswitch_bias_code",
-        "tswitch_weight_checksum",
-        "tswitch_bias_checksum",
+        *(attribute(name, part) for name in UNIT_PARAMETERS for part in ("code", "checksum")),
         "tswitch_stat_running_mean",
         "tswitch_stat_running_var",
         "tswitch_stat_crc",
@@ -110,12 +113,10 @@ class TSwitchLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.tswitch_weight_scale = nn.ParameterDict({})
-        self.tswitch_bias_scale = nn.ParameterDict({})
-        self.tswitch_weight_code = BufferDict({}, persistent=True)
-        self.tswitch_bias_code = BufferDict({}, persistent=True)
-        self.tswitch_weight_checksum = BufferDict({}, persistent=True)
-        self.tswitch_bias_checksum = BufferDict({}, persistent=True)
+        for name in UNIT_PARAMETERS:  # tswitch_<param>_scale / _code / _checksum, per adapter
+            setattr(self, attribute(name, "scale"), nn.ParameterDict({}))
+            setattr(self, attribute(name, "code"), BufferDict({}, persistent=True))
+            setattr(self, attribute(name, "checksum"), BufferDict({}, persistent=True))
         # Running statistics of a norm layer (BatchNorm...), per adapter: the fine-tuned values themselves.
         self.tswitch_stat_running_mean = BufferDict({}, persistent=True)
         self.tswitch_stat_running_var = BufferDict({}, persistent=True)
@@ -139,7 +140,7 @@ class TSwitchLayer(BaseTunerLayer):
 
     def refresh_checksums(self) -> None:
         """Recompute the checksum of every switch of this layer from its code and scale."""
-        for param_name in SWITCHABLE_PARAMETERS:
+        for param_name in UNIT_PARAMETERS:
             checksums = self._checksums(param_name)
             for adapter_name in list(checksums.keys()):
                 code, scale = self._codes(param_name)[adapter_name], self._scales(param_name)[adapter_name]
@@ -230,7 +231,10 @@ class TSwitchLayer(BaseTunerLayer):
             for name in STATISTICS:
                 self._statistics(name)[adapter_name] = torch.zeros_like(getattr(base, name))
             self.tswitch_stat_crc[adapter_name] = torch.zeros(4, dtype=torch.uint8)
+        low_rank = LOW_RANK_UNITS[0] in param_layout or LOW_RANK_UNITS[1] in param_layout
         for param_name in param_names:
+            if low_rank and param_name == LOW_RANK_TARGET:
+                continue  # the pair stands for the weight's switch
             entry = param_layout.get(param_name)
             code_bytes = int(entry["code_bytes"]) if entry else 0
             scales = int(entry["scales"]) if entry else 1
@@ -239,19 +243,63 @@ class TSwitchLayer(BaseTunerLayer):
                     f"The switch for {param_name} has shape {list(entry['shape'])} but the base layer's "
                     f"{param_name} has shape {list(getattr(base, param_name).shape)}."
                 )
-            self._codes(param_name)[adapter_name] = torch.zeros(code_bytes, dtype=torch.uint8)
-            self._scales(param_name)[adapter_name] = nn.Parameter(torch.zeros(scales))
-            if with_checksums:
-                self._checksums(param_name)[adapter_name] = torch.zeros(4, dtype=torch.uint8)
+            self._allocate(adapter_name, param_name, code_bytes, scales, with_checksums)
+        if low_rank:
+            problems = low_rank_problems(param_layout)
+            weight = getattr(base, LOW_RANK_TARGET, None)
+            target = param_layout.get(LOW_RANK_UNITS[0], {}).get("target_shape")
+            if not problems and (weight is None or list(target) != list(weight.shape)):
+                problems = [f"the low-rank pair makes a weight of shape {target}, the base layer's weight has shape "
+                            f"{None if weight is None else list(weight.shape)}"]  # fmt: skip
+            if problems:
+                raise ValueError(f"{self.tswitch_module_name or type(base).__name__}: {'; '.join(problems)}.")
+            for name in LOW_RANK_UNITS:
+                entry = param_layout[name]
+                self._allocate(adapter_name, name, int(entry["code_bytes"]), int(entry["scales"]), with_checksums)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _allocate(self, adapter_name: str, param_name: str, code_bytes: int, scales: int, with_checksums: bool) -> None:
+        self._codes(param_name)[adapter_name] = torch.zeros(code_bytes, dtype=torch.uint8)
+        self._scales(param_name)[adapter_name] = nn.Parameter(torch.zeros(scales))
+        if with_checksums:
+            self._checksums(param_name)[adapter_name] = torch.zeros(4, dtype=torch.uint8)
+
+    def set_low_rank(self, adapter_name: str, left: BinarySwitch, right: BinarySwitch) -> dict[str, dict[str, Any]]:
+        """Switch the weight of ``adapter_name`` by the low-rank pair ``left @ right`` (``[rows, r]`` and ``[r,
+        cols]`` of the weight viewed as ``[shape[0], numel // shape[0]]``), replacing a ``weight`` switch; returns
+        the layout entries of the two units (see :meth:`set_switch`)."""
+        weight = self.get_base_layer().weight
+        rows = weight.shape[0]
+        if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != right.shape[0]:
+            raise ValueError(f"Low-rank factors of shapes {list(left.shape)} and {list(right.shape)} do not chain.")
+        if left.shape[0] != rows or right.shape[1] * rows != weight.numel():
+            raise ValueError(
+                f"Low-rank factors of shapes {list(left.shape)} and {list(right.shape)} do not make the weight of "
+                f"{self.tswitch_module_name or 'this layer'} (shape {list(weight.shape)})."
+            )
+        with_checksums = adapter_name in self._checksums(LOW_RANK_TARGET) or adapter_name in self._checksums(
+            LOW_RANK_UNITS[0]
+        )
+        entries = {}
+        for name, switch in zip(LOW_RANK_UNITS, (left, right)):
+            if adapter_name not in self._codes(name):
+                self._allocate(adapter_name, name, 0, 1, with_checksums)
+            entries[name] = self.set_switch(adapter_name, name, switch)
+            entries[name]["target_shape"] = [int(size) for size in weight.shape]
+        for part in ("code", "scale", "checksum"):  # the pair stands for the weight's switch
+            getattr(self, attribute(LOW_RANK_TARGET, part)).pop(adapter_name, None)
+        self._sparse_cache.pop((adapter_name, LOW_RANK_TARGET), None)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        return entries
 
     def set_switch(self, adapter_name: str, param_name: str, switch: BinarySwitch) -> dict[str, Any]:
         """Store ``switch`` (any value bits) for ``param_name`` of this layer; returns its layout entry for the adapter
         config. Whoever collects the entries into ``config.unit_layout`` sets ``config.format_version`` to
         :func:`switch_adapter.format.required_format_version` of the layout."""
         codes, scales = self._codes(param_name), self._scales(param_name)
-        device = getattr(self.get_base_layer(), param_name).device
+        owner = LOW_RANK_TARGET if param_name in LOW_RANK_UNITS else param_name
+        device = getattr(self.get_base_layer(), owner).device
         levels = None if switch.levels is None else switch.levels.cpu()
         blob = sass.encode(switch.mask.cpu(), switch.positive.cpu(), value_bits=switch.value_bits, levels=levels)
         codes[adapter_name] = blob.to(device)
@@ -263,8 +311,10 @@ class TSwitchLayer(BaseTunerLayer):
         return layout_entry(switch.shape, blob, int(switch.scale.numel()))
 
     def switch_slots(self, adapter_name: str) -> list[str]:
-        """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty)."""
-        return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)]
+        """Parameters of this layer that ``adapter_name`` may switch (its switch can still be empty; the weight of a
+        low-rank pair included)."""
+        return [name for name in SWITCHABLE_PARAMETERS if adapter_name in self._codes(name)
+                or (name == LOW_RANK_TARGET and adapter_name in self._codes(LOW_RANK_UNITS[0]))]  # fmt: skip
 
     def _sparse(self, adapter_name: str, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(positions, multipliers)`` of the kept entries as :func:`compact_decoded` stores them (int32 flat
@@ -305,15 +355,55 @@ class TSwitchLayer(BaseTunerLayer):
         scale = self._scales(param_name)[adapter_name]
         return positions, kept_values(positions, multipliers, scale, like.numel(), like.dtype)
 
-    def _has_switch(self, adapter_name: str, param_name: str) -> bool:
+    def _has_unit(self, adapter_name: str, param_name: str) -> bool:
         codes = self._codes(param_name)
         return adapter_name in codes and codes[adapter_name].numel() > 0
 
+    def _has_switch(self, adapter_name: str, param_name: str) -> bool:
+        """Whether ``adapter_name`` changes ``param_name`` (a switch of its own, or a low-rank pair for the weight)."""
+        return self._has_unit(adapter_name, param_name) or (
+            param_name == LOW_RANK_TARGET and self.is_low_rank(adapter_name)
+        )
+
+    def is_low_rank(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` switches the weight by a low-rank pair."""
+        return all(self._has_unit(adapter_name, name) for name in LOW_RANK_UNITS)
+
+    def low_rank_factors(
+        self, adapter_name: str, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded ``(left, right)`` factors of ``adapter_name``'s low-rank pair (``[rows, r]``, ``[r, cols]``),
+        in ``dtype`` on ``device`` (the weight's by default); differentiable in the scales."""
+        weight = self.get_base_layer().weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        factors = []
+        for name in LOW_RANK_UNITS:
+            positions, multipliers = self._sparse(adapter_name, name)
+            positions, multipliers = positions.to(device), multipliers.to(device)
+            scale = self._scales(name)[adapter_name]
+            shape = self._factor_shape(adapter_name, name)
+            values = kept_values(positions, multipliers, scale, shape[0] * shape[1], dtype)
+            dense = torch.zeros(shape[0] * shape[1], dtype=dtype, device=device)
+            factors.append(dense.index_put((positions,), values).view(shape))
+        return factors[0], factors[1]
+
+    def _factor_shape(self, adapter_name: str, name: str) -> tuple[int, int]:
+        """The shape of one factor of ``adapter_name``'s pair, from the weight and the left factor's entry count."""
+        weight = self.get_base_layer().weight
+        rows, cols = weight.shape[0], weight.numel() // weight.shape[0]
+        header = sass.read_header(self._codes(LOW_RANK_UNITS[0])[adapter_name])
+        rank = header.numel // rows
+        return (rows, rank) if name == LOW_RANK_UNITS[0] else (rank, cols)
+
     def get_delta(self, adapter_name: str, param_name: str) -> torch.Tensor | None:
-        """The dense ``scale * mask * multiplier`` for one parameter, in its dtype and on its device; None if empty."""
+        """The dense ``scale * mask * multiplier`` for one parameter (the product of the factors for a low-rank
+        pair), in its dtype and on its device; None if empty."""
         if not self._has_switch(adapter_name, param_name):
             return None
         param = getattr(self.get_base_layer(), param_name)
+        if param_name == LOW_RANK_TARGET and self.is_low_rank(adapter_name):
+            left, right = self.low_rank_factors(adapter_name, param.dtype, param.device)
+            return (left @ right).view(param.shape)
         positions, values = self._kept_values(adapter_name, param_name, param)
         delta = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
         return delta.index_put_((positions,), values).view(param.shape)
@@ -343,6 +433,10 @@ class TSwitchLayer(BaseTunerLayer):
                 continue
             if result is None:
                 result = value.clone()
+            if param_name == LOW_RANK_TARGET and self.is_low_rank(adapter_name):
+                left, right = self.low_rank_factors(adapter_name, result.dtype, result.device)
+                result.view(result.shape[0], -1).addmm_(left, right, alpha=float(weight))
+                continue
             scale = self._scales(param_name)[adapter_name]
             if keep_decoded or (adapter_name, param_name) in self._sparse_cache:
                 positions, multipliers = self._sparse(adapter_name, param_name)

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -21,11 +22,14 @@ from ..errors import CodecError, LayoutMismatchError
 from ..format import (
     CHECKSUMS_SINCE,
     KEY_PREFIX,
+    LOW_RANK_TARGET,
+    LOW_RANK_UNITS,
     AdapterFile,
     Unit,
     check_unit,
     find_layout_entry,
     locate_weights_file,
+    low_rank_problems,
     parse_key,
     parse_statistics_key,
     required_format_version,
@@ -273,11 +277,15 @@ class TSwitchModel(BaseTuner):
             module = modules[matches[0]]
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
+            problems.extend(f"{layout_key}: {problem}" for problem in low_rank_problems(params))
             for param_name, entry in params.items():
+                shape = entry["shape"]
+                if param_name in LOW_RANK_UNITS:  # a factor: its product must make the weight
+                    param_name, shape = LOW_RANK_TARGET, entry.get("target_shape")
                 param = getattr(module, param_name, None)
                 if not isinstance(param, torch.Tensor):
                     problems.append(f"{layout_key}.{param_name}: the base module has no such parameter")
-                elif list(param.shape) != list(entry["shape"]):
+                elif list(param.shape) != list(shape or []):
                     problems.append(
                         f"{layout_key}.{param_name}: switch made for shape {list(entry['shape'])}, "
                         f"base model has {list(param.shape)}"
@@ -497,9 +505,13 @@ class TSwitchModel(BaseTuner):
                 problems.append(f"{unit.name}: the code or the scale is missing")
                 continue
             try:
-                numel = getattr(model.get_submodule(module_path).get_base_layer(), param_name).numel()
-            except AttributeError as error:
-                problems.append(f"{unit.name}: {error}")
+                if param_name in LOW_RANK_UNITS:  # a factor: its size is the layout's
+                    entry = find_layout_entry(config.unit_layout, unit.module) or {}
+                    numel = math.prod(entry[param_name]["shape"])
+                else:
+                    numel = getattr(model.get_submodule(module_path).get_base_layer(), param_name).numel()
+            except (AttributeError, KeyError) as error:
+                problems.append(f"{unit.name}: {error!r}")
                 continue
             status = check_unit(
                 unit,

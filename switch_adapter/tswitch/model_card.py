@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .._model_sources import TASK_AUTO_CLASSES
-from ..format import MODEL_CARD_NAME, storage_summary
+from ..format import LOW_RANK_UNITS, MODEL_CARD_NAME, storage_summary
 
 if TYPE_CHECKING:
     from .config import TSwitchConfig
@@ -65,6 +65,11 @@ def _description(config: TSwitchConfig, mean_value_bits: float) -> tuple[str, st
             "bits per value, learned per tensor) and one scale."
         )
     values = "the values (signs, or levels of 2 to 8 bits)" if mean_value_bits > 1 else "the signs"
+    if any(LOW_RANK_UNITS[0] in params for params in config.unit_layout.values()):
+        return "## Low-rank switch adapter", (
+            f"A LoRA compressed with {library}: every adapted weight changes by the product of two factors (a "
+            f"low-rank pair in SVD form), each stored as a keep-mask, {values} of the kept entries and its scales."
+        )
     return "## T-Switch adapter", (
         f"A task vector compressed with {library}: for every switched weight tensor a binary keep-mask, {values} of "
         "the kept entries and one scale."
