@@ -1,8 +1,9 @@
-"""Converter benchmark: peak memory and time of converting a sharded checkpoint, and LoRA ``delta`` vs ``factors``.
+"""Converter benchmark: peak memory and time of converting a sharded checkpoint, and LoRA ``delta`` vs ``factors``
+(written to ``convert.*`` and ``convert_lora.*``).
 
 Usage::
 
-    python -m benchmarks.convert [--quick] [--no-lora] [--model smollm2|minilm] [--shard-size 100MB]
+    python -m benchmarks.convert [--quick] [--no-lora | --lora-only] [--model smollm2|minilm] [--shard-size 100MB]
                                  [--out benchmarks/results]
 
 Sections:
@@ -20,12 +21,13 @@ Sections:
   tensor by tensor (to fp32), both timed in the same process after a warm-up read. The in-memory route (load both
   models, :func:`switch_adapter.from_finetuned`, ``save_pretrained``) is measured as a second reference.
 * **LoRA delta vs factors**: a LoRA (r=8 on query/value/dense) trained for a few steps on sms_spam on MiniLM,
-  converted with ``mode="delta"`` and ``mode="factors"`` at several densities. Accuracy proxy: the relative error
+  converted with ``mode="delta"`` at several densities and ``mode="factors"`` (low-rank pairs) at several value bits.
+  Accuracy proxies: the share of test sentences labelled as the LoRA labels them, and the relative error
   of every adapted layer's output on real activations (sentences of the task, captured with forward hooks on the
   base model), ``||x dW_hat^T - x dW^T|| / ||x dW^T||`` for the update and the same for the whole layer output
-  ``x (W + dW)^T + b``; size: bytes of the switches, of the binarized factors alone, of the LoRA in fp32.
+  ``x (W + dW)^T + b``; size: bytes of the switches and of the LoRA.
 
-Writes ``convert.json`` and ``convert.md`` to ``--out``.
+Writes ``convert.{json,md}`` (``convert_time.*`` with ``--no-lora``) and ``convert_lora.{json,md}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -271,7 +273,7 @@ def memory_and_time(model_name: str, shard_size: str, repeats: int) -> dict:
 # -- LoRA: delta vs factors --------------------------------------------------------------------------------------
 
 
-def _train_lora(work: Path, steps: int) -> tuple[Path, Path, list[str]]:
+def _train_lora(work: Path, steps: int) -> tuple[Path, Path, list[str], list[int]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -293,20 +295,22 @@ def _train_lora(work: Path, steps: int) -> tuple[Path, Path, list[str]]:
         optimizer.step()
         optimizer.zero_grad()
     peft_model.save_pretrained(work / "lora")
-    return Path(path), work / "lora", list(data["test"]["text"])
+    return Path(path), work / "lora", list(data["test"]["text"]), list(data["test"]["label"])
 
 
-def lora_modes(densities: list[float], steps: int) -> list[dict]:
+def lora_modes(densities: list[float], factor_bits: list[int], steps: int) -> list[dict]:
+    """Delta mode at ``densities`` and factors mode at density 1.0 with ``factor_bits`` value bits, on one LoRA."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import switch_adapter
-    from switch_adapter import TSwitchConfig, binarize
+    from switch_adapter import TSwitchConfig
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base_path, lora_dir, texts = _train_lora(work, steps)
+        base_path, lora_dir, texts, gold = _train_lora(work, steps)
+        gold_labels = torch.tensor(gold)
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
         base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2).eval()
@@ -322,55 +326,60 @@ def lora_modes(densities: list[float], steps: int) -> list[dict]:
         ]
         with torch.no_grad():
             base(**batch)
+            lora_labels = lora_model(**batch).logits.argmax(-1)
+        rows.append(
+            {
+                "mode": "the LoRA itself",
+                "density": "-",
+                "value_bits": "-",
+                "accuracy": round(float((lora_labels == gold_labels).float().mean()), 4),
+                "same_label_as_lora": 1.0,
+                "switch_bytes": "-",
+            }
+        )
         for hook in hooks:
             hook.remove()
         mask = batch["attention_mask"].bool()
         torch.set_grad_enabled(False)
         exact = {n: inner.get_submodule(n).get_delta_weight("default").detach() for n in names}
         lora_bytes = sum(p.numel() * 4 for n, p in inner.named_parameters() if "lora_" in n)
-        for density in densities:
-            for mode in ("delta", "factors"):
-                out = work / f"{mode}-{density}"
-                summary = switch_adapter.convert_lora(
-                    base_path, lora_dir, out, TSwitchConfig(density=density), mode=mode, force=True, progress=False
-                )
-                switched = PeftModel.from_pretrained(
-                    AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2), out
-                ).base_model.model
-                update_errors, output_errors, reference_errors = [], [], []
-                for n in names:
-                    x = inputs[n][mask] if inputs[n].dim() == 3 else inputs[n]  # real tokens (the pooler: [CLS])
-                    layer = base.get_submodule(n)
-                    approx = switched.get_submodule(n).get_delta("default", "weight")
-                    want = x @ exact[n].T
-                    got = x @ approx.T
-                    update_errors.append(float((got - want).norm() / want.norm()))
-                    full = layer(x) + want
-                    output_errors.append(float((got - want).norm() / full.norm()))
-                    if mode == "factors":  # what the reference applies: the product of the binarized factors
-                        peft_layer = inner.get_submodule(n)
-                        a_hat = binarize(peft_layer.lora_A["default"].weight, density).to_dense()
-                        b_hat = binarize(peft_layer.lora_B["default"].weight, density).to_dense()
-                        product = x @ ((b_hat @ a_hat) * peft_layer.scaling["default"]).T
-                        reference_errors.append(float((product - want).norm() / want.norm()))
-                rows.append(
-                    {
-                        "density": density,
-                        "mode": mode,
-                        "update_rel_error_mean": round(sum(update_errors) / len(update_errors), 4),
-                        "update_rel_error_max": round(max(update_errors), 4),
-                        "output_rel_error_mean": round(sum(output_errors) / len(output_errors), 5),
-                        "factors_product_update_rel_error_mean": (
-                            round(sum(reference_errors) / len(reference_errors), 4) if reference_errors else None
-                        ),
-                        "switch_bytes": summary.switch_bytes,
-                        "factor_bytes": summary.factor_bytes,
-                        "lora_fp32_bytes": lora_bytes,
-                        "dense_fp32_bytes": summary.parameters * 4,
-                        "bits_per_parameter": round(summary.bits_per_parameter, 4),
-                    }
-                )
-                print("  " + json.dumps(rows[-1]), flush=True)
+        settings = [("delta", d, 1) for d in densities] + [("factors", 1.0, b) for b in factor_bits]
+        for mode, density, bits in settings:
+            out = work / f"{mode}-{density}-{bits}"
+            summary = switch_adapter.convert_lora(base_path, lora_dir, out, TSwitchConfig(density=density), mode=mode,
+                                                  value_bits=bits, force=True, progress=False)  # fmt: skip
+            switched_model = PeftModel.from_pretrained(
+                AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2), out
+            ).eval()
+            switched = switched_model.base_model.model
+            update_errors, output_errors = [], []
+            for n in names:
+                x = inputs[n][mask] if inputs[n].dim() == 3 else inputs[n]  # real tokens (the pooler: [CLS])
+                layer = base.get_submodule(n)
+                approx = switched.get_submodule(n).get_delta("default", "weight")
+                want = x @ exact[n].T
+                got = x @ approx.T
+                update_errors.append(float((got - want).norm() / want.norm()))
+                full = layer(x) + want
+                output_errors.append(float((got - want).norm() / full.norm()))
+            labels = switched_model(**batch).logits.argmax(-1)
+            agreement = float((labels == lora_labels).float().mean())
+            rows.append(
+                {
+                    "mode": mode,
+                    "density": density,
+                    "value_bits": bits,
+                    "update_rel_error_mean": round(sum(update_errors) / len(update_errors), 4),
+                    "update_rel_error_max": round(max(update_errors), 4),
+                    "output_rel_error_mean": round(sum(output_errors) / len(output_errors), 5),
+                    "accuracy": round(float((labels == gold_labels).float().mean()), 4),
+                    "same_label_as_lora": round(agreement, 4),
+                    "switch_bytes": summary.switch_bytes,
+                    "lora_fp32_bytes": lora_bytes,
+                    "switch_over_lora_fp16": round(summary.switch_bytes / (lora_bytes / 2), 4),
+                }
+            )
+            print("  " + json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -378,9 +387,9 @@ def lora_modes(densities: list[float], steps: int) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(k, "-")) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -427,22 +436,30 @@ def markdown(report: dict) -> str:
         f"**{'met' if memory['meets_time_target'] else 'NOT met'}**. Conversion / in-memory route (same round, "
         f"median) = {memory['convert_over_from_finetuned']}x.",
     ]
-    if "lora_modes" not in report:
-        return "\n".join(lines) + "\n" + report.get("notes", "")
-    lines += [
-        "",
-        "## LoRA: mode='delta' vs mode='factors'",
-        "",
-        "MiniLM + a LoRA (r=8, alpha 16, query/value/dense, SEQ_CLS) trained briefly on sms_spam; errors on the "
-        "activations of real test sentences (padding excluded), averaged over the adapted layers. "
-        "`update_rel_error` = ||x dW_hat^T - x dW^T|| / ||x dW^T||; `output_rel_error` = the same difference over "
-        "the norm of the adapted layer's whole output; `factors_product_update_rel_error` = the update error of "
-        "`scaling * B_hat @ A_hat` itself (what the reference applies), before factors mode binarizes that product "
-        "again to store it as a T-Switch.",
-        "",
-        markdown_table(report["lora_modes"]),
-    ]
     return "\n".join(lines) + "\n" + report.get("notes", "")
+
+
+def lora_markdown(report: dict) -> str:
+    rows = report["lora_modes"]
+    return "\n".join(
+        [
+            "# Converting a LoRA: mode='delta' against mode='factors'",
+            "",
+            f"Machine: {report['machine']}. Generated by `python -m benchmarks.convert {' '.join(report['argv'])}`.",
+            "",
+            f"MiniLM + a LoRA (r=8, alpha 16, query/value/dense, SEQ_CLS) trained for {report['lora_steps']} steps of "
+            "16 on sms_spam (seed 0); errors on the activations of 64 real test sentences (padding excluded), "
+            "averaged over the adapted layers. `update_rel_error` = ||x dW_hat^T - x dW^T|| / ||x dW^T||; "
+            "`output_rel_error` = the same difference over the norm of the adapted layer's whole output; "
+            "`accuracy` = share of the 64 sentences labelled right; "
+            "`same_label_as_lora` = share of the 64 sentences the converted adapter labels as the LoRA does; "
+            "`switch_over_lora_fp16` = switch bytes over the LoRA's bytes in fp16. Delta mode: one 1-bit switch of "
+            "each weight's exact update; factors mode: a low-rank pair in SVD form, density 1.0, `value_bits` bits "
+            "per value.",
+            "",
+            markdown_table(rows),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -452,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="MiniLM, one repeat, fewer densities")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA section; writes convert_time.*")
+    parser.add_argument("--lora-only", action="store_true", help="only the LoRA section (convert_lora.*)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--child", nargs=5, metavar=("KIND", "BASE", "TUNED", "OUT", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -464,23 +482,32 @@ def main(argv: list[str] | None = None) -> dict:
     shard_size = args.shard_size or ("100MB" if model == "smollm2" else "20MB")
     repeats = 1 if args.quick else args.repeats
     print(f"memory and time: {model}, shards of {shard_size} ...", flush=True)
-    report = {
+    header = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "numba_kernels": _numba_kernels(),
         "argv": [portable_path(a) for a in (sys.argv[1:] if argv is None else argv)],
-        "memory_and_time": memory_and_time(model, shard_size, repeats),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = dict(header)
+    if not args.lora_only:
+        report["memory_and_time"] = memory_and_time(model, shard_size, repeats)
+        stem = "convert_time" if args.no_lora else "convert"  # a time-only run does not replace the full results
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = markdown(report)
+        (args.out / f"{stem}.md").write_text(text)
+        print(text)
     if not args.no_lora:
         print("LoRA delta vs factors ...", flush=True)
-        report["lora_modes"] = lora_modes(
-            [0.05, 0.4] if args.quick else [0.02, 0.05, 0.1, 0.4], steps=8 if args.quick else 30
+        steps = 8 if args.quick else 30
+        lora_report = dict(header, lora_steps=steps)
+        lora_report["lora_modes"] = lora_modes(
+            [0.05, 0.4] if args.quick else [0.02, 0.05, 0.1, 0.4], [2] if args.quick else [1, 2, 4, 8], steps
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "convert_time" if args.no_lora else "convert"  # a time-only run does not replace the full results
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+        (args.out / "convert_lora.json").write_text(json.dumps(lora_report, indent=2) + "\n")
+        text = lora_markdown(lora_report)
+        (args.out / "convert_lora.md").write_text(text)
+        print(text)
+        report.update(lora_report)
     return report
 
 

@@ -76,7 +76,7 @@ class LLMBenchConfig:
     densities: tuple[float, ...] = (0.05, 0.2)
     factor_bits: tuple[int, ...] = (2, 4)  # factors mode: value bits of the low-rank pairs' rows
     factor_density: float = 1.0
-    autoswitch_factor_bits: int | None = 2  # the factors row that is also routed (None: none)
+    autoswitch_factor_bits: int | None = 4  # the factors row that is also routed (None: none)
     autoswitch_density: float = 0.05
     flexswitch_fraction: float = 0.5
     flexswitch_steps: int = 8
@@ -112,6 +112,7 @@ def quick_llm_config(**overrides: Any) -> LLMBenchConfig:
         lora=LoraSettings(steps=4, batch_size=8),
         densities=(0.05,),
         factor_bits=(2,),
+        autoswitch_factor_bits=2,
         flexswitch_steps=2,
         flexswitch_batch=4,
         flexswitch_examples=8,

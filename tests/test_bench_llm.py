@@ -142,6 +142,7 @@ def _config(folder: Path, tmp_path: Path, **overrides) -> LLMBenchConfig:
         lora=LoraSettings(steps=2, batch_size=4, targets=("q_proj", "v_proj", "up_proj")),
         densities=(0.1, 0.5),
         factor_bits=(2,),
+        autoswitch_factor_bits=2,
         autoswitch_density=0.1,
         flexswitch_steps=2,
         flexswitch_batch=2,
