@@ -160,7 +160,8 @@ def flex_config(args: argparse.Namespace):
     from .flexswitch import FlexSwitchConfig
 
     values = {}
-    for name in ("budget", "steps", "batch_size", "max_length", "loss", "seed", "task_type", "text_column"):
+    for name in ("budget", "steps", "batch_size", "max_length", "loss", "seed", "task_type", "text_column",
+                 "lora_factors"):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.bit_widths is not None:

@@ -271,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("--seed", type=int, help=f"seed (default {_flex_default('seed')})")
     training.add_argument(
+        "--lora-factors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="from a LoRA: learn each update as a low-rank pair of its factors (default), or, with "
+        "--no-lora-factors, as a sparse switch of the dense update",
+    )
+    training.add_argument(
         "--target-modules",
         nargs="+",
         metavar="NAME",

@@ -144,6 +144,7 @@ def _config(folder: Path, tmp_path: Path, **overrides) -> LLMBenchConfig:
         factor_bits=(2,),
         autoswitch_factor_bits=2,
         autoswitch_density=0.1,
+        flexswitch_fraction=1.0,  # half a tiny LoRA's bytes is less than its low-rank pairs' headers
         flexswitch_steps=2,
         flexswitch_batch=2,
         flexswitch_examples=4,
@@ -180,11 +181,11 @@ def test_the_suite_runs_every_row_and_writes_its_report(tiny_chat_llm, tmp_path)
     # Speeds against the plain model, which ran twice.
     assert len(report["plain_speed_seconds"]) == 2
     assert all(rows[m]["speed"] > 0 for m in ("base", "lora", "arrow_k1", "tswitch_delta_0.1", "auto_flexswitch"))
-    # Sizes: the denser switch is bigger; FlexSwitch was learned within its budget of half the LoRA's fp16 bytes.
+    # Sizes: the denser switch is bigger; FlexSwitch was learned within its budget (a share of the LoRA's fp16 bytes).
     assert rows["tswitch_delta_0.5"]["bytes_per_task"] > rows["tswitch_delta_0.1"]["bytes_per_task"]
     lora_fp16 = rows["lora"]["bytes_per_task"]
     assert lora_fp16 == 2 * next(iter(report["loras"].values()))["trainable_params"]
-    assert rows["flexswitch"]["bytes_per_task"] <= 1.05 * lora_fp16 / 2
+    assert rows["flexswitch"]["bytes_per_task"] <= 1.05 * lora_fp16 * config.flexswitch_fraction
     assert rows["factors_2bit_1"]["bytes_per_task"] < lora_fp16  # 2 bits per factor entry (tiny: headers weigh)
     # The files: JSON with what was run, a markdown table with every row, no machine path.
     out = Path(config.out_dir)

@@ -318,10 +318,12 @@ def test_bad_input_fails_clearly_and_changes_nothing(bert, tmp_path, monkeypatch
 # -- sources and examples ----------------------------------------------------------------------------------------------
 
 
-def test_a_lora_finetune_gives_units_only_where_the_lora_is(tmp_path):
+@pytest.mark.parametrize("lora_factors", [True, False], ids=["low-rank-pairs", "sparse-deltas"])
+def test_a_lora_finetune_gives_units_only_where_the_lora_is(tmp_path, lora_factors):
     base = tiny_llama(vocab_size=2048)  # more classes than FULL_LOGITS_LIMIT: the teacher's top-k KL
+    rank = 16 if lora_factors else 4  # pairs of a tiny rank would be all headers
     lora = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        copy.deepcopy(base), LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -337,18 +339,23 @@ def test_a_lora_finetune_gives_units_only_where_the_lora_is(tmp_path):
     before = _snapshot(base)
 
     examples = _token_examples(count=16, vocab=2048)
-    config = FlexSwitchConfig(budget="15%", bit_widths=(1, 2), steps=3)  # only the LoRA's 4 tensors are switched
+    # only the LoRA's 4 tensors are switched (as low-rank pairs: a budget of the pairs' 8 factors)
+    budget = "7.2kB" if lora_factors else "15%"  # pairs: about the file at 8 bits per factor entry
+    config = FlexSwitchConfig(budget=budget, bit_widths=(1, 2, 4, 8), steps=3, lora_factors=lora_factors)
     model = flexswitch(base, tmp_path / "lora", examples, config, progress=False)
     adapter = model.peft_config["default"]
     assert list(model.peft_config) == ["default"] and adapter.task_type == "CAUSAL_LM"
     assert sorted(adapter.unit_layout) == sorted(deltas) and len(deltas) == 4
-    assert all(list(params) == ["weight"] for params in adapter.unit_layout.values())
+    units = ["weight_left", "weight_right"] if lora_factors else ["weight"]
+    assert all(sorted(params) == units for params in adapter.unit_layout.values())
+    assert (adapter.format_version == 5) == lora_factors
     assert not any(isinstance(module, LoraLayer) for module in model.modules())
     model.save_pretrained(tmp_path / "flex")
     _assert_within_budget(tmp_path / "flex", adapter.flexswitch, _switched_parameters(model))
     for name, delta in deltas.items():  # the switch approximates the LoRA's delta
         learned = model.get_base_model().get_submodule(name).get_delta("default", "weight")
-        assert torch.nn.functional.cosine_similarity(learned.flatten(), delta.flatten(), dim=0) > 0.5, name
+        similarity = torch.nn.functional.cosine_similarity(learned.flatten(), delta.flatten(), dim=0)
+        assert similarity > (0.9 if lora_factors else 0.5), name
     _assert_unchanged(model.unload(), before)  # under the switch, the base weights are untouched
 
 
@@ -525,7 +532,7 @@ def test_cli_flex_from_a_lora_folder(saved_llama, tmp_path, capsys):
     lora.save_pretrained(tmp_path / "lora")
     args = _flex_args(saved_llama, tmp_path / "flex")
     args[2], args[args.index("--budget") + 1] = str(tmp_path / "lora"), "1.8kB"
-    assert main(args) == 0, capsys.readouterr().err
+    assert main([*args, "--no-lora-factors"]) == 0, capsys.readouterr().err  # sparse switches of the dense updates
     assert "4 switched tensors" in capsys.readouterr().out
     config = json.loads((tmp_path / "flex" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and len(config["unit_layout"]) == 4

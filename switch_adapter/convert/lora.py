@@ -257,17 +257,8 @@ class LoraDeltas:
     def stored_factors(
         self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(left, right)`` with ``left @ right`` = the task vector of module ``name`` viewed as ``[shape[0], numel
-        // shape[0]]`` (the weight's stored layout), from factors ``a`` and ``b``; None for a convolution whose
-        ``lora_B`` is not 1x1 (its update is not one matrix product)."""
-        layer = self.skeleton.model.get_submodule(name)
-        if isinstance(layer, (nn.Embedding, Conv1D)):  # stored [in or tokens, out]: (B @ A).T * scaling
-            return a.T, b.T * scaling
-        if isinstance(layer, nn.Conv2d):
-            if b.dim() == 4 and tuple(b.shape[2:]) != (1, 1):
-                return None
-            return b.reshape(b.shape[0], -1) * scaling, a.reshape(a.shape[0], -1)
-        return b * scaling, a
+        """:func:`stored_lora_factors` of module ``name``."""
+        return stored_lora_factors(self.skeleton.model.get_submodule(name), a, b, scaling)
 
     def delta(self, name: str) -> torch.Tensor:
         """The exact weight task vector of module ``name`` (fp32)."""
@@ -457,14 +448,33 @@ def _unit_keys(switch_keys: dict, module_name: str, param_name: str) -> tuple[st
     return tuple(key[: key.rindex(own)] + factor + key[key.rindex(own) + len(own) :] for key in weight_keys)
 
 
-def low_rank_form(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_lora_factors(
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(left, right)`` with ``left @ right`` = the LoRA update ``scaling * B @ A`` of ``layer`` viewed as its weight's
+    ``[shape[0], numel // shape[0]]`` (the stored layout: transposed for Conv1D and embeddings, whose ``a`` is
+    ``lora_embedding_A`` ``[r, tokens]``); None for a convolution whose ``lora_B`` is not 1x1 (its update is not one
+    matrix product)."""
+    if isinstance(layer, (nn.Embedding, Conv1D)):  # stored [in or tokens, out]: (B @ A).T * scaling
+        return a.T, b.T * scaling
+    if isinstance(layer, nn.Conv2d):
+        if b.dim() == 4 and tuple(b.shape[2:]) != (1, 1):
+            return None
+        return b.reshape(b.shape[0], -1) * scaling, a.reshape(a.shape[0], -1)
+    return b * scaling, a
+
+
+def low_rank_form(left: torch.Tensor, right: torch.Tensor, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, S V^T)`` of the product ``left @ right`` (``[rows, r]``, ``[r, cols]``) without forming it: thin QR of
     both factors, then the SVD of the small ``r x r`` core. ``U`` has orthonormal columns and row ``k`` of ``S V^T``
-    has norm ``s_k``."""
+    has norm ``s_k``; ``balanced=True`` gives ``(U S^1/2, S^1/2 V^T)`` instead (column and row ``k`` both of norm
+    ``s_k^1/2``, for factors that get one scale each)."""
     q_left, r_left = torch.linalg.qr(left.double())
     q_right, r_right = torch.linalg.qr(right.double().T)
     u, singular, vh = torch.linalg.svd(r_left @ r_right.T)
-    return (q_left @ u).float(), (singular.unsqueeze(1) * (vh @ q_right.T)).float()
+    left_singular = singular.sqrt() if balanced else torch.ones_like(singular)
+    right_singular = singular / left_singular
+    return (q_left @ u * left_singular).float(), (right_singular.unsqueeze(1) * (vh @ q_right.T)).float()
 
 
 def _module_switches(

@@ -81,6 +81,10 @@ class FlexSwitchConfig:
             at least 0.2): only these entries are held during training.
         freeze: What not to learn, any of ``"density"``, ``"bits"``, ``"scale"``. With ``bit_widths=(1,)`` and
             ``freeze=("density", "scale")`` the result is the T-Switch of ``init_density``.
+        lora_factors: For a LoRA fine-tune: learn each adapted weight as a low-rank pair, the LoRA's two factors (in
+            balanced SVD form, every entry a candidate), as ``convert_lora(mode="factors")`` stores it (True, the
+            default); False learns a sparse switch of each dense update ``scaling * B @ A``. The pairs start at
+            density 1 with the most bits in ``bit_widths`` that fit the budget.
         target_modules, exclude_modules, modules_to_save, switch_bias, switch_norms, task_type: As in
             :class:`~switch_adapter.TSwitchConfig`. For a LoRA fine-tune, ``"all"`` (the default) means the LoRA's
             modules, and ``modules_to_save`` defaults to the LoRA's.
@@ -104,6 +108,7 @@ class FlexSwitchConfig:
     init_density: float | None = None
     candidate_fraction: float | None = None
     freeze: tuple[str, ...] = ()
+    lora_factors: bool = True
     target_modules: list[str] | str | None = "all"
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None

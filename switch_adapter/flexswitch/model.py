@@ -15,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec import sass
+from ..convert.lora import low_rank_form
 from ..errors import BudgetError, TrainingError
-from ..format import add_checksums, required_format_version
+from ..format import LOW_RANK_TARGET, LOW_RANK_UNITS, add_checksums, required_format_version
 from ..heads import log_heads
 from ..tswitch.build import (
     _lookup,
@@ -30,12 +31,12 @@ from ..tswitch.build import (
     switch_units,
 )
 from ..tswitch.config import TSwitchConfig
-from .budget import SIZE_TOLERANCE, FileSize, check_budget, fit_shift, uniform_density
+from .budget import SIZE_TOLERANCE, FileSize, check_budget, code_bytes, fit_shift, uniform_density
 from .config import FlexSwitchConfig
 from .distill import Target, distillation_loss, make_target, resolve_loss
 from .examples import Batch, move_batch, prepare_batches
 from .sources import FineTune, load_base, open_finetune
-from .unit import LearnableUnit
+from .unit import LearnableUnit, quota
 
 logger = logging.getLogger(__name__)
 _CHECK_EVERY = 25
@@ -111,7 +112,7 @@ def flexswitch(
         store_switches(model, adapter_name, [], heads)
         if not tune.is_lora:  # a full fine-tune's BatchNorm statistics are carried exactly (a LoRA has none)
             store_statistics(model, adapter_name, finetuned_statistics(inner, adapter_name, tune.state))
-        vectors = _TaskVectors(inner, adapter_name, tune)
+        vectors = _TaskVectors(inner, adapter_name, tune, config.lora_factors)
         run = _Run(model, adapter_name, vectors, config, accelerator)
         del vectors, tune  # the units hold the candidates they need; the fine-tuned model can go
         run.train(batches, targets, loss_kind, progress)
@@ -189,12 +190,22 @@ class _TaskVectors:
     """The task vectors of the switchable parameters the fine-tune changed, computed on demand one at a time (so that
     only one is in memory besides the models); ``counts[key]`` is ``(positive, negative, numel)``."""
 
-    def __init__(self, inner: nn.Module, adapter_name: str, tune: FineTune) -> None:
+    def __init__(self, inner: nn.Module, adapter_name: str, tune: FineTune, lora_factors: bool = False) -> None:
         self.tune = tune
         self.layers: dict[tuple[str, str], nn.Module] = {}
         self.counts: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self.factors: dict[tuple[str, str], torch.Tensor] = {}  # the units of low-rank pairs: their factors
         problems = []
         for module_name, layer, param_name in switch_units(inner, adapter_name):
+            pair = tune.factors.get(f"{module_name}.{param_name}") if lora_factors and tune.is_lora else None
+            if pair is not None and param_name == LOW_RANK_TARGET:
+                layer.prepare_low_rank(adapter_name)
+                for name, factor in zip(LOW_RANK_UNITS, low_rank_form(*pair, balanced=True)):
+                    self.layers[(module_name, name)] = layer
+                    self.factors[(module_name, name)] = factor
+                    signs = (int((factor > 0).sum()), int((factor < 0).sum()))
+                    self.counts[(module_name, name)] = (*signs, factor.numel())
+                continue
             key = (module_name, param_name)
             self.layers[key] = layer
             try:
@@ -217,7 +228,10 @@ class _TaskVectors:
             )
 
     def __getitem__(self, key: tuple[str, str]) -> torch.Tensor | None:
-        """``fine-tuned - base`` in float32, None if the fine-tune does not touch it (a LoRA's other modules)."""
+        """``fine-tuned - base`` in float32, None if the fine-tune does not touch it (a LoRA's other modules); a factor
+        of a low-rank pair for a pair's unit."""
+        if key in self.factors:
+            return self.factors[key]
         module_name, param_name = key
         name = f"{module_name}.{param_name}"
         base_param = getattr(self.layers[key].get_base_layer(), param_name).detach()
@@ -241,23 +255,39 @@ class _TaskVectors:
 
 class _Student(nn.Module):
     """The base model whose switched parameters are ``base + learned delta`` (a functional call, so the base model's
-    parameters are never modified)."""
+    parameters are never modified). The two units of a low-rank pair (``pairs[i]``: ``"left"`` then ``"right"``,
+    consecutive, both naming the weight) add the product of their dense factors."""
 
-    def __init__(self, model: nn.Module, units: list[LearnableUnit], parameter_names: list[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        units: list[LearnableUnit],
+        parameter_names: list[str],
+        pairs: list[str | None] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.units = nn.ModuleList(units)
         self.parameter_names = parameter_names
+        self.pairs = pairs or [None] * len(units)
         parameters = dict(model.named_parameters(remove_duplicate=False))
         self._bases = [parameters[name] for name in parameter_names]  # the same objects after .to(device)
 
     def forward(self, batch: Batch, temperature: float) -> tuple[Any, torch.Tensor]:
-        overrides, bits = {}, []
-        for unit, name, base in zip(self.units, self.parameter_names, self._bases):
+        overrides, bits, left = {}, [], None
+        for unit, name, base, role in zip(self.units, self.parameter_names, self._bases, self.pairs):
             index, values, unit_bits = unit(temperature)
-            weight = base.detach().float().reshape(-1).index_add(0, index, values)
-            overrides[name] = weight.view(base.shape).to(base.dtype)
             bits.append(unit_bits)
+            if role is None:
+                weight = base.detach().float().reshape(-1).index_add(0, index, values)
+                overrides[name] = weight.view(base.shape).to(base.dtype)
+                continue
+            factor = values.new_zeros(unit.numel).index_add(0, index, values).view(unit.shape)
+            if role == "left":
+                left = factor
+                continue
+            change = (left @ factor).view(base.shape)
+            overrides[name] = (base.detach().float() + change).to(base.dtype)
         args, kwargs = batch
         output = torch.func.functional_call(self.model, overrides, args, kwargs, tie_weights=True, strict=False)
         return output, torch.stack(bits).sum()
@@ -284,15 +314,37 @@ class _Run:
         check_budget(config.parsed_budget, self.budget_bytes, self.file_size, vectors.counts)
         density = config.init_density or uniform_density(self.file_size, vectors.counts, self.budget_bytes)
         fraction = config.candidate_fraction or min(1.0, max(0.2, 4 * density))
-        self.units = [
-            LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
-            for m, p in tqdm(self.keys, desc="Preparing units", disable=len(self.keys) < 50)
-        ]
-        names = [self._parameter_name(inner, m, p) for m, p in self.keys]
+        pair_bits = self._pair_bits(vectors, density)
+        self.units = []
+        for m, p in tqdm(self.keys, desc="Preparing units", disable=len(self.keys) < 50):
+            if (m, p) in vectors.factors:  # a factor of a low-rank pair: every entry a candidate
+                unit = LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, config.init_density or 1.0, 1.0,
+                                     config.freeze, init_bits=pair_bits)  # fmt: skip
+            else:
+                unit = LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
+            self.units.append(unit)
+        names = [self._parameter_name(inner, m, LOW_RANK_TARGET if p in LOW_RANK_UNITS else p) for m, p in self.keys]
+        pairs = [("left" if p == LOW_RANK_UNITS[0] else "right") if p in LOW_RANK_UNITS else None for _, p in self.keys]
         self.init_density = density
-        self.student = _Student(inner, self.units, names)
+        self.student = _Student(inner, self.units, names, pairs)
         self.steps_run, self.initial_loss, self.final_loss = 0, float("nan"), float("nan")
         self.loss_kind = config.loss
+
+    def _pair_bits(self, vectors: _TaskVectors, density: float) -> int:
+        """The bit-width the low-rank pairs start from: the most of ``bit_widths`` whose pairs at density 1 (the other
+        units at ``density``, one bit) fit the budget; the fewest when none does."""
+        if not vectors.factors:
+            return self.config.bit_widths[0]
+        others = {}
+        for key, (positive, negative, numel) in vectors.counts.items():
+            if key not in vectors.factors:
+                kept = (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
+                others[key] = code_bytes(numel, kept)
+        for bits in sorted(self.config.bit_widths, reverse=True):
+            pairs = {key: code_bytes(vectors.counts[key][2], vectors.counts[key][2], bits) for key in vectors.factors}
+            if self.file_size({**others, **pairs}) <= self.budget_bytes:
+                return bits
+        return self.config.bit_widths[0]
 
     @staticmethod
     def _parameter_name(inner: nn.Module, module: str, param: str) -> str:
@@ -390,12 +442,20 @@ class _Run:
         shift = 0.0
         if "density" not in self.config.freeze:  # a frozen density stays as it is (over the budget: BudgetError)
             shift = fit_shift(self._file_bytes_at, self.budget_bytes)
-        switches = []
+        switches, pairs = [], {}
         for (module, param), unit in zip(self.keys, self.units):
             unit.to("cpu")
-            switches.append((module, self.layers[module], param, unit.export(shift)))
+            if param in LOW_RANK_UNITS:
+                pairs.setdefault(module, {})[param] = unit.export(shift)
+            else:
+                switches.append((module, self.layers[module], param, unit.export(shift)))
         config = self.model.peft_config[self.adapter_name]
         store_switches(self.model, self.adapter_name, switches)
+        for module, factors in pairs.items():
+            entries = self.layers[module].set_low_rank(self.adapter_name, *(factors[name] for name in LOW_RANK_UNITS))
+            for entry, factor in zip(entries.values(), (factors[name] for name in LOW_RANK_UNITS)):
+                entry["density"] = factor.kept / max(factor.numel, 1)
+            config.unit_layout.setdefault(module, {}).update(entries)
         config.format_version = required_format_version(config.unit_layout, config.norm_statistics)
         state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
         state = add_checksums({k: v.detach().cpu().contiguous() for k, v in state.items() if "_checksum" not in k})
@@ -412,7 +472,7 @@ class _Run:
                 f"{file_bytes:,}",
                 f"{self.budget_bytes:,}",
             )
-        kept = sum(int(s.kept) for *_, s in switches)
+        kept = sum(int(s.kept) for *_, s in switches) + sum(int(f.kept) for p in pairs.values() for f in p.values())
         config.flexswitch = {
             "budget": str(self.config.budget),
             "budget_bytes": self.budget_bytes,

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .._model_sources import resolve_folder
+from ..convert.lora import stored_lora_factors
 from ..convert.skeleton import class_for_task, class_from_architectures, task_type_of
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,14 @@ _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 @dataclass
 class FineTune:
     """The teacher and where the task vectors come from: ``state`` (a full fine-tune's tensors, compared with the base)
-    or ``deltas`` (a LoRA's ``scaling * B @ A`` per weight), plus the fine-tuned heads (``modules_to_save``)."""
+    or ``deltas`` (a LoRA's ``scaling * B @ A`` per weight) and ``factors`` (the same as ``(left, right)`` in the
+    weight's stored layout, where the update is one matrix product), plus the fine-tuned heads
+    (``modules_to_save``)."""
 
     teacher: nn.Module
     state: Mapping[str, torch.Tensor] | None = None
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
     task_type: str | None = None
     modules_to_save: list[str] | None = None
@@ -96,16 +100,26 @@ def open_finetune(
     teacher = PeftModel.from_pretrained(base, folder)
     try:
         adapter = teacher.active_adapter
-        deltas, heads = {}, {}
+        deltas, factors, heads = {}, {}, {}
         for name, module in teacher.get_base_model().named_modules():
-            if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
+            embedding = adapter in getattr(module, "lora_embedding_A", {})
+            if isinstance(module, LoraLayer) and (adapter in getattr(module, "lora_A", {}) or embedding):
                 deltas[f"{name}.weight"] = module.get_delta_weight(adapter).detach().float()
+                if embedding:
+                    a, b = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+                else:
+                    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                pair = stored_lora_factors(module.get_base_layer(), a.detach().float(), b.detach().float(),
+                                           float(module.scaling[adapter]))  # fmt: skip
+                if pair is not None:
+                    factors[f"{name}.weight"] = pair
             elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
                 for key, value in module.modules_to_save[adapter].state_dict().items():
                     heads[f"{name}.{key}"] = value.detach().clone()
         task_type = getattr(lora_config.task_type, "value", lora_config.task_type)
         modules = lora_config.modules_to_save
-        yield FineTune(teacher, deltas=deltas, heads=heads, task_type=task_type, modules_to_save=modules, is_lora=True)
+        yield FineTune(teacher, deltas=deltas, factors=factors, heads=heads, task_type=task_type,
+                       modules_to_save=modules, is_lora=True)  # fmt: skip
     finally:
         teacher.unload()
         for attribute in ("peft_config", "_hf_peft_config_loaded"):

@@ -73,6 +73,7 @@ class LearnableUnit(nn.Module):
         init_density: float,
         candidate_fraction: float,
         freeze: tuple[str, ...] = (),
+        init_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -99,8 +100,9 @@ class LearnableUnit(nn.Module):
         self.register_buffer("candidates", torch.tensor(sizes, dtype=torch.float32), persistent=False)
         log_kept = torch.log(torch.tensor([max(q, 1) for q in quotas], dtype=torch.float32))
         self.log_kept = nn.Parameter(log_kept, requires_grad="density" not in freeze)
+        first = bit_widths[0] if init_bits is None else init_bits
         self.bit_logits = nn.Parameter(
-            torch.tensor([1.0 if b == bit_widths[0] else 0.0 for b in bit_widths]),
+            torch.tensor([1.0 if b == first else 0.0 for b in bit_widths]),
             requires_grad="bits" not in freeze and len(bit_widths) > 1,
         )
         norm = float(flat.norm())

@@ -265,6 +265,23 @@ class TSwitchLayer(BaseTunerLayer):
         if with_checksums:
             self._checksums(param_name)[adapter_name] = torch.zeros(4, dtype=torch.uint8)
 
+    def prepare_low_rank(self, adapter_name: str) -> None:
+        """Give ``adapter_name`` empty low-rank units in place of its weight's unit (what a pair will be stored in),
+        so that the adapter's state dict has the pair's keys before :meth:`set_low_rank` fills them."""
+        with_checksums = adapter_name in self._checksums(LOW_RANK_TARGET)
+        for name in LOW_RANK_UNITS:
+            self._allocate(adapter_name, name, 0, 1, with_checksums)
+        self._drop_unit(adapter_name, LOW_RANK_TARGET)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _drop_unit(self, adapter_name: str, param_name: str) -> None:
+        """Remove ``adapter_name``'s unit of ``param_name`` (code, scale, checksum and decoded copy), if it has one."""
+        for part in ("code", "scale", "checksum"):
+            holder = getattr(self, attribute(param_name, part))
+            if adapter_name in holder:
+                holder.pop(adapter_name)
+        self._sparse_cache.pop((adapter_name, param_name), None)
+
     def set_low_rank(self, adapter_name: str, left: BinarySwitch, right: BinarySwitch) -> dict[str, dict[str, Any]]:
         """Switch the weight of ``adapter_name`` by the low-rank pair ``left @ right`` (``[rows, r]`` and ``[r,
         cols]`` of the weight viewed as ``[shape[0], numel // shape[0]]``), replacing a ``weight`` switch; returns
@@ -287,9 +304,7 @@ class TSwitchLayer(BaseTunerLayer):
                 self._allocate(adapter_name, name, 0, 1, with_checksums)
             entries[name] = self.set_switch(adapter_name, name, switch)
             entries[name]["target_shape"] = [int(size) for size in weight.shape]
-        for part in ("code", "scale", "checksum"):  # the pair stands for the weight's switch
-            getattr(self, attribute(LOW_RANK_TARGET, part)).pop(adapter_name, None)
-        self._sparse_cache.pop((adapter_name, LOW_RANK_TARGET), None)
+        self._drop_unit(adapter_name, LOW_RANK_TARGET)  # the pair stands for the weight's switch
         self._move_adapter_to_device_of_base_layer(adapter_name)
         return entries
 
