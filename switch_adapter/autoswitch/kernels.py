@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -56,25 +56,38 @@ class RowAssignment:
     lane_weight: np.ndarray | None = None
     # Spans of at most SPAN consecutive lanes of one composition: span s is lanes span_ptr[s]:span_ptr[s + 1].
     span_ptr: np.ndarray | None = None
+    _per_task: dict = field(default_factory=dict, repr=False)
 
     @property
     def rows(self) -> int:
         return self.ptr.shape[0] - 1
 
     def per_task(self, device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``[(task, rows, weights)]``: the rows that use each task, with their weights."""
-        row = np.repeat(np.arange(self.rows), np.diff(self.ptr))
-        out = []
-        for task in np.unique(self.task):
-            chosen = self.task == task
-            out.append(
-                (
-                    int(task),
-                    torch.from_numpy(row[chosen]).to(device),
-                    torch.from_numpy(self.weight[chosen]).to(device),
-                )
-            )
-        return out
+        """``[(task, rows, weights)]``: the rows that use each task, with their weights (computed once per device)."""
+        found = self._per_task.get(("index", device))
+        if found is None:
+            row = np.repeat(np.arange(self.rows), np.diff(self.ptr))
+            found = []
+            for task in np.unique(self.task):
+                chosen = self.task == task
+                rows = torch.from_numpy(row[chosen]).to(device)
+                found.append((int(task), rows, torch.from_numpy(self.weight[chosen]).to(device)))
+            self._per_task[("index", device)] = found
+        return found
+
+    def task_rows(self, device: torch.device) -> list[tuple[int, slice | torch.Tensor, torch.Tensor | None]]:
+        """:meth:`per_task` with each task's rows as a slice where they are consecutive (samples of one composition
+        sit next to each other in a call), and None for weights that are all 1."""
+        found = self._per_task.get(("slices", device))
+        if found is None:
+            found = []
+            for task, rows, weights in self.per_task(device):
+                first, count = int(rows[0]), rows.numel()
+                if int(rows[-1]) - first + 1 == count:  # ascending and distinct: consecutive
+                    rows = slice(first, first + count)
+                found.append((task, rows, None if bool((weights == 1).all()) else weights.unsqueeze(1)))
+            self._per_task[("slices", device)] = found
+        return found
 
     def lane_inputs(self, x: torch.Tensor) -> np.ndarray:
         """``x`` ``[rows, in]`` (float32, CPU) laid out lane after lane for the lane kernel: ``[(lane * in + c) *
@@ -100,6 +113,8 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
     transposed = kind == TRANSPOSED
     if table.has_low_rank:
         _add_low_rank_rows(y, x, table, assignment, transposed)
+    if not table.has_entries:
+        return
     if y.dtype == x.dtype and _numba_ready(y, x) and table.device.type == "cpu":
         if y.dtype == torch.float32 and table.aligned_scales and assignment.lane_rows is not None:
             lanes = (assignment.lane_inputs(x), assignment.lane_rows, assignment.lane_ptr)
@@ -135,14 +150,19 @@ def _add_low_rank_rows(
 ) -> None:
     """The low-rank pairs' part of :func:`add_row_deltas`: ``y[rows of t] += w * x @ (left_t @ right_t)^T`` as two
     thin matmuls per task (``x @ left @ right`` for a transposed layer), as peft runs a LoRA."""
-    for task, rows, weights in assignment.per_task(y.device):
+    for task, rows, weights in assignment.task_rows(y.device):
         pair = table.low_rank[task]
         if pair is None:
             continue
         left, right = pair
-        inputs = x.index_select(0, rows).to(left.dtype)
+        inputs = (x[rows] if isinstance(rows, slice) else x.index_select(0, rows)).to(left.dtype)
         change = (inputs @ left) @ right if transposed else (inputs @ right.T) @ left.T
-        y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
+        if weights is not None:
+            change = change * weights
+        if isinstance(rows, slice):
+            y[rows] += change.to(y.dtype)
+        else:
+            y.index_add_(0, rows, change.to(y.dtype))
 
 
 def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, assignment: RowAssignment) -> None:
@@ -153,6 +173,8 @@ def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, 
                 left, right = table.low_rank[task]
                 change = left.index_select(0, ids.index_select(0, rows).long()) @ right
                 y.index_add_(0, rows, (change * weights.unsqueeze(1)).to(y.dtype))
+    if not table.has_entries:
+        return
     if _numba_ready(y) and ids.device.type == "cpu" and table.device.type == "cpu":
         _numba_kernels().embedding_deltas(
             y.numpy(), ids.long().contiguous().numpy(), assignment.ptr, assignment.task, assignment.weight,

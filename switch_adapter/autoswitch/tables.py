@@ -66,6 +66,7 @@ class EntryTable:
         if self.low_rank is None:
             self.low_rank = [None] * len(self.counts)
         self.has_low_rank = any(pair is not None for pair in self.low_rank)
+        self.has_entries = any(self.counts)
         self.changes = [  # the task changes this layer
             bool(c) or b or f is not None for c, b, f in zip(self.counts, self.bias_changed, self.low_rank)
         ]
