@@ -466,3 +466,20 @@ def test_a_layout_with_half_a_pair_is_refused_before_loading(low_rank_switch, tm
     with pytest.raises(CodecError, match="low-rank pair needs both weight_left and weight_right"):
         PeftModel.from_pretrained(base, broken)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_low_rank_switch_exports_merges_and_inspects(low_rank_switch, tmp_path):
+    """The exports take a pair as its weight's change: a LoRA of the pair's rank holds it exactly, a merged model has
+    it in its weights; inspect lists the two units of each pair."""
+    base_folder = low_rank_switch.parent / "base"
+    model = PeftModel.from_pretrained(tiny_bert(), low_rank_switch)
+    module = next(iter(TSwitchConfig.from_pretrained(low_rank_switch).unit_layout))
+    change = model.base_model.model.get_submodule(module).get_delta("default", "weight")
+    report = switch_adapter.to_lora(low_rank_switch, base_folder, tmp_path / "lora", rank=3, progress=False)
+    assert report.relative_error < 1e-5  # rank 3 is the pairs' rank: nothing is dropped
+    merged_folder = switch_adapter.materialize(base_folder, low_rank_switch, tmp_path / "merged", progress=False)
+    merged = type(tiny_bert()).from_pretrained(merged_folder)
+    weight = merged.get_submodule(module.removeprefix("bert.")).weight
+    torch.testing.assert_close(weight, tiny_bert().get_submodule(module).weight + change, rtol=1e-6, atol=1e-6)
+    inspection = inspect_adapter(low_rank_switch)
+    assert {unit.name.rsplit(".", 1)[-1] for unit in inspection.units} == {"weight_left", "weight_right"}

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._staging import atomic_output_dir, check_output_dir
 from ..convert.plain import ModelFactory, build_model
-from ..format import KEY_PREFIX, STATISTICS, statistics_attribute
+from ..format import KEY_PREFIX, LOW_RANK_TARGET, LOW_RANK_UNITS, STATISTICS, statistics_attribute
 from ..tswitch.layer import is_norm_layer
 from ._base_model import build_base_skeleton, load_base_model, task_type_name
 from ._switch_file import SwitchFolder, open_switch
@@ -195,8 +195,9 @@ def to_lora(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     builder = _LoraBuilder(switch, model, rank, dtype, svd_method, lora_bias, include_norms, exclude_modules)
-    units = switch.units()
-    for unit, delta in tqdm(switch.iter_deltas(device), total=len(units), desc="SVD of deltas", disable=not progress):
+    changed = {(u.module, LOW_RANK_TARGET if u.param in LOW_RANK_UNITS else u.param) for u in switch.units()}
+    deltas = switch.iter_deltas(device)  # a low-rank pair comes as its weight's change
+    for unit, delta in tqdm(deltas, total=len(changed), desc="SVD of deltas", disable=not progress):
         builder.add(unit.module, unit.param, delta)
     tensors, lora_config = builder.finish(base_ref, task_type)
 
