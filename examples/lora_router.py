@@ -4,7 +4,8 @@ The steps, numbered in ``main``:
 
 1. LoRAs: yours (``--lora task=folder_or_hub_id`` with ``--examples task=prompts.txt``, one example prompt per
    line, at least 5), or by default one small LoRA fine-tuned here per built-in toy task.
-2. Each LoRA becomes a T-Switch adapter folder (``convert_lora``).
+2. Each LoRA becomes a switch adapter folder (``convert_lora``): kept low-rank, 4-bit factors (``--mode factors``,
+   the default: about a quarter of the LoRA's fp16 bytes), or a 1-bit T-Switch of its update (``--mode delta``).
 3. One Auto-Switch router: the base model, the switches, and a few example prompts per task.
 4. ``generate`` on a mixed list of prompts: every prompt is answered with the switch of its own task.
 5. The router is saved (and pushed to the Hub with ``--push-to-hub``), reloaded, and checked to route the same.
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeat; default: built-in)")
     parser.add_argument("--output-dir", type=Path, default=Path("lora-router-example"))
     parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per built-in LoRA")
-    parser.add_argument("--density", type=float, default=0.05, help="share of each LoRA update's entries kept")
+    parser.add_argument("--mode", choices=("factors", "delta"), default="factors", help="how each LoRA is converted")
+    parser.add_argument("--value-bits", type=int, choices=(1, 2, 4, 8), default=4, help="bits per factor entry")
+    parser.add_argument(
+        "--density", type=float, default=None, help="share of entries kept (default: 1.0 for factors, 0.05 for delta)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--force", action="store_true", help="convert LoRAs whose config names another copy of --base")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the router to this Hub repo")
@@ -183,11 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         prompts = args.prompt or [prompt for prompt, _ in PROMPTS]
         expected = None if args.prompt else [task for _, task in PROMPTS]
 
-    # 2. Every LoRA becomes a T-Switch adapter folder (of the base, only its config is read: the update is B @ A).
-    switches, switch_config = {}, TSwitchConfig(density=args.density)
+    # 2. Every LoRA becomes a switch adapter folder (of the base, only its config is read: the update is B @ A).
+    density = args.density if args.density is not None else (1.0 if args.mode == "factors" else 0.05)
+    switches, switch_config = {}, TSwitchConfig(density=density)
+    bits = args.value_bits if args.mode == "factors" else 1
     for task, lora in loras.items():
         switches[task] = args.output_dir / "switches" / task
-        summary = convert_lora(args.base, str(lora), switches[task], switch_config, force=args.force, overwrite=True)
+        summary = convert_lora(args.base, str(lora), switches[task], switch_config, mode=args.mode, value_bits=bits,
+                               force=args.force, overwrite=True)  # fmt: skip
         lora_file = Path(lora) / "adapter_model.safetensors"  # a local LoRA's size, for comparison
         size = f" (LoRA file: {lora_file.stat().st_size:,} bytes)" if lora_file.exists() else ""
         print(f"  switch {task}: {summary.switch_bytes:,} bytes{size}")
