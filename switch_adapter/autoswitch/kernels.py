@@ -224,9 +224,9 @@ def scatter_deltas(flat: torch.Tensor, table: EntryTable, weights: list[tuple[in
 def add_in_place(flat: torch.Tensor, table: EntryTable, weights: list[tuple[int, float]]) -> Callable[[], None]:
     """:func:`scatter_deltas` into a live weight, saving the values it changes; returns the function that puts them
     back exactly (call it once, also when the work in between failed). Entry tables only: a low-rank pair changes
-    every value, so its layer runs composed in a scratch buffer instead."""
+    every value, so its layer runs streamed instead."""
     if table.low_rank_tasks(t for t, _ in weights):
-        raise ValueError("add_in_place cannot save and restore a low-rank change; compose the layer instead.")
+        raise ValueError("add_in_place cannot save and restore a low-rank change; run the layer streamed instead.")
     used = [(t, w) for t, w in weights if table.count(t)]
     if not used:
         return lambda: None

@@ -314,12 +314,13 @@ class _Run:
         check_budget(config.parsed_budget, self.budget_bytes, self.file_size, vectors.counts)
         density = config.init_density or uniform_density(self.file_size, vectors.counts, self.budget_bytes)
         fraction = config.candidate_fraction or min(1.0, max(0.2, 4 * density))
-        pair_bits = self._pair_bits(vectors, density)
+        pair_density = config.init_density or 1.0
+        pair_bits = self._pair_bits(vectors, density, pair_density)
         self.units = []
         for m, p in tqdm(self.keys, desc="Preparing units", disable=len(self.keys) < 50):
             if (m, p) in vectors.factors:  # a factor of a low-rank pair: every entry a candidate
-                unit = LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, config.init_density or 1.0, 1.0,
-                                     config.freeze, init_bits=pair_bits)  # fmt: skip
+                unit = LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, pair_density, 1.0, config.freeze,
+                                     init_bits=pair_bits)  # fmt: skip
             else:
                 unit = LearnableUnit(f"{m}.{p}", vectors[(m, p)], config.bit_widths, density, fraction, config.freeze)
             self.units.append(unit)
@@ -330,18 +331,21 @@ class _Run:
         self.steps_run, self.initial_loss, self.final_loss = 0, float("nan"), float("nan")
         self.loss_kind = config.loss
 
-    def _pair_bits(self, vectors: _TaskVectors, density: float) -> int:
-        """The bit-width the low-rank pairs start from: the most of ``bit_widths`` whose pairs at density 1 (the other
-        units at ``density``, one bit) fit the budget; the fewest when none does."""
+    def _pair_bits(self, vectors: _TaskVectors, density: float, pair_density: float) -> int:
+        """The bit-width the low-rank pairs start from: the most of ``bit_widths`` whose pairs at ``pair_density``
+        (the other units at ``density``, one bit) fit the budget; the fewest when none does."""
         if not vectors.factors:
             return self.config.bit_widths[0]
-        others = {}
-        for key, (positive, negative, numel) in vectors.counts.items():
-            if key not in vectors.factors:
-                kept = (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
-                others[key] = code_bytes(numel, kept)
+
+        def kept(key: tuple[str, str], at: float) -> int:
+            positive, negative, _ = vectors.counts[key]
+            return (quota(positive, at) if positive else 0) + (quota(negative, at) if negative else 0)
+
+        others = {
+            key: code_bytes(c[2], kept(key, density)) for key, c in vectors.counts.items() if key not in vectors.factors
+        }
         for bits in sorted(self.config.bit_widths, reverse=True):
-            pairs = {key: code_bytes(vectors.counts[key][2], vectors.counts[key][2], bits) for key in vectors.factors}
+            pairs = {key: code_bytes(vectors.counts[key][2], kept(key, pair_density), bits) for key in vectors.factors}
             if self.file_size({**others, **pairs}) <= self.budget_bytes:
                 return bits
         return self.config.bit_widths[0]
