@@ -644,6 +644,19 @@ def test_mixed_batch_forward_with_low_rank_switches(low_rank_bert_switches, kern
     assert layer.is_low_rank("alpha") and not layer._has_unit("alpha", "weight")
 
 
+@pytest.mark.parametrize("execution", ["stream", "delta"])
+def test_low_rank_embedding_reaches_a_tied_output_layer(tmp_path, execution):
+    """A low-rank pair on the embedding of a model with tied output embeddings: the output layer reads the same
+    factors, as merging the switch changes both."""
+    make = lambda: tiny_llama(tie_word_embeddings=True)  # noqa: E731
+    switches = _save_low_rank_switches(make, tmp_path, ["embed_tokens", "q_proj"])
+    router = make_router(make, switches, mode="soft", k=6, feature_layer=0, execution=execution)
+    batch = mixed_batch()
+    batch["input_ids"][1, :4] = task_ids(0, 1, 4)[0]
+    _assert_samples_match_reference(router, batch, make, switches, lambda out: out.logits)
+    assert router.model.base_model.model.model.embed_tokens.is_low_rank("alpha")
+
+
 def test_low_rank_table_composes_and_refuses_in_place(low_rank_bert_switches, kernel_backend):
     """A table keeps a low-rank pair as its decoded factors: composing a group adds ``w * left @ right`` to the
     weight, row deltas equal ``x @ change^T``, and the in-place path (which restores saved entries) refuses it."""
