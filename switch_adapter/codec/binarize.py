@@ -394,6 +394,13 @@ def _binarize_encoded_fast(
     return blob, torch.sqrt(squares / kept).reshape(1)
 
 
+def levels_of(values: torch.Tensor, step: float | torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored level ``u`` in ``[0, 2^b - 1]`` of every value under the zero-free mid-rise quantiser of step ``step``
+    (a number, or a tensor that broadcasts against ``values``): its value is ``(step / 2) * (2u - 2^b + 1)``."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return (torch.clamp(torch.floor(values / step), low, high) - low).to(torch.uint8)
+
+
 # Steps tried by :func:`quantize`, as fractions of ``max |kept value| / 2**(b - 1)`` (the step whose top level reaches
 # the largest value); the one with the least squared error is taken per row (or tensor).
 _STEP_FRACTIONS = torch.linspace(0.25, 1.0, 16)
@@ -420,20 +427,19 @@ def quantize(
     kept = task_vector.detach().to(torch.float32).reshape(rows, -1)
     mask = switch.mask.view(rows, -1).to(kept.device)
     kept = torch.where(mask, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
-    half = 1 << (value_bits - 1)
     peak = kept.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    steps = peak * _STEP_FRACTIONS.to(kept.device) / half  # [rows, candidates]
+    steps = peak * _STEP_FRACTIONS.to(kept.device) / (1 << (value_bits - 1))  # [rows, candidates]
     best_error, best_step = None, None
     for column in range(steps.shape[1]):
         step = steps[:, column : column + 1]
-        levels = torch.clamp(torch.floor(kept / step), -half, half - 1)
-        error = torch.where(mask, (step * (levels + 0.5) - kept).square(), torch.zeros((), device=kept.device)).sum(1)
+        values = step / 2 * level_multipliers(levels_of(kept, step, value_bits), value_bits)
+        error = torch.where(mask, (values - kept).square(), torch.zeros((), device=kept.device)).sum(1)
         if best_error is None:
             best_error, best_step = error, step.clone()
         else:
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_step = torch.where(better.unsqueeze(1), step, best_step)
-    levels = torch.clamp(torch.floor(kept / best_step), -half, half - 1) + half
+    levels = levels_of(kept, best_step, value_bits)
     scale = (best_step / 2).reshape(-1).cpu()
     return BinarySwitch.from_levels(switch.mask, levels[mask].cpu(), scale, shape, value_bits)

@@ -37,7 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from .._staging import check_output_dir
 from ..codec.binarize import quantize
 from ..codec.sass import check_value_bits
-from ..format import KEY_PREFIX, LOW_RANK_TARGET, LOW_RANK_UNITS
+from ..format import KEY_PREFIX, LOW_RANK_TARGET, LOW_RANK_UNITS, PARTS, Unit, parse_key
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
 from .finetuned import _copy_config, encoded_entry, make_summary, record_base
 from .pipeline import cyclic_gc_paused
@@ -389,9 +389,9 @@ def convert_lora(
             if slot[1] == LOW_RANK_TARGET and (slot[0], LOW_RANK_UNITS[0]) in entries:
                 for name in LOW_RANK_UNITS:
                     layout.setdefault(slot[0], {})[name] = entries[(slot[0], name)]
-                code_key = switch_keys[slot][0]  # the pair replaces the weight's empty placeholder
-                for part in ("code", "scale", "checksum"):
-                    tensors.pop(code_key.removesuffix("code") + part, None)
+                weight = parse_key(switch_keys[slot][0])[0]  # the pair replaces the weight's empty placeholder
+                for part in PARTS:
+                    tensors.pop(weight.key(part), None)
         config = plan.config
         config.unit_layout = layout
         config.modules_to_save_shapes = head_shapes
@@ -439,13 +439,12 @@ def _check_finite(value: torch.Tensor, key: str, description: str) -> None:
 
 
 def _unit_keys(switch_keys: dict, module_name: str, param_name: str) -> tuple[str, str]:
-    """The (code, scale) keys of a unit in the file: the plan's, or for a low-rank factor those of the weight with
-    the factor's name."""
+    """The (code, scale) keys of a unit in the file: the plan's, or for a low-rank factor those of its module's
+    weight with the factor's name."""
     if param_name not in LOW_RANK_UNITS:
         return tuple(switch_keys[(module_name, param_name)])
-    weight_keys = switch_keys[(module_name, LOW_RANK_TARGET)]
-    own, factor = f"tswitch_{LOW_RANK_TARGET}_", f"tswitch_{param_name}_"
-    return tuple(key[: key.rindex(own)] + factor + key[key.rindex(own) + len(own) :] for key in weight_keys)
+    unit = Unit(parse_key(switch_keys[(module_name, LOW_RANK_TARGET)][0])[0].module, param_name)
+    return unit.key("code"), unit.key("scale")
 
 
 def stored_lora_factors(

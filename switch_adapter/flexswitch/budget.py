@@ -63,14 +63,19 @@ def check_budget(budget: Budget, budget_bytes: int, file_size: FileSize, counts:
         )
 
 
+def kept_count(positive: int, negative: int, density: float) -> int:
+    """Entries a unit with ``positive`` / ``negative`` non-zero entries keeps at ``density`` (T-Switch's quota per
+    sign)."""
+    return (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
+
+
 def uniform_density(file_size: FileSize, counts: Counts, budget_bytes: int) -> float:
     """The largest density whose one-bit T-Switch fits the budget (bisection on exact sizes, log scale)."""
 
     def size(density: float) -> int:
         codes = {}
         for key, (positive, negative, numel) in counts.items():
-            kept = (quota(positive, density) if positive else 0) + (quota(negative, density) if negative else 0)
-            codes[key] = code_bytes(numel, kept)
+            codes[key] = code_bytes(numel, kept_count(positive, negative, density))
         return file_size(codes)
 
     low, high = 1e-6, 1.0

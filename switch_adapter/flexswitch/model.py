@@ -31,12 +31,12 @@ from ..tswitch.build import (
     switch_units,
 )
 from ..tswitch.config import TSwitchConfig
-from .budget import SIZE_TOLERANCE, FileSize, check_budget, code_bytes, fit_shift, uniform_density
+from .budget import SIZE_TOLERANCE, FileSize, check_budget, code_bytes, fit_shift, kept_count, uniform_density
 from .config import FlexSwitchConfig
 from .distill import Target, distillation_loss, make_target, resolve_loss
 from .examples import Batch, move_batch, prepare_batches
 from .sources import FineTune, load_base, open_finetune
-from .unit import LearnableUnit, quota
+from .unit import LearnableUnit
 
 logger = logging.getLogger(__name__)
 _CHECK_EVERY = 25
@@ -336,16 +336,17 @@ class _Run:
         (the other units at ``density``, one bit) fit the budget; the fewest when none does."""
         if not vectors.factors:
             return self.config.bit_widths[0]
-
-        def kept(key: tuple[str, str], at: float) -> int:
-            positive, negative, _ = vectors.counts[key]
-            return (quota(positive, at) if positive else 0) + (quota(negative, at) if negative else 0)
-
+        counts = vectors.counts
         others = {
-            key: code_bytes(c[2], kept(key, density)) for key, c in vectors.counts.items() if key not in vectors.factors
+            key: code_bytes(c[2], kept_count(*c[:2], density))
+            for key, c in counts.items()
+            if key not in vectors.factors
         }
         for bits in sorted(self.config.bit_widths, reverse=True):
-            pairs = {key: code_bytes(vectors.counts[key][2], kept(key, pair_density), bits) for key in vectors.factors}
+            pairs = {
+                key: code_bytes(counts[key][2], kept_count(*counts[key][:2], pair_density), bits)
+                for key in vectors.factors
+            }
             if self.file_size({**others, **pairs}) <= self.budget_bytes:
                 return bits
         return self.config.bit_widths[0]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..codec import sass
-from ..codec.binarize import BinarySwitch
+from ..codec.binarize import BinarySwitch, levels_of
 
 _STEP_GRID = torch.linspace(0.2, 1.6, 29)
 _GRID_SAMPLE = 16384  # kept values used to choose a starting step
@@ -42,12 +42,6 @@ def quantize(values: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tenso
     level = torch.clamp(torch.floor(scaled.detach()), low, high) + 0.5
     clipped = torch.clamp(scaled, low, high + 1)
     return step * (clipped + (level - clipped).detach())
-
-
-def levels_of(values: torch.Tensor, step: float, bits: int) -> torch.Tensor:
-    """Stored level ``u`` in ``[0, 2^b - 1]`` of every value (its value is ``(step / 2) * (2u - 2^b + 1)``)."""
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return (torch.clamp(torch.floor(values / step), low, high) - low).to(torch.uint8)
 
 
 def position_bits(numel: float, kept: torch.Tensor) -> torch.Tensor:

@@ -295,17 +295,12 @@ class TSwitchLayer(BaseTunerLayer):
                 f"Low-rank factors of shapes {list(left.shape)} and {list(right.shape)} do not make the weight of "
                 f"{self.tswitch_module_name or 'this layer'} (shape {list(weight.shape)})."
             )
-        with_checksums = adapter_name in self._checksums(LOW_RANK_TARGET) or adapter_name in self._checksums(
-            LOW_RANK_UNITS[0]
-        )
+        if adapter_name not in self._codes(LOW_RANK_UNITS[0]):
+            self.prepare_low_rank(adapter_name)
         entries = {}
         for name, switch in zip(LOW_RANK_UNITS, (left, right)):
-            if adapter_name not in self._codes(name):
-                self._allocate(adapter_name, name, 0, 1, with_checksums)
             entries[name] = self.set_switch(adapter_name, name, switch)
             entries[name]["target_shape"] = [int(size) for size in weight.shape]
-        self._drop_unit(adapter_name, LOW_RANK_TARGET)  # the pair stands for the weight's switch
-        self._move_adapter_to_device_of_base_layer(adapter_name)
         return entries
 
     def set_switch(self, adapter_name: str, param_name: str, switch: BinarySwitch) -> dict[str, Any]:
