@@ -8,6 +8,7 @@ computed independently of the router: ``base + sum_t w_t * (merged switch_t - ba
 from __future__ import annotations
 
 import copy
+import json
 import threading
 
 import numpy as np
@@ -33,6 +34,7 @@ from switch_adapter.autoswitch import (
     EmptyQuerySetError,
     FeatureMismatchError,
     execute,
+    features,
     kernels,
     knn,
     streamed,
@@ -679,6 +681,49 @@ def test_low_rank_table_composes_and_refuses_in_place(low_rank_bert_switches, ke
         kernels.add_in_place(weight.clone().view(-1), table, [(1, 1.0)])
 
 
+def _low_rank_table(rows: int, cols: int, ranks: list[int | None]) -> tables.EntryTable:
+    """A table of low-rank pairs only (random factors; None: a task without a pair in this layer)."""
+    torch.manual_seed(0)
+    tasks = len(ranks)
+    return tables.EntryTable(
+        tasks=tuple(f"t{i}" for i in range(tasks)), keys=(), columns=torch.zeros(0, dtype=torch.uint16),
+        multipliers=torch.zeros(0, dtype=torch.int8), offsets=torch.zeros(tasks + 1, dtype=torch.int64),
+        row_ptr=torch.zeros(tasks, rows + 1, dtype=torch.int32), scales=torch.zeros(tasks, 1),
+        chunks=torch.full((tasks,), rows * cols), rows=rows, cols=cols,
+        low_rank=[None if r is None else (torch.randn(rows, r), torch.randn(r, cols)) for r in ranks],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [tables.LINEAR, tables.TRANSPOSED])
+@pytest.mark.parametrize(
+    ("row_sample", "compositions"),
+    [
+        ([0, 0, 1, 1, 2, 2], [[(0, 1.0)], [(1, 1.0)], [(3, 1.0)]]),  # every pair used: the stacked matmuls
+        ([0, 1, 0, 1, 1, 0], [[(0, 0.25), (3, 0.75)], [(1, 1.0)]]),  # soft weights, rows of a task apart
+        ([0, 0, 0, 1, 1, 1], [[(1, 1.0)], [(2, 1.0)]]),  # one pair used (the other task has none): per task
+        ([0, 0, 1, 1, 1, 1], [[(0, 0.5)], []]),  # one pair and rows without a task
+    ],
+)
+def test_low_rank_rows_equal_the_dense_change_on_either_path(kind, row_sample, compositions):
+    table = _low_rank_table(5, 7, [2, 3, None, 4])
+    changes = [None if pair is None else pair[0] @ pair[1] for pair in table.low_rank]  # stored [rows, cols]
+    inputs = 7 if kind == tables.LINEAR else 5  # stored [out, in] (linear) or [in, out] (transposed)
+    x, y = torch.randn(6, inputs), torch.randn(6, 12 - inputs)
+    expected = y.clone()
+    for row, sample in enumerate(row_sample):
+        for task, weight in compositions[sample]:
+            if changes[task] is None:  # no pair in this layer: no change
+                continue
+            change = changes[task] if kind == tables.TRANSPOSED else changes[task].T
+            expected[row] += weight * (x[row] @ change)
+    assignment = kernels.assignment_for_rows(np.array(row_sample), compositions)
+    kernels.add_row_deltas(y, x, table, assignment, kind)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    used = {t for sample in compositions for t, _ in sample if table.low_rank[t] is not None}
+    assert (assignment.rank_weights(table.rank_blocks, y.device) is not None) == (len(used) >= 2)
+    assert table.stacked_left.shape == (5, 9) and table.low_rank[3][0].data_ptr() != table.low_rank[0][0].data_ptr()
+
+
 @pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
 def test_generate_with_low_rank_switches_equals_single_adapter_runs(low_rank_llama_switches, execution):
     router = make_router(tiny_llama, low_rank_llama_switches, mode="top1", execution=execution)
@@ -938,3 +983,68 @@ def test_bad_input_errors_leave_the_base_model_untouched(bert_switches, tmp_path
     assert router.tasks == list(TASKS)
     with pytest.raises(ValueError, match="routing covers 2 samples but the batch has 6"):
         router(**mixed_batch(), routing=router.route(task_ids(0, 2)))
+
+
+# -- the shared prefix of decoder prompts -------------------------------------------------------------------------
+
+PREFIX = (3, 7, 5, 9)  # e.g. a chat template's opening: the same tokens at the start of every query prompt
+
+
+def _prefixed(ids: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.tensor(PREFIX).expand(ids.shape[0], -1), ids], dim=1)
+
+
+def test_shared_prefix_of_and_without_prefix():
+    left = {"input_ids": torch.tensor([[0, 3, 7, 5, 1], [3, 7, 5, 2, 2]]), "attention_mask": torch.tensor(
+        [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])}  # fmt: skip
+    right = {"input_ids": torch.tensor([[3, 7, 8, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    assert features.shared_prefix_of([left]) == (3, 7, 5)
+    assert features.shared_prefix_of([left, right]) == (3, 7)
+    short = {"input_ids": torch.tensor([[3, 7], [3, 7]])}  # every sequence keeps one token after the prefix
+    assert features.shared_prefix_of([short]) == (3,)
+    assert features.shared_prefix_of([{"input_ids": torch.tensor([[1, 2], [4, 2]])}]) == ()
+    mask = features.without_prefix(left["input_ids"], left["attention_mask"], (3, 7, 5))
+    assert mask.tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 1, 1]]
+    other = torch.tensor([[3, 7, 6, 1], [3, 7, 5, 1], [0, 0, 3, 7]])  # starts otherwise; matches; too short
+    kept = features.without_prefix(other, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]), (3, 7, 5))
+    assert kept.tolist() == [[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]
+
+
+def test_decoder_router_pools_without_the_shared_prefix_and_saves_it(llama_switches, tmp_path):
+    query = {name: {"input_ids": _prefixed(task_ids(t, 24))} for t, name in enumerate(TASKS)}
+
+    def build(make_base, switches, **config):
+        config = AutoSwitchConfig(metric="euclidean", feature_layer=2, **config)
+        return AutoSwitchModel.from_pretrained(make_base(), adapters=switches, query_sets=query, config=config,
+                                               progress=False)  # fmt: skip
+
+    router = build(tiny_llama, llama_switches)
+    assert router.feature_spec.shared_prefix == PREFIX
+    prompts = _prompts()
+    prompts = {"input_ids": _prefixed(prompts["input_ids"]), "attention_mask": torch.ones(6, 10, dtype=torch.long)}
+    prompts["attention_mask"][0, :4] = 0  # a row without the prefix (padding in its place): every token pooled
+    with torch.no_grad():
+        hidden = tiny_llama()(**prompts, output_hidden_states=True).hidden_states[2]
+    weights = prompts["attention_mask"].clone()
+    weights[1:, :4] = 0
+    expected = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+    torch.testing.assert_close(router.features(prompts), expected, rtol=1e-4, atol=1e-5)
+
+    router.save_pretrained(tmp_path / "bundle")
+    description = json.loads((tmp_path / "bundle" / "autoswitch_config.json").read_text())
+    assert description["format_version"] == 4 and description["features"]["shared_prefix"] == list(PREFIX)
+    loaded = AutoSwitchModel.from_pretrained(tmp_path / "bundle", base_model=tiny_llama(), progress=False)
+    assert loaded.feature_spec.shared_prefix == PREFIX
+    torch.testing.assert_close(loaded.features(prompts), router.features(prompts))
+
+    plain = build(tiny_llama, llama_switches, skip_shared_prefix=False)
+    assert plain.feature_spec.shared_prefix == ()
+    with pytest.raises(FeatureMismatchError, match="shared_prefix"):  # features pooled otherwise do not mix
+        router.feature_spec.check_matches(plain.query_features["alpha"].spec, "the router without it")
+
+
+def test_encoder_router_pools_every_token(bert_switches):
+    query = {name: {"input_ids": _prefixed(task_ids(t, 24))} for t, name in enumerate(TASKS)}
+    router = AutoSwitchModel.from_pretrained(tiny_bert(), adapters=bert_switches, query_sets=query,
+                                             config=AutoSwitchConfig(metric="euclidean"), progress=False)  # fmt: skip
+    assert router.feature_spec.shared_prefix == ()  # bidirectional attention: the prefix sees the whole input

@@ -37,9 +37,12 @@ from .sources import AdapterMismatchError, AdapterSource
 BUNDLE_CONFIG = "autoswitch_config.json"
 FEATURES_FILE = "query_features.safetensors"
 BUNDLE_FORMAT = "switch-adapter/auto-switch"
-BUNDLE_VERSION = 3  # 2: the routing metric in use, and the learned projection; 3: feature sources other than text
-LEARNED_SINCE = 2  # hidden states (module, block list, callable) and image / tensor inputs
+# 2: the routing metric in use, and the learned projection; 3: feature sources other than text (hidden states:
+# module, block list, callable; image / tensor inputs); 4: mean pooling without the query prompts' shared prefix
+BUNDLE_VERSION = 4
+LEARNED_SINCE = 2
 FEATURE_SOURCES_SINCE = 3
+SHARED_PREFIX_SINCE = 4
 
 
 class BundleError(SwitchAdapterError, FileNotFoundError):
@@ -179,6 +182,8 @@ def save_bundle(router: Router, save_directory: str | os.PathLike, *, adapters: 
 
 def _format_version(router: Router) -> int:
     """The lowest format version that holds what ``router`` needs, so older readers keep reading text bundles."""
+    if router.feature_spec.shared_prefix:
+        return SHARED_PREFIX_SINCE
     if not router.feature_spec.is_text_default:
         return FEATURE_SOURCES_SINCE
     return LEARNED_SINCE if router.learned_metric is not None else 1

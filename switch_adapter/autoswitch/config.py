@@ -49,6 +49,10 @@ class AutoSwitchConfig:
             ``feature_layer="auto"``.
         pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token (for
             decoder LMs; left and right padding both work).
+        skip_shared_prefix: For a decoder LM with ``"mean"`` pooling, leave out of the mean the tokens that every
+            query prompt starts with (a system prompt, the chat template's opening, BOS), found when the router is
+            built and saved with it. Causal attention gives them the same hidden states in every prompt, so they
+            carry nothing about the input and only pull all features towards one point. Encoders are unaffected.
         examples_per_task: Query examples kept per task (a seeded random subset when a query set is larger).
         seed: Seed of that subset.
         ood_fallback: Route inputs farther from every query example than the OOD radius to the base model (no
@@ -98,6 +102,7 @@ class AutoSwitchConfig:
     feature_depth: float = DEFAULT_FEATURE_DEPTH
     layer_tolerance: float = 0.005
     pooling: Literal["mean", "first", "last"] = "mean"
+    skip_shared_prefix: bool = True
     examples_per_task: int = 500
     seed: int = 0
     ood_fallback: bool = True
@@ -130,6 +135,8 @@ class AutoSwitchConfig:
             fail("layer_tolerance", "a number in [0, 1]")
         if not isinstance(self.chat_template, bool):
             fail("chat_template", "True or False")
+        if not isinstance(self.skip_shared_prefix, bool):
+            fail("skip_shared_prefix", "True or False")
         if self.mode not in MODES:
             fail("mode", f"one of {MODES}")
         if self.pooling not in POOLINGS:
@@ -187,7 +194,7 @@ class AutoSwitchConfig:
         """:meth:`to_dict` without the fields added for images while they hold their defaults, so that bundles
         of text routers stay readable by older versions."""
         values = self.to_dict()
-        for name, default in (("feature_module", None), ("image_column", "image")):
+        for name, default in (("feature_module", None), ("image_column", "image"), ("skip_shared_prefix", True)):
             if values[name] == default:
                 del values[name]
         return values

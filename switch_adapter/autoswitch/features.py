@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,7 +53,10 @@ class _StopForward(Exception):
 
 
 SOURCES = ("hidden_states", "blocks", "module", "callable")
-_COMPARED = ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint", "source", "module", "input_kind")
+_COMPARED = (
+    "layer", "pooling", "num_layers", "hidden_size", "base_fingerprint", "source", "module", "input_kind",
+    "shared_prefix",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class FeatureSpec:
     information). Outputs are pooled to ``[B, hidden_size]``: token sequences ``[B, L, D]`` with ``pooling``,
     feature maps ``[B, C, H, W]`` (any tensor of 4 or more dims) by the mean over the dims after the channels.
     ``input_kind``: ``"text"``, ``"pixel_values"`` or ``"tensor"`` (see :mod:`.inputs`); ``input_shape``: the
-    shape of one query example when all had one shape (inputs must have it), else None.
+    shape of one query example when all had one shape (inputs must have it), else None. ``shared_prefix``: token
+    ids that every query prompt of a decoder LM starts with (a system prompt, the chat template's opening, BOS);
+    mean pooling leaves them out of every prompt that starts with them (see :func:`shared_prefix_of`).
     """
 
     layer: int
@@ -79,10 +84,14 @@ class FeatureSpec:
     module: str | None = None
     input_kind: str = "text"
     input_shape: tuple[int, ...] | None = None
+    shared_prefix: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["input_shape"] = list(self.input_shape) if self.input_shape is not None else None
+        values["shared_prefix"] = list(self.shared_prefix)
+        if not self.shared_prefix:  # what older readers wrote: they read it too
+            del values["shared_prefix"]
         return values
 
     @classmethod
@@ -94,6 +103,7 @@ class FeatureSpec:
             **{key: values[key] for key in ("layer", "pooling", "num_layers", "hidden_size", "base_fingerprint")},
             **extra,
             input_shape=tuple(int(v) for v in shape) if shape is not None else None,
+            shared_prefix=tuple(int(v) for v in values.get("shared_prefix", ())),
         )
 
     @property
@@ -173,6 +183,51 @@ def _mask_of(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(batch["input_ids"])
     return mask
+
+
+def shared_prefix_of(batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[int, ...]:
+    """The longest run of token ids that every non-padding sequence of ``batches`` starts with, shortened so that
+    every sequence keeps at least one token after it.
+
+    In a decoder LM (causal attention, positions counted from the first non-padding token) these tokens have the
+    same hidden states in every prompt: they say nothing about the input, and in a mean they only pull every
+    feature towards one point, more so for short prompts and at deeper layers (where a first token's activations
+    are large)."""
+    prefix: list[int] | None = None
+    shortest = None
+    for batch in batches:
+        mask = _mask_of(batch).bool()
+        for ids, keep in zip(batch["input_ids"], mask):
+            tokens = ids[keep].tolist()
+            shortest = len(tokens) if shortest is None else min(shortest, len(tokens))
+            if prefix is None:
+                prefix = tokens
+                continue
+            same = 0
+            for a, b in zip(prefix, tokens):
+                if a != b:
+                    break
+                same += 1
+            prefix = prefix[:same]
+    if not prefix or not shortest:
+        return ()
+    return tuple(prefix[: shortest - 1])
+
+
+def without_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
+    """``attention_mask`` with the positions of ``prefix`` zeroed in each row whose first non-padding tokens are
+    ``prefix`` (other rows unchanged); left or right padding."""
+    count = len(prefix)
+    mask = attention_mask.to(input_ids.device)
+    lengths = mask.long().sum(1)
+    start = mask.long().argmax(1)  # first non-padding position
+    offsets = start.unsqueeze(1) + torch.arange(count, device=input_ids.device)
+    fits = lengths > count
+    gathered = input_ids.gather(1, offsets.clamp(max=input_ids.shape[1] - 1))
+    starts_with = fits & (gathered == torch.as_tensor(prefix, device=input_ids.device)).all(1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    inside = (positions >= start.unsqueeze(1)) & (positions < (start + count).unsqueeze(1))
+    return mask.masked_fill(inside & starts_with.unsqueeze(1), 0)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -297,6 +352,8 @@ class FeatureExtractor:
             extra["use_cache"] = False
         wanted = sorted(set(layers))
         pooling = self.spec.pooling
+        if kind == "text" and pooling == "mean" and self.spec.shared_prefix:
+            mask = without_prefix(inputs["input_ids"], mask, self.spec.shared_prefix)
         if self.spec.source == "callable":
             argument = inputs[TENSOR_KEY] if kind == "tensor" else dict(inputs)
             return {layer: pool_output(self.feature_fn(self.model, argument), pooling, mask) for layer in wanted}

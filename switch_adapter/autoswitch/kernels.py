@@ -89,6 +89,27 @@ class RowAssignment:
             self._per_task[("slices", device)] = found
         return found
 
+    def rank_weights(self, blocks: tuple[tuple[int, int] | None, ...], device: torch.device) -> torch.Tensor | None:
+        """``[rows, R]``: each row's weight for every rank column of a table's stacked low-rank pairs (``blocks``:
+        :attr:`EntryTable.rank_blocks`), zero where the row does not use the task; None when the stacked matmuls
+        would not pay: fewer than two of the tasks used, or more than half of the stacked rank unused."""
+        key = ("rank", blocks, device)
+        if key not in self._per_task:
+            used = {int(t) for t in np.unique(self.task) if blocks[t] is not None}
+            total = max((b[1] for b in blocks if b is not None), default=0)
+            used_rank = sum(blocks[t][1] - blocks[t][0] for t in used)
+            found = None
+            if len(used) >= 2 and 2 * used_rank >= total:
+                spread = np.zeros((self.rows, total), dtype=np.float32)
+                row = np.repeat(np.arange(self.rows), np.diff(self.ptr))
+                for task in used:
+                    chosen = self.task == task
+                    start, stop = blocks[task]
+                    spread[row[chosen], start:stop] = self.weight[chosen][:, None]
+                found = torch.from_numpy(spread).to(device)
+            self._per_task[key] = found
+        return self._per_task[key]
+
     def lane_inputs(self, x: torch.Tensor) -> np.ndarray:
         """``x`` ``[rows, in]`` (float32, CPU) laid out lane after lane for the lane kernel: ``[(lane * in + c) *
         LANE + k] = x[row of slot k, c]``, zero in empty slots."""
@@ -148,21 +169,39 @@ def add_row_deltas(y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignme
 def _add_low_rank_rows(
     y: torch.Tensor, x: torch.Tensor, table: EntryTable, assignment: RowAssignment, transposed: bool
 ) -> None:
-    """The low-rank pairs' part of :func:`add_row_deltas`: ``y[rows of t] += w * x @ (left_t @ right_t)^T`` as two
-    thin matmuls per task (``x @ left @ right`` for a transposed layer), as peft runs a LoRA."""
+    """The low-rank pairs' part of :func:`add_row_deltas`: ``y[rows of t] += w * x @ (left_t @ right_t)^T``
+    (``x @ left @ right`` for a transposed layer). With several tasks in the call, two matmuls on the stacked pairs
+    serve them all (the inner product weighted per row and rank column); otherwise two thin matmuls per task, as
+    peft runs a LoRA."""
+    spread = assignment.rank_weights(table.rank_blocks, y.device)
+    if spread is not None:
+        left, right = table.stacked_left, table.stacked_right
+        inputs = x.to(left.dtype)
+        hidden = (inputs @ left if transposed else inputs @ right.T).mul_(spread)
+        _add_product(y, hidden, right if transposed else left.T)
+        return
     for task, rows, weights in assignment.task_rows(y.device):
         pair = table.low_rank[task]
         if pair is None:
             continue
         left, right = pair
         inputs = (x[rows] if isinstance(rows, slice) else x.index_select(0, rows)).to(left.dtype)
-        change = (inputs @ left) @ right if transposed else (inputs @ right.T) @ left.T
+        hidden = inputs @ left if transposed else inputs @ right.T
         if weights is not None:
-            change = change * weights
+            hidden = hidden * weights
+        out_factor = right if transposed else left.T
         if isinstance(rows, slice):
-            y[rows] += change.to(y.dtype)
+            _add_product(y[rows], hidden, out_factor)
         else:
-            y.index_add_(0, rows, change.to(y.dtype))
+            y.index_add_(0, rows, (hidden @ out_factor).to(y.dtype))
+
+
+def _add_product(y: torch.Tensor, hidden: torch.Tensor, factor: torch.Tensor) -> None:
+    """In place, ``y += hidden @ factor`` (computed in the factors' dtype)."""
+    if y.dtype == hidden.dtype:
+        y.addmm_(hidden, factor)
+    else:
+        y += (hidden @ factor).to(y.dtype)
 
 
 def add_embedding_deltas(y: torch.Tensor, ids: torch.Tensor, table: EntryTable, assignment: RowAssignment) -> None:

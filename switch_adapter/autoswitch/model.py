@@ -55,6 +55,8 @@ from .features import (
     is_text_batch,
     layer_features,
     num_hidden_layers,
+    query_batches,
+    shared_prefix_of,
     text_format,
     to_model_inputs,
 )
@@ -1048,6 +1050,15 @@ def _initial_features(
     given = [q for q in query.values() if isinstance(q, QueryFeatures)]
     fixed = spec.source in ("module", "callable")
     shapes: set = set()
+    if given:  # the pooling the given features were made with
+        spec = dataclasses.replace(spec, shared_prefix=given[0].spec.shared_prefix)
+    elif config.skip_shared_prefix and _pools_causal_tokens(inner, spec):
+        prefix = shared_prefix_of(
+            batch
+            for name in tasks
+            for batch in query_batches(FeatureExtractor(inner, spec), query[name], tokenizer, config, name)[1]
+        )
+        spec = dataclasses.replace(spec, shared_prefix=prefix)
     if config.feature_layer != "auto" or given or len(tasks) < 2 or fixed:
         if given:
             stored = given[0].spec
@@ -1080,6 +1091,16 @@ def _initial_features(
     choice = choose(stacked, labels, tasks, config)
     spec = _observed(dataclasses.replace(spec, layer=choice.layer), per_task[tasks[0]][choice.layer], shapes)
     return {name: QueryFeatures(per_task[name][choice.layer], spec) for name in tasks}, choice, spec
+
+
+def _pools_causal_tokens(inner: nn.Module, spec: FeatureSpec) -> bool:
+    """Whether features are a mean over the token hidden states of a decoder LM (what a shared prefix dilutes)."""
+    return (
+        spec.input_kind == "text"
+        and spec.pooling == "mean"
+        and spec.source in ("hidden_states", "blocks")
+        and FeatureExtractor(inner, spec).padding_aware_positions
+    )
 
 
 def _observed(spec: FeatureSpec, features: torch.Tensor, shapes: set) -> FeatureSpec:

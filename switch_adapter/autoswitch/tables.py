@@ -66,6 +66,7 @@ class EntryTable:
         if self.low_rank is None:
             self.low_rank = [None] * len(self.counts)
         self.has_low_rank = any(pair is not None for pair in self.low_rank)
+        self._stack_low_rank()
         self.has_entries = any(self.counts)
         self.changes = [  # the task changes this layer
             bool(c) or b or f is not None for c, b, f in zip(self.counts, self.bias_changed, self.low_rank)
@@ -73,6 +74,25 @@ class EntryTable:
         # every task has one scale per tensor or per stored row (what the run kernel handles)
         self.aligned_scales = all(int(c) >= self.numel or int(c) % self.cols == 0 for c in self.chunks.tolist())
         self._arrays: dict[torch.dtype, tuple] = {}
+
+    def _stack_low_rank(self) -> None:
+        """Keep the pairs side by side: ``stacked_left`` ``[rows, R]`` (the tasks' lefts, column blocks) and
+        ``stacked_right`` ``[R, cols]`` (their rights, row blocks); each task's pair becomes views of its block,
+        ``rank_blocks[t] = (start, stop)`` (None for a task without a pair), so one matmul serves every task."""
+        self.rank_blocks: tuple[tuple[int, int] | None, ...] = (None,) * len(self.low_rank)
+        self.stacked_left = self.stacked_right = None
+        if not self.has_low_rank:
+            return
+        pairs = [(task, pair) for task, pair in enumerate(self.low_rank) if pair is not None]
+        self.stacked_left = torch.cat([left for _, (left, _) in pairs], dim=1)
+        self.stacked_right = torch.cat([right for _, (_, right) in pairs], dim=0)
+        blocks, start = list(self.rank_blocks), 0
+        for task, (left, _) in pairs:
+            stop = start + left.shape[1]
+            blocks[task] = (start, stop)
+            self.low_rank[task] = (self.stacked_left[:, start:stop], self.stacked_right[start:stop])
+            start = stop
+        self.rank_blocks = tuple(blocks)
 
     def arrays(self, dtype: torch.dtype) -> tuple:
         """The table as numpy arrays (CPU only), scales in ``dtype``: what the numba kernels take."""
@@ -137,7 +157,7 @@ class EntryTable:
     @property
     def nbytes(self) -> int:
         parts = [self.columns, self.multipliers, self.row_ptr, self.scales, self.bias]
-        parts += [factor for pair in self.low_rank if pair is not None for factor in pair]
+        parts += [self.stacked_left, self.stacked_right]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
