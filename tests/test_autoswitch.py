@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, tiny_llama
 from transformers.generation.streamers import BaseStreamer
 
@@ -901,6 +903,96 @@ def test_bundle_save_load_round_trip(bert_switches, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an Auto-Switch bundle"):
         router.save_pretrained(tmp_path / "other")
+
+
+@pytest.fixture(scope="module")
+def saved_bundle(bert_switches, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle") / "bundle"
+    make_router(tiny_bert, bert_switches, k=6, feature_layer=0).save_pretrained(folder)
+    return folder
+
+
+def _edited(description: dict, path: list, value) -> dict:
+    """A copy of ``description`` with the entry at ``path`` set to ``value`` (removed when ``value`` is ...)."""
+    edited = copy.deepcopy(description)
+    holder = edited
+    for key in path[:-1]:
+        holder = holder[key]
+    if value is ...:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return edited
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["tasks"], ..., "'tasks' is missing"),
+        (["features"], ..., "'features' is missing"),
+        (["base_model", "fingerprint"], ..., "no 'fingerprint'"),
+        (["format_version"], "v4", "'format_version' must be a whole number"),
+        (["tasks", 0, "name"], ..., "task 0: must be an object with a non-empty 'name'"),
+        (["tasks", 1, "name"], "alpha", "task 'alpha' is listed twice"),
+        (["tasks", 0, "adapter", "path"], "../../elsewhere", "leaves the bundle"),
+        (["tasks", 0, "adapter", "path"], "/etc", "leaves the bundle"),
+        (["tasks", 0, "adapter"], {"revision": "main"}, "neither a 'path' inside the bundle nor a Hub 'repo_id'"),
+        (["features", "shared_prefix"], 5, "its 'features' entry cannot be read"),
+        (["routing"], "learned", "'routing' must be an object or null"),
+    ],
+)
+def test_a_damaged_bundle_config_is_refused_naming_the_problem(saved_bundle, tmp_path, path, value, message):
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(saved_bundle, folder)
+    config_file = folder / "autoswitch_config.json"
+    config_file.write_text(json.dumps(_edited(json.loads(config_file.read_text()), path, value)))
+    with pytest.raises(BundleError, match=r"autoswitch_config.json is damaged:\n(.|\n)*" + re.escape(message)) as error:
+        AutoSwitchModel.from_pretrained(folder, base_model=tiny_bert(), progress=False)
+    assert "Re-save the bundle with AutoSwitchModel.save_pretrained" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        (None, "it cannot be read"),
+        ({"task_ids": torch.zeros(3, dtype=torch.long)}, "'task_ids' has 3 entries for 72 rows"),
+        ({"task_ids": torch.full((72,), 5)}, "'task_ids' holds ids outside 0..2"),
+        ({"task_ids": torch.zeros(72, dtype=torch.long)}, "no query example for task(s) 'beta', 'gamma'"),
+        ({"features": torch.zeros(72, dtype=torch.long)}, "'features' must be a 2-D float tensor"),
+    ],
+)
+def test_damaged_query_features_are_refused_naming_the_problem(saved_bundle, tmp_path, tensors, message):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(saved_bundle, folder)
+    features_file = folder / "query_features.safetensors"
+    if tensors is None:
+        features_file.write_bytes(features_file.read_bytes()[:40])  # cut short, as an interrupted download
+    else:
+        with safe_open(str(features_file), framework="pt") as handle:
+            metadata = handle.metadata()
+        save_file({**load_file(features_file), **tensors}, str(features_file), metadata=metadata)
+    with pytest.raises(BundleError, match="query_features.safetensors is damaged:\n  " + re.escape(message)):
+        AutoSwitchModel.from_pretrained(folder, base_model=tiny_bert(), progress=False)
+
+
+def test_a_bundle_config_that_is_not_json_is_refused(saved_bundle, tmp_path):
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(saved_bundle, folder)
+    config_file = folder / "autoswitch_config.json"
+    config_file.write_text(config_file.read_text()[:100])
+    with pytest.raises(BundleError, match="autoswitch_config.json is damaged:\n  it is not valid JSON"):
+        AutoSwitchModel.from_pretrained(folder, base_model=tiny_bert(), progress=False)
+    config_file.write_text("[1, 2]")
+    with pytest.raises(BundleError, match="it holds a JSON list, not an object"):
+        AutoSwitchModel.from_pretrained(folder, base_model=tiny_bert(), progress=False)
 
 
 def test_bundle_hub_round_trip_with_adapter_references(bert_switches, hub_repo_id):

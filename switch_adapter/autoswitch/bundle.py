@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._model_sources import resolve_folder
 from .._staging import atomic_output_dir
 from ..errors import SwitchAdapterError
+from .bundle_checks import damaged, description_problems, features_problems
 from .config import AutoSwitchConfig
 from .features import FeatureSpec, QueryFeatures, base_fingerprint
 from .metric import LearnedMetric
@@ -46,7 +47,8 @@ SHARED_PREFIX_SINCE = 4
 
 
 class BundleError(SwitchAdapterError, FileNotFoundError):
-    """A bundle is incomplete (missing adapters or files) or not an Auto-Switch bundle."""
+    """A bundle is incomplete (missing adapters or files), damaged (malformed config or query features) or not an
+    Auto-Switch bundle."""
 
 
 class Router(Protocol):
@@ -207,14 +209,25 @@ def read_bundle_description(folder: Path) -> dict[str, Any]:
     config_path = folder / BUNDLE_CONFIG
     if not config_path.is_file():
         raise BundleError(f"{folder} holds no {BUNDLE_CONFIG}: it is not an Auto-Switch bundle (save_pretrained).")
-    description = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        description = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(damaged(config_path, f"it is not valid JSON ({error})")) from error
+    if not isinstance(description, dict):
+        raise BundleError(damaged(config_path, f"it holds a JSON {type(description).__name__}, not an object"))
     if description.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{config_path} is not an Auto-Switch bundle config (format {description.get('format')!r}).")
-    if int(description.get("format_version", 0)) > BUNDLE_VERSION:
+    version = description.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise BundleError(damaged(config_path, f"'format_version' must be a whole number, got {version!r}"))
+    if version > BUNDLE_VERSION:
         raise ValueError(
-            f"The bundle uses format version {description['format_version']}, this switch-adapter reads up to "
-            f"{BUNDLE_VERSION}. Upgrade it: pip install -U switch-adapter"
+            f"The bundle uses format version {version}, this switch-adapter reads up to {BUNDLE_VERSION}. "
+            "Upgrade it: pip install -U switch-adapter"
         )
+    problems = description_problems(description)
+    if problems:
+        raise BundleError(damaged(config_path, problems))
     return description
 
 
@@ -263,15 +276,26 @@ def read_bundle(
     features_path = folder / FEATURES_FILE
     if not features_path.is_file():
         raise BundleError(f"The bundle {bundle} has no {FEATURES_FILE}: re-save it with save_pretrained.")
-    with safe_open(str(features_path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        bank = handle.get_tensor("features")
-        task_ids = handle.get_tensor("task_ids")
-        projection = handle.get_tensor("projection") if "projection" in handle.keys() else None
-    spec = FeatureSpec.from_dict(description["features"])
-    if "spec" in metadata:
-        spec.check_matches(FeatureSpec.from_dict(json.loads(metadata["spec"])), f"{FEATURES_FILE} of {bundle}")
     names = [entry["name"] for entry in description["tasks"]]
+    config_file = folder / BUNDLE_CONFIG
+    try:
+        with safe_open(str(features_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            bank = handle.get_tensor("features")
+            task_ids = handle.get_tensor("task_ids")
+            projection = handle.get_tensor("projection") if "projection" in handle.keys() else None
+        stored_spec = FeatureSpec.from_dict(json.loads(metadata["spec"])) if "spec" in metadata else None
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        raise BundleError(damaged(features_path, f"it cannot be read ({error})")) from error
+    problems = features_problems(bank, task_ids, projection, names)
+    if problems:
+        raise BundleError(damaged(features_path, problems))
+    try:
+        spec = FeatureSpec.from_dict(description["features"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(damaged(config_file, f"its 'features' entry cannot be read ({error!r})")) from error
+    if stored_spec is not None:
+        spec.check_matches(stored_spec, f"{FEATURES_FILE} of {bundle}")
     query = [(name, QueryFeatures(bank[task_ids == i], spec)) for i, name in enumerate(names)]
     routing = description.get("routing") or {}
     learned = None
@@ -282,11 +306,17 @@ def read_bundle(
                 f"The bundle {bundle} routes with a learned metric but holds no projection in {FEATURES_FILE}: "
                 "re-save it with save_pretrained."
             )
-        learned = LearnedMetric(
-            projection, record["objective"], list(record["tasks"]), list(record["examples_per_task"])
-        )
+        try:
+            learned = LearnedMetric(
+                projection, record["objective"], list(record["tasks"]), list(record["examples_per_task"])
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(damaged(config_file, f"its learned metric cannot be read ({error!r})")) from error
         learned.check_feature_size(int(bank.shape[1]), f"the bundle {bundle}")
-    choice = choice_from_dict(routing["choice"]) if routing.get("choice") else None
+    try:
+        choice = choice_from_dict(routing["choice"]) if routing.get("choice") else None
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise BundleError(damaged(config_file, f"its layer choice cannot be read ({error!r})")) from error
     config = AutoSwitchConfig.from_dict(description["config"])
     return BundleContents(
         sources, query, config, folder, routing.get("metric"), learned, choice, routing.get("query_format")
