@@ -285,6 +285,15 @@ def test_report_targets_read_the_rows():
     assert any("FlexSwitch" in line and "NOT met" in line for line in lines)  # 97% < 98%
     assert any("0.95x: met" in line for line in lines)
     assert any("25.0 min" in line and "NOT" not in line for line in lines)
+    # a smoke run whose LoRAs answer nothing right: the shares are undefined, not failures; its own time limit
+    for each in report["rows"]:
+        each["results"]["raw"]["percent_of_lora"] = None
+    smoke = targets(report | {"command": "python -m benchmarks --suite llm --quick", "seconds": 200})
+    assert any("(raw)" in line and line.endswith("not measurable: the LoRAs answer no prompt of this style right in "
+                                                 "this run") for line in smoke)  # fmt: skip
+    assert any(line.startswith("FlexSwitch") and "not measurable" in line for line in smoke)
+    assert "--quick in <= 5 min from an empty cache: 3.3 min: met" in smoke
+    assert not any(line.startswith("Full suite") for line in smoke)
     assert "| lora |" in markdown(
         report | {"command": "c", "model": "m", "tasks": {"a": {}}, "stages_seconds": {}, "settings": _settings()}
     )
