@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -537,6 +538,26 @@ def test_bad_lora_inputs_write_nothing(tmp_path):
         convert_lora(tmp_path / "base", tmp_path / "base", tmp_path / "out2", progress=False)
     with pytest.raises(ValueError, match="mode must be one of"):
         convert_lora(tmp_path / "base", tmp_path / "lora", tmp_path / "out2", mode="svd", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+    # a hand-edited or damaged adapter: named settings and tensors, not a bare conversion or matmul error
+    shutil.copytree(tmp_path / "lora", tmp_path / "edited")
+    edited_config = tmp_path / "edited" / "adapter_config.json"
+    for key, value, message in [
+        ("lora_alpha", "big", r"has lora_alpha='big' in adapter_config.json; it must be a number"),
+        ("r", 2.5, r"has r=2.5 in adapter_config.json; it must be a positive whole number"),
+        ("rank_pattern", {"query": 0}, r"has rank_pattern\['query'\]=0 .*positive whole number"),
+    ]:
+        edited_config.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=message):
+            convert_lora(tmp_path / "base", tmp_path / "edited", tmp_path / "out2", force=True, progress=False)
+    edited_config.write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    key_b = next(key for key in tensors if "lora_B" in key)
+    tensors[key_b] = tensors[key_b][:, :3].contiguous()
+    save_file(tensors, str(tmp_path / "edited" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"query: lora_B \[32, 3\] has rank 3, lora_A \[8, 32\] has 8"):
+        convert_lora(tmp_path / "base", tmp_path / "edited", tmp_path / "out2", force=True, progress=False)
     assert not (tmp_path / "out2").exists()
     _no_leftovers(tmp_path)
 

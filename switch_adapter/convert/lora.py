@@ -134,17 +134,53 @@ def read_lora_settings(config: dict[str, Any], description: str) -> LoraSettings
             "adapter).merge_and_unload().save_pretrained(folder), then convert_finetuned(base, folder, ...)."
         )
     return LoraSettings(
-        r=int(config.get("r", 8)),
-        lora_alpha=float(config.get("lora_alpha", 8)),
+        r=_config_number(config, "r", 8, int, description),
+        lora_alpha=_config_number(config, "lora_alpha", 8, float, description),
         use_rslora=bool(config.get("use_rslora", False)),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        rank_pattern=_config_pattern(config, "rank_pattern", int, description),
+        alpha_pattern=_config_pattern(config, "alpha_pattern", float, description),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         lora_bias=bool(config.get("lora_bias", False)),
         modules_to_save=list(config.get("modules_to_save") or []),
         task_type=config.get("task_type"),
         base_model_name_or_path=config.get("base_model_name_or_path"),
     )
+
+
+def _number_or_none(value: Any, kind: type) -> int | float | None:
+    """``value`` as a positive whole number (``kind`` int: a rank) or a finite number (float: an alpha), or None
+    when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if kind is int and (value <= 0 or value != int(value)):
+        return None
+    return kind(value)
+
+
+def _bad_setting(description: str, key: str, kind: type, value: Any) -> ValueError:
+    what = "a positive whole number" if kind is int else "a number"
+    return ValueError(
+        f"The {description} has {key}={value!r} in adapter_config.json; it must be {what}. Fix the file or "
+        "re-save the adapter with peft."
+    )
+
+
+def _config_number(config: dict[str, Any], key: str, default: float, kind: type, description: str) -> int | float:
+    value = _number_or_none(config.get(key, default), kind)
+    if value is None:
+        raise _bad_setting(description, key, kind, config.get(key))
+    return value
+
+
+def _config_pattern(config: dict[str, Any], key: str, kind: type, description: str) -> dict[str, Any]:
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise _bad_setting(description, key, kind, pattern)
+    values = {name: _number_or_none(value, kind) for name, value in pattern.items()}
+    for name, value in values.items():
+        if value is None:
+            raise _bad_setting(description, f"{key}[{name!r}]", kind, pattern[name])
+    return values
 
 
 def group_lora_tensors(
@@ -209,8 +245,12 @@ class LoraDeltas:
         info = self.adapter.tensors.info()
         a_shape, b_shape = info[module.keys["A"]].shape, info[module.keys["B"]].shape
         r, _ = self.settings.scaling(module.name)
+        if len(a_shape) < 2 or len(b_shape) < 2:
+            return f"lora_A {list(a_shape)} and lora_B {list(b_shape)} must both be matrices (or 4-D for convolutions)"
         if a_shape[0] != r:
             return f"lora_A has rank {a_shape[0]}, but r / rank_pattern in adapter_config.json give {r}"
+        if b_shape[1] != a_shape[0]:
+            return f"lora_B {list(b_shape)} has rank {b_shape[1]}, lora_A {list(a_shape)} has {a_shape[0]}"
         if isinstance(layer, nn.Embedding) != module.embedding:
             return f"{'embedding ' if module.embedding else ''}LoRA tensors on a {type(layer).__name__}"
         if not isinstance(layer, (nn.Linear, nn.Embedding, Conv1D, nn.Conv2d)):
