@@ -161,7 +161,7 @@ def targets(report: dict[str, Any]) -> list[str]:
         if auto.get("speed") is not None:
             lines.append(f"Routed generate tokens/s >= {SPEED_TARGET:g}x the plain model's, {auto['label']}: "
                          f"{auto['speed']:.2f}x: {_met(auto['speed'] >= SPEED_TARGET)}")  # fmt: skip
-    quick = "--quick" in report.get("command", "")
+    quick = "--quick" in (report.get("command") or "")
     if report["settings"]["max_test"] >= 24 or quick:
         name, limit = ("--quick", QUICK_SUITE_SECONDS) if quick else ("Full suite", FULL_SUITE_SECONDS)
         seconds = report["seconds"]
