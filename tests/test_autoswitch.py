@@ -726,13 +726,43 @@ def test_low_rank_rows_equal_the_dense_change_on_either_path(kind, row_sample, c
     assert table.stacked_left.shape == (5, 9) and table.low_rank[3][0].data_ptr() != table.low_rank[0][0].data_ptr()
 
 
+@pytest.mark.parametrize("kind", [tables.LINEAR, tables.TRANSPOSED])
+@pytest.mark.parametrize(
+    ("rows_per_sample", "sliced"),
+    [
+        (100, True),  # a prefill of a batch sorted by task: per-task matmuls on slices
+        (20, False),  # too few rows per task: the stacked pairs
+    ],
+)
+def test_many_consecutive_rows_per_task_run_on_slices_with_the_same_result(kind, rows_per_sample, sliced):
+    table = _low_rank_table(5, 7, [2, 3, None, 4])
+    changes = [None if pair is None else pair[0] @ pair[1] for pair in table.low_rank]
+    compositions = [[(0, 1.0)], [(1, 0.5)], [(3, 1.0)]]
+    row_sample = np.repeat(np.arange(3), rows_per_sample)
+    inputs = 7 if kind == tables.LINEAR else 5
+    x, y = torch.randn(len(row_sample), inputs), torch.randn(len(row_sample), 12 - inputs)
+    expected = y.clone()
+    for sample, ((task, weight),) in enumerate(compositions):
+        rows = row_sample == sample
+        change = changes[task] if kind == tables.TRANSPOSED else changes[task].T
+        expected[rows] += weight * (x[rows] @ change)
+    assignment = kernels.assignment_for_rows(row_sample, compositions)
+    assert (assignment.rank_weights(table.rank_blocks, y.device) is None) == sliced
+    kernels.add_row_deltas(y, x, table, assignment, kind)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    shuffled = kernels.assignment_for_rows(np.random.default_rng(0).permutation(row_sample), compositions)
+    assert shuffled.rank_weights(table.rank_blocks, y.device) is not None  # rows of a task apart: stacked
+
+
 @pytest.mark.parametrize("execution", ["stream", "compose", "delta"])
 def test_generate_with_low_rank_switches_equals_single_adapter_runs(low_rank_llama_switches, execution):
     router = make_router(tiny_llama, low_rank_llama_switches, mode="top1", execution=execution)
     settings = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
     before = {name: value.clone() for name, value in router.model.state_dict().items()}
-    for rows_of_batch in ([0, 1, 2, 3, 4, 5], [1, 4]):  # 3 tasks; one task (added in place where it can be)
-        prompts = {k: v[rows_of_batch] for k, v in _prompts().items()}
+    # 3 tasks; one task (added in place where it can be); 3 tasks with over 100 prompt tokens each, whose prefill
+    # runs the low-rank pairs per task on row slices (the batch is sorted by task)
+    for rows_of_batch, length in (([0, 1, 2, 3, 4, 5], 6), ([1, 4], 6), ([0, 1, 2, 3, 4, 5], 64)):
+        prompts = {k: v[rows_of_batch] for k, v in _prompts(length).items()}
         sequences, routing = router.generate(**prompts, return_routing=True, **settings)
         for name in dict.fromkeys(routing.top_task):
             rows = [i for i, top in enumerate(routing.top_task) if top == name]

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 LANE = 8  # rows the lane kernel applies each kept entry to at once
 SPAN = 4  # lanes of one composition whose kept entries the lane kernel reads once for all of them
+# On CPU, per-task matmuls on consecutive rows beat the stacked low-rank pairs once each used task has at least
+# max(SLICE_MIN_ROWS, SLICE_ROWS_BY_TASKS / tasks used) rows on average: the stacked pair computes every task's
+# ranks for every row (its cost grows with rows x tasks), the slices only their own (measured on SmolLM2-135M's
+# projection shapes, r=8, 2-8 tasks: 0.5-0.97x of the stacked time from there, up to 1.7x slower below).
+SLICE_MIN_ROWS = 16
+SLICE_ROWS_BY_TASKS = 256
 
 
 @lru_cache(maxsize=1)
@@ -92,14 +98,15 @@ class RowAssignment:
     def rank_weights(self, blocks: tuple[tuple[int, int] | None, ...], device: torch.device) -> torch.Tensor | None:
         """``[rows, R]``: each row's weight for every rank column of a table's stacked low-rank pairs (``blocks``:
         :attr:`EntryTable.rank_blocks`), zero where the row does not use the task; None when the stacked matmuls
-        would not pay: fewer than two of the tasks used, or more than half of the stacked rank unused."""
+        would not pay: fewer than two of the tasks used, more than half of the stacked rank unused, or (on CPU)
+        enough consecutive rows per task for per-task matmuls on slices (:meth:`slices_pay`)."""
         key = ("rank", blocks, device)
         if key not in self._per_task:
             used = {int(t) for t in np.unique(self.task) if blocks[t] is not None}
             total = max((b[1] for b in blocks if b is not None), default=0)
             used_rank = sum(blocks[t][1] - blocks[t][0] for t in used)
             found = None
-            if len(used) >= 2 and 2 * used_rank >= total:
+            if len(used) >= 2 and 2 * used_rank >= total and not self.slices_pay(used, device):
                 spread = np.zeros((self.rows, total), dtype=np.float32)
                 row = np.repeat(np.arange(self.rows), np.diff(self.ptr))
                 for task in used:
@@ -109,6 +116,18 @@ class RowAssignment:
                 found = torch.from_numpy(spread).to(device)
             self._per_task[key] = found
         return self._per_task[key]
+
+    def slices_pay(self, used: set[int], device: torch.device) -> bool:
+        """Whether the tasks ``used`` run faster as per-task matmuls on row slices than as the stacked pairs: on CPU,
+        when each one's rows are consecutive (a prefill of a batch sorted by composition) and there are enough of
+        them (see ``SLICE_ROWS_BY_TASKS``)."""
+        if torch.device(device).type != "cpu":
+            return False
+        spans = [rows for task, rows, _ in self.task_rows(device) if task in used]
+        if len(spans) != len(used) or not all(isinstance(rows, slice) for rows in spans):
+            return False
+        mean_rows = sum(rows.stop - rows.start for rows in spans) / len(used)
+        return mean_rows >= max(SLICE_MIN_ROWS, SLICE_ROWS_BY_TASKS / len(used))
 
     def lane_inputs(self, x: torch.Tensor) -> np.ndarray:
         """``x`` ``[rows, in]`` (float32, CPU) laid out lane after lane for the lane kernel: ``[(lane * in + c) *
