@@ -177,7 +177,7 @@ def _shares(row: dict[str, Any]) -> list[float | None]:
 
 
 def _worst(row: dict[str, Any]) -> float:
-    return min(r["percent_of_lora"] or 0.0 for r in row["results"].values())
+    return min(share or 0.0 for share in _shares(row))
 
 
 def _both(row: dict[str, Any]) -> str:

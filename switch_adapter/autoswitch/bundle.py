@@ -13,10 +13,12 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -290,10 +292,8 @@ def read_bundle(
     problems = features_problems(bank, task_ids, projection, names)
     if problems:
         raise BundleError(damaged(features_path, problems))
-    try:
+    with _reading(config_file, "its 'features' entry"):
         spec = FeatureSpec.from_dict(description["features"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise BundleError(damaged(config_file, f"its 'features' entry cannot be read ({error!r})")) from error
     if stored_spec is not None:
         spec.check_matches(stored_spec, f"{FEATURES_FILE} of {bundle}")
     query = [(name, QueryFeatures(bank[task_ids == i], spec)) for i, name in enumerate(names)]
@@ -306,21 +306,26 @@ def read_bundle(
                 f"The bundle {bundle} routes with a learned metric but holds no projection in {FEATURES_FILE}: "
                 "re-save it with save_pretrained."
             )
-        try:
+        with _reading(config_file, "its learned metric"):
             learned = LearnedMetric(
                 projection, record["objective"], list(record["tasks"]), list(record["examples_per_task"])
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise BundleError(damaged(config_file, f"its learned metric cannot be read ({error!r})")) from error
         learned.check_feature_size(int(bank.shape[1]), f"the bundle {bundle}")
-    try:
+    with _reading(config_file, "its layer choice"):
         choice = choice_from_dict(routing["choice"]) if routing.get("choice") else None
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        raise BundleError(damaged(config_file, f"its layer choice cannot be read ({error!r})")) from error
     config = AutoSwitchConfig.from_dict(description["config"])
     return BundleContents(
         sources, query, config, folder, routing.get("metric"), learned, choice, routing.get("query_format")
     )
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Raise :class:`BundleError` naming ``what`` of the bundle file ``path`` for a malformed value met inside."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise BundleError(damaged(path, f"{what} cannot be read ({error!r})")) from error
 
 
 def push_bundle(

@@ -134,8 +134,8 @@ def read_lora_settings(config: dict[str, Any], description: str) -> LoraSettings
             "adapter).merge_and_unload().save_pretrained(folder), then convert_finetuned(base, folder, ...)."
         )
     return LoraSettings(
-        r=_config_number(config, "r", 8, int, description),
-        lora_alpha=_config_number(config, "lora_alpha", 8, float, description),
+        r=_setting(config.get("r", 8), "r", int, description),
+        lora_alpha=_setting(config.get("lora_alpha", 8), "lora_alpha", float, description),
         use_rslora=bool(config.get("use_rslora", False)),
         rank_pattern=_config_pattern(config, "rank_pattern", int, description),
         alpha_pattern=_config_pattern(config, "alpha_pattern", float, description),
@@ -147,40 +147,24 @@ def read_lora_settings(config: dict[str, Any], description: str) -> LoraSettings
     )
 
 
-def _number_or_none(value: Any, kind: type) -> int | float | None:
-    """``value`` as a positive whole number (``kind`` int: a rank) or a finite number (float: an alpha), or None
-    when it is not one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    if kind is int and (value <= 0 or value != int(value)):
-        return None
-    return kind(value)
-
-
-def _bad_setting(description: str, key: str, kind: type, value: Any) -> ValueError:
+def _setting(value: Any, label: str, kind: type, description: str) -> int | float:
+    """``value`` of the ``adapter_config.json`` setting ``label`` as a positive whole number (``kind`` int: a rank)
+    or a finite number (float: an alpha); ``ValueError`` naming the setting otherwise."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if number and (kind is not int or (value > 0 and value == int(value))):
+        return kind(value)
     what = "a positive whole number" if kind is int else "a number"
-    return ValueError(
-        f"The {description} has {key}={value!r} in adapter_config.json; it must be {what}. Fix the file or "
+    raise ValueError(
+        f"The {description} has {label}={value!r} in adapter_config.json; it must be {what}. Fix the file or "
         "re-save the adapter with peft."
     )
-
-
-def _config_number(config: dict[str, Any], key: str, default: float, kind: type, description: str) -> int | float:
-    value = _number_or_none(config.get(key, default), kind)
-    if value is None:
-        raise _bad_setting(description, key, kind, config.get(key))
-    return value
 
 
 def _config_pattern(config: dict[str, Any], key: str, kind: type, description: str) -> dict[str, Any]:
     pattern = config.get(key) or {}
     if not isinstance(pattern, dict):
-        raise _bad_setting(description, key, kind, pattern)
-    values = {name: _number_or_none(value, kind) for name, value in pattern.items()}
-    for name, value in values.items():
-        if value is None:
-            raise _bad_setting(description, f"{key}[{name!r}]", kind, pattern[name])
-    return values
+        raise ValueError(f"The {description} has {key}={pattern!r} in adapter_config.json; it must be an object.")
+    return {name: _setting(value, f"{key}[{name!r}]", kind, description) for name, value in pattern.items()}
 
 
 def group_lora_tensors(
