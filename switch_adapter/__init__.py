@@ -11,6 +11,7 @@ from .errors import (
     AdapterNotFoundError,
     BudgetError,
     CodecError,
+    ConfigError,
     LayoutMismatchError,
     OutputExistsError,
     SwitchAdapterError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterNotFoundError",
+    "ConfigError",
     "OutputExistsError",
     "SwitchAdapterError",
     "UnsupportedModelError",

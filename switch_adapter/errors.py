@@ -18,6 +18,11 @@ class CodecError(SwitchAdapterError, ValueError):
     encoding."""
 
 
+class ConfigError(SwitchAdapterError, ValueError):
+    """A config holds a setting of the wrong type, or an ``adapter_config.json`` whose records (unit layout, format
+    version, ...) were edited or damaged; raised when the config is created or read, before a model is touched."""
+
+
 class LayoutMismatchError(SwitchAdapterError, ValueError):
     """A saved switch (or head) does not fit the model it is loaded onto; nothing was modified."""
 

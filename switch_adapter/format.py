@@ -525,15 +525,19 @@ class AdapterFile:
         scale_key, checksum_key = unit.key("scale"), unit.key("checksum")
         if scale_key not in self.keys:
             return UnitStatus(unit, problems=[f"holds a code but no scale ({scale_key})"])
-        entry = find_layout_entry(unit_layout, unit.module, self.unit_modules)
-        return check_unit(
+        params = find_layout_entry(unit_layout, unit.module, self.unit_modules)
+        entry = params.get(unit.param) if params else None
+        status = check_unit(
             unit,
             self.tensor(unit.key("code")),
             self.tensor(scale_key),
             self.tensor(checksum_key) if checksum_key in self.keys else None,
             format_version=format_version,
-            entry=entry.get(unit.param) if entry else None,
+            entry=entry,
         )
+        if entry is None and status.has_switch:  # the loader sizes a unit's buffers from its entry
+            status.problems.append("holds a switch that the config's unit_layout does not list")
+        return status
 
 
 def check_unit(
@@ -561,9 +565,11 @@ def check_unit(
     elif format_version >= CHECKSUMS_SINCE:
         status.problems.append(f"no checksum although the adapter is of format version {format_version}")
     if not status.has_switch:
-        if entry is not None:
+        if entry is not None and int(entry["code_bytes"]):
             status.problems.append(f"empty, but the config lists a switch of {entry['code_bytes']} bytes")
         return status
+    if entry is not None and int(entry["code_bytes"]) != status.code_bytes:
+        status.problems.append(f"holds a code of {status.code_bytes} bytes, the config says {entry['code_bytes']}")
     try:
         # Without a checksum, decode the payload to find what can be found before the model is touched.
         header = sass.read_header(code) if status.checksum == "ok" else _decoded_header(code)
@@ -579,6 +585,8 @@ def check_unit(
             status.problems.append(
                 f"stores {header.value_bits}-bit values, the config says {entry_value_bits(entry)} value bits"
             )
+        if "kept" in entry and int(entry["kept"]) != header.kept:
+            status.problems.append(f"keeps {header.kept} entries, the config says {entry['kept']}")
         if header.numel != entry_numel(entry):
             status.problems.append(f"holds {header.numel} entries, the config says shape {entry['shape']}")
         if scale.numel() != int(entry["scales"]):

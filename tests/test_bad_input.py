@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from tiny_models import finetune_copy, tiny_bert, tiny_bert_classifier, token_batch
 
-from switch_adapter import CodecError, LayoutMismatchError, TSwitchConfig, from_finetuned
+from switch_adapter import CodecError, ConfigError, LayoutMismatchError, TSwitchConfig, from_finetuned
 from switch_adapter.codec import sass
 from switch_adapter.format import add_checksums
 
@@ -70,6 +70,74 @@ def test_newer_format_version_in_config_is_refused(saved_switch):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format version 99.*Upgrade"):
         PeftModel.from_pretrained(tiny_bert(), saved_switch)
+
+
+QUERY = "encoder.layer.0.attention.self.query"
+
+
+def _edit_config(folder, edit) -> None:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def _set_entry(key, value):
+    return lambda config: config["unit_layout"][QUERY]["weight"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [  # records written at save time that a hand edit (or a damaged download) broke
+        (_set_entry("code_bytes", "152"), ConfigError, r"\['weight'\]\['code_bytes'\] must be a whole number >= 0"),
+        (_set_entry("shape", "32x32"), ConfigError, r"\['shape'\] must be a list of sizes"),
+        (_set_entry("scales", 0), ConfigError, r"\['scales'\] must be a whole number >= 1"),
+        (lambda c: c.__setitem__("unit_layout", [QUERY]), ConfigError, "unit_layout must map module names"),
+        (lambda c: c["unit_layout"].__setitem__(QUERY, "weight"), ConfigError, "must map parameter names"),
+        (lambda c: c.__setitem__("format_version", "2"), ConfigError, "format_version must be a whole number"),
+        (lambda c: c.__setitem__("norm_statistics", 7), ConfigError, "norm_statistics must map module names"),
+        # well-formed records that disagree with the weights file
+        (_set_entry("code_bytes", 151), CodecError, r"query\.weight: holds a code of \d+ bytes, the config says 151"),
+        (_set_entry("kept", 3), CodecError, r"query\.weight: keeps \d+ entries, the config says 3"),
+        (lambda c: c["unit_layout"][QUERY].pop("weight"), CodecError, "query.weight: holds a switch that the config"),
+        (lambda c: c["unit_layout"].pop(QUERY), CodecError, "query.bias: holds a switch that the config"),
+    ],
+)
+def test_an_edited_config_is_refused_before_the_model_is_touched(saved_switch, edit, error, message):
+    _edit_config(saved_switch, edit)
+    base = tiny_bert()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(error, match=message) as raised:
+        PeftModel.from_pretrained(base, saved_switch)
+    if error is ConfigError:
+        assert "edited or damaged" in str(raised.value) and "Save the adapter again" in str(raised.value)
+    assert not _has_adapter_layers(base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_null_records_read_as_empty(saved_switch):
+    _edit_config(saved_switch, lambda c: c.update(modules_to_save_shapes=None, norm_statistics=None))
+    model = PeftModel.from_pretrained(tiny_bert(), saved_switch)
+    assert model.peft_config["default"].norm_statistics == {}
+    assert torch.isfinite(model(**token_batch()).last_hidden_state).all()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(target_modules=5), "target_modules must be a module name, a regex, or a list of module names"),
+        (dict(exclude_modules=[1]), "exclude_modules must be"),
+        (dict(modules_to_save="classifier"), r"modules_to_save must be a list of module names, e\.g\. \[.classifier"),
+        (dict(layers_to_transform="0,1"), "layers_to_transform must be a layer index or a list of them"),
+        (dict(layers_to_transform=[0, -1]), "layers_to_transform must be"),
+        (dict(switch_bias="no"), "switch_bias must be True or False, got 'no'"),
+        (dict(density_pattern=[("query", 0.1)]), "density_pattern must map module regexes to densities"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_named(setting, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        TSwitchConfig(**setting)
+    assert "edited or damaged" not in str(raised.value)  # a setting in code, not a damaged file
 
 
 def test_nan_in_the_fine_tuned_model_leaves_the_base_untouched():

@@ -12,7 +12,7 @@ from peft.utils import PeftType
 
 from .._model_sources import hub_download_kwargs, local_folder
 from ..codec.binarize import SCALE_GRANULARITIES, SCALE_RULES, BinarySwitch, binarize
-from ..errors import AdapterNotFoundError
+from ..errors import AdapterNotFoundError, ConfigError, SwitchAdapterError
 from ..format import (
     CHECKSUMS_SINCE,
     FORMAT_VERSION,
@@ -22,6 +22,7 @@ from ..format import (
     required_format_version,
     verify_adapter_file,
 )
+from .config_checks import record_problems, setting_problems
 from .model_card import write_model_card
 
 ALL_SUPPORTED_SHORTHAND = "all"
@@ -148,6 +149,10 @@ class TSwitchConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.target_modules is None:
             self.target_modules = ALL_SUPPORTED_SHORTHAND
+        for record in ("unit_layout", "modules_to_save_shapes", "norm_statistics"):
+            if getattr(self, record) is None:  # a null in a hand-written adapter_config.json: nothing recorded
+                setattr(self, record, {})
+        _raise_problems(setting_problems(self), record_problems(self))
         _check_density(self.density, "density")
         for pattern, value in self.density_pattern.items():
             _check_density(value, f"density_pattern[{pattern!r}]")
@@ -178,7 +183,7 @@ class TSwitchConfig(PeftConfig):
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except ValueError as error:
-            if is_local:
+            if is_local or isinstance(error, SwitchAdapterError):
                 raise
             raise AdapterNotFoundError(
                 f"The T-Switch adapter {name!r} is not a local folder, and its adapter_config.json could not be "
@@ -220,6 +225,18 @@ class TSwitchConfig(PeftConfig):
             if re.match(rf"(.*\.)?({pattern})$", module_name):
                 return float(value)
         return float(self.density)
+
+
+def _raise_problems(settings: list[str], records: list[str]) -> None:
+    """Raise one :class:`~switch_adapter.ConfigError` listing every problem of the config, if it has any."""
+    if records:
+        raise ConfigError(
+            "This T-Switch adapter's config is malformed:\n  " + "\n  ".join(records + settings) + "\nunit_layout, "
+            "format_version and the other records are written when a switch is saved: its adapter_config.json was "
+            "edited or damaged. Save the adapter again, or download it again."
+        )
+    if settings:
+        raise ConfigError("TSwitchConfig has settings of the wrong type or value:\n  " + "\n  ".join(settings))
 
 
 def _check_density(value: Any, name: str) -> None:
