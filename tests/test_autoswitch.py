@@ -151,6 +151,9 @@ def test_config_json_round_trip_and_validation():
         AutoSwitchConfig(feature_layer=9).resolve_feature_layer(6)
     with pytest.raises(ValueError, match="Unknown AutoSwitchConfig field"):
         AutoSwitchConfig.from_dict({"k": 3, "colour": "red"})
+    for field, value in (("seed", "0"), ("ood_fallback", "yes"), ("text_column", 3)):
+        with pytest.raises(ValueError, match=f"AutoSwitchConfig.{field} must be"):
+            AutoSwitchConfig(**{field: value})
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])

@@ -25,7 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from tiny_models import finetune_copy, tiny_bert_classifier, tiny_llama
 from torch import nn
 
-from switch_adapter import BudgetError, TrainingError, TSwitchConfig, from_finetuned
+from switch_adapter import BudgetError, ConfigError, TrainingError, TSwitchConfig, from_finetuned
 from switch_adapter.cli import main
 from switch_adapter.flexswitch import FlexSwitchConfig, flexswitch, load_examples, parse_budget
 from switch_adapter.flexswitch.distill import distillation_loss, make_target
@@ -291,6 +291,25 @@ BAD_INPUT = {
     "budget below the headers": (dict(config=_bert_config(budget="1%")), BudgetError, "smallest switch"),
     "budget of fp32": (dict(config=_bert_config(budget="100%")), BudgetError, "not smaller than the fp32"),
 }
+
+
+def test_settings_of_the_wrong_type_are_all_named_at_once():
+    with pytest.raises(ConfigError) as raised:
+        FlexSwitchConfig(lr="0.05", steps=10.5, bit_widths=3, gate_temperature=0.5, freeze="bits", seed=None,
+                         lora_factors="yes", target_modules=7)  # fmt: skip
+    message = str(raised.value)
+    for expected in (
+        "lr must be a positive number, got '0.05'",
+        "steps must be a whole number of at least 0, got 10.5",
+        "bit_widths must be a non-empty subset of (1, 2, 4, 8), got 3",
+        "gate_temperature must be two positive numbers (start, end), got 0.5",
+        "freeze accepts a list of ('density', 'bits', 'scale'), got 'bits'",
+        "seed must be an integer, got None",
+        "lora_factors must be True or False, got 'yes'",
+        "target_modules must be a module name, a regex, or a list of module names, got 7",
+    ):
+        assert expected in message
+    assert FlexSwitchConfig(bit_widths=[4, 1, 4], freeze=["scale"]).bit_widths == (1, 4)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))

@@ -167,6 +167,12 @@ class AutoSwitchConfig:
             fail("feature_module", "the name of a submodule (as in model.named_modules()) or None")
         if not isinstance(self.image_column, str) or not self.image_column:
             fail("image_column", "a column name")
+        if not isinstance(self.text_column, str) or not self.text_column:
+            fail("text_column", "a column name")
+        if not _is_int(self.seed):
+            fail("seed", "an integer")
+        if not isinstance(self.ood_fallback, bool):
+            fail("ood_fallback", "True or False")
         if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
             fail("max_length", "a positive integer or None")
 

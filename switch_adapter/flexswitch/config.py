@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import ConfigError
+from ..tswitch.config_checks import flag_problems, is_number, is_whole, selection_problems
+
 BIT_WIDTHS = (1, 2, 4, 8)
 LOSSES = ("auto", "kl", "mse")
 FREEZABLE = ("density", "bits", "scale")
@@ -123,29 +126,46 @@ class FlexSwitchConfig:
 
     def __post_init__(self) -> None:
         self._budget = parse_budget(self.budget)
-        self.bit_widths = tuple(sorted(set(int(b) for b in self.bit_widths)))
-        if not self.bit_widths or any(b not in BIT_WIDTHS for b in self.bit_widths):
-            raise ValueError(f"bit_widths must be a non-empty subset of {BIT_WIDTHS}, got {self.bit_widths!r}.")
+        problems = self._problems()
+        if problems:
+            raise ConfigError("FlexSwitchConfig has settings of the wrong type or value:\n  " + "\n  ".join(problems))
+        self.bit_widths = tuple(sorted(set(self.bit_widths)))
         self.freeze = tuple(self.freeze)
-        unknown = [name for name in self.freeze if name not in FREEZABLE]
-        if unknown:
-            raise ValueError(f"freeze accepts {FREEZABLE}, got {unknown!r}.")
+
+    def _problems(self) -> list[str]:
+        """Every setting of the wrong type or value, one line each."""
+        problems = selection_problems(self) + flag_problems(self, ("lora_factors",))
+        widths = self.bit_widths
+        if not isinstance(widths, (list, tuple, set)) or not widths or any(b not in BIT_WIDTHS for b in widths):
+            problems.append(f"bit_widths must be a non-empty subset of {BIT_WIDTHS}, got {widths!r}")
+        if not isinstance(self.freeze, (list, tuple, set)) or any(n not in FREEZABLE for n in self.freeze):
+            problems.append(f"freeze accepts a list of {FREEZABLE}, got {self.freeze!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
-        for name in ("batch_size", "max_length", "gradient_accumulation_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}.")
-        if int(self.steps) < 0:
-            raise ValueError(f"steps must be 0 or more, got {self.steps!r}.")
+            problems.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name, least in (("steps", 0), ("batch_size", 1), ("max_length", 1), ("gradient_accumulation_steps", 1)):
+            value = getattr(self, name)
+            if not is_whole(value) or value < least:
+                problems.append(f"{name} must be a whole number of at least {least}, got {value!r}")
+        for name in ("distill_temperature", "lr", "scale_lr"):
+            value = getattr(self, name)
+            if not is_number(value) or not value > 0:
+                problems.append(f"{name} must be a positive number, got {value!r}")
         for name in ("init_density", "candidate_fraction"):
             value = getattr(self, name)
-            if value is not None and not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
-        start, end = self.gate_temperature
-        if not (start > 0 and end > 0):
-            raise ValueError(f"gate_temperature must be two positive numbers, got {self.gate_temperature!r}.")
+            if value is not None and (not is_number(value) or not 0.0 < value <= 1.0):
+                problems.append(f"{name} must be in (0, 1] or None, got {value!r}")
+        gate = self.gate_temperature
+        if not (isinstance(gate, (list, tuple)) and len(gate) == 2 and all(is_number(t) and t > 0 for t in gate)):
+            problems.append(f"gate_temperature must be two positive numbers (start, end), got {gate!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+            problems.append(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("task_type", "text_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                problems.append(f"{name} must be a name or None, got {value!r}")
+        if not is_whole(self.seed):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
+        return problems
 
     @property
     def parsed_budget(self) -> Budget:

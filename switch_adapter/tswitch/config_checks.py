@@ -16,16 +16,23 @@ from typing import Any
 _NAMES = "a module name, a regex, or a list of module names"
 
 
-def setting_problems(config: Any) -> list[str]:
-    """Problems of the settings a user passes."""
+def selection_problems(config: Any) -> list[str]:
+    """Problems of the settings that choose what is switched (shared by T-Switch and FlexSwitch configs)."""
     problems = []
-    if not _is_names(config.target_modules, allow_none=False):
+    if not _is_names(config.target_modules):
         problems.append(f"target_modules must be {_NAMES}, got {config.target_modules!r}")
     if not _is_names(config.exclude_modules):
         problems.append(f"exclude_modules must be {_NAMES} (or None), got {config.exclude_modules!r}")
     if config.modules_to_save is not None and not _is_list_of(config.modules_to_save, str):
         problems.append(f"modules_to_save must be a list of module names, e.g. ['classifier'], got "
                         f"{config.modules_to_save!r}")  # fmt: skip
+    problems += flag_problems(config, ("switch_bias", "switch_norms"))
+    return problems
+
+
+def setting_problems(config: Any) -> list[str]:
+    """Problems of the settings a user passes to a T-Switch config."""
+    problems = selection_problems(config)
     layers = config.layers_to_transform
     if layers is not None and not (_is_count(layers) or (_is_list_of(layers, int) and all(map(_is_count, layers)))):
         problems.append(f"layers_to_transform must be a layer index or a list of them (whole numbers >= 0), got "
@@ -34,10 +41,26 @@ def setting_problems(config: Any) -> list[str]:
         problems.append(f"layers_pattern must be a name or a list of names (or None), got {config.layers_pattern!r}")
     if not isinstance(config.density_pattern, Mapping) or not all(isinstance(k, str) for k in config.density_pattern):
         problems.append(f"density_pattern must map module regexes to densities, got {config.density_pattern!r}")
-    for name in ("keep_ties", "switch_bias", "switch_norms"):
-        if not isinstance(getattr(config, name), bool):
-            problems.append(f"{name} must be True or False, got {getattr(config, name)!r}")
-    return problems
+    return problems + flag_problems(config, ("keep_ties",))
+
+
+def flag_problems(config: Any, names: tuple[str, ...]) -> list[str]:
+    """Problems of settings that must be True or False."""
+    return [f"{n} must be True or False, got {getattr(config, n)!r}" for n in names if not is_flag(getattr(config, n))]
+
+
+def is_flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def record_problems(config: Any) -> list[str]:
@@ -83,7 +106,7 @@ def entry_problems(entry: Any) -> list[str]:
     if "encoding" in entry and not isinstance(entry["encoding"], str):
         problems.append(f"['encoding'] must be an encoding name, got {_short(entry['encoding'])}")
     density = entry.get("density", 0)
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+    if not is_number(density) or not 0 <= density <= 1:
         problems.append(f"['density'] must be a number in [0, 1], got {_short(density)}")
     return problems
 
@@ -100,7 +123,7 @@ def _shapes_problems(name: str, value: Any) -> list[str]:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_whole(value) and value >= 0
 
 
 def _is_shape(value: Any) -> bool:
@@ -111,8 +134,8 @@ def _is_list_of(value: Any, kind: type) -> bool:
     return isinstance(value, (list, tuple, set)) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
 
 
-def _is_names(value: Any, allow_none: bool = True) -> bool:
-    return (value is None and allow_none) or isinstance(value, str) or _is_list_of(value, str)
+def _is_names(value: Any) -> bool:
+    return value is None or isinstance(value, str) or _is_list_of(value, str)
 
 
 def _short(value: Any) -> str:
