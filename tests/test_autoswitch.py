@@ -351,9 +351,9 @@ class _OffsetRMSNorm(torch.nn.Module):
     "make_norm", [lambda: torch.nn.LayerNorm(16), lambda: torch.nn.RMSNorm(16), lambda: _OffsetRMSNorm(16)]
 )
 @pytest.mark.parametrize("shape", [(5, 7, 16), (35, 16), (1, 7, 16)])
-def test_channel_norm_runs_every_group_in_two_calls(make_norm, shape):
-    """Two calls of a channel norm serve every group: each row equals the norm run with its own group's parameters
-    (3-D, flattened rows, and a broadcast row)."""
+def test_channel_norm_runs_every_group_in_one_or_two_calls(make_norm, shape):
+    """One call of a channel norm (two for a norm with an offset, Gemma's ``1 + w``) serves every group: each row
+    equals the norm run with its own group's parameters (3-D, flattened rows, and a broadcast row)."""
     torch.manual_seed(0)
     norm = make_norm()
     plan = streamed.StreamPlan(("a", "b", "c"), [{"a": 1.0}, {"b": 0.5, "c": 0.5}, {"c": 1.0}], [0, 1, 2, 1, 0])
@@ -372,7 +372,7 @@ def test_channel_norm_runs_every_group_in_two_calls(make_norm, shape):
         plan.rows.last_rows = 5
     with torch.no_grad():
         got = channel(x)
-        assert len(calls) == 2
+        assert len(calls) == (2 if isinstance(norm, _OffsetRMSNorm) else 1)
         expected = grouped(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert isinstance(norm._parameters["weight"], torch.nn.Parameter)  # the layer's own parameters are back

@@ -128,8 +128,12 @@ class _StandIn(nn.Module):
 
     def __init__(self, original: nn.Module, plan: _RowPlan) -> None:
         super().__init__()
-        self._original = (original,)  # a tuple: not registered as a submodule
-        self._plan = plan
+        self._keep(_original=(original,), _plan=plan)  # a tuple: not registered as a submodule
+
+    def _keep(self, **values) -> None:
+        """Plain attributes (no parameter, buffer or submodule among them), set without ``nn.Module.__setattr__``'s
+        checks: stand-ins are made for every call."""
+        self.__dict__.update(values)
 
     def __getattr__(self, name: str):
         try:
@@ -154,7 +158,7 @@ class _GroupedCall(_StandIn):
         self, original: nn.Module, targets: list[tuple[nn.Module, dict[str, torch.Tensor]]], plan: _RowPlan
     ) -> None:
         super().__init__(original, plan)
-        self._targets = targets
+        self._keep(_targets=targets)
 
     def _run(self, target: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         module, params = self._targets[target]

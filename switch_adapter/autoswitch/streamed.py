@@ -15,8 +15,8 @@ Each switched layer is replaced for the call by a stand-in that reads the tasks'
 A group is light when ``rows * kept entries of its tasks <= LIGHT_ENTRIES_PER_WEIGHT * weight size``: the
 entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get their composed parameters
 directly: one that scales and shifts the channels of the last dimension (LayerNorm, RMSNorm, model-specific
-``*LayerNorm`` / ``*RMSNorm`` classes) runs twice for all rows whatever the number of groups
-(:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
+``*LayerNorm`` / ``*RMSNorm`` classes) runs once for all rows whatever the number of groups, twice when it has an
+offset such as Gemma's ``1 + w`` (:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
 memory is the tables (3 bytes per kept entry plus 4 bytes per stored row and task).
 
 A switch converted from a LoRA in factors mode changes a weight by a low-rank pair: its table keeps the two decoded
@@ -27,6 +27,7 @@ layer that way too instead of changing the live weight (an exact restore would n
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -171,10 +172,8 @@ class _StreamedCall(_StandIn):
     def __init__(self, original: nn.Module, table: EntryTable, kind: str, plan: StreamPlan):
         super().__init__(original, plan.rows)
         weight = original.weight
-        self._outputs = weight.shape[0] if kind != TRANSPOSED else weight.shape[1]
-        self._table = table
-        self._kind = kind
-        self._stream = plan
+        self._keep(_outputs=weight.shape[0] if kind != TRANSPOSED else weight.shape[1], _table=table, _kind=kind,
+                   _stream=plan)  # fmt: skip
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows, broadcast = self._rows(x)
@@ -265,19 +264,18 @@ class _ChannelNormCall(_StandIn):
 
     Such a layer computes ``f(x; w, b) = a(x) + m(x) * w + b`` per channel (``a`` is zero for LayerNorm, ``x``
     normalised for Gemma's ``1 + w`` RMSNorm), so two calls with ``w`` 0 and 1 (exact in every dtype) and ``b`` 0
-    give ``a`` and ``m`` for all rows, and every row then takes its own group's composed ``w`` and ``b``. Inputs
-    whose last dimension is not the channels go to ``fallback`` (one call per group).
+    give ``a`` and ``m`` for all rows, and every row then takes its own group's composed ``w`` and ``b``. A layer
+    found offset-free (``a = 0``, see :func:`_probe_parameters`) skips the first call. Inputs whose last dimension
+    is not the channels go to ``fallback`` (one call per group).
     """
 
     def __init__(self, original: nn.Module, stacks: dict[str, torch.Tensor], plan: StreamPlan, fallback: nn.Module
                  ) -> None:  # fmt: skip
         super().__init__(original, plan.rows)
-        self._stream = plan
-        self._fallback = (fallback,)
-        self._stacks = stacks  # [groups, channels] per parameter: each group's composed weight (and bias)
-        # the parameters of the two calls, made once for all the steps of a generate
-        self._zeros = {name: torch.zeros_like(getattr(original, name).detach()) for name in stacks}
-        self._ones = {"weight": torch.ones_like(self._zeros["weight"])}
+        zeros, ones, offset_free = _probe_parameters(original, tuple(stacks))
+        # stacks: [groups, channels] per parameter, each group's composed weight (and bias)
+        self._keep(_stream=plan, _fallback=(fallback,), _stacks=stacks, _zeros=zeros, _ones=ones,
+                   _offset_free=offset_free)  # fmt: skip
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self._original[0]
@@ -289,17 +287,46 @@ class _ChannelNormCall(_StandIn):
             x = x.expand(rows, *x.shape[1:])
         saved = _swap(module, self._zeros)
         try:
-            offset = module(x, *args, **kwargs)
+            offset = None if self._offset_free else module(x, *args, **kwargs)
             _swap(module, self._ones)
             slope = module(x, *args, **kwargs)
         finally:
             _restore(module, saved)
         order = self._stream.row_groups(rows, None, x.device)
         shape = (rows,) + (1,) * (x.dim() - 2) + (weight.shape[1],)
-        y = torch.addcmul(offset, slope - offset, weight.index_select(0, order).to(offset.dtype).view(shape))
+        scale = weight.index_select(0, order).to(slope.dtype).view(shape)
+        y = slope * scale if offset is None else torch.addcmul(offset, slope - offset, scale)
         if "bias" in self._stacks:
             y += self._stacks["bias"].index_select(0, order).to(y.dtype).view(shape)
         return y
+
+
+# per norm module: (zeros, ones, offset-free) for _ChannelNormCall, made once (remade when the module's dtype or
+# device changes)
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe_parameters(module: nn.Module, names: tuple[str, ...]) -> tuple[dict, dict, bool]:
+    """For a channel norm layer: its parameters ``names`` as zeros, its weight as ones, and whether it is offset-free
+    (returns exactly zero with zero parameters, ``a = 0``: LayerNorm, RMSNorm; not Gemma's ``1 + w``), found once
+    on a random input."""
+    weight = module.weight
+    found = _PROBED.get(module)
+    if found is not None and found[0] == (names, weight.dtype, weight.device):
+        return found[1]
+    zeros = {name: torch.zeros_like(getattr(module, name).detach()) for name in names}
+    ones = {"weight": torch.ones_like(zeros["weight"])}
+    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    saved = _swap(module, zeros)
+    try:
+        with torch.no_grad():
+            offset_free = not bool(module(probe).any())
+    except Exception:  # a layer that needs other inputs: keep computing its offset
+        offset_free = False
+    finally:
+        _restore(module, saved)
+    _PROBED[module] = ((names, weight.dtype, weight.device), (zeros, ones, offset_free))
+    return zeros, ones, offset_free
 
 
 def scales_channels(module: nn.Module) -> bool:

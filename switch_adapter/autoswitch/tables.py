@@ -169,11 +169,12 @@ def _stored_shape(module: nn.Module) -> tuple[int, int]:
 def switch_keys(layer: SwitchedModule, tasks: tuple[str, ...]) -> tuple:
     """Identity of the weight and bias switches of ``tasks`` in ``layer`` (None for an absent or empty switch): a
     table built for other keys is stale (an adapter reloaded or replaced under the same name)."""
-    codes = [layer._codes(name)._buffers for name in UNIT_PARAMETERS]
     keys = []
-    for task in tasks:
-        for found in (units.get(task) for units in codes):
-            keys.append(None if found is None or found.numel() == 0 else (found.data_ptr(), found._version))
+    for name in UNIT_PARAMETERS:  # runs for every layer on every call: kept to plain lookups
+        units = layer._codes(name)._buffers
+        for task in tasks:
+            found = units.get(task)
+            keys.append(None if found is None or not found.numel() else (found.data_ptr(), found._version))
     return tuple(keys)
 
 
