@@ -16,8 +16,8 @@ A group is light when ``rows * kept entries of its tasks <= LIGHT_ENTRIES_PER_WE
 entry-wise work is then cheaper than composing the layer. Norm layers (tiny) get their composed parameters
 directly: one that scales and shifts the channels of the last dimension (LayerNorm, RMSNorm, model-specific
 ``*LayerNorm`` / ``*RMSNorm`` classes) runs once for all rows whatever the number of groups, twice when it has an
-offset such as Gemma's ``1 + w`` (:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives the call; the extra resident
-memory is the tables (3 bytes per kept entry plus 4 bytes per stored row and task).
+offset such as Gemma's ``1 + w`` (:class:`_ChannelNormCall`), other norms once per group. Nothing dense outlives
+the call; the extra resident memory is the tables (3 bytes per kept entry plus 4 bytes per stored row and task).
 
 A switch converted from a LoRA in factors mode changes a weight by a low-rank pair: its table keeps the two decoded
 factors (4 bytes per factor entry), its rows always take the entry-wise path as two thin matmuls (as peft runs a
