@@ -24,7 +24,22 @@ def load_kernels(module: str) -> ModuleType | None:
     if os.environ.get(KERNELS_ENV, "").lower() == "torch":
         return None
     try:
-        return importlib.import_module(module)
+        kernels = importlib.import_module(module)
     except ImportError:
         logger.debug("numba is not installed: %s falls back to numpy/torch ops.", module)
         return None
+    _start_numba_threads()
+    return kernels
+
+
+def _start_numba_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count: starting its OpenMP layer (on the first parallel
+    kernel otherwise) resets ``torch.get_num_threads()`` to the default, undoing a ``torch.set_num_threads`` the
+    user made."""
+    import numba
+    import torch
+
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool once per process
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -187,3 +187,30 @@ def test_torch_path_is_chosen_when_forced_or_for_other_dtypes(monkeypatch):
     reference = torch.stack([sum((w * dense_deltas(table)[t] @ x[r].double() for t, w in SAMPLES[r]),
                                  torch.zeros(8, dtype=torch.float64)) for r in range(5)])  # fmt: skip
     torch.testing.assert_close(y.double(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_starting_the_kernels_keeps_torchs_thread_count():
+    """numba's OpenMP pool resets torch's thread count when it starts; loading the kernels puts the user's back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        import torch
+
+        wanted = torch.get_num_threads() + 1  # not the default, which a reset would return to
+        torch.set_num_threads(wanted)
+        from switch_adapter.autoswitch import kernels
+
+        assert kernels.fast_kernels_available()
+        x = np.ones((8, 4), dtype=np.float32)
+        lanes = np.empty(32, dtype=np.float32)
+        kernels._numba_kernels().pack_lanes(lanes, x, np.arange(8, dtype=np.int64))  # a parallel kernel
+        print(torch.get_num_threads() == wanted)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
