@@ -363,10 +363,10 @@ def test_channel_norm_runs_every_group_in_one_or_two_calls(make_norm, shape):
         if getattr(norm, "bias", None) is not None:
             params["bias"] = (norm.bias + torch.randn(16) * 0.2).detach()
         targets.append(params)
+    calls = []
+    norm.register_forward_hook(lambda *_: calls.append(1))  # before the stand-in: its probe must not show here
     grouped = execute._GroupedCall(norm, [(norm, params) for params in targets], plan.rows)
     channel = streamed._ChannelNormCall(norm, NormGroups(targets).stacks(norm), plan, grouped)
-    calls = []
-    norm.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(shape)
     if shape[0] == 1:  # a broadcast row follows a call of the batch's rows
         plan.rows.last_rows = 5

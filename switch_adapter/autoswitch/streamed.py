@@ -319,8 +319,8 @@ def _probe_parameters(module: nn.Module, names: tuple[str, ...]) -> tuple[dict, 
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     saved = _swap(module, zeros)
     try:
-        with torch.no_grad():
-            offset_free = not bool(module(probe).any())
+        with torch.no_grad():  # forward, not __call__: the user's hooks never see the probe
+            offset_free = not bool(module.forward(probe).any())
     except Exception:  # a layer that needs other inputs: keep computing its offset
         offset_free = False
     finally:
