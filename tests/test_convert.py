@@ -500,6 +500,26 @@ def test_lora_factors_keep_the_lora_at_8_bits(variant, tmp_path):
     assert (ours - lora).norm() <= 0.05 * (lora - plain).norm()
 
 
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        (["model-00001-of-00002.safetensors"], "its weight_map must map tensor names to shard file names"),
+        (None, "its weight_map must map tensor names to shard file names"),
+        ({"embeddings.word_embeddings.weight": 1}, "its weight_map must map tensor names to shard file names"),
+        ({"embeddings.word_embeddings.weight": "../other/model.safetensors"}, "names shard files outside its folder"),
+    ],
+)
+def test_a_damaged_shard_index_is_named_and_nothing_is_written(tmp_path, weight_map, message):
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    finetune_copy(base).save_pretrained(tmp_path / "tuned", max_shard_size="100KB")
+    index = tmp_path / "tuned" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match=rf"fine-tuned checkpoint .*model\.safetensors\.index\.json.*{message}"):
+        convert_finetuned(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_lora_inputs_write_nothing(tmp_path):
     base = tiny_bert()
     base.save_pretrained(tmp_path / "base")

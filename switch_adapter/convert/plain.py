@@ -201,13 +201,30 @@ def weights_files(source: str | os.PathLike) -> tuple[list[str], str]:
 
 def index_files(index_path: str) -> list[str]:
     """The shard files an index names, as paths next to the index."""
+    folder = os.path.dirname(index_path)
+    return [os.path.join(folder, name) for name in shard_names(index_path)]
+
+
+def shard_names(index_path: str) -> list[str]:
+    """The shard file names a safetensors index lists (the values of its ``weight_map``), sorted; a ``ValueError``
+    names what is wrong with an index that is not JSON, has no ``weight_map`` mapping tensor names to file names, or
+    names a file outside its folder."""
     try:
         with open(index_path, encoding="utf-8") as handle:
             weight_map = json.load(handle)["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{index_path} is not a valid safetensors index ({error}).") from None
-    folder = os.path.dirname(index_path)
-    return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else []
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(
+            f"{index_path} is not a valid safetensors index: its weight_map must map tensor names to shard file "
+            f"names, got {str(weight_map)[:80]}. Re-save or re-download the checkpoint."
+        )
+    outside = [n for n in names if os.path.isabs(n) or ".." in n.replace("\\", "/").split("/")]
+    if outside:
+        raise ValueError(f"{index_path} names shard files outside its folder ({outside[0]!r}); an index lists files "
+                         "next to it.")  # fmt: skip
+    return sorted(set(names))
 
 
 def tied_groups(model: nn.Module) -> list[set[str]]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._model_sources import from_hub, local_folder
 from ..errors import AdapterNotFoundError
-from .plain import plain_checkpoint_files, weights_files
+from .plain import plain_checkpoint_files, shard_names, weights_files
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -437,11 +437,9 @@ def open_checkpoint(
 
 def _index_files(index_path: str, description: str) -> list[str]:
     try:
-        with open(index_path, encoding="utf-8") as handle:
-            weight_map = json.load(handle)["weight_map"]
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{description}: {index_path} is not a valid safetensors index ({error}).") from None
-    return sorted(set(weight_map.values()))
+        return shard_names(index_path)
+    except ValueError as error:
+        raise ValueError(f"{description}: {error}") from None
 
 
 def _what_is_there(folder: str) -> str:
