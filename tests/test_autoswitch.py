@@ -35,6 +35,7 @@ from switch_adapter.autoswitch import (
     DuplicateTaskError,
     EmptyQuerySetError,
     FeatureMismatchError,
+    InputMismatchError,
     execute,
     features,
     kernels,
@@ -1173,3 +1174,18 @@ def test_encoder_router_pools_every_token(bert_switches):
     router = AutoSwitchModel.from_pretrained(tiny_bert(), adapters=bert_switches, query_sets=query,
                                              config=AutoSwitchConfig(metric="euclidean"), progress=False)  # fmt: skip
     assert router.feature_spec.shared_prefix == ()  # bidirectional attention: the prefix sees the whole input
+
+
+def test_token_ids_for_another_model_and_bad_adapter_sources_are_named(bert_switches):
+    router = make_router(tiny_bert, bert_switches, mode="top1")
+    vocabulary = tiny_bert().config.vocab_size
+    with pytest.raises(InputMismatchError, match=rf"vocabulary has {vocabulary} entries.*tokenized for another model"):
+        router(input_ids=task_ids(0, 2) + vocabulary)
+    for ids, message in ((task_ids(1, 4) + vocabulary, "tokenized for another model"),
+                         (task_ids(1, 4).float(), "token ids must be an integer tensor")):  # fmt: skip
+        queries = {**query_sets(), TASKS[1]: {"input_ids": ids}}
+        with pytest.raises(InputMismatchError, match=message):
+            AutoSwitchModel.from_pretrained(tiny_bert(), adapters=bert_switches, query_sets=queries, progress=False)
+    adapters = {**bert_switches, TASKS[1]: None}
+    with pytest.raises(TypeError, match=rf"adapters\['{TASKS[1]}'\] must be the folder or Hub repo id"):
+        AutoSwitchModel.from_pretrained(tiny_bert(), adapters=adapters, query_sets=query_sets(), progress=False)

@@ -109,6 +109,13 @@ def _pairs(items: Any, what: str) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _adapter_path(task: str, source: Any) -> str:
+    """The folder or Hub repo id given for ``task``'s adapter, as a string."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise TypeError(f"adapters[{task!r}] must be the folder or Hub repo id of a T-Switch adapter, got {source!r}.")
+    return os.fspath(source)
+
+
 def _normalize_id(name: str | None) -> str:
     if not name:
         return ""
@@ -304,7 +311,8 @@ class AutoSwitchModel(nn.Module):
             raise TypeError(
                 f"Expected a base model (nn.Module) or a bundle path, got {type(model_or_bundle).__name__}."
             )
-        sources = {name: AdapterSource(os.fspath(src), revision=revision) for name, src in _pairs(adapters, "adapters")}
+        sources = {name: AdapterSource(_adapter_path(name, src), revision=revision)
+                   for name, src in _pairs(adapters, "adapters")}  # fmt: skip
         return cls._build(
             model_or_bundle, sources, _pairs(query_sets, "query_sets"), config or AutoSwitchConfig(),
             tokenizer=tokenizer, token=token, check_base_model=check_base_model, progress=progress,
@@ -497,7 +505,7 @@ class AutoSwitchModel(nn.Module):
         with self._lock:
             if name in self._query:
                 raise DuplicateTaskError(f"The router already has a task {name!r}: remove_task it first.")
-            source = AdapterSource(os.fspath(adapter), revision=revision)
+            source = AdapterSource(_adapter_path(name, adapter), revision=revision)
             adapter_config = load_adapter_config(source, token)
             base_id = _normalize_id(getattr(self.inner, "name_or_path", "") or "")
             check_adapter_fits(name, adapter_config, source.location, self.inner, base_id, check_base_model)
