@@ -1181,7 +1181,7 @@ def test_token_ids_for_another_model_and_bad_adapter_sources_are_named(bert_swit
     vocabulary = tiny_bert().config.vocab_size
     with pytest.raises(InputMismatchError, match=rf"vocabulary has {vocabulary} entries.*tokenized for another model"):
         router(input_ids=task_ids(0, 2) + vocabulary)
-    for ids, message in ((task_ids(1, 4) + vocabulary, "tokenized for another model"),
+    for ids, message in ((task_ids(1, 4) + vocabulary, f"query examples of task '{TASKS[1]}' hold token ids from"),
                          (task_ids(1, 4).float(), "token ids must be an integer tensor")):  # fmt: skip
         queries = {**query_sets(), TASKS[1]: {"input_ids": ids}}
         with pytest.raises(InputMismatchError, match=message):

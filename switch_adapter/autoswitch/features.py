@@ -29,6 +29,7 @@ from .inputs import (
     InputMismatchError,
     call_model,
     check_tensor_batch,
+    check_token_ids,
     expected_channels,
     is_text_query,
     tensor_query_batches,
@@ -672,8 +673,10 @@ def layer_features(
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = (count + config.feature_batch_size - 1) // config.feature_batch_size
     for batch in tqdm(batches, total=total, desc=f"Query features ({task})", disable=not progress or total < 4):
-        if kind != "text":
-            what = f"The query examples of task {task!r}"
+        what = f"The query examples of task {task!r}"
+        if kind == "text":
+            check_token_ids(extractor.model, batch.get("input_ids"), what)
+        else:
             check_tensor_batch(batch, kind, extractor.spec.input_shape, extractor.channels, what)
             if shapes is not None:
                 shapes.add(tuple(batch[MAIN_KEY[kind]].shape[1:]))

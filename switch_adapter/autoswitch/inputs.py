@@ -68,14 +68,14 @@ def call_model(model: nn.Module, batch: Mapping[str, Any], kind: str, **extra: A
     return model(**batch, **extra)
 
 
-def check_token_ids(model: nn.Module, ids: Any) -> None:
+def check_token_ids(model: nn.Module, ids: Any, what: str = "The input_ids") -> None:
     """Raise :class:`InputMismatchError` for token ids that are not integers or fall outside the model's vocabulary
     (text tokenized for another model), instead of an embedding's ``index out of range``."""
     if not isinstance(ids, torch.Tensor) or ids.numel() == 0:
         return
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InputMismatchError(
-            f"input_ids are {ids.dtype}: token ids must be an integer tensor (tokenize with return_tensors='pt')."
+            f"{what} are {ids.dtype}: token ids must be an integer tensor (tokenize with return_tensors='pt')."
         )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if hasattr(embeddings, "get_base_layer"):  # switched or LoRA-wrapped
@@ -84,7 +84,7 @@ def check_token_ids(model: nn.Module, ids: Any) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (isinstance(vocabulary, int) and high >= vocabulary):
         raise InputMismatchError(
-            f"input_ids hold token ids from {low} to {high}, but the model's vocabulary has {vocabulary} entries "
+            f"{what} hold token ids from {low} to {high}, but the model's vocabulary has {vocabulary} entries "
             "(ids 0 to vocabulary - 1): the text was tokenized for another model. Use this model's tokenizer."
         )
 
