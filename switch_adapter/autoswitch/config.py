@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..tswitch.config_checks import is_whole
+
 METRICS = ("auto", "learned", "cosine", "euclidean")
 OBJECTIVES = ("lda", "nca")
 MODES = ("soft", "top1", "batch")
@@ -123,11 +125,11 @@ class AutoSwitchConfig:
         def fail(field: str, expected: str) -> None:
             raise ValueError(f"AutoSwitchConfig.{field} must be {expected}, got {getattr(self, field)!r}.")
 
-        if not _is_int(self.k) or self.k < 1:
+        if not is_whole(self.k) or self.k < 1:
             fail("k", "a positive integer (number of neighbours, e.g. 10)")
         if self.metric not in METRICS:
             fail("metric", f"one of {METRICS}")
-        if self.metric_rank is not None and (not _is_int(self.metric_rank) or self.metric_rank < 1):
+        if self.metric_rank is not None and (not is_whole(self.metric_rank) or self.metric_rank < 1):
             fail("metric_rank", "a positive integer (rank of the learned projection, e.g. 32)")
         if self.metric_objective not in OBJECTIVES:
             fail("metric_objective", f"one of {OBJECTIVES}")
@@ -141,11 +143,11 @@ class AutoSwitchConfig:
             fail("mode", f"one of {MODES}")
         if self.pooling not in POOLINGS:
             fail("pooling", f"one of {POOLINGS}")
-        if self.feature_layer is not None and self.feature_layer != "auto" and not _is_int(self.feature_layer):
+        if self.feature_layer is not None and self.feature_layer != "auto" and not is_whole(self.feature_layer):
             fail("feature_layer", "an integer index into output_hidden_states, 'auto' or None")
         if not isinstance(self.feature_depth, (int, float)) or not 0.0 <= self.feature_depth <= 1.0:
             fail("feature_depth", "a number in [0, 1]")
-        if not _is_int(self.examples_per_task) or self.examples_per_task < 1:
+        if not is_whole(self.examples_per_task) or self.examples_per_task < 1:
             fail("examples_per_task", "a positive integer")
         if not isinstance(self.ood_quantile, (int, float)) or not 0.0 < self.ood_quantile <= 1.0:
             fail("ood_quantile", "a number in (0, 1]")
@@ -159,9 +161,9 @@ class AutoSwitchConfig:
             fail("weight_step", "a number in (0, 1] or None")
         if self.execution not in EXECUTIONS:
             fail("execution", f"one of {EXECUTIONS}")
-        if not _is_int(self.cache_budget_bytes) or self.cache_budget_bytes < 0:
+        if not is_whole(self.cache_budget_bytes) or self.cache_budget_bytes < 0:
             fail("cache_budget_bytes", "a non-negative integer (bytes)")
-        if not _is_int(self.feature_batch_size) or self.feature_batch_size < 1:
+        if not is_whole(self.feature_batch_size) or self.feature_batch_size < 1:
             fail("feature_batch_size", "a positive integer")
         if self.feature_module is not None and (not isinstance(self.feature_module, str) or not self.feature_module):
             fail("feature_module", "the name of a submodule (as in model.named_modules()) or None")
@@ -169,11 +171,11 @@ class AutoSwitchConfig:
             fail("image_column", "a column name")
         if not isinstance(self.text_column, str) or not self.text_column:
             fail("text_column", "a column name")
-        if not _is_int(self.seed):
+        if not is_whole(self.seed):
             fail("seed", "an integer")
         if not isinstance(self.ood_fallback, bool):
             fail("ood_fallback", "True or False")
-        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
+        if self.max_length is not None and (not is_whole(self.max_length) or self.max_length < 1):
             fail("max_length", "a positive integer or None")
 
     def resolve_metric_rank(self, feature_size: int) -> int:
@@ -223,7 +225,3 @@ class AutoSwitchConfig:
     @classmethod
     def from_json_string(cls, text: str) -> AutoSwitchConfig:
         return cls.from_dict(json.loads(text))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

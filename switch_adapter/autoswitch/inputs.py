@@ -59,12 +59,10 @@ def expected_channels(model: nn.Module) -> int | None:
 
 
 def call_model(model: nn.Module, batch: Mapping[str, Any], kind: str, **extra: Any) -> Any:
-    """Run ``model`` on ``batch`` as its input kind is called (token ids checked first, see :func:`check_token_ids`)."""
+    """Run ``model`` on ``batch`` as its input kind is called."""
     if kind == "tensor":
         rest = {key: value for key, value in batch.items() if key != TENSOR_KEY}
         return model(batch[TENSOR_KEY], **rest, **extra)
-    if kind == "text":
-        check_token_ids(model, batch.get("input_ids"))
     return model(**batch, **extra)
 
 
@@ -81,7 +79,7 @@ def check_token_ids(model: nn.Module, ids: Any, what: str = "The input_ids") -> 
     if hasattr(embeddings, "get_base_layer"):  # switched or LoRA-wrapped
         embeddings = embeddings.get_base_layer()
     vocabulary = getattr(embeddings, "num_embeddings", None)
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(value) for value in torch.aminmax(ids))
     if low < 0 or (isinstance(vocabulary, int) and high >= vocabulary):
         raise InputMismatchError(
             f"{what} hold token ids from {low} to {high}, but the model's vocabulary has {vocabulary} entries "

@@ -67,6 +67,7 @@ from .inputs import (
     batch_size,
     call_model,
     check_tensor_batch,
+    check_token_ids,
     input_kind_of,
     tensor_batch,
 )
@@ -836,6 +837,7 @@ class AutoSwitchModel(nn.Module):
         batch = to_model_inputs(inputs, self.tokenizer, self.config.max_length, padding_side, self.config.chat_template)
         if isinstance(inputs, Mapping):
             batch = {**{k: v for k, v in inputs.items() if k not in batch}, **batch}
+        check_token_ids(self.inner, batch.get("input_ids"))  # once per call, before routing and execution
         if keep_extra:
             batch.update(kwargs)
         return batch

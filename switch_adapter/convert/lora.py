@@ -39,6 +39,7 @@ from ..codec.binarize import quantize
 from ..codec.sass import check_value_bits
 from ..format import KEY_PREFIX, LOW_RANK_TARGET, LOW_RANK_UNITS, PARTS, Unit, parse_key
 from ..tswitch.config import ALL_SUPPORTED_SHORTHAND, TSwitchConfig
+from ..tswitch.config_checks import is_number
 from .finetuned import _copy_config, encoded_entry, make_summary, record_base
 from .pipeline import cyclic_gc_paused
 from .plain import ModelFactory, build_model, factory_name, is_plain_module, meta_copy
@@ -150,7 +151,7 @@ def read_lora_settings(config: dict[str, Any], description: str) -> LoraSettings
 def _setting(value: Any, label: str, kind: type, description: str) -> int | float:
     """``value`` of the ``adapter_config.json`` setting ``label`` as a positive whole number (``kind`` int: a rank)
     or a finite number (float: an alpha); ``ValueError`` naming the setting otherwise."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    number = is_number(value) and math.isfinite(value)
     if number and (kind is not int or (value > 0 and value == int(value))):
         return kind(value)
     what = "a positive whole number" if kind is int else "a number"

@@ -22,7 +22,7 @@ from ..format import (
     required_format_version,
     verify_adapter_file,
 )
-from .config_checks import record_problems, setting_problems
+from .config_checks import is_number, record_problems, setting_problems
 from .model_card import write_model_card
 
 ALL_SUPPORTED_SHORTHAND = "all"
@@ -240,7 +240,7 @@ def _raise_problems(settings: list[str], records: list[str]) -> None:
 
 
 def _check_density(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if not is_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(
             f"{name} must be a number in (0, 1] (the fraction of entries kept per sign), got {value!r}. "
             "Typical values are 0.02-0.4."

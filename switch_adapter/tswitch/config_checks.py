@@ -46,11 +46,8 @@ def setting_problems(config: Any) -> list[str]:
 
 def flag_problems(config: Any, names: tuple[str, ...]) -> list[str]:
     """Problems of settings that must be True or False."""
-    return [f"{n} must be True or False, got {getattr(config, n)!r}" for n in names if not is_flag(getattr(config, n))]
-
-
-def is_flag(value: Any) -> bool:
-    return isinstance(value, bool)
+    values = {name: getattr(config, name) for name in names}
+    return [f"{name} must be True or False, got {v!r}" for name, v in values.items() if not isinstance(v, bool)]
 
 
 def is_whole(value: Any) -> bool:
